@@ -1,0 +1,325 @@
+//! Traffic capture for enrolled pods, without iptables (DESIGN §3).
+//!
+//! * `zt_connect4/6` (cgroup, attached once per node): a TCP connect from an enrolled pod netns is
+//!   sent to the proxy's outbound listener in that same netns; the original destination is
+//!   remembered under the socket cookie.
+//! * `zt_sockops` (cgroup): once the redirected connection is established, the record is re-keyed
+//!   by (netns, local port) — the peer the proxy sees when it accepts.
+//! * `zt_getpeername4/6` (cgroup): the application sees its original destination as its peer.
+//! * `zt_sk_lookup` (one link per pod netns): TCP arriving from outside the pod is handed to the
+//!   proxy's inbound listeners for the destination pod address; with no listener it is dropped.
+//!
+//! The proxy's own sockets carry `PROXY_MARK` and are never redirected.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod capture {
+    use aya_ebpf::{
+        bindings::{sk_action, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_STATE_CB_FLAG},
+        helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{HashMap, LruHashMap, SockHash},
+        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+        EbpfContext,
+    };
+    use ztunnel_common::{
+        EnrolledNetns, ListenerKey, OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT,
+        LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LOOPBACK_IFINDEX, OUTBOUND_PORT, PROXY_MARK,
+    };
+
+    const SOCK_STREAM: u32 = 1;
+    const IPPROTO_TCP: u32 = 6;
+    const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+    const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+    const TCP_CLOSE: u32 = 7;
+    /// cgroup/sock_addr verdicts.
+    const ALLOW: i32 = 1;
+    const REJECT: i32 = 0;
+
+    #[map(name = "enrolled_netns")]
+    static ENROLLED_NETNS: HashMap<u64, EnrolledNetns> = HashMap::pinned(16_384, 0);
+
+    #[map(name = "orig_dst_by_socket")]
+    static ORIG_DST_BY_SOCKET: LruHashMap<u64, OrigDst> = LruHashMap::pinned(262_144, 0);
+
+    #[map(name = "orig_dst_by_peer")]
+    static ORIG_DST_BY_PEER: LruHashMap<OrigDstKey, OrigDst> = LruHashMap::pinned(262_144, 0);
+
+    #[map(name = "pod_listeners")]
+    static POD_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(65_536, 0);
+
+    /// The network-order word of `::ffff:0:0/96` prefix's third word.
+    const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+    const IPV4_LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+    const IPV6_LOOPBACK_LAST: u32 = 1u32.to_be();
+
+    fn is_v4_local(addr_be: u32) -> bool {
+        // 127.0.0.0/8 and 0.0.0.0 (which connect() treats as "this host").
+        let host = u32::from_be(addr_be);
+        host >> 24 == 127 || host == 0
+    }
+
+    /// Decides whether this connect() must be captured; returns the netns cookie if so.
+    fn capture_netns(ctx: &SockAddrContext) -> Option<u64> {
+        // SAFETY: the verifier guarantees `sock_addr` and its `sk` are valid for this program.
+        let (sock_type, mark) = unsafe {
+            let sa = &*ctx.sock_addr;
+            (sa.type_, (*sa.__bindgen_anon_1.sk).mark)
+        };
+        if sock_type != SOCK_STREAM || mark == PROXY_MARK {
+            return None;
+        }
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: read-only lookup of a plain value.
+        unsafe { ENROLLED_NETNS.get(&netns) }?;
+        Some(netns)
+    }
+
+    fn remember(ctx: &SockAddrContext, dst: OrigDst) -> i32 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // Without a record the proxy could not route the connection: refuse it (fail closed).
+        match ORIG_DST_BY_SOCKET.insert(&cookie, &dst, 0) {
+            Ok(()) => ALLOW,
+            Err(_) => REJECT,
+        }
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
+        let Some(netns) = capture_netns(&ctx) else {
+            return ALLOW;
+        };
+        let sa = ctx.sock_addr;
+        // SAFETY: `user_ip4`/`user_port` are readable and writable in connect4.
+        let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+        if is_v4_local(ip) {
+            return ALLOW;
+        }
+        let dst = OrigDst {
+            addr: [ip, 0, 0, 0],
+            port: u16::from_be(port as u16),
+            family: AF_INET,
+            listener_family: AF_INET,
+            _pad: 0,
+            netns_cookie: netns,
+        };
+        let verdict = remember(&ctx, dst);
+        if verdict == ALLOW {
+            unsafe {
+                (*sa).user_ip4 = IPV4_LOOPBACK;
+                (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+            }
+        }
+        verdict
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
+        let Some(netns) = capture_netns(&ctx) else {
+            return ALLOW;
+        };
+        let sa = ctx.sock_addr;
+        let (ip, port) = unsafe { ((*sa).user_ip6, (*sa).user_port) };
+        let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
+        let local = if v4_mapped {
+            is_v4_local(ip[3])
+        } else {
+            ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == IPV6_LOOPBACK_LAST)
+        };
+        if local {
+            return ALLOW;
+        }
+        let (addr, family) = if v4_mapped {
+            ([ip[3], 0, 0, 0], AF_INET)
+        } else {
+            (ip, AF_INET6)
+        };
+        // A v4-mapped connect travels as IPv4 and reaches the proxy's IPv4 listener.
+        let dst = OrigDst {
+            addr,
+            port: u16::from_be(port as u16),
+            family,
+            listener_family: family,
+            _pad: 0,
+            netns_cookie: netns,
+        };
+        let verdict = remember(&ctx, dst);
+        if verdict == ALLOW {
+            let target = if v4_mapped {
+                [0, 0, V4_MAPPED_WORD, IPV4_LOOPBACK]
+            } else {
+                [0, 0, 0, IPV6_LOOPBACK_LAST]
+            };
+            unsafe {
+                (*sa).user_ip6[0] = target[0];
+                (*sa).user_ip6[1] = target[1];
+                (*sa).user_ip6[2] = target[2];
+                (*sa).user_ip6[3] = target[3];
+                (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+            }
+        }
+        verdict
+    }
+
+    #[sock_ops]
+    pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        match ctx.op() {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                // SAFETY: read-only lookup of a plain value.
+                let Some(dst) = (unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }) else {
+                    return 0;
+                };
+                let key = OrigDstKey {
+                    netns_cookie: dst.netns_cookie,
+                    port: ctx.local_port() as u16,
+                    family: dst.listener_family,
+                    _pad: 0,
+                };
+                let _ = ORIG_DST_BY_PEER.insert(&key, dst, 0);
+                // Ask for state changes so the records go away with the socket.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+                if let Some(dst) = unsafe { ORIG_DST_BY_SOCKET.get(&cookie) } {
+                    let key = OrigDstKey {
+                        netns_cookie: dst.netns_cookie,
+                        port: ctx.local_port() as u16,
+                        family: dst.listener_family,
+                        _pad: 0,
+                    };
+                    let _ = ORIG_DST_BY_PEER.remove(&key);
+                    let _ = ORIG_DST_BY_SOCKET.remove(&cookie);
+                }
+            }
+            _ => {}
+        }
+        0
+    }
+
+    fn restore_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }.copied()
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn zt_getpeername4(ctx: SockAddrContext) -> i32 {
+        if let Some(dst) = restore_peer(&ctx) {
+            if dst.family == AF_INET {
+                unsafe {
+                    (*ctx.sock_addr).user_ip4 = dst.addr[0];
+                    (*ctx.sock_addr).user_port = u32::from(dst.port.to_be());
+                }
+            }
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn zt_getpeername6(ctx: SockAddrContext) -> i32 {
+        if let Some(dst) = restore_peer(&ctx) {
+            let ip = if dst.family == AF_INET {
+                [0, 0, V4_MAPPED_WORD, dst.addr[0]]
+            } else {
+                dst.addr
+            };
+            unsafe {
+                let sa = ctx.sock_addr;
+                (*sa).user_ip6[0] = ip[0];
+                (*sa).user_ip6[1] = ip[1];
+                (*sa).user_ip6[2] = ip[2];
+                (*sa).user_ip6[3] = ip[3];
+                (*sa).user_port = u32::from(dst.port.to_be());
+            }
+        }
+        ALLOW
+    }
+
+    /// Reads a context field with a load at its fixed offset. The verifier rejects loads through
+    /// a context pointer the compiler has offset and shared between branches, so every read is
+    /// volatile and stands alone.
+    macro_rules! ctx_field {
+        ($ctx:expr, $field:ident) => {
+            // SAFETY: the verifier allows reads of these sk_lookup context fields.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx).$field)) }
+        };
+        ($ctx:expr, $field:ident[$i:literal]) => {
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx).$field[$i])) }
+        };
+    }
+
+    #[sk_lookup]
+    pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
+        let l = ctx.lookup;
+        if ctx_field!(l, protocol) != IPPROTO_TCP
+            || ctx_field!(l, ingress_ifindex) == LOOPBACK_IFINDEX
+        {
+            return sk_action::SK_PASS;
+        }
+        let (addr, family, from_self) = if ctx_field!(l, family) == u32::from(AF_INET) {
+            let local = ctx_field!(l, local_ip4);
+            (
+                [local, 0, 0, 0],
+                AF_INET,
+                ctx_field!(l, remote_ip4) == local,
+            )
+        } else {
+            let local = [
+                ctx_field!(l, local_ip6[0]),
+                ctx_field!(l, local_ip6[1]),
+                ctx_field!(l, local_ip6[2]),
+                ctx_field!(l, local_ip6[3]),
+            ];
+            let remote = [
+                ctx_field!(l, remote_ip6[0]),
+                ctx_field!(l, remote_ip6[1]),
+                ctx_field!(l, remote_ip6[2]),
+                ctx_field!(l, remote_ip6[3]),
+            ];
+            (local, AF_INET6, remote == local)
+        };
+        // The pod talking to itself and the proxy delivering to the app (from inside the pod,
+        // so from the pod's own address) stay untouched. Such connections do not report the
+        // loopback ifindex here (the route's input interface is the pod's own device), so
+        // the addresses tell. A peer outside the pod forging the pod's address cannot use this:
+        // the SYN-ACK goes to the pod itself, so the handshake never completes (and IPv4
+        // drops such packets as martians anyway).
+        if from_self {
+            return sk_action::SK_PASS;
+        }
+        let kind = if ctx_field!(l, local_port) == u32::from(HBONE_PORT) {
+            LISTENER_HBONE
+        } else {
+            LISTENER_INBOUND_PLAINTEXT
+        };
+        let key = ListenerKey {
+            addr,
+            family,
+            _pad: 0,
+            kind,
+        };
+        // REPLACE: another program (an older copy of ours during a restart, or a CNI's) may have
+        // picked a socket already; for an enrolled pod only the proxy may take the connection.
+        match POD_LISTENERS.redirect_sk_lookup(&ctx, key, u64::from(BPF_SK_LOOKUP_F_REPLACE)) {
+            Ok(()) => sk_action::SK_PASS,
+            // This program only runs in enrolled pods: without a proxy listener, nothing may
+            // reach the app directly (fail closed).
+            Err(_) => sk_action::SK_DROP,
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Host builds (clippy, `cargo test --workspace`) compile this crate as an empty binary.
+}

@@ -1,0 +1,370 @@
+//! Loading, attaching and pinning the capture programs (DESIGN §3), and per-pod enrolment.
+//!
+//! Layout of the pin directory (default `/sys/fs/bpf/ztunnel`):
+//! ```text
+//! prog_connect4  prog_connect6  prog_sockops  prog_getpeername4  prog_getpeername6  prog_sk_lookup
+//! link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
+//! enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners          maps
+//! pods/<namespace>_<pod>                            that pod's sk_lookup link
+//! ```
+//! Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
+//! their connects redirected to a listener that no longer exists, and their inbound traffic
+//! finds no proxy socket and is dropped: capture fails closed.
+pub mod enrolment;
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, SockHash},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use tracing::{debug, info, warn};
+use ztunnel_common::{maps, programs, EnrolledNetns, ListenerKey, OrigDst, OrigDstKey};
+
+use crate::netns::Netns;
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Where the capture state lives.
+#[derive(Clone, Debug)]
+pub struct CaptureOptions {
+    /// Pin directory on bpffs; one per node proxy.
+    pub bpf_dir: PathBuf,
+    /// cgroup v2 directory the connect/sock_ops/getpeername programs attach to: the root in
+    /// production (every pod lives below it), a per-node directory in the virtual cluster.
+    pub cgroup: PathBuf,
+}
+
+/// The cgroup-attached programs: (program name in the object, pin suffix).
+const CGROUP_PROGRAMS: [(&str, &str); 5] = [
+    (programs::CONNECT4, "connect4"),
+    (programs::CONNECT6, "connect6"),
+    (programs::GETPEERNAME4, "getpeername4"),
+    (programs::GETPEERNAME6, "getpeername6"),
+    (programs::SOCK_OPS, "sockops"),
+];
+
+/// The loaded and attached capture programs of this node proxy.
+pub struct Capture {
+    bpf_dir: PathBuf,
+    ebpf: Ebpf,
+    enrolled: BpfHashMap<MapData, u64, EnrolledNetns>,
+    listeners: SockHash<MapData, ListenerKey>,
+    orig_dst: Arc<OrigDstTable>,
+    _cgroup_links: Vec<PinnedLink>,
+    /// Exclusive `flock` on the pin directory: one proxy per directory.
+    _lock: File,
+}
+
+impl Capture {
+    /// Loads the programs (re-using pinned maps of a previous run), attaches the cgroup
+    /// programs and pins everything under `opts.bpf_dir`.
+    pub fn install(opts: &CaptureOptions) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this ztunnel binary was built without its eBPF object (AYA_BUILD_SKIP)");
+        }
+        let bpf_dir = &opts.bpf_dir;
+        let parent = bpf_dir.parent().unwrap_or(Path::new("/"));
+        if fs_magic(parent).with_context(|| format!("checking {}", parent.display()))?
+            != BPF_FS_MAGIC
+        {
+            bail!(
+                "{} is not on a BPF filesystem (bpffs); mount it with `mount -t bpf bpf /sys/fs/bpf`, \
+                 or choose another --bpf-dir",
+                parent.display()
+            );
+        }
+        if fs_magic(&opts.cgroup).with_context(|| format!("checking {}", opts.cgroup.display()))?
+            != CGROUP2_SUPER_MAGIC
+        {
+            bail!("{} is not a cgroup v2 directory", opts.cgroup.display());
+        }
+        std::fs::create_dir_all(bpf_dir.join("pods"))
+            .with_context(|| format!("creating {}", bpf_dir.display()))?;
+        let lock = lock_dir(bpf_dir)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpf_dir)
+            .load(EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the eBPF programs (if maps pinned in {} come from an incompatible \
+                     version, remove them with `ztunnel bpf uninstall`)",
+                    bpf_dir.display()
+                )
+            })?;
+
+        let cgroup = File::open(&opts.cgroup)
+            .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
+        let mut cgroup_links = Vec::new();
+        // These attachments are bpf_links, which always coexist with other programs on the
+        // cgroup (a CNI's included) as if BPF_F_ALLOW_MULTI were set; `link_create` itself
+        // rejects that flag with EINVAL, so no flag is passed.
+        const CGROUP_LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+        for (name, pin) in CGROUP_PROGRAMS {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+            let link: FdLink = if name == programs::SOCK_OPS {
+                let p: &mut SockOps = program.try_into()?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
+                let id = p
+                    .attach(&cgroup, CGROUP_LINK_MODE)
+                    .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
+                p.take_link(id)?.try_into()?
+            } else {
+                let p: &mut CgroupSockAddr = program.try_into()?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
+                let id = p
+                    .attach(&cgroup, CGROUP_LINK_MODE)
+                    .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
+                p.take_link(id)?.try_into()?
+            };
+            // The new link is attached before the old one (from a previous run) is unpinned, so
+            // there is no instant without capture. Both redirect to the same listener, and the
+            // second program skips what the first already redirected (it is loopback by then).
+            let path = bpf_dir.join(format!("link_cgroup_{pin}"));
+            remove_pin(&path)?;
+            cgroup_links.push(
+                link.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?,
+            );
+        }
+        {
+            let p: &mut SkLookup = ebpf
+                .program_mut(programs::SK_LOOKUP)
+                .ok_or_else(|| anyhow!("program {} missing", programs::SK_LOOKUP))?
+                .try_into()?;
+            p.load().context("loading the sk_lookup program")?;
+            repin_program(|path| p.pin(path), &bpf_dir.join("prog_sk_lookup"))?;
+        }
+
+        let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)?;
+        let listeners = SockHash::try_from(take_map(&mut ebpf, maps::POD_LISTENERS)?)?;
+        let orig_dst = Arc::new(OrigDstTable(Mutex::new(BpfHashMap::try_from(take_map(
+            &mut ebpf,
+            maps::ORIG_DST_BY_PEER,
+        )?)?)));
+        info!(bpf_dir = %bpf_dir.display(), cgroup = %opts.cgroup.display(), "capture programs attached");
+        Ok(Self {
+            bpf_dir: bpf_dir.clone(),
+            ebpf,
+            enrolled,
+            listeners,
+            orig_dst,
+            _cgroup_links: cgroup_links,
+            _lock: lock,
+        })
+    }
+
+    pub fn bpf_dir(&self) -> &Path {
+        &self.bpf_dir
+    }
+
+    /// Lookup of original destinations, shared with the outbound proxy.
+    pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
+        self.orig_dst.clone()
+    }
+
+    /// Starts capturing a pod: its listeners go into the SOCKHASH, `sk_lookup` is attached to
+    /// its netns (and pinned as `pods/<id>`), then its netns cookie is marked enrolled. The
+    /// order matters: outbound capture is switched on last, once the proxy can take the traffic.
+    pub fn attach_pod(
+        &mut self,
+        id: &str,
+        netns: &Netns,
+        cookie: u64,
+        listeners: &[(ListenerKey, BorrowedFd<'_>)],
+    ) -> Result<()> {
+        for (key, fd) in listeners {
+            self.listeners.insert(key, *fd, 0).with_context(|| {
+                format!("adding the listener of {id} to {}", maps::POD_LISTENERS)
+            })?;
+        }
+        let path = self.pod_pin(id);
+        let p: &mut SkLookup = self
+            .ebpf
+            .program_mut(programs::SK_LOOKUP)
+            .ok_or_else(|| anyhow!("program {} missing", programs::SK_LOOKUP))?
+            .try_into()?;
+        let link_id = p
+            .attach(netns)
+            .with_context(|| format!("attaching sk_lookup to {}", netns.path().display()))?;
+        let link: FdLink = p.take_link(link_id)?.into();
+        // A link pinned by a previous run for the same pod is replaced (after the new one is
+        // attached, so inbound capture never lapses).
+        remove_pin(&path)?;
+        drop(
+            link.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?,
+        );
+        self.enrolled
+            .insert(cookie, EnrolledNetns::default(), 0)
+            .with_context(|| format!("adding {id} to {}", maps::ENROLLED_NETNS))?;
+        Ok(())
+    }
+
+    /// Stops capturing a pod; the reverse of [`Capture::attach_pod`], outbound capture first.
+    pub fn detach_pod(&mut self, id: &str, cookie: u64, keys: &[ListenerKey]) -> Result<()> {
+        let mut first_error = None;
+        if let Err(e) = self.enrolled.remove(&cookie) {
+            first_error.get_or_insert(
+                anyhow!(e).context(format!("removing {id} from {}", maps::ENROLLED_NETNS)),
+            );
+        }
+        if let Err(e) = remove_pin(&self.pod_pin(id)) {
+            first_error.get_or_insert(e);
+        }
+        for key in keys {
+            // Entries vanish by themselves when the listener closes; remove them now anyway so
+            // the map never points at a socket the pod no longer owns.
+            match self.listeners.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_error
+                        .get_or_insert(anyhow!(e).context(format!("removing a listener of {id}")));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Removes enrolment state left by a previous run for pods that are not enrolled now.
+    pub fn remove_stale(&mut self, live_ids: &HashSet<String>, live_cookies: &HashSet<u64>) {
+        let stale: Vec<u64> = self
+            .enrolled
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live_cookies.contains(k))
+            .collect();
+        for cookie in stale {
+            debug!(cookie, "removing stale enrolled netns");
+            let _ = self.enrolled.remove(&cookie);
+        }
+        let Ok(entries) = std::fs::read_dir(self.bpf_dir.join("pods")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !live_ids.contains(&name) {
+                info!(pin = %entry.path().display(), "removing stale sk_lookup link of a pod no longer enrolled");
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    warn!(pin = %entry.path().display(), error = %e, "cannot remove stale pin");
+                }
+            }
+        }
+    }
+
+    fn pod_pin(&self, id: &str) -> PathBuf {
+        self.bpf_dir.join("pods").join(id)
+    }
+}
+
+/// Original destinations recorded by `zt_sockops`, keyed by the accepted peer.
+pub struct OrigDstTable(Mutex<BpfHashMap<MapData, OrigDstKey, OrigDst>>);
+
+impl OrigDstTable {
+    /// Returns and forgets the original destination of the connection from `key`.
+    pub fn take(&self, key: &OrigDstKey) -> Option<OrigDst> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let dst = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(dst)
+    }
+}
+
+/// Removes every pin (programs, links, maps, pod links) of a node proxy, which detaches capture.
+/// Refuses while a proxy holds the directory.
+pub fn uninstall(bpf_dir: &Path) -> Result<()> {
+    if !bpf_dir.exists() {
+        return Ok(());
+    }
+    let _lock = lock_dir(bpf_dir)?;
+    std::fs::remove_dir_all(bpf_dir).with_context(|| format!("removing {}", bpf_dir.display()))
+}
+
+/// The cgroup v2 mount point of this machine (`/sys/fs/cgroup` or, on hybrid hosts,
+/// `/sys/fs/cgroup/unified`).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .ok_or_else(|| anyhow!("no cgroup v2 filesystem is mounted"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another ztunnel is already using the pin directory {} (one proxy per directory; \
+                 give each node its own --bpf-dir)",
+                dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("locking {}", dir.display()));
+    }
+    Ok(f)
+}
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+fn remove_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// Pins a program for operators (`bpftool prog show pinned …`), replacing an older pin.
+fn repin_program(
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+    path: &Path,
+) -> Result<()> {
+    remove_pin(path)?;
+    pin(path).with_context(|| format!("pinning {}", path.display()))
+}

@@ -1,0 +1,757 @@
+//! The local configuration source: a directory of Kubernetes-shaped YAML, parsed into one
+//! [`Snapshot`] and watched for changes.
+//!
+//! Every `*.yaml` / `*.yml` file of the directory (dotfiles excluded, so editors and atomic
+//! writers can use them as temporaries) may hold several documents and `kind: List` objects, so
+//! the output of `kubectl get -o yaml` works unchanged. Namespaces, Pods and Services are
+//! modelled; other kinds are kept as [`OtherObject`]s for the stages that understand them.
+//!
+//! A file that does not parse rejects the whole new version with its file, line and reason,
+//! and the last good snapshot stays in force: a half-applied configuration is never published.
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::{de, Deserialize, Deserializer};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::state::{
+    ContainerPort, Labels, Namespace, Objects, Origin, OtherObject, Pod, Service, ServicePort,
+    Snapshot, TargetPort,
+};
+
+/// Pod annotation naming the pod's network namespace on its node.
+pub const NETNS_ANNOTATION: &str = "ztunnel.dev/netns";
+
+/// Changes are noticed through inotify; this rescan catches whatever inotify misses (the
+/// directory replaced, events overflowed, filesystems without inotify).
+const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why a configuration version was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    pub file: PathBuf,
+    /// 1-based; absent when the error is about the file or directory as a whole.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Reads every configuration file of `dir` (sorted by name, so conflicts resolve the same way
+/// every time).
+pub fn load_dir(dir: &Path) -> Result<Objects, LoadError> {
+    let mut objects = Objects::default();
+    for file in config_files(dir)? {
+        let text = std::fs::read_to_string(&file).map_err(|e| LoadError {
+            file: file.clone(),
+            line: None,
+            column: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        parse_file(&file, &text, &mut objects)?;
+    }
+    Ok(objects)
+}
+
+fn config_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let whole_dir = |e: std::io::Error| LoadError {
+        file: dir.to_owned(),
+        line: None,
+        column: None,
+        reason: format!("cannot list the configuration directory: {e}"),
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(whole_dir)? {
+        let path = entry.map_err(whole_dir)?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if yaml && !name.starts_with('.') && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses one file's documents into `objects`.
+pub fn parse_file(file: &Path, text: &str, objects: &mut Objects) -> Result<(), LoadError> {
+    let located = |e: serde_yaml::Error| LoadError {
+        file: file.to_owned(),
+        line: e.location().map(|l| l.line()),
+        column: e.location().map(|l| l.column()),
+        reason: strip_location(&e.to_string()),
+    };
+    // First pass: syntax, and each document's kind. Second pass: the typed parse of the same
+    // documents, straight from the text so that errors keep their line and column.
+    let mut heads = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        heads.push(Option::<Head>::deserialize(doc).map_err(located)?);
+    }
+    let starts = document_start_lines(text);
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let Some(head) = &heads[i] else { continue }; // an empty document
+        let origin = Origin {
+            file: file.to_owned(),
+            line: starts.get(i).copied().unwrap_or(1),
+        };
+        let whole = |reason: String| LoadError {
+            file: file.to_owned(),
+            line: Some(origin.line),
+            column: None,
+            reason,
+        };
+        if head.kind == "List" {
+            let list = ListDoc::deserialize(doc).map_err(located)?;
+            // Items are parsed from values, which have no positions: point at the list and
+            // name the item instead.
+            for (j, item) in list.items.into_iter().enumerate() {
+                let context = |reason: String| whole(format!("items[{j}]: {reason}"));
+                let item_head: Head = serde_yaml::from_value(item.clone())
+                    .map_err(|e| context(strip_location(&e.to_string())))?;
+                add_object(&item_head, item, &origin, objects)
+                    .map_err(|e| context(format!("{}: {}", item_head.describe(), e.reason())))?;
+            }
+        } else {
+            add_object(head, doc, &origin, objects).map_err(|e| match e {
+                ObjectError::Parse(e) => located(e),
+                ObjectError::Invalid(reason) => whole(format!("{}: {reason}", head.describe())),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Why one object was not accepted.
+enum ObjectError {
+    /// The typed parse failed (carries a position when parsed from text).
+    Parse(serde_yaml::Error),
+    Invalid(String),
+}
+
+impl ObjectError {
+    fn reason(&self) -> String {
+        match self {
+            ObjectError::Parse(e) => strip_location(&e.to_string()),
+            ObjectError::Invalid(r) => r.clone(),
+        }
+    }
+}
+
+/// The part every object has.
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+struct Head {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Metadata,
+}
+
+impl Head {
+    /// "Pod shop/web", for messages.
+    fn describe(&self) -> String {
+        let kind = if self.kind.is_empty() {
+            "object"
+        } else {
+            &self.kind
+        };
+        match (&self.metadata.namespace, self.metadata.name.as_str()) {
+            (_, "") => format!("{kind} without a name"),
+            (Some(ns), name) => format!("{kind} {ns}/{name}"),
+            (None, name) => format!("{kind} {name}"),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    uid: String,
+    #[serde(default, deserialize_with = "nullable")]
+    labels: Labels,
+    #[serde(default, deserialize_with = "nullable")]
+    annotations: Labels,
+}
+
+#[derive(Deserialize)]
+struct ListDoc {
+    #[serde(default)]
+    items: Vec<serde_yaml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PodDoc {
+    #[serde(default)]
+    spec: PodSpec,
+    #[serde(default)]
+    status: PodStatus,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    node_name: Option<String>,
+    service_account_name: Option<String>,
+    /// Deprecated alias of `serviceAccountName`, still written by old tools.
+    service_account: Option<String>,
+    #[serde(default)]
+    host_network: bool,
+    #[serde(default)]
+    containers: Vec<Container>,
+}
+
+#[derive(Deserialize)]
+struct Container {
+    #[serde(default)]
+    ports: Vec<ContainerPortDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerPortDoc {
+    name: Option<String>,
+    container_port: u16,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PodStatus {
+    #[serde(rename = "podIP")]
+    pod_ip: Option<IpAddr>,
+    #[serde(rename = "podIPs", default)]
+    pod_ips: Vec<PodIp>,
+}
+
+#[derive(Deserialize)]
+struct PodIp {
+    ip: IpAddr,
+}
+
+#[derive(Deserialize, Default)]
+struct ServiceDoc {
+    #[serde(default)]
+    spec: ServiceSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpec {
+    #[serde(rename = "clusterIP", default, deserialize_with = "cluster_ip")]
+    cluster_ip: Option<IpAddr>,
+    #[serde(rename = "clusterIPs", default)]
+    cluster_ips: Vec<ClusterIp>,
+    #[serde(default, deserialize_with = "nullable")]
+    selector: Labels,
+    #[serde(default)]
+    ports: Vec<ServicePortDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePortDoc {
+    name: Option<String>,
+    port: u16,
+    target_port: Option<IntOrString>,
+    protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(u16),
+    Str(String),
+}
+
+/// A cluster IP, or `None` for headless services.
+struct ClusterIp(Option<IpAddr>);
+
+impl<'de> Deserialize<'de> for ClusterIp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "" | "None" => Ok(ClusterIp(None)),
+            _ => s
+                .parse()
+                .map(|ip| ClusterIp(Some(ip)))
+                .map_err(|_| de::Error::custom(format!("invalid cluster IP {s:?}"))),
+        }
+    }
+}
+
+fn cluster_ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    Ok(Option::<ClusterIp>::deserialize(d)?.and_then(|c| c.0))
+}
+
+/// `labels:` with nothing after it is null in YAML; Kubernetes treats it as empty.
+fn nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    Ok(Option::<Labels>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Adds the object `body` describes. `body` is the document itself (a YAML deserializer, so
+/// errors carry positions) or a value taken from a `List`.
+fn add_object<'de, D>(
+    head: &Head,
+    body: D,
+    origin: &Origin,
+    objects: &mut Objects,
+) -> Result<(), ObjectError>
+where
+    D: Deserializer<'de, Error = serde_yaml::Error>,
+{
+    if head.kind.is_empty() {
+        return Err(ObjectError::Invalid("the document has no `kind`".into()));
+    }
+    let meta = &head.metadata;
+    if meta.name.is_empty() {
+        return Err(ObjectError::Invalid("metadata.name is missing".into()));
+    }
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    match (head.api_version.as_str(), head.kind.as_str()) {
+        ("v1", "Namespace") => objects.namespaces.push(Namespace {
+            name: meta.name.clone(),
+            labels: meta.labels.clone(),
+            origin: origin.clone(),
+        }),
+        ("v1", "Pod") => {
+            let doc = PodDoc::deserialize(body).map_err(ObjectError::Parse)?;
+            let mut ips: Vec<IpAddr> = doc.status.pod_ip.into_iter().collect();
+            for p in doc.status.pod_ips {
+                if !ips.contains(&p.ip) {
+                    ips.push(p.ip);
+                }
+            }
+            objects.pods.push(Pod {
+                namespace,
+                name: meta.name.clone(),
+                uid: meta.uid.clone(),
+                labels: meta.labels.clone(),
+                annotations: meta.annotations.clone(),
+                service_account: doc
+                    .spec
+                    .service_account_name
+                    .or(doc.spec.service_account)
+                    .unwrap_or_else(|| "default".into()),
+                node_name: doc.spec.node_name,
+                host_network: doc.spec.host_network,
+                ips,
+                netns_path: meta.annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
+                container_ports: doc
+                    .spec
+                    .containers
+                    .into_iter()
+                    .flat_map(|c| c.ports)
+                    .map(|p| ContainerPort {
+                        name: p.name,
+                        port: p.container_port,
+                    })
+                    .collect(),
+                origin: origin.clone(),
+            });
+        }
+        ("v1", "Service") => {
+            let doc = ServiceDoc::deserialize(body).map_err(ObjectError::Parse)?;
+            let mut vips: Vec<IpAddr> = doc.spec.cluster_ip.into_iter().collect();
+            for ip in doc.spec.cluster_ips.into_iter().filter_map(|c| c.0) {
+                if !vips.contains(&ip) {
+                    vips.push(ip);
+                }
+            }
+            let mut ports = Vec::new();
+            for p in doc.spec.ports {
+                // Only TCP is captured; UDP and SCTP ports of a service play no part here.
+                if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                    continue;
+                }
+                let target_port = match p.target_port {
+                    None => TargetPort::Number(p.port),
+                    Some(IntOrString::Int(n)) => TargetPort::Number(n),
+                    Some(IntOrString::Str(s)) => match s.parse::<u16>() {
+                        Ok(n) => TargetPort::Number(n),
+                        Err(_) => TargetPort::Name(s),
+                    },
+                };
+                ports.push(ServicePort {
+                    name: p.name,
+                    port: p.port,
+                    target_port,
+                });
+            }
+            objects.services.push(Service {
+                namespace,
+                name: meta.name.clone(),
+                vips,
+                selector: doc.spec.selector,
+                ports,
+                origin: origin.clone(),
+            });
+        }
+        _ => objects.other.push(OtherObject {
+            api_version: head.api_version.clone(),
+            kind: head.kind.clone(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            body: serde_yaml::Value::deserialize(body).map_err(ObjectError::Parse)?,
+            origin: origin.clone(),
+        }),
+    }
+    Ok(())
+}
+
+/// serde_yaml appends " at line L column C" to its messages; the location is reported apart.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_owned(),
+        None => msg.to_owned(),
+    }
+}
+
+/// The first line of each YAML document of `text` (1-based), for pointing at whole objects.
+fn document_start_lines(text: &str) -> Vec<usize> {
+    let mut starts = vec![1];
+    let mut seen_content = false;
+    for (i, line) in text.lines().enumerate() {
+        let separator = line == "---" || line.starts_with("--- ");
+        if separator {
+            if seen_content {
+                starts.push(i + 2);
+            } else {
+                // A leading separator opens the first document.
+                starts[0] = i + 2;
+            }
+            seen_content = true;
+        } else if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
+            seen_content = true;
+        }
+    }
+    starts
+}
+
+/// Stops watching when dropped.
+pub struct WatchHandle {
+    task: tokio::task::JoinHandle<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What tells us cheaply whether a directory changed: each file's name, size and mtime.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+fn fingerprint(dir: &Path) -> Result<Fingerprint, LoadError> {
+    let mut fp = Vec::new();
+    for file in config_files(dir)? {
+        let (len, mtime) = match std::fs::metadata(&file) {
+            Ok(m) => (m.len(), m.modified().ok()),
+            Err(_) => (0, None), // removed since listing: the next scan sees it gone
+        };
+        fp.push((file, len, mtime));
+    }
+    Ok(fp)
+}
+
+fn log_problems(snapshot: &Snapshot) {
+    for problem in &snapshot.problems {
+        warn!(problem = %problem, "configuration problem");
+    }
+}
+
+fn log_rejection(e: &LoadError) {
+    error!(file = %e.file.display(), line = e.line, column = e.column, reason = %e.reason,
+        "configuration rejected ({e}); the last good configuration stays in force");
+}
+
+/// Loads `dir` and keeps following it. Fails only if the first load fails: without a first
+/// good configuration there is nothing safe to run with. Must be called inside a tokio runtime.
+pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle), LoadError> {
+    let mut last_fingerprint = fingerprint(&dir)?;
+    let mut generation = 1;
+    let first = Snapshot::build(generation, load_dir(&dir)?);
+    log_problems(&first);
+    let (tx, rx) = watch::channel(Arc::new(first));
+
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = event_tx.send(());
+    })
+    .and_then(|mut w| {
+        use notify::Watcher as _;
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e,
+                "cannot watch the configuration directory; changes are picked up by rescanning");
+            None
+        }
+    };
+
+    let task = tokio::spawn(async move {
+        let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+        let mut last_error: Option<LoadError> = None;
+        loop {
+            tokio::select! {
+                Some(()) = events.recv() => {
+                    // Let a burst of writes settle, then take them in one reload.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while events.try_recv().is_ok() {}
+                }
+                _ = rescan.tick() => {}
+            }
+            // The fingerprint is taken before loading: a write racing with the load changes it
+            // again and triggers another reload.
+            let fp = match fingerprint(&dir) {
+                Ok(fp) => fp,
+                Err(e) => {
+                    if last_error.as_ref() != Some(&e) {
+                        log_rejection(&e);
+                        last_error = Some(e);
+                    }
+                    continue;
+                }
+            };
+            if fp == last_fingerprint {
+                continue;
+            }
+            last_fingerprint = fp;
+            match load_dir(&dir) {
+                Ok(objects) => {
+                    generation += 1;
+                    let snapshot = Snapshot::build(generation, objects);
+                    info!(
+                        generation,
+                        pods = snapshot.pods.len(),
+                        services = snapshot.services.len(),
+                        namespaces = snapshot.namespaces.len(),
+                        "configuration loaded"
+                    );
+                    log_problems(&snapshot);
+                    last_error = None;
+                    if tx.send(Arc::new(snapshot)).is_err() {
+                        return; // nobody listens any more
+                    }
+                }
+                Err(e) => {
+                    log_rejection(&e);
+                    last_error = Some(e);
+                }
+            }
+        }
+    });
+    Ok((
+        rx,
+        WatchHandle {
+            task,
+            _watcher: watcher,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Objects, LoadError> {
+        let mut objects = Objects::default();
+        parse_file(Path::new("test.yaml"), text, &mut objects).map(|()| objects)
+    }
+
+    const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  uid: "1234"
+  labels: {app: web}
+  annotations: {ztunnel.dev/netns: /run/netns/web}
+spec:
+  nodeName: node2
+  serviceAccountName: web-sa
+  containers:
+  - name: app
+    ports: [{containerPort: 8080, name: http}]
+status:
+  podIP: 10.2.0.2
+  podIPs: [{ip: 10.2.0.2}, {ip: "fd00::2"}]
+"#;
+
+    #[test]
+    fn pods_carry_identity_node_addresses_and_netns() {
+        let o = parse(POD).unwrap();
+        let p = &o.pods[0];
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("shop", "web"));
+        assert_eq!(p.service_account, "web-sa");
+        assert_eq!(p.node_name.as_deref(), Some("node2"));
+        assert_eq!(
+            p.ips,
+            [
+                "10.2.0.2".parse::<IpAddr>().unwrap(),
+                "fd00::2".parse().unwrap()
+            ]
+        );
+        assert_eq!(p.netns_path.as_deref(), Some(Path::new("/run/netns/web")));
+        assert_eq!(
+            p.container_ports,
+            [ContainerPort {
+                name: Some("http".into()),
+                port: 8080
+            }]
+        );
+        assert_eq!(p.uid, "1234");
+    }
+
+    #[test]
+    fn multi_document_files_and_lists_are_read_with_their_lines() {
+        let text = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: b}}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: shop}\n  spec:\n    clusterIP: 10.96.0.1\n    clusterIPs: [10.96.0.1, \"fd00::a\"]\n    selector: {app: web}\n    ports:\n    - {port: 80, targetPort: http}\n    - {port: 81}\n    - {port: 53, protocol: UDP}\n- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata: {name: deny, namespace: shop}\n  spec: {}\n";
+        let o = parse(text).unwrap();
+        assert_eq!(o.namespaces[0].name, "shop");
+        assert_eq!(o.namespaces[0].origin.line, 2);
+        let s = &o.services[0];
+        assert_eq!(s.vips.len(), 2);
+        assert_eq!(s.ports.len(), 2, "UDP ports are dropped");
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
+        assert_eq!(s.ports[1].target_port, TargetPort::Number(81));
+        assert_eq!(s.origin.line, 7);
+        assert_eq!(o.other[0].kind, "AuthorizationPolicy");
+        assert_eq!(o.other[0].namespace.as_deref(), Some("shop"));
+    }
+
+    #[test]
+    fn headless_services_have_no_vip() {
+        let o = parse("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None, clusterIPs: [None]}\n").unwrap();
+        assert!(o.services[0].vips.is_empty());
+        assert_eq!(o.services[0].namespace, "default");
+    }
+
+    #[test]
+    fn errors_name_the_line_and_reason() {
+        let bad_ip = POD.replace("podIP: 10.2.0.2", "podIP: 10.2.0.300");
+        let e = parse(&bad_ip).unwrap_err();
+        assert_eq!(e.file, Path::new("test.yaml"));
+        assert!(e.reason.contains("IP address"), "{e}");
+        assert_eq!(e.line, Some(17), "the line of podIP: {e}");
+
+        let syntax = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: [unclosed\n";
+        let e = parse(syntax).unwrap_err();
+        assert!(e.line.is_some_and(|l| l >= 4), "{e}");
+
+        let e = parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {namespace: x}\n").unwrap_err();
+        assert!(e.reason.contains("metadata.name"), "{e}");
+        assert_eq!(e.line, Some(5), "the start of the second document: {e}");
+        let e = parse("metadata: {name: x}\n").unwrap_err();
+        assert!(e.reason.contains("kind"), "{e}");
+        let e = parse(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports: [{port: 99999}]\n",
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("99999"), "{e}");
+        let e = parse("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b, labels: {x: [1]}}\n").unwrap_err();
+        assert_eq!(e.line, Some(8), "{e}");
+    }
+
+    #[test]
+    fn document_lines_skip_leading_separators_and_comments() {
+        assert_eq!(document_start_lines("a: 1\n---\nb: 2\n"), [1, 3]);
+        assert_eq!(document_start_lines("# c\n---\na: 1\n--- \nb: 1"), [3, 5]);
+    }
+
+    #[test]
+    fn directory_loads_sorted_yaml_files_only() {
+        let dir = std::env::temp_dir().join(format!("ztunnel-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |n: &str, t: &str| std::fs::write(dir.join(n), t).unwrap();
+        write(
+            "b.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n",
+        );
+        write(
+            "a.yml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        );
+        write(".tmp.yaml", "not: [valid");
+        write("notes.txt", "not: [valid");
+        let names: Vec<String> = load_dir(&dir)
+            .unwrap()
+            .namespaces
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        write("c.yaml", "kind: [");
+        let e = load_dir(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(e.file, dir.join("c.yaml"));
+        assert!(e.line.is_some());
+    }
+
+    #[tokio::test]
+    async fn watch_publishes_changes_and_keeps_the_last_good_snapshot() {
+        let dir = std::env::temp_dir().join(format!("ztunnel-watch-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        std::fs::write(dir.join("a.yaml"), ns("one")).unwrap();
+        let (mut rx, _handle) = watch(dir.clone()).unwrap();
+        assert_eq!(rx.borrow_and_update().generation, 1);
+
+        std::fs::write(dir.join("b.yaml"), ns("two")).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = rx.borrow_and_update().clone();
+        assert_eq!(s.generation, 2);
+        assert!(s.namespaces.contains_key("two"));
+
+        std::fs::write(dir.join("c.yaml"), "kind: [").unwrap();
+        let bad = tokio::time::timeout(RESCAN_INTERVAL * 2, rx.changed()).await;
+        assert!(bad.is_err(), "a broken file must not publish a snapshot");
+        assert_eq!(rx.borrow().generation, 2);
+
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
+        std::fs::write(dir.join("b.yaml"), ns("three")).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = rx.borrow_and_update().clone();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(s.generation, 3);
+        assert!(s.namespaces.contains_key("three") && !s.namespaces.contains_key("two"));
+    }
+}

@@ -1,0 +1,6 @@
+//! The node proxy: capture (eBPF), configuration, and the proxy paths. See `docs/` and DESIGN.md.
+pub mod capture;
+pub mod config;
+pub mod netns;
+pub mod proxy;
+pub mod state;

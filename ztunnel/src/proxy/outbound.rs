@@ -1,0 +1,171 @@
+//! Outbound: connections an enrolled pod makes, captured by `zt_connect4/6`.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6};
+
+use super::{relay::relay, PodContext, Proxy};
+use crate::state::Snapshot;
+
+/// Where an outbound connection goes, and what it was addressed to.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    pub upstream: SocketAddr,
+    /// `namespace/name` of the Service whose VIP was dialled.
+    pub service: Option<String>,
+    /// `namespace/name` of the destination pod, if it is a known workload.
+    pub workload: Option<String>,
+}
+
+impl Proxy {
+    /// Accepts captured connections of `pod` until the task is aborted (un-enrolment).
+    pub async fn serve_outbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    tokio::spawn(self.clone().outbound(pod.clone(), stream, peer));
+                }
+                Err(e) => {
+                    warn!(pod = %pod.workload, error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn outbound(self: Arc<Self>, pod: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let key = OrigDstKey {
+            netns_cookie: pod.netns_cookie,
+            port: peer.port(),
+            family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
+            _pad: 0,
+        };
+        let Some(orig) = self.orig_dst.take(&key).and_then(|d| orig_dst_addr(&d)) else {
+            // Something connected to the listener without going through capture (e.g. the app
+            // dialled 127.0.0.1:15001 itself): there is nowhere legitimate to send it.
+            warn!(src_workload = %pod.workload, src_addr = %peer,
+                "outbound connection without a recorded original destination; closing it");
+            return;
+        };
+        let snapshot = self.snapshot();
+        let route = match self.route(&snapshot, orig) {
+            Ok(route) => route,
+            Err(reason) => {
+                info!(direction = "outbound", src_workload = %pod.workload, dst_addr = %orig,
+                    duration_ms = start.elapsed().as_millis() as u64, outcome = "refused",
+                    error = %reason, "connection closed");
+                return;
+            }
+        };
+        let upstream = match self.connect_from(&pod, route.upstream).await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(direction = "outbound", src_workload = %pod.workload, dst_addr = %orig,
+                    dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
+                    upstream = %route.upstream, duration_ms = start.elapsed().as_millis() as u64,
+                    outcome = "connect_failed", error = %e, "connection closed");
+                return;
+            }
+        };
+        let src_addr = upstream.local_addr().ok();
+        let r = relay(stream, upstream).await;
+        info!(direction = "outbound", src_workload = %pod.workload,
+            src_addr = src_addr.map(|a| a.to_string()).as_deref(), dst_addr = %orig,
+            dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
+            upstream = %route.upstream, bytes_sent = r.sent, bytes_received = r.received,
+            duration_ms = start.elapsed().as_millis() as u64,
+            outcome = if r.error.is_some() { "error" } else { "ok" },
+            error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
+    }
+
+    /// Resolves an original destination: a Service VIP goes to one of its endpoints
+    /// (round-robin), anything else goes where it was addressed.
+    pub fn route(&self, snapshot: &Snapshot, orig: SocketAddr) -> Result<Route, String> {
+        if let Some(svc) = snapshot.service_by_vip(orig.ip()) {
+            let name = format!("{}/{}", svc.namespace, svc.name);
+            if snapshot.service_port(svc, orig.port()).is_none() {
+                return Err(format!("service {name} has no port {}", orig.port()));
+            }
+            let endpoints: Vec<_> = snapshot
+                .endpoints(svc, orig.port())
+                .into_iter()
+                .filter(|e| e.addr.is_ipv4() == orig.is_ipv4())
+                .collect();
+            if endpoints.is_empty() {
+                return Err(format!(
+                    "service {name} has no endpoints for port {}",
+                    orig.port()
+                ));
+            }
+            let i = self.next_endpoint(
+                (svc.namespace.clone(), svc.name.clone(), orig.port()),
+                endpoints.len(),
+            );
+            let ep = &endpoints[i];
+            return Ok(Route {
+                upstream: ep.addr,
+                service: Some(name),
+                workload: Some(ep.pod.workload()),
+            });
+        }
+        let workload = snapshot.pod_by_ip(orig.ip()).map(|p| p.workload());
+        Ok(Route {
+            upstream: orig,
+            service: None,
+            workload,
+        })
+    }
+}
+
+fn orig_dst_addr(d: &OrigDst) -> Option<SocketAddr> {
+    let ip = match d.family {
+        AF_INET => IpAddr::V4(Ipv4Addr::from(d.addr[0].to_ne_bytes())),
+        AF_INET6 => {
+            let mut b = [0u8; 16];
+            for (i, w) in d.addr.iter().enumerate() {
+                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, d.port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_destinations_decode_from_kernel_byte_order() {
+        let v4 = OrigDst {
+            addr: [u32::from_ne_bytes([10, 2, 0, 3]), 0, 0, 0],
+            port: 8080,
+            family: AF_INET,
+            ..Default::default()
+        };
+        assert_eq!(orig_dst_addr(&v4), Some("10.2.0.3:8080".parse().unwrap()));
+        let ip: Ipv6Addr = "fd00::1:2".parse().unwrap();
+        let o = ip.octets();
+        let words =
+            [0, 1, 2, 3].map(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()));
+        let v6 = OrigDst {
+            addr: words,
+            port: 443,
+            family: AF_INET6,
+            ..Default::default()
+        };
+        assert_eq!(orig_dst_addr(&v6), Some("[fd00::1:2]:443".parse().unwrap()));
+        let bad = OrigDst {
+            family: 99,
+            ..Default::default()
+        };
+        assert_eq!(orig_dst_addr(&bad), None);
+    }
+}

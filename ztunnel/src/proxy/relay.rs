@@ -1,0 +1,62 @@
+//! Byte relay between a downstream and an upstream connection, with half-close and counters.
+use std::{io, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+const BUF_SIZE: usize = 64 * 1024;
+
+/// What a finished relay did.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes from downstream to upstream.
+    pub sent: u64,
+    /// Bytes from upstream to downstream.
+    pub received: u64,
+    pub error: Option<io::Error>,
+}
+
+/// Copies both ways until both sides have finished. EOF on one side is forwarded as a
+/// half-close (FIN) to the other; an error on either side resets both connections, so neither
+/// peer mistakes a failure for a clean end of stream.
+pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> Relayed {
+    let (mut sent, mut received) = (0u64, 0u64);
+    let result = {
+        let (mut dr, mut dw) = downstream.split();
+        let (mut ur, mut uw) = upstream.split();
+        tokio::try_join!(
+            copy_half(&mut dr, &mut uw, &mut sent),
+            copy_half(&mut ur, &mut dw, &mut received)
+        )
+    };
+    let error = result.err();
+    if error.is_some() {
+        for s in [&downstream, &upstream] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+    }
+    Relayed {
+        sent,
+        received,
+        error,
+    }
+}
+
+async fn copy_half(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    total: &mut u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: the other direction may still be sending.
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        *total += n as u64;
+    }
+}

@@ -1,0 +1,634 @@
+//! The proxy's view of the cluster: one immutable, indexed snapshot of namespaces, pods and
+//! services, built by a configuration source (`config`) and swapped whole on every change.
+//!
+//! Everything that needs the cluster (enrolment, routing, later policy) reads one snapshot, so a
+//! decision never mixes two versions of the configuration.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+pub type Labels = BTreeMap<String, String>;
+
+/// Where an object was read from, for messages that point the operator at it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+    pub origin: Origin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: Labels,
+    pub annotations: Labels,
+    pub service_account: String,
+    pub node_name: Option<String>,
+    pub host_network: bool,
+    /// Primary address first, as in `status.podIPs`.
+    pub ips: Vec<IpAddr>,
+    /// The pod's network namespace on its node (annotation `ztunnel.dev/netns`).
+    pub netns_path: Option<PathBuf>,
+    pub container_ports: Vec<ContainerPort>,
+    pub origin: Origin,
+}
+
+impl Pod {
+    /// `namespace/name`, the form used in logs.
+    pub fn workload(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved per pod.
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: TargetPort,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub vips: Vec<IpAddr>,
+    /// Empty means "no selector": the service has no endpoints we can compute.
+    pub selector: Labels,
+    pub ports: Vec<ServicePort>,
+    pub origin: Origin,
+}
+
+/// A Kubernetes object of a kind this snapshot does not model (yet): kept so later stages
+/// (policy) can read it from the same snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtherObject {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub body: serde_yaml::Value,
+    pub origin: Origin,
+}
+
+/// One endpoint of a service port: a pod and the address to dial.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub pod: Arc<Pod>,
+    pub addr: SocketAddr,
+}
+
+/// Objects as read by a source, before indexing.
+#[derive(Debug, Default)]
+pub struct Objects {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub other: Vec<OtherObject>,
+}
+
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases by one with every snapshot a source publishes.
+    pub generation: u64,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<Key, Arc<Pod>>,
+    pub services: BTreeMap<Key, Arc<Service>>,
+    pub other: Vec<OtherObject>,
+    /// Inconsistencies found while indexing; the snapshot is usable, the operator is told.
+    pub problems: Vec<String>,
+    pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
+    service_by_vip: HashMap<IpAddr, Arc<Service>>,
+}
+
+impl Snapshot {
+    /// Indexes `objects`. Duplicates and conflicts are resolved deterministically (the object
+    /// read first keeps the name or address) and each is recorded in `problems`.
+    pub fn build(generation: u64, objects: Objects) -> Self {
+        let mut s = Snapshot {
+            generation,
+            other: objects.other,
+            ..Default::default()
+        };
+        for ns in objects.namespaces {
+            if let Some(first) = s.namespaces.get(&ns.name) {
+                s.problems.push(format!(
+                    "namespace {} is defined twice ({} and {}); the first one is used",
+                    ns.name, first.origin, ns.origin
+                ));
+                continue;
+            }
+            s.namespaces.insert(ns.name.clone(), Arc::new(ns));
+        }
+        for pod in objects.pods {
+            let key = (pod.namespace.clone(), pod.name.clone());
+            if let Some(first) = s.pods.get(&key) {
+                s.problems.push(format!(
+                    "pod {} is defined twice ({} and {}); the first one is used",
+                    pod.workload(),
+                    first.origin,
+                    pod.origin
+                ));
+                continue;
+            }
+            if !s.namespaces.contains_key(&pod.namespace) {
+                s.problems.push(format!(
+                    "pod {} ({}) is in namespace {} which has no Namespace object; it is not enrolled",
+                    pod.workload(),
+                    pod.origin,
+                    pod.namespace
+                ));
+            }
+            let pod = Arc::new(pod);
+            if !pod.host_network {
+                for ip in &pod.ips {
+                    match s.pod_by_ip.get(ip) {
+                        Some(owner) => s.problems.push(format!(
+                            "pods {} ({}) and {} ({}) both claim IP {ip}; it stays with {} and {} is not enrolled",
+                            owner.workload(),
+                            owner.origin,
+                            pod.workload(),
+                            pod.origin,
+                            owner.workload(),
+                            pod.workload()
+                        )),
+                        None => {
+                            s.pod_by_ip.insert(*ip, pod.clone());
+                        }
+                    }
+                }
+            }
+            s.pods.insert(key, pod);
+        }
+        for svc in objects.services {
+            let key = (svc.namespace.clone(), svc.name.clone());
+            if let Some(first) = s.services.get(&key) {
+                s.problems.push(format!(
+                    "service {}/{} is defined twice ({} and {}); the first one is used",
+                    svc.namespace, svc.name, first.origin, svc.origin
+                ));
+                continue;
+            }
+            let svc = Arc::new(svc);
+            for vip in &svc.vips {
+                match s.service_by_vip.get(vip) {
+                    Some(owner) => s.problems.push(format!(
+                        "services {}/{} and {}/{} both claim cluster IP {vip}; it stays with {}/{}",
+                        owner.namespace,
+                        owner.name,
+                        svc.namespace,
+                        svc.name,
+                        owner.namespace,
+                        owner.name
+                    )),
+                    None => {
+                        s.service_by_vip.insert(*vip, svc.clone());
+                    }
+                }
+            }
+            s.services.insert(key, svc);
+        }
+        s
+    }
+
+    /// The pod that owns `ip` (host-network pods own no address).
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
+        self.pod_by_ip.get(&ip)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.service_by_vip.get(&ip)
+    }
+
+    pub fn service_port<'a>(&self, svc: &'a Service, port: u16) -> Option<&'a ServicePort> {
+        svc.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Endpoints of `svc`'s `port`: every addressed pod of the service's namespace whose labels
+    /// match the selector, at the resolved target port. Pods without a matching named port are
+    /// skipped, as Kubernetes does.
+    pub fn endpoints(&self, svc: &Service, port: u16) -> Vec<Endpoint> {
+        let Some(sp) = self.service_port(svc, port) else {
+            return Vec::new();
+        };
+        if svc.selector.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for pod in self
+            .pods
+            .range((svc.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == svc.namespace)
+            .map(|(_, p)| p)
+        {
+            if !svc
+                .selector
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+            {
+                continue;
+            }
+            let target = match &sp.target_port {
+                TargetPort::Number(n) => *n,
+                TargetPort::Name(name) => match pod
+                    .container_ports
+                    .iter()
+                    .find(|c| c.name.as_deref() == Some(name.as_str()))
+                {
+                    Some(c) => c.port,
+                    None => continue,
+                },
+            };
+            for ip in &pod.ips {
+                // Only addresses the pod really owns: a pod that lost an IP conflict is not a
+                // reachable endpoint at that address.
+                if self
+                    .pod_by_ip
+                    .get(ip)
+                    .is_some_and(|owner| Arc::ptr_eq(owner, pod))
+                {
+                    out.push(Endpoint {
+                        pod: pod.clone(),
+                        addr: SocketAddr::new(*ip, target),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the proxy of `node` captures `pod`, and if not, why.
+    pub fn enrolment(&self, pod: &Pod, node: &str, policy: &EnrolmentPolicy) -> Enrolment {
+        if pod.node_name.as_deref() != Some(node) {
+            return Enrolment::OtherNode(pod.node_name.clone().unwrap_or_default());
+        }
+        if pod.host_network {
+            return Enrolment::HostNetwork;
+        }
+        let Some(ns) = self.namespaces.get(&pod.namespace) else {
+            return Enrolment::NamespaceUnknown;
+        };
+        let (key, value) = &policy.namespace_label;
+        if ns.labels.get(key) != Some(value) {
+            return Enrolment::NamespaceNotLabelled;
+        }
+        let (key, value) = &policy.pod_opt_out_label;
+        if pod.labels.get(key) == Some(value) {
+            return Enrolment::OptedOut;
+        }
+        if pod.ips.is_empty() {
+            return Enrolment::NoIp;
+        }
+        if let Some(owner) = pod
+            .ips
+            .iter()
+            .filter_map(|ip| self.pod_by_ip.get(ip))
+            .find(|owner| owner.namespace != pod.namespace || owner.name != pod.name)
+        {
+            return Enrolment::DuplicateIp(owner.workload());
+        }
+        if pod.netns_path.is_none() {
+            return Enrolment::NoNetns;
+        }
+        Enrolment::Enrolled
+    }
+}
+
+/// Which labels enrol a namespace and opt a pod out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrolmentPolicy {
+    pub namespace_label: (String, String),
+    pub pod_opt_out_label: (String, String),
+}
+
+impl Default for EnrolmentPolicy {
+    fn default() -> Self {
+        Self {
+            namespace_label: ("istio.io/dataplane-mode".into(), "ambient".into()),
+            pod_opt_out_label: ("istio.io/dataplane-mode".into(), "none".into()),
+        }
+    }
+}
+
+impl EnrolmentPolicy {
+    /// Parses `key=value`.
+    pub fn parse_label(s: &str) -> Result<(String, String), String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() && !v.contains('=') => {
+                Ok((k.trim().to_owned(), v.trim().to_owned()))
+            }
+            _ => Err(format!("expected a label as key=value, got {s:?}")),
+        }
+    }
+}
+
+/// The outcome of [`Snapshot::enrolment`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enrolment {
+    Enrolled,
+    NamespaceNotLabelled,
+    /// The pod's namespace has no Namespace object, so its labels are unknown.
+    NamespaceUnknown,
+    OptedOut,
+    OtherNode(String),
+    HostNetwork,
+    NoNetns,
+    NoIp,
+    /// Another pod (named) owns one of this pod's addresses.
+    DuplicateIp(String),
+}
+
+impl Enrolment {
+    /// The pod should be captured but the configuration does not let us: worth an error.
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(
+            self,
+            Enrolment::NamespaceUnknown
+                | Enrolment::NoNetns
+                | Enrolment::NoIp
+                | Enrolment::DuplicateIp(_)
+        )
+    }
+}
+
+impl fmt::Display for Enrolment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Enrolment::Enrolled => f.write_str("enrolled"),
+            Enrolment::NamespaceNotLabelled => f.write_str("namespace is not labelled for ambient"),
+            Enrolment::NamespaceUnknown => {
+                f.write_str("the pod's namespace has no Namespace object")
+            }
+            Enrolment::OptedOut => f.write_str("pod opted out by label"),
+            Enrolment::OtherNode(n) => write!(f, "pod runs on node {n:?}"),
+            Enrolment::HostNetwork => f.write_str("pod uses the host network"),
+            Enrolment::NoNetns => write!(
+                f,
+                "pod has no network namespace path (annotation {})",
+                crate::config::NETNS_ANNOTATION
+            ),
+            Enrolment::NoIp => f.write_str("pod has no IP address in status.podIPs"),
+            Enrolment::DuplicateIp(owner) => write!(f, "pod's IP address belongs to pod {owner}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn ns(name: &str, l: &[(&str, &str)]) -> Namespace {
+        Namespace {
+            name: name.into(),
+            labels: labels(l),
+            origin: Origin::default(),
+        }
+    }
+
+    fn pod(ns: &str, name: &str, node: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            labels: labels(l),
+            annotations: Labels::new(),
+            service_account: "default".into(),
+            node_name: Some(node.into()),
+            host_network: false,
+            ips: vec![ip.parse().unwrap()],
+            netns_path: Some(format!("/run/netns/{name}").into()),
+            container_ports: vec![ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+            }],
+            origin: Origin {
+                file: format!("{name}.yaml").into(),
+                line: 1,
+            },
+        }
+    }
+
+    fn svc(ns: &str, name: &str, vip: &str, sel: &[(&str, &str)], target: TargetPort) -> Service {
+        Service {
+            namespace: ns.into(),
+            name: name.into(),
+            vips: vec![vip.parse().unwrap()],
+            selector: labels(sel),
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: target,
+            }],
+            origin: Origin::default(),
+        }
+    }
+
+    const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
+
+    #[test]
+    fn enrolment_follows_namespace_label_node_and_opt_out() {
+        let s = Snapshot::build(
+            1,
+            Objects {
+                namespaces: vec![ns("shop", &[AMBIENT]), ns("legacy", &[])],
+                pods: vec![
+                    pod("shop", "a", "n1", "10.1.0.2", &[]),
+                    pod("shop", "b", "n2", "10.2.0.2", &[]),
+                    pod(
+                        "shop",
+                        "c",
+                        "n1",
+                        "10.1.0.3",
+                        &[("istio.io/dataplane-mode", "none")],
+                    ),
+                    pod("legacy", "d", "n1", "10.1.0.4", &[]),
+                    pod("ghost", "e", "n1", "10.1.0.5", &[]),
+                ],
+                ..Default::default()
+            },
+        );
+        let p = EnrolmentPolicy::default();
+        let e = |ns: &str, n: &str| s.enrolment(&s.pods[&(ns.into(), n.into())], "n1", &p);
+        assert_eq!(e("shop", "a"), Enrolment::Enrolled);
+        assert_eq!(e("shop", "b"), Enrolment::OtherNode("n2".into()));
+        assert_eq!(e("shop", "c"), Enrolment::OptedOut);
+        assert_eq!(e("legacy", "d"), Enrolment::NamespaceNotLabelled);
+        assert_eq!(e("ghost", "e"), Enrolment::NamespaceUnknown);
+        assert!(s
+            .problems
+            .iter()
+            .any(|p| p.contains("ghost/e") && p.contains("no Namespace")));
+    }
+
+    #[test]
+    fn duplicate_pod_ips_keep_the_first_owner_and_report_both() {
+        let s = Snapshot::build(
+            1,
+            Objects {
+                namespaces: vec![ns("shop", &[AMBIENT])],
+                pods: vec![
+                    pod("shop", "a", "n1", "10.1.0.2", &[]),
+                    pod("shop", "b", "n1", "10.1.0.2", &[]),
+                ],
+                ..Default::default()
+            },
+        );
+        let ip = "10.1.0.2".parse().unwrap();
+        assert_eq!(s.pod_by_ip(ip).unwrap().name, "a");
+        let p = EnrolmentPolicy::default();
+        let b = &s.pods[&("shop".into(), "b".into())];
+        assert_eq!(
+            s.enrolment(b, "n1", &p),
+            Enrolment::DuplicateIp("shop/a".into())
+        );
+        assert_eq!(s.problems.len(), 1);
+        assert!(s.problems[0].contains("shop/a") && s.problems[0].contains("shop/b"));
+    }
+
+    #[test]
+    fn endpoints_match_selector_namespace_and_named_ports() {
+        let mut other = pod("other", "x", "n1", "10.1.0.9", &[("app", "web")]);
+        other.container_ports.clear();
+        let mut unnamed = pod("shop", "u", "n2", "10.2.0.9", &[("app", "web")]);
+        unnamed.container_ports.clear();
+        let s = Snapshot::build(
+            1,
+            Objects {
+                namespaces: vec![ns("shop", &[]), ns("other", &[])],
+                pods: vec![
+                    pod("shop", "w1", "n1", "10.1.0.2", &[("app", "web")]),
+                    pod(
+                        "shop",
+                        "w2",
+                        "n2",
+                        "10.2.0.2",
+                        &[("app", "web"), ("v", "2")],
+                    ),
+                    pod("shop", "db", "n2", "10.2.0.3", &[("app", "db")]),
+                    unnamed,
+                    other,
+                ],
+                services: vec![
+                    svc(
+                        "shop",
+                        "web",
+                        "10.96.0.1",
+                        &[("app", "web")],
+                        TargetPort::Number(8080),
+                    ),
+                    svc(
+                        "shop",
+                        "named",
+                        "10.96.0.2",
+                        &[("app", "web")],
+                        TargetPort::Name("http".into()),
+                    ),
+                    svc("shop", "manual", "10.96.0.3", &[], TargetPort::Number(1)),
+                ],
+                ..Default::default()
+            },
+        );
+        let web = s.service_by_vip("10.96.0.1".parse().unwrap()).unwrap();
+        let addrs: Vec<String> = s
+            .endpoints(web, 80)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(addrs, ["10.2.0.9:8080", "10.1.0.2:8080", "10.2.0.2:8080"]);
+        assert!(s.endpoints(web, 81).is_empty());
+        let named = s.service_by_vip("10.96.0.2".parse().unwrap()).unwrap();
+        let addrs: Vec<String> = s
+            .endpoints(named, 80)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(
+            addrs,
+            ["10.1.0.2:8080", "10.2.0.2:8080"],
+            "pods without the named port are skipped"
+        );
+        let manual = s.service_by_vip("10.96.0.3".parse().unwrap()).unwrap();
+        assert!(s.endpoints(manual, 80).is_empty());
+    }
+
+    #[test]
+    fn vip_collisions_are_reported() {
+        let s = Snapshot::build(
+            1,
+            Objects {
+                services: vec![
+                    svc(
+                        "a",
+                        "one",
+                        "10.96.0.1",
+                        &[("x", "y")],
+                        TargetPort::Number(1),
+                    ),
+                    svc(
+                        "b",
+                        "two",
+                        "10.96.0.1",
+                        &[("x", "y")],
+                        TargetPort::Number(1),
+                    ),
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            s.service_by_vip("10.96.0.1".parse().unwrap()).unwrap().name,
+            "one"
+        );
+        assert!(s.problems[0].contains("a/one") && s.problems[0].contains("b/two"));
+    }
+
+    #[test]
+    fn labels_parse_as_key_value() {
+        assert_eq!(
+            EnrolmentPolicy::parse_label("istio.io/dataplane-mode=ambient"),
+            Ok(("istio.io/dataplane-mode".into(), "ambient".into()))
+        );
+        for bad in ["", "k", "=v", "k=", "a=b=c"] {
+            assert!(EnrolmentPolicy::parse_label(bad).is_err(), "{bad:?}");
+        }
+    }
+}
