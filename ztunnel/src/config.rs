@@ -57,20 +57,54 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// Every reason a configuration version was rejected: all bad files are reported at once, so
+/// an operator does not discover them one reload at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadErrors(pub Vec<LoadError>);
+
+impl fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LoadErrors {}
+
+impl From<LoadError> for LoadErrors {
+    fn from(e: LoadError) -> Self {
+        LoadErrors(vec![e])
+    }
+}
+
 /// Reads every configuration file of `dir` (sorted by name, so conflicts resolve the same way
 /// every time).
-pub fn load_dir(dir: &Path) -> Result<Objects, LoadError> {
+pub fn load_dir(dir: &Path) -> Result<Objects, LoadErrors> {
     let mut objects = Objects::default();
+    let mut errors = Vec::new();
     for file in config_files(dir)? {
-        let text = std::fs::read_to_string(&file).map_err(|e| LoadError {
-            file: file.clone(),
-            line: None,
-            column: None,
-            reason: format!("cannot read: {e}"),
-        })?;
-        parse_file(&file, &text, &mut objects)?;
+        let parsed = std::fs::read_to_string(&file)
+            .map_err(|e| LoadError {
+                file: file.clone(),
+                line: None,
+                column: None,
+                reason: format!("cannot read: {e}"),
+            })
+            .and_then(|text| parse_file(&file, &text, &mut objects));
+        if let Err(e) = parsed {
+            errors.push(e);
+        }
     }
-    Ok(objects)
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(LoadErrors(errors))
+    }
 }
 
 fn config_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
@@ -488,14 +522,16 @@ fn log_problems(snapshot: &Snapshot) {
     }
 }
 
-fn log_rejection(e: &LoadError) {
-    error!(file = %e.file.display(), line = e.line, column = e.column, reason = %e.reason,
-        "configuration rejected ({e}); the last good configuration stays in force");
+fn log_rejection(errors: &LoadErrors) {
+    for e in &errors.0 {
+        error!(file = %e.file.display(), line = e.line, column = e.column, reason = %e.reason,
+            "configuration rejected ({e}); the last good configuration stays in force");
+    }
 }
 
 /// Loads `dir` and keeps following it. Fails only if the first load fails: without a first
 /// good configuration there is nothing safe to run with. Must be called inside a tokio runtime.
-pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle), LoadError> {
+pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle), LoadErrors> {
     let mut last_fingerprint = fingerprint(&dir)?;
     let mut generation = 1;
     let first = Snapshot::build(generation, load_dir(&dir)?);
@@ -522,7 +558,7 @@ pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandl
 
     let task = tokio::spawn(async move {
         let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
-        let mut last_error: Option<LoadError> = None;
+        let mut last_error: Option<LoadErrors> = None;
         loop {
             tokio::select! {
                 Some(()) = events.recv() => {
@@ -537,6 +573,7 @@ pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandl
             let fp = match fingerprint(&dir) {
                 Ok(fp) => fp,
                 Err(e) => {
+                    let e = LoadErrors::from(e);
                     if last_error.as_ref() != Some(&e) {
                         log_rejection(&e);
                         last_error = Some(e);
@@ -712,11 +749,20 @@ status:
             .map(|n| n.name)
             .collect();
         write("c.yaml", "kind: [");
-        let e = load_dir(&dir).unwrap_err();
+        write(
+            "d.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: x}\n",
+        );
+        let errors = load_dir(&dir).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!(e.file, dir.join("c.yaml"));
-        assert!(e.line.is_some());
+        let files: Vec<_> = errors.0.iter().map(|e| e.file.clone()).collect();
+        assert_eq!(
+            files,
+            [dir.join("c.yaml"), dir.join("d.yaml")],
+            "every bad file is reported"
+        );
+        assert!(errors.0.iter().all(|e| e.line.is_some()));
     }
 
     #[tokio::test]

@@ -5,7 +5,11 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use super::{is_proxy_port, relay::relay, PodContext, Proxy};
+use super::{
+    is_proxy_port,
+    relay::{relay, reset},
+    PodContext, Proxy,
+};
 
 impl Proxy {
     /// Accepts steered connections of `pod` until the task is aborted (un-enrolment).
@@ -38,26 +42,36 @@ impl Proxy {
             return;
         };
         let snapshot = self.snapshot();
-        let src_workload = snapshot
-            .pod_by_ip(peer.ip())
-            .map(|p| format!("{}/{}", p.namespace, p.name));
-        let refuse = |reason: &str| {
+        let src_workload = snapshot.pod_by_ip(peer.ip()).map(|p| p.workload());
+        let refuse = |stream: TcpStream, outcome: &str, reason: &str| {
             info!(direction = "inbound", src_workload = src_workload.as_deref(), src_addr = %peer,
                 dst_addr = %dst, dst_workload = %pod.workload,
-                duration_ms = start.elapsed().as_millis() as u64, outcome = "refused",
+                duration_ms = start.elapsed().as_millis() as u64, outcome,
                 error = reason, "connection closed");
+            reset(stream);
         };
         // Only sk_lookup puts connections here, and it never steers loopback traffic; the
         // proxy's own ports are not services (forwarding to them would loop back here).
         if peer.ip().is_loopback() {
-            return refuse("connection did not arrive from outside the pod");
+            return refuse(
+                stream,
+                "refused",
+                "connection did not arrive from outside the pod",
+            );
         }
         if is_proxy_port(dst.port()) {
-            return refuse("destination port is reserved for the proxy");
+            return refuse(
+                stream,
+                "refused",
+                "destination port is reserved for the proxy",
+            );
         }
         let upstream = match self.connect_from(&pod, dst).await {
             Ok(s) => s,
-            Err(e) => return refuse(&format!("delivery to the application failed: {e}")),
+            Err(e) => {
+                let reason = format!("delivery to the application failed: {e}");
+                return refuse(stream, "connect_failed", &reason);
+            }
         };
         let r = relay(stream, upstream).await;
         info!(direction = "inbound", src_workload = src_workload.as_deref(), src_addr = %peer,

@@ -9,7 +9,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6};
 
-use super::{relay::relay, PodContext, Proxy};
+use super::{
+    relay::{relay, reset},
+    PodContext, Proxy,
+};
 use crate::state::Snapshot;
 
 /// Where an outbound connection goes, and what it was addressed to.
@@ -51,7 +54,7 @@ impl Proxy {
             // dialled 127.0.0.1:15001 itself): there is nowhere legitimate to send it.
             warn!(src_workload = %pod.workload, src_addr = %peer,
                 "outbound connection without a recorded original destination; closing it");
-            return;
+            return reset(stream);
         };
         let snapshot = self.snapshot();
         let route = match self.route(&snapshot, orig) {
@@ -60,7 +63,7 @@ impl Proxy {
                 info!(direction = "outbound", src_workload = %pod.workload, dst_addr = %orig,
                     duration_ms = start.elapsed().as_millis() as u64, outcome = "refused",
                     error = %reason, "connection closed");
-                return;
+                return reset(stream);
             }
         };
         let upstream = match self.connect_from(&pod, route.upstream).await {
@@ -70,7 +73,7 @@ impl Proxy {
                     dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
                     upstream = %route.upstream, duration_ms = start.elapsed().as_millis() as u64,
                     outcome = "connect_failed", error = %e, "connection closed");
-                return;
+                return reset(stream);
             }
         };
         let src_addr = upstream.local_addr().ok();

@@ -33,15 +33,21 @@ pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> Relaye
     };
     let error = result.err();
     if error.is_some() {
-        for s in [&downstream, &upstream] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-        }
+        reset(downstream);
+        reset(upstream);
     }
     Relayed {
         sent,
         received,
         error,
     }
+}
+
+/// Closes a connection the proxy will not carry with a reset, so the client sees a failure
+/// (ECONNRESET) rather than an empty but clean end of stream.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
 }
 
 async fn copy_half(
