@@ -1,6 +1,7 @@
 //! The node proxy: capture (eBPF), configuration, and the proxy paths. See `docs/` and DESIGN.md.
 pub mod capture;
 pub mod config;
+pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod proxy;

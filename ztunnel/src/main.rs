@@ -109,9 +109,33 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Every proxied connection costs the proxy two descriptors (more with HBONE); the usual soft
+/// limit of 1024 would cap a node at a few hundred connections, so take the hard limit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(
+                    from = soft,
+                    to = lim.rlim_max,
+                    "raised the open-files limit"
+                );
+            }
+        }
+    }
+}
+
 fn run(args: RunArgs) -> Result<()> {
     // Taken before any other thread exists: every thread starts in this (the node's) netns.
     let home = Arc::new(Netns::current().context("opening the node network namespace")?);
+    raise_fd_limit();
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => capture::cgroup2_root()?,

@@ -11,6 +11,8 @@ pub mod inbound;
 pub mod outbound;
 mod relay;
 
+pub use relay::{reset, Relayed};
+
 use std::{
     collections::HashMap,
     io,

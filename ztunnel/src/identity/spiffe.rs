@@ -1,4 +1,4 @@
-//! Workload identities: SPIFFE ids of the form `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+//! SPIFFE ids of workloads: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
 //!
 //! Parsing is strict (the SPIFFE spec's character sets, no ports, queries, fragments, empty or
 //! dot segments): an identity is compared byte for byte in policy and secure naming, so two

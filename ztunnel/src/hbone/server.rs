@@ -1,0 +1,160 @@
+//! The HBONE server side: HTTP/2 over an established (mTLS) connection, one CONNECT stream per
+//! tunnelled TCP connection. What to do with a tunnel is the caller's decision (a handler).
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use super::stream::{h2_io, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::identity::BoxFuture;
+
+/// Streams one peer may have open at once on one connection.
+const MAX_CONCURRENT_STREAMS: u32 = 1_000;
+
+/// A CONNECT request, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The `ip:port` the tunnel is for (the request's authority).
+    pub target: SocketAddr,
+    /// The original client's address, from `Forwarded: for=…`, when present and well formed.
+    pub forwarded_for: Option<IpAddr>,
+    pub baggage: Option<String>,
+}
+
+/// A tunnel the handler accepts or refuses; dropping it without answering resets the stream.
+pub struct Tunnel {
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl Tunnel {
+    /// Answers 200 and returns both directions of the stream.
+    pub fn accept(mut self) -> std::io::Result<(SendStream<Bytes>, RecvStream)> {
+        let send = self
+            .respond
+            .send_response(Response::new(()), false)
+            .map_err(h2_io)?;
+        Ok((send, self.recv))
+    }
+
+    /// Answers `status` and ends the stream.
+    pub fn refuse(mut self, status: StatusCode) {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        let _ = self.respond.send_response(response, true);
+    }
+}
+
+pub type Handler = Arc<dyn Fn(ConnectRequest, Tunnel) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Why a request is not a tunnel we can serve.
+fn parse(req: &Request<RecvStream>) -> Result<ConnectRequest, (StatusCode, String)> {
+    if req.method() != Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {} is not CONNECT", req.method()),
+        ));
+    }
+    let authority = req.uri().authority().map(|a| a.as_str()).ok_or((
+        StatusCode::BAD_REQUEST,
+        "CONNECT without an authority".to_owned(),
+    ))?;
+    let target: SocketAddr = authority.parse().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("authority {authority:?} is not an ip:port"),
+        )
+    })?;
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let forwarded_for = header("forwarded").and_then(|f| forwarded_for(&f));
+    Ok(ConnectRequest {
+        target,
+        forwarded_for,
+        baggage: header("baggage"),
+    })
+}
+
+/// The address in a `Forwarded: for=…` header (RFC 7239: IPv6 quoted and bracketed).
+fn forwarded_for(value: &str) -> Option<IpAddr> {
+    value
+        .split([';', ','])
+        .find_map(|kv| kv.trim().strip_prefix("for="))
+        .map(|v| {
+            v.trim_matches('"')
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+        })
+        .and_then(|v| v.parse().ok())
+}
+
+/// Serves HTTP/2 on `io` until the peer goes away, handing each valid CONNECT to `handler`.
+/// `refused` is called (with the status and reason) for requests that are not valid tunnels.
+pub async fn serve<S>(
+    io: S,
+    handler: Handler,
+    refused: impl Fn(StatusCode, &str) + Send + Sync + 'static,
+) -> Result<(), h2::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    while let Some(next) = conn.accept().await {
+        let (req, mut respond) = next?;
+        match parse(&req) {
+            Ok(connect) => {
+                let tunnel = Tunnel {
+                    respond,
+                    recv: req.into_body(),
+                };
+                tokio::spawn(handler(connect, tunnel));
+            }
+            Err((status, reason)) => {
+                debug!(%status, reason, "HBONE request refused");
+                refused(status, &reason);
+                let mut response = Response::new(());
+                *response.status_mut() = status;
+                let _ = respond.send_response(response, true);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_accepts_quoted_and_bracketed_addresses() {
+        for (value, want) in [
+            ("for=10.1.0.2", Some("10.1.0.2")),
+            ("for=\"[fd00::2]\"", Some("fd00::2")),
+            ("proto=https; for=10.1.0.2", Some("10.1.0.2")),
+            ("for=unknown", None),
+            ("by=10.0.0.1", None),
+        ] {
+            assert_eq!(
+                forwarded_for(value),
+                want.map(|w| w.parse().unwrap()),
+                "{value}"
+            );
+        }
+    }
+}
