@@ -6,15 +6,16 @@ mod checks;
 mod setup;
 
 use std::{
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitCode},
 };
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "ztunnel project tasks")]
+#[command(about = "ztunnel project tasks (run as root)")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -22,24 +23,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing tools (apt packages, nightly rust-src, bpf-linker) and mount bpffs.
+    /// Install what is missing (apt packages, nightly rust-src, bpf-linker), mount bpffs.
     Setup,
-    /// Build every binary (ztunnel with its embedded eBPF object, vc-probe, demo) in release.
+    /// Build every binary in release: ztunnel (with its eBPF object), vc-probe, demo.
     Build,
-    /// Build only the eBPF object (for iterating on the kernel side).
+    /// Build only the eBPF object, with nightly (for iterating on the kernel side).
     BuildEbpf,
-    /// Start a virtual two-node cluster and show traffic being captured and delivered.
+    /// Set up, build, and run the demo on a virtual two-node cluster.
     Demo,
-    /// Set up, check formatting and lints, build, run every test, check nothing is left over.
+    /// Set up, check formatting and lints, build, run every test, check nothing was left over.
     Test {
-        /// Passed to `cargo test` (e.g. a test name filter).
+        /// Passed on to `cargo test` (e.g. a test name filter): `cargo xtask test -- capture`.
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (arrive with HBONE).
-    Bench,
+    /// Set up, build, and measure direct pod-to-pod against the mesh (docs/benchmarks.md).
+    Bench {
+        /// Passed on to the bench: `cargo xtask bench -- --hold 500` (`-- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
+/// The workspace root (xtask/ is one of its members).
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -47,22 +53,50 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
-/// Runs a command, echoing it, and fails unless it succeeds.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let shown: Vec<String> = std::iter::once(cmd.get_program())
+fn release_dir() -> PathBuf {
+    root().join("target/release")
+}
+
+/// A command as a shell would show it (`cargo` for the full path of the running cargo).
+fn shown(cmd: &Command) -> String {
+    let cargo = std::env::var_os("CARGO");
+    let program = match cmd.get_program() {
+        p if Some(p) == cargo.as_deref() => "cargo".as_ref(),
+        p => p,
+    };
+    std::iter::once(program)
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    println!("+ {}", shown.join(" "));
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {}", shown[0]))?;
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs a command with inherited output, echoing it first; fails unless it succeeds.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let line = shown(cmd);
+    println!("+ {line}");
+    let status = cmd.status().with_context(|| format!("starting `{line}`"))?;
     if !status.success() {
-        bail!("`{}` failed ({status})", shown.join(" "));
+        bail!("`{line}` failed ({status})");
     }
     Ok(())
 }
 
+/// Runs a command quietly for its stdout; fails (with its stderr) unless it succeeds.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let line = shown(cmd);
+    let out = cmd.output().with_context(|| format!("running `{line}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{line}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The cargo that runs xtask (same toolchain), in the workspace root.
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
@@ -73,11 +107,44 @@ fn build() -> Result<()> {
     run(cargo().args(["build", "--release", "--workspace", "--bins"]))
 }
 
-/// Environment telling the tests and the demo which binaries to run.
+fn build_ebpf() -> Result<()> {
+    // The rustup proxy `cargo`, not $CARGO: only the proxy understands `+nightly`.
+    run(Command::new("cargo")
+        .current_dir(root().join("ebpf"))
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ]))
+}
+
+/// Tells the tests and the demo which binaries to run.
 fn with_binaries(cmd: &mut Command) -> &mut Command {
-    let release = root().join("target/release");
-    cmd.env("ZTUNNEL_BIN", release.join("ztunnel"))
-        .env("ZTUNNEL_PROBE_BIN", release.join("vc-probe"))
+    cmd.env("ZTUNNEL_BIN", release_dir().join("ztunnel"))
+        .env("ZTUNNEL_PROBE_BIN", release_dir().join("vc-probe"))
+}
+
+/// Replaces xtask with the demo, so its output, signals and exit status are the demo's own.
+fn demo() -> Result<()> {
+    let mut cmd = Command::new(release_dir().join("demo"));
+    with_binaries(&mut cmd).current_dir(root());
+    println!("+ {}", shown(&cmd));
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("running {}", release_dir().join("demo").display()))
+}
+
+/// Replaces xtask with the benchmark (like `demo`), passing `args` on.
+fn bench(args: &[String]) -> Result<()> {
+    let bin = release_dir().join("bench");
+    let mut cmd = Command::new(&bin);
+    with_binaries(&mut cmd).current_dir(root()).args(args);
+    println!("+ {}", shown(&cmd));
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("running {}", bin.display()))
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -94,56 +161,81 @@ fn test(args: &[String]) -> Result<()> {
     build()?;
     let stale = checks::leftovers();
     if !stale.is_empty() {
-        println!("note: leftovers of an earlier run (the harness sweeps them): {stale:?}");
+        println!(
+            "note: an earlier run left these (the harness sweeps them when their process is \
+             gone):\n  {}",
+            stale.join("\n  ")
+        );
     }
-    let firewall_before = checks::firewall_state();
+    let firewall_before = checks::firewall_snapshot().context("snapshotting the firewall")?;
     let tests = run(with_binaries(
         cargo()
             .args(["test", "--workspace", "--release"])
-            .arg("--")
             .args(args),
     ));
-    let firewall = checks::compare_firewall(&firewall_before, &checks::firewall_state());
-    let leftovers = checks::leftovers();
-    tests?;
-    firewall?;
-    if !leftovers.is_empty() {
-        bail!("the tests left these behind:\n  {}", leftovers.join("\n  "));
+    let firewall_after = checks::firewall_snapshot().context("snapshotting the firewall")?;
+    let firewall_diff = checks::firewall_diff(&firewall_before, &firewall_after);
+    let leftovers = final_leftovers();
+    summarise(&tests, firewall_diff.as_deref(), &leftovers)
+}
+
+/// Leftovers after the run. A process the harness has just killed can take a moment to go,
+/// so a non-empty answer is checked once more before it counts.
+fn final_leftovers() -> Vec<String> {
+    let found = checks::leftovers();
+    if found.is_empty() {
+        return found;
     }
-    println!("all tests passed; the firewall is unchanged and nothing was left behind");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    checks::leftovers()
+}
+
+/// Prints the outcome of the three checks of a test run; fails if any failed.
+fn summarise(tests: &Result<()>, firewall_diff: Option<&str>, leftovers: &[String]) -> Result<()> {
+    if let Some(diff) = firewall_diff {
+        println!("\nthe test run changed the host firewall:\n{diff}");
+    }
+    if !leftovers.is_empty() {
+        println!(
+            "\nthe test run left these behind:\n  {}",
+            leftovers.join("\n  ")
+        );
+    }
+    println!("\nsummary:");
+    match tests {
+        Ok(()) => println!("  tests      passed"),
+        Err(e) => println!("  tests      FAILED: {e:#}"),
+    }
+    match firewall_diff {
+        None => println!("  firewall   unchanged (iptables, ip6tables, nftables)"),
+        Some(_) => println!("  firewall   CHANGED (diff above)"),
+    }
+    match leftovers.len() {
+        0 => println!("  leftovers  none (netns, bpffs, cgroups, /tmp, processes)"),
+        n => println!("  leftovers  {n} FOUND (listed above)"),
+    }
+    if tests.is_err() || firewall_diff.is_some() || !leftovers.is_empty() {
+        bail!("cargo xtask test failed (see the summary)");
+    }
     Ok(())
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
         Task::Setup => setup::setup(),
-        Task::Build => {
-            setup::setup()?;
-            build()
-        }
-        Task::BuildEbpf => {
-            setup::setup()?;
-            // The rustup proxy, not $CARGO: only the proxy understands `+nightly`.
-            run(Command::new("cargo")
-                .current_dir(root().join("ebpf"))
-                .args([
-                    "+nightly",
-                    "build",
-                    "--release",
-                    "--target",
-                    "bpfel-unknown-none",
-                    "-Z",
-                    "build-std=core",
-                ]))
-        }
-        Task::Demo => {
-            setup::setup()?;
-            build()?;
-            run(with_binaries(&mut Command::new(
-                root().join("target/release/demo"),
-            )))
-        }
+        Task::Build => setup::setup().and_then(|()| build()),
+        Task::BuildEbpf => setup::setup().and_then(|()| build_ebpf()),
+        Task::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo()),
         Task::Test { args } => test(&args),
-        Task::Bench => bail!("bench: not implemented yet; it lands with HBONE (issue 3)"),
+        Task::Bench { args } => setup::setup()
+            .and_then(|()| build())
+            .and_then(|()| bench(&args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
