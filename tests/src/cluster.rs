@@ -253,6 +253,20 @@ impl Cluster {
     fn build(&mut self, b: ClusterBuilder) -> Result<()> {
         fs::create_dir_all(&self.config_dir)
             .with_context(|| format!("creating {}", self.config_dir.display()))?;
+        // One mesh root for the whole cluster, as `ztunnel ca init` makes it for an operator.
+        let ca = self.ca_dir();
+        let out = output_with_timeout(
+            Command::new(crate::ztunnel_bin())
+                .args(["ca", "init", "--ca-dir"])
+                .arg(&ca),
+            Duration::from_secs(20),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "ztunnel ca init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         for dir in ["proxies", "tools"] {
             let d = self.cgroup.join(dir);
             fs::create_dir_all(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
@@ -473,6 +487,11 @@ impl Cluster {
     pub fn tmp_dir(&self) -> &Path {
         &self.tmp
     }
+    /// The embedded CA every node's proxy issues workload certificates from.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.tmp.join("ca")
+    }
+
     pub fn config_dir(&self) -> &Path {
         &self.config_dir
     }
@@ -651,6 +670,8 @@ impl Cluster {
             self.node_cgroup(i).display().to_string(),
             "--log-format".into(),
             "json".into(),
+            "--ca-dir".into(),
+            self.ca_dir().display().to_string(),
         ]
     }
 
@@ -704,6 +725,12 @@ impl Cluster {
             bail!("the proxy of node {i} is already running");
         }
         let mut args = self.proxy_args(i);
+        if extra.contains(&"--ca-address") {
+            // A remote CA replaces the embedded one (the two are exclusive).
+            if let Some(at) = args.iter().position(|a| a == "--ca-dir") {
+                args.drain(at..at + 2);
+            }
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let (mut cmd, _conf) = self.ztunnel_command(i, &args)?;
         let log = fs::OpenOptions::new()
@@ -943,6 +970,49 @@ impl Cluster {
         output_with_timeout(&mut cmd, timeout)
     }
 
+    /// Captures node `node`'s traffic on the underlay (its bridge port: the bridge device
+    /// itself does not see frames forwarded between ports) while `during` runs. Returns what
+    /// `during` returned, the raw pcap bytes and tcpdump's one-line-per-packet summary.
+    pub fn capture_underlay<T>(
+        &self,
+        node: usize,
+        during: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Vec<u8>, String)> {
+        let pcap = self.tmp.join(format!("underlay-n{node}.pcap"));
+        let pcap_s = pcap.display().to_string();
+        let port = format!("n{node}");
+        let mut tcpdump = self.underlay_spawn(&[
+            "tcpdump",
+            "-i",
+            &port,
+            "-U",
+            "--immediate-mode",
+            "-n",
+            "-w",
+            &pcap_s,
+            "tcp",
+        ])?;
+        crate::wait_until(Duration::from_secs(10), "tcpdump to start", || {
+            tcpdump
+                .stderr_lines()
+                .iter()
+                .any(|l| l.contains("listening on"))
+                .then_some(())
+        })?;
+        let result = during()?;
+        // Let the last packets reach the file before stopping tcpdump.
+        std::thread::sleep(Duration::from_millis(1000));
+        tcpdump.kill();
+        let bytes = fs::read(&pcap).with_context(|| format!("reading {pcap_s}"))?;
+        let text = self.underlay_exec(&["tcpdump", "-n", "-r", &pcap_s], CMD_TIMEOUT)?;
+        let _ = fs::remove_file(&pcap);
+        Ok((
+            result,
+            bytes,
+            String::from_utf8_lossy(&text.stdout).into_owned(),
+        ))
+    }
+
     /// Spawns a long-running command in the underlay netns.
     pub fn underlay_spawn(&self, args: &[&str]) -> Result<Proc> {
         let mut cmd = command(args)?;
@@ -1035,6 +1105,20 @@ impl NodeRef<'_> {
             Some(&self.cluster.cgroup.join("tools")),
         )?;
         output_with_timeout(&mut cmd, timeout)
+    }
+
+    /// Spawns a long-running command in the node netns (e.g. `ztunnel ca serve`).
+    pub fn spawn(&self, args: &[&str]) -> Result<Proc> {
+        let mut cmd = command(args)?;
+        let _conf = confine(
+            &mut cmd,
+            Some(&self.netns_path()),
+            Some(&self.cluster.cgroup.join("tools")),
+        )?;
+        Proc::spawn(
+            &mut cmd,
+            &format!("node {}: {}", self.index(), args.join(" ")),
+        )
     }
 }
 

@@ -6,3 +6,4 @@ pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod state;
+pub mod tls;

@@ -1,14 +1,19 @@
 //! `ztunnel`: the node proxy daemon and its operator commands.
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use rustls::pki_types::CertificateDer;
 use tracing::{error, info};
 use ztunnel::{
     capture::{self, enrolment::Enroller, Capture, CaptureOptions},
     config,
+    identity::{
+        istio_ca::{self, IstioCaClient},
+        CaFiles, CacheOptions, CertificateCache, CertificateProvider, SpiffeId,
+    },
     netns::Netns,
-    proxy::Proxy,
+    proxy::{Mesh, Proxy, ProxyOptions},
     state::EnrolmentPolicy,
 };
 
@@ -26,12 +31,70 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect or remove the pinned BPF state.
     Bpf {
         #[command(subcommand)]
         command: BpfCommand,
     },
+    /// Manage the embedded certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root CA (root-cert.pem, root-key.pem) in a directory, for `run --ca-dir`.
+    Init {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Lifetime of the root certificate.
+        #[arg(long, default_value = "3650d", value_parser = parse_duration)]
+        validity: Duration,
+        /// Replace an existing CA (every certificate it issued stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve Istio's CSR API (istio.v1.auth.IstioCertificateService) from an embedded CA, for
+    /// proxies started with `run --ca-address`.
+    Serve {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// Bearer token clients must present. Without it every client is served: local use only.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+}
+
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Parses `90s`, `15m`, `24h`, `30d` (or plain seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like 90s, 15m, 24h or 30d, got {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!(
+                "unknown duration unit {unit:?} in {s:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    if secs == 0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 #[derive(Subcommand)]
@@ -68,6 +131,34 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Directory of the embedded CA (see `ztunnel ca init`): workload certificates are issued
+    /// in-process from its root. One of --ca-dir and --ca-address is required: there is no
+    /// plaintext mode between nodes.
+    #[arg(
+        long,
+        required_unless_present = "ca_address",
+        conflicts_with = "ca_address"
+    )]
+    ca_dir: Option<PathBuf>,
+    /// Address of an Istio-compatible CA (istiod, or `ztunnel ca serve`): host:port.
+    #[arg(long, requires = "ca_root")]
+    ca_address: Option<String>,
+    /// The mesh root certificate (PEM): verifies the CA service and every peer.
+    #[arg(long)]
+    ca_root: Option<PathBuf>,
+    /// File holding the bearer token sent to the CA (re-read on every request).
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+    /// Verify the CA service by this SPIFFE id instead of the host name dialled (`ztunnel ca
+    /// serve` runs as spiffe://<trust-domain>/ns/istio-system/sa/ztunnel-ca).
+    #[arg(long)]
+    ca_identity: Option<SpiffeId>,
+    /// Lifetime requested for workload certificates; they are renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_validity: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -81,11 +172,46 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => {
             init_logging(args.log_format);
-            run(args)
+            run(*args)
         }
         Command::Bpf {
             command: BpfCommand::Uninstall { bpf_dir },
         } => capture::uninstall(&bpf_dir),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    ca_dir,
+                    trust_domain,
+                    validity,
+                    force,
+                },
+        } => CaFiles::init(&ca_dir, &trust_domain, validity, force)
+            .map(|_| {
+                println!(
+                    "created a root CA for {trust_domain} in {}",
+                    ca_dir.display()
+                )
+            })
+            .with_context(|| format!("creating a CA in {}", ca_dir.display())),
+        Command::Ca {
+            command:
+                CaCommand::Serve {
+                    ca_dir,
+                    listen,
+                    token_file,
+                },
+        } => {
+            init_logging(LogFormat::Text);
+            tokio::runtime::Runtime::new()
+                .context("starting the runtime")
+                .and_then(|rt| {
+                    rt.block_on(istio_ca::run_ca_service(istio_ca::CaServiceOptions {
+                        ca_dir,
+                        listen,
+                        token_file,
+                    }))
+                })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -107,6 +233,49 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+/// The CA workload certificates come from, and the mesh roots.
+fn certificate_provider(
+    args: &RunArgs,
+) -> Result<(Arc<dyn CertificateProvider>, Vec<CertificateDer<'static>>)> {
+    if let Some(dir) = &args.ca_dir {
+        let ca =
+            CaFiles::load(dir).with_context(|| format!("loading the CA in {}", dir.display()))?;
+        if ca.trust_domain() != args.trust_domain {
+            anyhow::bail!(
+                "the CA in {} is for trust domain {:?}, not {:?}",
+                dir.display(),
+                ca.trust_domain(),
+                args.trust_domain
+            );
+        }
+        let roots = ca.roots();
+        return Ok((Arc::new(ca), roots));
+    }
+    let (Some(address), Some(root_file)) = (&args.ca_address, &args.ca_root) else {
+        anyhow::bail!("pass --ca-dir, or --ca-address with --ca-root");
+    };
+    let root_pem = std::fs::read_to_string(root_file)
+        .with_context(|| format!("reading {}", root_file.display()))?;
+    let roots: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut root_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing {}", root_file.display()))?;
+    if roots.is_empty() {
+        anyhow::bail!("{} holds no certificate", root_file.display());
+    }
+    // istiod is checked by the host name dialled; our own CA service proves itself with its
+    // SPIFFE id (its certificate carries no DNS name).
+    let mut client = IstioCaClient::new(
+        address,
+        &root_pem,
+        args.ca_token_file.clone(),
+        Duration::from_secs(10),
+    )?;
+    if let Some(id) = &args.ca_identity {
+        client = client.with_server_identity(id.clone());
+    }
+    Ok((Arc::new(client), roots))
 }
 
 /// Every proxied connection costs the proxy two descriptors (more with HBONE); the usual soft
@@ -136,6 +305,8 @@ fn run(args: RunArgs) -> Result<()> {
     // Taken before any other thread exists: every thread starts in this (the node's) netns.
     let home = Arc::new(Netns::current().context("opening the node network namespace")?);
     raise_fd_limit();
+    // Before any kernel state changes: a proxy that cannot get certificates must not capture.
+    let (provider, roots) = certificate_provider(&args)?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => capture::cgroup2_root()?,
@@ -155,7 +326,22 @@ fn run(args: RunArgs) -> Result<()> {
         .block_on(async move {
             let (mut config, _watch) = config::watch(args.config_dir.clone())
                 .with_context(|| format!("loading {}", args.config_dir.display()))?;
-            let proxy = Proxy::new(home.clone(), capture.orig_dst_table(), config.clone());
+            let certs = Arc::new(CertificateCache::new(
+                provider,
+                roots,
+                CacheOptions {
+                    validity: args.cert_validity,
+                    ..CacheOptions::default()
+                },
+            ));
+            let proxy = Proxy::new(ProxyOptions {
+                home: home.clone(),
+                orig_dst: capture.orig_dst_table(),
+                config: config.clone(),
+                node: args.node_name.clone(),
+                policy: policy.clone(),
+                mesh: Mesh::new(args.trust_domain.clone(), certs),
+            });
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
             let snapshot = config.borrow_and_update().clone();
             enroller.reconcile(&snapshot);

@@ -5,9 +5,29 @@
 //! vc-probe tcp-echo --port P                    echoes every byte back
 //! vc-probe get --addr IP:PORT [--path /x] [--timeout-ms N]
 //! vc-probe connect --addr IP:PORT [--send TEXT] [--timeout-ms N]
+//! vc-probe chat --addr IP:PORT [--messages a,b] [--gap-ms N]
+//!                                               one connection to a tcp-echo server: waits
+//!                                               gap-ms before each message and checks its echo;
+//!                                               with no messages, holds the idle connection
 //! vc-probe repl [--timeout-ms N]                reads `get ADDR [PATH]` / `connect ADDR [TEXT]`
 //!                                               lines from stdin, one JSON result line each
+//!
+//! For the benchmark (`cargo xtask bench`, docs/benchmarks.md):
+//! vc-probe http-server-ka --port P [--name N]  HTTP/1.1 keep-alive server (closes only when the
+//!                                               client asks); no per-request output
+//! vc-probe http-load --addr IP:PORT --rate R --duration-ms D --connections C
+//!                                               open-loop GETs at R/s over C keep-alive
+//!                                               connections; latency from the scheduled time
+//! vc-probe conn-rate --addr IP:PORT --duration-ms D --concurrency N
+//!                                               N loops of connect, GET (Connection: close),
+//!                                               read to EOF, close
+//! vc-probe hold --addr IP:PORT --count N --hold-ms T
+//!                                               opens N connections to a tcp-echo server (one
+//!                                               echoed byte each), prints `{"opened":n,...}`,
+//!                                               holds them T ms
 //! ```
+//! The benchmark commands print one JSON result line (`hold`: one when all are open, one at the
+//! end) and exit 0 only if nothing failed.
 //! Servers print `{"event":"listening",...}` once they accept connections and
 //! `{"event":"accept","peer":...}` for every accepted connection, on stdout.
 //! `get` exits 0 on HTTP 200, 1 on a connect or I/O error (`{"error":...,"kind":...}`), 3 on any
@@ -35,7 +55,10 @@ fn emit(v: &Value) {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
-        eprintln!("usage: vc-probe http-server|tcp-echo|get|connect|repl [options]");
+        eprintln!(
+            "usage: vc-probe http-server|tcp-echo|get|connect|repl|http-server-ka|http-load|\
+             conn-rate|hold [options]"
+        );
         return ExitCode::from(2);
     };
     let opts = match Opts::parse(&args[1..]) {
@@ -78,6 +101,27 @@ fn main() -> ExitCode {
             repl(timeout);
             ExitCode::SUCCESS
         }
+        "chat" => {
+            let Some(addr) = opts.get("addr") else {
+                eprintln!("vc-probe: --addr is required");
+                return ExitCode::from(2);
+            };
+            let messages: Vec<&str> = opts
+                .get("messages")
+                .map(|m| m.split(',').filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default();
+            let gap = Duration::from_millis(opts.num("gap-ms").unwrap_or(0));
+            let (code, out) = chat(addr, &messages, gap, timeout);
+            emit(&out);
+            ExitCode::from(code)
+        }
+        "http-server-ka" | "http-load" | "conn-rate" | "hold" => match bench::run(cmd, &opts) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("vc-probe: {e}");
+                ExitCode::from(2)
+            }
+        },
         other => {
             eprintln!("vc-probe: unknown command {other}");
             ExitCode::from(2)
@@ -317,6 +361,32 @@ fn get(addr: &str, path: &str, timeout: Duration) -> (u8, Value) {
     (if status == 200 { 0 } else { 3 }, v)
 }
 
+fn chat(addr: &str, messages: &[&str], gap: Duration, timeout: Duration) -> (u8, Value) {
+    let (mut stream, local, peer) = match open(addr, timeout) {
+        Ok(x) => x,
+        Err(v) => return (1, v),
+    };
+    emit(&json!({"event": "connected", "local": local, "peer": peer}));
+    if messages.is_empty() {
+        std::thread::sleep(gap);
+    }
+    let mut replies = Vec::new();
+    for m in messages {
+        std::thread::sleep(gap);
+        let mut back = vec![0u8; m.len()];
+        let exchanged = stream
+            .write_all(m.as_bytes())
+            .and_then(|()| stream.read_exact(&mut back));
+        if let Err(e) = exchanged {
+            let mut v = error_json("exchange", &e);
+            v["replies"] = json!(replies);
+            return (1, v);
+        }
+        replies.push(String::from_utf8_lossy(&back).into_owned());
+    }
+    (0, json!({"local": local, "peer": peer, "replies": replies}))
+}
+
 fn connect(addr: &str, send: Option<&str>, timeout: Duration) -> (u8, Value) {
     let (mut stream, local, peer) = match open(addr, timeout) {
         Ok(x) => x,
@@ -361,5 +431,483 @@ fn repl(timeout: Duration) {
         v["exit"] = json!(code);
         v["pid"] = json!(std::process::id());
         emit(&v);
+    }
+}
+
+/// The load generators and the keep-alive server of `cargo xtask bench`.
+mod bench {
+    use std::{
+        io::{self, Read as _, Write as _},
+        net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+        time::{Duration, Instant},
+    };
+
+    use serde_json::json;
+
+    use super::{emit, kind_name, Opts};
+
+    /// Deadline for one connect, send or receive of the load generators.
+    const IO_TIMEOUT: Duration = Duration::from_secs(2);
+    /// A request or response head larger than this is refused.
+    const MAX_HEAD: usize = 64 * 1024;
+
+    /// Runs one benchmark command; `Err` is a usage error.
+    pub fn run(cmd: &str, opts: &Opts) -> Result<u8, String> {
+        let need = |key: &str| opts.num(key).ok_or(format!("--{key} <number> is required"));
+        let addr = || -> Result<SocketAddr, String> {
+            let a = opts.get("addr").ok_or("--addr IP:PORT is required")?;
+            a.parse().map_err(|e| format!("bad --addr {a}: {e}"))
+        };
+        match cmd {
+            "http-server-ka" => {
+                let port = u16::try_from(need("port")?).map_err(|_| "--port is too large")?;
+                let name = opts.get("name").unwrap_or("server").to_owned();
+                serve_keep_alive(port, name).map_err(|e| e.to_string())?;
+                Ok(0)
+            }
+            "http-load" => {
+                let (rate, ms, conns) = (need("rate")?, need("duration-ms")?, need("connections")?);
+                if rate == 0 || conns == 0 || ms == 0 {
+                    return Err("--rate, --duration-ms and --connections must be positive".into());
+                }
+                Ok(http_load(
+                    addr()?,
+                    rate,
+                    Duration::from_millis(ms),
+                    conns as usize,
+                ))
+            }
+            "conn-rate" => {
+                let (ms, n) = (need("duration-ms")?, need("concurrency")?);
+                if n == 0 {
+                    return Err("--concurrency must be positive".into());
+                }
+                Ok(conn_rate(addr()?, Duration::from_millis(ms), n as usize))
+            }
+            "hold" => {
+                let (count, ms) = (need("count")?, need("hold-ms")?);
+                Ok(hold(addr()?, count as usize, Duration::from_millis(ms)))
+            }
+            other => Err(format!("unknown command {other}")),
+        }
+    }
+
+    /// Raises the soft open-files limit to the hard limit; returns the limit now in force.
+    pub fn raise_nofile() -> u64 {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a local struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return 0;
+            }
+            if lim.rlim_cur < lim.rlim_max {
+                let want = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                    return want.rlim_cur;
+                }
+            }
+        }
+        lim.rlim_cur
+    }
+
+    /// Lets this thread's sleeps end close to when they were asked to (default slack: 50 µs).
+    fn precise_sleeps() {
+        // SAFETY: prctl with an integer argument; affects only the calling thread.
+        unsafe {
+            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+        }
+    }
+
+    fn err_text(stage: &str, e: &io::Error) -> String {
+        format!("{stage}: {e} ({})", kind_name(e))
+    }
+
+    // ---- HTTP/1.1 framing, just enough for small GETs ------------------------------------
+
+    /// A connection with its unread bytes (requests or responses may arrive in pieces).
+    struct Conn {
+        stream: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    /// One parsed message head.
+    struct Head {
+        /// Request target or status code, the second word of the first line.
+        second_word: String,
+        close: bool,
+    }
+
+    impl Conn {
+        fn new(stream: TcpStream) -> Self {
+            let _ = stream.set_nodelay(true);
+            Self {
+                stream,
+                buf: Vec::with_capacity(4096),
+            }
+        }
+
+        /// Reads one message head and its body (by Content-Length); `None` on a clean EOF
+        /// before any byte of it.
+        fn read_message(&mut self) -> io::Result<Option<Head>> {
+            let end = loop {
+                if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                if self.buf.len() > MAX_HEAD {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"));
+                }
+                if !self.fill()? {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            };
+            let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+            let mut lines = text.split("\r\n");
+            let second_word = lines
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("")
+                .to_owned();
+            let (mut content_length, mut close) = (0usize, false);
+            for line in lines {
+                let Some((k, v)) = line.split_once(':') else {
+                    continue;
+                };
+                let (k, v) = (k.trim(), v.trim());
+                if k.eq_ignore_ascii_case("content-length") {
+                    content_length = v.parse().map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidData, "bad Content-Length")
+                    })?;
+                } else if k.eq_ignore_ascii_case("connection") {
+                    close = v.eq_ignore_ascii_case("close");
+                }
+            }
+            while self.buf.len() < end + content_length {
+                if !self.fill()? {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            self.buf.drain(..end + content_length);
+            Ok(Some(Head { second_word, close }))
+        }
+
+        /// Reads more bytes into the buffer; false on EOF.
+        fn fill(&mut self) -> io::Result<bool> {
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk)?;
+            self.buf.extend_from_slice(&chunk[..n]);
+            Ok(n > 0)
+        }
+    }
+
+    fn get_request(addr: SocketAddr, close: bool) -> Vec<u8> {
+        let connection = if close { "close" } else { "keep-alive" };
+        format!(
+            "GET /bench HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vc-probe\r\nConnection: {connection}\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    // ---- http-server-ka ----------------------------------------------------------------
+
+    fn serve_keep_alive(port: u16, name: String) -> io::Result<()> {
+        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        emit(&json!({
+            "event": "listening", "port": port, "keep_alive": true, "pid": std::process::id(),
+        }));
+        let body: &'static str = Box::leak(format!("{{\"server\":\"{name}\"}}").into_boxed_str());
+        for conn in listener.incoming() {
+            let Ok(stream) = conn else { continue };
+            std::thread::spawn(move || serve_connection(stream, body));
+        }
+        Ok(())
+    }
+
+    /// Answers requests on one connection until the client closes it or asks to.
+    fn serve_connection(stream: TcpStream, body: &str) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+        let mut conn = Conn::new(stream);
+        loop {
+            let head = match conn.read_message() {
+                Ok(Some(h)) => h,
+                Ok(None) | Err(_) => return,
+            };
+            let connection = if head.close { "close" } else { "keep-alive" };
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: {connection}\r\n\r\n{body}",
+                body.len()
+            );
+            if conn.stream.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+            if head.close {
+                let _ = conn.stream.shutdown(Shutdown::Write);
+                // Drain until the client closes, so it reads everything before any RST.
+                let _ = conn.stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut chunk = [0u8; 1024];
+                while matches!(conn.stream.read(&mut chunk), Ok(n) if n > 0) {}
+                return;
+            }
+        }
+    }
+
+    // ---- http-load ---------------------------------------------------------------------
+
+    fn connect(addr: SocketAddr) -> Result<Conn, String> {
+        let stream =
+            TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| err_text("connect", &e))?;
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+        Ok(Conn::new(stream))
+    }
+
+    /// One request/response on a keep-alive connection.
+    fn round_trip(conn: &mut Conn, req: &[u8]) -> Result<(), String> {
+        conn.stream
+            .write_all(req)
+            .map_err(|e| err_text("send", &e))?;
+        match conn.read_message() {
+            Ok(Some(h)) if h.second_word == "200" && !h.close => Ok(()),
+            Ok(Some(h)) if h.second_word == "200" => Err("server closed the connection".into()),
+            Ok(Some(h)) => Err(format!("status {}", h.second_word)),
+            Ok(None) => Err("receive: connection closed without a response".into()),
+            Err(e) => Err(err_text("receive", &e)),
+        }
+    }
+
+    /// What one load thread measured.
+    #[derive(Default)]
+    struct Tally {
+        latencies_us: Vec<u64>,
+        errors: u64,
+        first_error: Option<String>,
+    }
+
+    impl Tally {
+        fn error(&mut self, e: String) {
+            self.errors += 1;
+            self.first_error.get_or_insert(e);
+        }
+        fn merge(&mut self, other: Tally) {
+            self.latencies_us.extend(other.latencies_us);
+            self.errors += other.errors;
+            if self.first_error.is_none() {
+                self.first_error = other.first_error;
+            }
+        }
+    }
+
+    /// Nearest-rank percentile of sorted values.
+    fn percentile(sorted: &[u64], p: f64) -> u64 {
+        if sorted.is_empty() {
+            return 0;
+        }
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    }
+
+    /// Open loop: request `i` is due at `t0 + i/rate` and goes on connection `i % conns`; its
+    /// latency runs from when it was due, so a stalled connection delays (and is charged for)
+    /// every request queued behind it rather than silently lowering the rate.
+    fn http_load(addr: SocketAddr, rate: u64, duration: Duration, conns: usize) -> u8 {
+        let total = (rate as u128 * duration.as_millis() / 1000) as u64;
+        let period_ns = 1_000_000_000u64 / rate;
+        let req = get_request(addr, false);
+        // Connect and warm every connection first: setup is not what is measured here.
+        let mut opened = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            match connect(addr).and_then(|mut c| round_trip(&mut c, &req).map(|()| c)) {
+                Ok(c) => opened.push(c),
+                Err(e) => {
+                    emit(
+                        &json!({"requests": 0, "errors": total, "error": format!("warm-up: {e}")}),
+                    );
+                    return 1;
+                }
+            }
+        }
+        let t0 = Instant::now() + Duration::from_millis(20);
+        let mut tally = Tally::default();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = opened
+                .into_iter()
+                .enumerate()
+                .map(|(c, conn)| {
+                    let req = &req;
+                    s.spawn(move || {
+                        precise_sleeps();
+                        let mut conn = Some(conn);
+                        let mut t = Tally::default();
+                        for i in (c as u64..total).step_by(conns) {
+                            let due = t0 + Duration::from_nanos(i * period_ns);
+                            let now = Instant::now();
+                            if due > now {
+                                std::thread::sleep(due - now);
+                            }
+                            let c = match conn.take() {
+                                Some(c) => Ok(c),
+                                None => connect(addr),
+                            };
+                            let result = c.and_then(|mut c| round_trip(&mut c, req).map(|()| c));
+                            match result {
+                                Ok(c) => {
+                                    t.latencies_us.push(due.elapsed().as_micros() as u64);
+                                    conn = Some(c);
+                                }
+                                // The connection is dropped; the next request opens another.
+                                Err(e) => t.error(e),
+                            }
+                        }
+                        t
+                    })
+                })
+                .collect();
+            for h in handles {
+                tally.merge(h.join().unwrap_or_default());
+            }
+        });
+        let elapsed = t0.elapsed();
+        let mut lat = tally.latencies_us;
+        lat.sort_unstable();
+        let mean = if lat.is_empty() {
+            0
+        } else {
+            lat.iter().sum::<u64>() / lat.len() as u64
+        };
+        emit(&json!({
+            "requests": lat.len(), "errors": tally.errors, "scheduled": total,
+            "p50_us": percentile(&lat, 50.0), "p90_us": percentile(&lat, 90.0),
+            "p99_us": percentile(&lat, 99.0), "max_us": lat.last().copied().unwrap_or(0),
+            "mean_us": mean, "rate": rate, "connections": conns,
+            "duration_ms": duration.as_millis() as u64, "elapsed_ms": elapsed.as_millis() as u64,
+            "first_error": tally.first_error,
+        }));
+        u8::from(tally.errors > 0 || lat.is_empty())
+    }
+
+    // ---- conn-rate ---------------------------------------------------------------------
+
+    /// connect, GET with `Connection: close`, read to EOF, close.
+    fn one_connection(addr: SocketAddr, req: &[u8]) -> Result<(), String> {
+        let mut conn = connect(addr)?;
+        conn.stream
+            .write_all(req)
+            .map_err(|e| err_text("send", &e))?;
+        match conn.read_message() {
+            Ok(Some(h)) if h.second_word == "200" => {}
+            Ok(Some(h)) => return Err(format!("status {}", h.second_word)),
+            Ok(None) => return Err("receive: connection closed without a response".into()),
+            Err(e) => return Err(err_text("receive", &e)),
+        }
+        // To EOF: the server closes after its response.
+        let mut rest = [0u8; 1024];
+        loop {
+            match conn.stream.read(&mut rest) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(err_text("receive", &e)),
+            }
+        }
+    }
+
+    fn conn_rate(addr: SocketAddr, duration: Duration, concurrency: usize) -> u8 {
+        let req = get_request(addr, true);
+        let start = Instant::now();
+        let deadline = start + duration;
+        let mut tally = Tally::default();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let req = &req;
+                    s.spawn(move || {
+                        let mut t = Tally::default();
+                        while Instant::now() < deadline {
+                            let begun = Instant::now();
+                            match one_connection(addr, req) {
+                                Ok(()) => t.latencies_us.push(begun.elapsed().as_micros() as u64),
+                                Err(e) => t.error(e),
+                            }
+                        }
+                        t
+                    })
+                })
+                .collect();
+            for h in handles {
+                tally.merge(h.join().unwrap_or_default());
+            }
+        });
+        let elapsed = start.elapsed();
+        let mut lat = tally.latencies_us;
+        lat.sort_unstable();
+        emit(&json!({
+            "connections": lat.len(), "errors": tally.errors,
+            "per_second": lat.len() as f64 / elapsed.as_secs_f64(),
+            "p50_us": percentile(&lat, 50.0), "p99_us": percentile(&lat, 99.0),
+            "concurrency": concurrency, "elapsed_ms": elapsed.as_millis() as u64,
+            "first_error": tally.first_error,
+        }));
+        u8::from(tally.errors > 0 || lat.is_empty())
+    }
+
+    // ---- hold --------------------------------------------------------------------------
+
+    /// Opens a connection to an echo server and checks one byte makes the round trip, so a
+    /// connection counts only once it works end to end (through any proxy in between).
+    fn open_echoed(addr: SocketAddr) -> Result<TcpStream, String> {
+        let mut stream =
+            TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| err_text("connect", &e))?;
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+        stream.write_all(b"h").map_err(|e| err_text("send", &e))?;
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(1) if byte[0] == b'h' => Ok(stream),
+            Ok(0) => Err("receive: connection closed before the echo".into()),
+            Ok(_) => Err("receive: wrong echo".into()),
+            Err(e) => Err(err_text("receive", &e)),
+        }
+    }
+
+    fn hold(addr: SocketAddr, count: usize, hold_for: Duration) -> u8 {
+        /// Gives up after this many failed connections, or after this long opening them.
+        const MAX_ERRORS: u64 = 10;
+        const MAX_OPENING: Duration = Duration::from_secs(30);
+        let nofile = raise_nofile();
+        let start = Instant::now();
+        let mut held = Vec::with_capacity(count);
+        let mut tally = Tally::default();
+        while held.len() < count && tally.errors < MAX_ERRORS && start.elapsed() < MAX_OPENING {
+            match open_echoed(addr) {
+                Ok(s) => held.push(s),
+                Err(e) => tally.error(e),
+            }
+        }
+        emit(&json!({
+            "event": "opened", "opened": held.len(), "wanted": count, "errors": tally.errors,
+            "first_error": tally.first_error, "open_ms": start.elapsed().as_millis() as u64,
+            "nofile_limit": nofile,
+        }));
+        std::thread::sleep(hold_for);
+        let still_open = held
+            .iter()
+            .filter(|s| {
+                let _ = s.set_nonblocking(true);
+                let mut b = [0u8; 1];
+                // Open and idle: nothing to read yet (WouldBlock); EOF or an error: it died.
+                matches!(s.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            })
+            .count();
+        emit(&json!({"event": "done", "opened": held.len(), "still_open": still_open}));
+        u8::from(held.len() < count || still_open < held.len())
     }
 }

@@ -15,12 +15,13 @@ use anyhow::{Context as _, Result};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{error, info, warn};
 use ztunnel_common::{
-    ListenerKey, AF_INET, AF_INET6, INBOUND_PLAINTEXT_PORT, LISTENER_INBOUND_PLAINTEXT,
-    OUTBOUND_PORT,
+    ListenerKey, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LISTENER_HBONE,
+    LISTENER_INBOUND_PLAINTEXT, OUTBOUND_PORT,
 };
 
 use super::Capture;
 use crate::{
+    identity::SpiffeId,
     netns::{socket_netns_cookie, Netns},
     proxy::{PodContext, Proxy},
     state::{Enrolment, EnrolmentPolicy, Pod, Snapshot},
@@ -156,30 +157,34 @@ impl Enroller {
         let has_v4 = pod.ips.iter().any(IpAddr::is_ipv4);
         let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
 
+        let identity = SpiffeId::new(
+            self.proxy.trust_domain(),
+            &pod.namespace,
+            &pod.service_account,
+        )
+        .with_context(|| format!("service account {:?} as a SPIFFE id", pod.service_account))?;
         let mut outbound = Vec::new();
-        let mut inbound_v4 = None;
-        let mut inbound_v6 = None;
+        let (mut inbound_v4, mut inbound_v6) = (None, None);
+        let (mut hbone_v4, mut hbone_v6) = (None, None);
         netns
             .run(&self.home, || -> Result<()> {
                 if has_v4 {
+                    let any = Ipv4Addr::UNSPECIFIED;
                     outbound.push(listen(SocketAddr::from((
                         Ipv4Addr::LOCALHOST,
                         OUTBOUND_PORT,
                     )))?);
-                    inbound_v4 = Some(listen(SocketAddr::from((
-                        Ipv4Addr::UNSPECIFIED,
-                        INBOUND_PLAINTEXT_PORT,
-                    )))?);
+                    inbound_v4 = Some(listen(SocketAddr::from((any, INBOUND_PLAINTEXT_PORT)))?);
+                    hbone_v4 = Some(listen(SocketAddr::from((any, HBONE_PORT)))?);
                 }
                 if has_v6 {
+                    let any = Ipv6Addr::UNSPECIFIED;
                     outbound.push(listen(SocketAddr::from((
                         Ipv6Addr::LOCALHOST,
                         OUTBOUND_PORT,
                     )))?);
-                    inbound_v6 = Some(listen(SocketAddr::from((
-                        Ipv6Addr::UNSPECIFIED,
-                        INBOUND_PLAINTEXT_PORT,
-                    )))?);
+                    inbound_v6 = Some(listen(SocketAddr::from((any, INBOUND_PLAINTEXT_PORT)))?);
+                    hbone_v6 = Some(listen(SocketAddr::from((any, HBONE_PORT)))?);
                 }
                 Ok(())
             })
@@ -189,26 +194,30 @@ impl Enroller {
 
         let mut listeners = Vec::new();
         for ip in &pod.ips {
-            let (addr, family, sock) = match ip {
+            let (addr, family, plain, hbone) = match ip {
                 IpAddr::V4(v4) => (
                     [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
                     AF_INET,
                     inbound_v4.as_ref(),
+                    hbone_v4.as_ref(),
                 ),
                 IpAddr::V6(v6) => {
                     let o = v6.octets();
                     let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    ([w(0), w(4), w(8), w(12)], AF_INET6, inbound_v6.as_ref())
+                    let addr = [w(0), w(4), w(8), w(12)];
+                    (addr, AF_INET6, inbound_v6.as_ref(), hbone_v6.as_ref())
                 }
             };
-            if let Some(sock) = sock {
-                let key = ListenerKey {
-                    addr,
-                    family,
-                    _pad: 0,
-                    kind: LISTENER_INBOUND_PLAINTEXT,
-                };
-                listeners.push((key, sock.as_fd()));
+            for (kind, sock) in [(LISTENER_INBOUND_PLAINTEXT, plain), (LISTENER_HBONE, hbone)] {
+                if let Some(sock) = sock {
+                    let key = ListenerKey {
+                        addr,
+                        family,
+                        _pad: 0,
+                        kind,
+                    };
+                    listeners.push((key, sock.as_fd()));
+                }
             }
         }
         self.capture.attach_pod(id, &netns, cookie, &listeners)?;
@@ -216,6 +225,8 @@ impl Enroller {
 
         let ctx = Arc::new(PodContext {
             workload: pod.workload(),
+            identity,
+            ips: pod.ips.clone(),
             netns,
             netns_cookie: cookie,
         });
@@ -230,6 +241,12 @@ impl Enroller {
             let l = TcpListener::from_std(l.into()).context("registering a listener")?;
             tasks.push(tokio::spawn(
                 self.proxy.clone().serve_inbound_plaintext(ctx.clone(), l),
+            ));
+        }
+        for l in [hbone_v4, hbone_v6].into_iter().flatten() {
+            let l = TcpListener::from_std(l.into()).context("registering a listener")?;
+            tasks.push(tokio::spawn(
+                self.proxy.clone().serve_inbound_hbone(ctx.clone(), l),
             ));
         }
         info!(pod = %ctx.workload, netns = %key.netns_path.display(), netns_cookie = cookie,

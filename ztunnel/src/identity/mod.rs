@@ -4,8 +4,13 @@
 //! Keys are generated inside the proxy and never leave it: a provider only ever sees a CSR.
 use std::{future::Future, pin::Pin, time::Duration};
 
+pub mod ca;
+pub mod cache;
+pub mod istio_ca;
 mod spiffe;
 
+pub use ca::{CaError, CaFiles, EmbeddedCa};
+pub use cache::{CacheOptions, CertError, CertificateCache, WorkloadCertificate};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 
 /// A boxed future, so providers can be used as trait objects.

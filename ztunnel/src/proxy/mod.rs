@@ -8,23 +8,32 @@
 //! Every upstream socket is created inside the network namespace of the pod it serves and
 //! carries [`PROXY_MARK`], so it leaves with the pod's own address and is never captured again.
 pub mod inbound;
+mod inbound_hbone;
 pub mod outbound;
 mod relay;
 
 pub use relay::{reset, Relayed};
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::{net::TcpStream, sync::watch};
 use ztunnel_common::PROXY_MARK;
 
-use crate::{capture::OrigDstTable, netns::Netns, state::Snapshot};
+use crate::{
+    capture::OrigDstTable,
+    hbone::{Connector, Io, Pool, PoolKey},
+    identity::{CertificateCache, SpiffeId},
+    netns::Netns,
+    state::{EnrolmentPolicy, Snapshot},
+    tls,
+};
 
 /// How long an upstream connect may take before the client connection is closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,8 +43,94 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PodContext {
     /// `namespace/name`.
     pub workload: String,
+    pub identity: SpiffeId,
+    pub ips: Vec<IpAddr>,
     pub netns: Netns,
     pub netns_cookie: u64,
+}
+
+/// Counts per reason, for logs now and metrics later.
+#[derive(Default, Debug)]
+pub struct ReasonCounter(Mutex<BTreeMap<String, u64>>);
+
+impl ReasonCounter {
+    pub fn add(&self, reason: &str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason.to_owned())
+            .or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Inbound HBONE connections refused before HTTP/2, by reason (expired, unknown_issuer…).
+    pub tls_failures: ReasonCounter,
+    /// CONNECT requests refused, by reason.
+    pub hbone_refused: ReasonCounter,
+}
+
+/// Everything mutual TLS between nodes needs: certificates per identity, the mesh roots, and
+/// the pool of HBONE connections.
+pub struct Mesh {
+    pub trust_domain: String,
+    pub certs: Arc<CertificateCache>,
+    pub roots: Vec<CertificateDer<'static>>,
+    pub pool: Arc<Pool>,
+}
+
+/// How long an unused HBONE connection stays open.
+const HBONE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Mesh {
+    /// Must be called inside the runtime (the pool runs an expiry task). Tunnel connections are
+    /// made from the node's network namespace (the proxy's own), so one TLS session can carry
+    /// the streams of every pod of an identity on this node.
+    pub fn new(trust_domain: String, certs: Arc<CertificateCache>) -> Self {
+        let roots = certs.roots().to_vec();
+        let (c, r) = (certs.clone(), roots.clone());
+        let connector: Connector = Arc::new(move |key: PoolKey| {
+            let (certs, roots) = (c.clone(), r.clone());
+            Box::pin(async move {
+                let cert = certs.get(&key.src).await.map_err(|e| {
+                    io::Error::other(format!("no certificate for {}: {e}", key.src))
+                })?;
+                let config = tls::client_config(&cert, &roots, vec![key.dst.clone()]);
+                let socket = new_marked_socket(key.addr)?;
+                let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
+                    .connect(key.addr)
+                    .await?;
+                // Identity is checked on the SPIFFE URI, not on a server name.
+                let name = ServerName::IpAddress(key.addr.ip().into());
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                Ok(Box::new(tls) as Box<dyn Io>)
+            })
+        });
+        Self {
+            trust_domain,
+            certs,
+            roots,
+            pool: Pool::new(connector, HBONE_IDLE_TIMEOUT),
+        }
+    }
+}
+
+/// What the proxy needs to know about its node and mesh.
+pub struct ProxyOptions {
+    pub home: Arc<Netns>,
+    pub orig_dst: Arc<OrigDstTable>,
+    pub config: watch::Receiver<Arc<Snapshot>>,
+    pub node: String,
+    pub policy: EnrolmentPolicy,
+    pub mesh: Mesh,
 }
 
 /// State shared by all proxy paths of this node.
@@ -43,22 +138,30 @@ pub struct Proxy {
     home: Arc<Netns>,
     orig_dst: Arc<OrigDstTable>,
     config: watch::Receiver<Arc<Snapshot>>,
+    node: String,
+    policy: EnrolmentPolicy,
+    pub mesh: Mesh,
+    pub counters: Arc<Counters>,
     /// Round-robin position per (service namespace, name, port).
     round_robin: Mutex<HashMap<(String, String, u16), usize>>,
 }
 
 impl Proxy {
-    pub fn new(
-        home: Arc<Netns>,
-        orig_dst: Arc<OrigDstTable>,
-        config: watch::Receiver<Arc<Snapshot>>,
-    ) -> Arc<Self> {
+    pub fn new(o: ProxyOptions) -> Arc<Self> {
         Arc::new(Self {
-            home,
-            orig_dst,
-            config,
+            home: o.home,
+            orig_dst: o.orig_dst,
+            config: o.config,
+            node: o.node,
+            policy: o.policy,
+            mesh: o.mesh,
+            counters: Arc::default(),
             round_robin: Mutex::default(),
         })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.mesh.trust_domain
     }
 
     /// The configuration in force right now.

@@ -5,15 +5,20 @@ use std::{
     time::Instant,
 };
 
+use http::{HeaderMap, HeaderValue};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
-use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6};
+use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT};
 
 use super::{
     relay::{relay, reset},
     PodContext, Proxy,
 };
-use crate::state::Snapshot;
+use crate::{
+    hbone::{self, PoolKey},
+    identity::SpiffeId,
+    state::{Enrolment, Snapshot},
+};
 
 /// Where an outbound connection goes, and what it was addressed to.
 #[derive(Debug, PartialEq, Eq)]
@@ -66,6 +71,11 @@ impl Proxy {
                 return reset(stream);
             }
         };
+        if let Some(key) = self.tunnel_for(&pod, &snapshot, &route) {
+            return self
+                .outbound_hbone(pod, stream, orig, route, key, start)
+                .await;
+        }
         let upstream = match self.connect_from(&pod, route.upstream).await {
             Ok(s) => s,
             Err(e) => {
@@ -83,6 +93,73 @@ impl Proxy {
             dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
             upstream = %route.upstream, bytes_sent = r.sent, bytes_received = r.received,
             duration_ms = start.elapsed().as_millis() as u64,
+            outcome = if r.error.is_some() { "error" } else { "ok" },
+            error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
+    }
+
+    /// The tunnel to use for `route`, if any: destinations that are enrolled workloads on
+    /// another node are reached through HBONE to their pod's port 15008. Same-node pods and
+    /// destinations outside the mesh are connected directly.
+    fn tunnel_for(&self, pod: &PodContext, snapshot: &Snapshot, route: &Route) -> Option<PoolKey> {
+        let dst = snapshot.pod_by_ip(route.upstream.ip())?;
+        let node = dst.node_name.as_deref()?;
+        if node == self.node || snapshot.enrolment(dst, node, &self.policy) != Enrolment::Enrolled {
+            return None;
+        }
+        Some(PoolKey {
+            src: pod.identity.clone(),
+            // A service account that is not a valid SPIFFE segment cannot have been enrolled.
+            dst: SpiffeId::new(self.trust_domain(), &dst.namespace, &dst.service_account).ok()?,
+            addr: SocketAddr::new(route.upstream.ip(), HBONE_PORT),
+        })
+    }
+
+    /// Carries a captured connection through an HBONE tunnel (mTLS to the destination pod's
+    /// node proxy, which delivers it inside the destination pod).
+    async fn outbound_hbone(
+        &self,
+        pod: Arc<PodContext>,
+        stream: TcpStream,
+        orig: SocketAddr,
+        route: Route,
+        key: PoolKey,
+        start: Instant,
+    ) {
+        let mut headers = HeaderMap::new();
+        if let Some(ip) = pod.ips.first() {
+            let forwarded = match ip {
+                IpAddr::V4(v4) => format!("for={v4}"),
+                IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+            };
+            if let Ok(v) = HeaderValue::from_str(&forwarded) {
+                headers.insert("forwarded", v);
+            }
+        }
+        let (ns, name) = pod.workload.split_once('/').unwrap_or(("", &pod.workload));
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "k8s.namespace.name={ns},k8s.pod.name={name},k8s.serviceaccount.name={}",
+            pod.identity.service_account()
+        )) {
+            headers.insert("baggage", v);
+        }
+        let tunnel = match self.mesh.pool.connect(&key, route.upstream, headers).await {
+            Ok(t) => t,
+            Err(e) => {
+                info!(direction = "outbound", hbone = true, src_workload = %pod.workload,
+                    src_identity = %key.src, dst_addr = %orig, dst_service = route.service.as_deref(),
+                    dst_workload = route.workload.as_deref(), dst_identity = %key.dst,
+                    upstream = %route.upstream, duration_ms = start.elapsed().as_millis() as u64,
+                    outcome = "connect_failed", error = %e, "connection closed");
+                return reset(stream);
+            }
+        };
+        let connection = tunnel.connection_id;
+        let r = hbone::stream::relay(stream, tunnel.send, tunnel.recv).await;
+        info!(direction = "outbound", hbone = true, hbone_connection = connection,
+            src_workload = %pod.workload, src_identity = %key.src, dst_addr = %orig,
+            dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
+            dst_identity = %key.dst, upstream = %route.upstream, bytes_sent = r.sent,
+            bytes_received = r.received, duration_ms = start.elapsed().as_millis() as u64,
             outcome = if r.error.is_some() { "error" } else { "ok" },
             error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
     }

@@ -1,0 +1,148 @@
+//! Inbound HBONE: mTLS + HTTP/2 CONNECT arriving at an enrolled pod's port 15008, steered by
+//! `sk_lookup` to the pod's HBONE listener. Each tunnel is delivered to the application inside
+//! the pod, and only to this pod: the listener belongs to one pod, so a CONNECT for any other
+//! address is refused (the proxy is never an open relay).
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use super::{is_proxy_port, reset, PodContext, Proxy};
+use crate::{
+    hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
+    tls,
+};
+
+impl Proxy {
+    /// Accepts HBONE connections for `pod` until the task is aborted (un-enrolment).
+    pub async fn serve_inbound_hbone(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    tokio::spawn(self.clone().inbound_hbone(pod.clone(), stream, peer));
+                }
+                Err(e) => {
+                    warn!(pod = %pod.workload, error = %e, "HBONE accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn inbound_hbone(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let refuse_connection = |tcp: TcpStream, reason: &str, error: String| {
+            self.counters.tls_failures.add(reason);
+            warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                reason, error = %error, "HBONE connection refused");
+            reset(tcp);
+        };
+        let cert = match self.mesh.certs.get(&pod.identity).await {
+            Ok(c) => c,
+            Err(e) => return refuse_connection(tcp, "no_certificate", e.to_string()),
+        };
+        let config = tls::server_config(&cert, &self.mesh.roots);
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .map(tls::classify)
+                    .unwrap_or("handshake_failed");
+                self.counters.tls_failures.add(reason);
+                warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                    reason, error = %e, "HBONE connection refused");
+                return;
+            }
+            Err(_) => {
+                self.counters.tls_failures.add("handshake_timeout");
+                warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                    reason = "handshake_timeout", "HBONE connection refused");
+                return;
+            }
+        };
+        let src_identity = match tls::peer_identity(tls.get_ref().1) {
+            Ok(id) => id,
+            Err(e) => {
+                self.counters.tls_failures.add("bad_san");
+                warn!(dst_workload = %pod.workload, src_addr = %peer, error = %e,
+                    "HBONE peer without a usable identity");
+                return;
+            }
+        };
+        let proxy = self.clone();
+        let (hpod, src, src_id) = (pod.clone(), src_identity.to_string(), src_identity.clone());
+        let handler: Handler = Arc::new(move |req, tunnel| {
+            let (proxy, pod, src, src_id) =
+                (proxy.clone(), hpod.clone(), src.clone(), src_id.clone());
+            Box::pin(async move {
+                let start = Instant::now();
+                let refuse = |tunnel: hbone::Tunnel, status: StatusCode, reason: &str| {
+                    proxy.counters.hbone_refused.add(reason);
+                    info!(direction = "inbound", hbone = true, src_identity = %src, src_addr = %peer,
+                        dst_addr = %req.target, dst_workload = %pod.workload, outcome = "refused",
+                        status = status.as_u16(), error = reason, "connection closed");
+                    tunnel.refuse(status);
+                };
+                if !pod.ips.contains(&req.target.ip()) {
+                    return refuse(tunnel, StatusCode::FORBIDDEN, "target is not this pod");
+                }
+                if is_proxy_port(req.target.port()) {
+                    return refuse(
+                        tunnel,
+                        StatusCode::FORBIDDEN,
+                        "target port is reserved for the proxy",
+                    );
+                }
+                let upstream = match proxy.connect_from(&pod, req.target).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let reason = format!("delivery to the application failed: {e}");
+                        return refuse(tunnel, StatusCode::SERVICE_UNAVAILABLE, &reason);
+                    }
+                };
+                let Ok((send, recv)) = tunnel.accept() else {
+                    return reset(upstream);
+                };
+                // The peer's workload, for the log: named by the address it says it comes
+                // from, but only if that pod runs as the identity the certificate proved.
+                let snapshot = proxy.snapshot();
+                let src_workload = req
+                    .forwarded_for
+                    .and_then(|ip| snapshot.pod_by_ip(ip))
+                    .filter(|p| {
+                        p.service_account == src_id.service_account()
+                            && p.namespace == src_id.namespace()
+                    })
+                    .map(|p| p.workload());
+                let r = hbone::stream::relay(upstream, send, recv).await;
+                // The relay counts from the application's socket; log from the client's view,
+                // like the plaintext path (sent = client → application).
+                info!(direction = "inbound", hbone = true, src_identity = %src,
+                    src_workload = src_workload.as_deref(), src_addr = %peer, forwarded_for = req.forwarded_for.map(|a| a.to_string()).as_deref(),
+                    dst_addr = %req.target, dst_workload = %pod.workload, upstream = %req.target,
+                    bytes_sent = r.received, bytes_received = r.sent,
+                    duration_ms = start.elapsed().as_millis() as u64,
+                    outcome = if r.error.is_some() { "error" } else { "ok" },
+                    error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
+            })
+        });
+        let counters = self.counters.clone();
+        let dst = pod.workload.clone();
+        let refused = move |status: StatusCode, reason: &str| {
+            counters.hbone_refused.add("bad_request");
+            info!(direction = "inbound", hbone = true, src_addr = %peer, dst_workload = %dst,
+                outcome = "refused", status = status.as_u16(), error = reason, "connection closed");
+        };
+        if let Err(e) = hbone::server::serve(tls, handler, refused).await {
+            warn!(dst_workload = %pod.workload, src_addr = %peer, error = %e, "HBONE connection failed");
+        }
+    }
+}
