@@ -139,7 +139,65 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tokio::net::{TcpListener, TcpStream};
+
     use super::*;
+
+    /// Sends one request head over a real HTTP/2 connection and returns the status.
+    async fn status_of(request: Request<()>) -> (StatusCode, Vec<(StatusCode, String)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refusals = Arc::new(Mutex::new(Vec::new()));
+        let seen = refusals.clone();
+        tokio::spawn(async move {
+            let (io, _) = listener.accept().await.unwrap();
+            let handler: Handler = Arc::new(|_, tunnel| {
+                Box::pin(async move {
+                    let _ = tunnel.accept();
+                })
+            });
+            let _ = serve(io, handler, move |status, reason| {
+                seen.lock().unwrap().push((status, reason.to_owned()))
+            })
+            .await;
+        });
+        let io = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let (response, _stream) = send.send_request(request, false).unwrap();
+        let status = response.await.unwrap().status();
+        let refusals = refusals.lock().unwrap().clone();
+        (status, refusals)
+    }
+
+    #[tokio::test]
+    async fn only_connect_to_an_ip_and_port_opens_a_tunnel() {
+        let connect = |authority: &str| {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority)
+                .body(())
+                .unwrap()
+        };
+        let (ok, none) = status_of(connect("10.1.0.2:8080")).await;
+        assert_eq!((ok, none.len()), (StatusCode::OK, 0));
+
+        let get = Request::builder()
+            .method(Method::GET)
+            .uri("https://10.1.0.2:8080/")
+            .body(())
+            .unwrap();
+        let (status, refusals) = status_of(get).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(refusals[0].1.contains("not CONNECT"), "{refusals:?}");
+
+        let (status, refusals) = status_of(connect("web.shop.svc:8080")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(refusals[0].1.contains("not an ip:port"), "{refusals:?}");
+    }
 
     #[test]
     fn forwarded_for_accepts_quoted_and_bracketed_addresses() {

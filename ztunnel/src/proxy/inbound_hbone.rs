@@ -20,6 +20,9 @@ impl Proxy {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    // Small writes (TLS records, HTTP/2 frames, request/response exchanges)
+                    // must not wait for Nagle: latency is the product.
+                    let _ = stream.set_nodelay(true);
                     tokio::spawn(self.clone().inbound_hbone(pod.clone(), stream, peer));
                 }
                 Err(e) => {
