@@ -289,6 +289,21 @@ impl Snapshot {
         out
     }
 
+    /// Whether `pod` is part of the mesh wherever it runs (its namespace is enrolled and it did
+    /// not opt out), so traffic to it must be tunnelled. Unlike [`Snapshot::enrolment`], this
+    /// does not depend on node-local facts such as the pod's netns path: a remote pod's node
+    /// proxy knows those, and an unknown detail must not turn tunnelled traffic into plaintext.
+    pub fn in_mesh(&self, pod: &Pod, policy: &EnrolmentPolicy) -> bool {
+        let (ns_key, ns_value) = &policy.namespace_label;
+        let (opt_key, opt_value) = &policy.pod_opt_out_label;
+        !pod.host_network
+            && self
+                .namespaces
+                .get(&pod.namespace)
+                .is_some_and(|ns| ns.labels.get(ns_key) == Some(ns_value))
+            && pod.labels.get(opt_key) != Some(opt_value)
+    }
+
     /// Whether the proxy of `node` captures `pod`, and if not, why.
     pub fn enrolment(&self, pod: &Pod, node: &str, policy: &EnrolmentPolicy) -> Enrolment {
         if pod.node_name.as_deref() != Some(node) {
@@ -493,6 +508,9 @@ mod tests {
         assert_eq!(e("shop", "c"), Enrolment::OptedOut);
         assert_eq!(e("legacy", "d"), Enrolment::NamespaceNotLabelled);
         assert_eq!(e("ghost", "e"), Enrolment::NamespaceUnknown);
+        let in_mesh = |ns: &str, n: &str| s.in_mesh(&s.pods[&(ns.into(), n.into())], &p);
+        assert!(in_mesh("shop", "a") && in_mesh("shop", "b"), "on any node");
+        assert!(!in_mesh("shop", "c") && !in_mesh("legacy", "d") && !in_mesh("ghost", "e"));
         assert!(s
             .problems
             .iter()

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     hbone::{self, PoolKey},
     identity::SpiffeId,
-    state::{Enrolment, Snapshot},
+    state::Snapshot,
 };
 
 /// Where an outbound connection goes, and what it was addressed to.
@@ -105,8 +105,11 @@ impl Proxy {
     /// destinations outside the mesh are connected directly.
     fn tunnel_for(&self, pod: &PodContext, snapshot: &Snapshot, route: &Route) -> Option<PoolKey> {
         let dst = snapshot.pod_by_ip(route.upstream.ip())?;
-        let node = dst.node_name.as_deref()?;
-        if node == self.node || snapshot.enrolment(dst, node, &self.policy) != Enrolment::Enrolled {
+        // A mesh pod whose node is unknown is still tunnelled: only a pod known to run here
+        // may be reached without TLS.
+        if dst.node_name.as_deref() == Some(self.node.as_str())
+            || !snapshot.in_mesh(dst, &self.policy)
+        {
             return None;
         }
         Some(PoolKey {
