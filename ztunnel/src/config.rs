@@ -4,7 +4,8 @@
 //! Every `*.yaml` / `*.yml` file of the directory (dotfiles excluded, so editors and atomic
 //! writers can use them as temporaries) may hold several documents and `kind: List` objects, so
 //! the output of `kubectl get -o yaml` works unchanged. Namespaces, Pods and Services are
-//! modelled; other kinds are kept as [`OtherObject`]s for the stages that understand them.
+//! modelled, and so is Istio's `PeerAuthentication`; other kinds are kept as [`OtherObject`]s
+//! for the stages that understand them.
 //!
 //! A file that does not parse rejects the whole new version with its file, line and reason,
 //! and the last good snapshot stays in force: a half-applied configuration is never published.
@@ -20,9 +21,12 @@ use serde::{de, Deserialize, Deserializer};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+use crate::authz::peer_authentication;
 use crate::state::{
-    ContainerPort, Labels, Namespace, Objects, Origin, OtherObject, Pod, Service, ServicePort,
-    Snapshot, TargetPort,
+    ContainerPort, Labels, MeshSettings, Namespace, Objects, Origin, OtherObject, Pod, Service,
+    ServicePort, Snapshot, TargetPort,
 };
 
 /// Pod annotation naming the pod's network namespace on its node.
@@ -223,6 +227,7 @@ impl Head {
 }
 
 #[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
 struct Metadata {
     #[serde(default)]
     name: String,
@@ -233,6 +238,32 @@ struct Metadata {
     labels: Labels,
     #[serde(default, deserialize_with = "nullable")]
     annotations: Labels,
+    creation_timestamp: Option<String>,
+}
+
+impl Metadata {
+    /// `creationTimestamp` (RFC 3339, as the API server writes it), which orders policies.
+    fn created(&self) -> Result<Option<OffsetDateTime>, String> {
+        self.creation_timestamp
+            .as_deref()
+            .map(|t| {
+                OffsetDateTime::parse(t, &Rfc3339).map_err(|e| {
+                    format!("metadata.creationTimestamp {t:?} is not an RFC 3339 time: {e}")
+                })
+            })
+            .transpose()
+    }
+}
+
+const ISTIO_SECURITY_V1: &str = "security.istio.io/v1";
+const ISTIO_SECURITY_V1BETA1: &str = "security.istio.io/v1beta1";
+
+/// An Istio policy object: only `spec` matters beyond the head (`status` is ignored).
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "S: Deserialize<'de> + Default"))]
+struct PolicyDoc<S> {
+    #[serde(default)]
+    spec: S,
 }
 
 #[derive(Deserialize)]
@@ -448,6 +479,21 @@ where
                 origin: origin.clone(),
             });
         }
+        (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "PeerAuthentication") => {
+            let doc = PolicyDoc::<peer_authentication::SpecDoc>::deserialize(body)
+                .map_err(ObjectError::Parse)?;
+            let created = meta.created().map_err(ObjectError::Invalid)?;
+            let policy = doc
+                .spec
+                .into_policy(namespace, meta.name.clone(), created, origin.clone())
+                .map_err(ObjectError::Invalid)?;
+            objects.peer_authentications.push(policy);
+        }
+        (version, "PeerAuthentication") if version.starts_with("security.istio.io/") => {
+            return Err(ObjectError::Invalid(format!(
+                "apiVersion {version} is not supported (use {ISTIO_SECURITY_V1} or {ISTIO_SECURITY_V1BETA1})"
+            )));
+        }
         _ => objects.other.push(OtherObject {
             api_version: head.api_version.clone(),
             kind: head.kind.clone(),
@@ -531,10 +577,13 @@ fn log_rejection(errors: &LoadErrors) {
 
 /// Loads `dir` and keeps following it. Fails only if the first load fails: without a first
 /// good configuration there is nothing safe to run with. Must be called inside a tokio runtime.
-pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle), LoadErrors> {
+pub fn watch(
+    dir: PathBuf,
+    settings: MeshSettings,
+) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle), LoadErrors> {
     let mut last_fingerprint = fingerprint(&dir)?;
     let mut generation = 1;
-    let first = Snapshot::build(generation, load_dir(&dir)?);
+    let first = Snapshot::build(generation, load_dir(&dir)?, &settings);
     log_problems(&first);
     let (tx, rx) = watch::channel(Arc::new(first));
 
@@ -588,12 +637,13 @@ pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandl
             match load_dir(&dir) {
                 Ok(objects) => {
                     generation += 1;
-                    let snapshot = Snapshot::build(generation, objects);
+                    let snapshot = Snapshot::build(generation, objects, &settings);
                     info!(
                         generation,
                         pods = snapshot.pods.len(),
                         services = snapshot.services.len(),
                         namespaces = snapshot.namespaces.len(),
+                        peer_authentications = snapshot.peer_authentications.len(),
                         "configuration loaded"
                     );
                     log_problems(&snapshot);
@@ -621,6 +671,7 @@ pub fn watch(dir: PathBuf) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authz::MtlsMode;
 
     fn parse(text: &str) -> Result<Objects, LoadError> {
         let mut objects = Objects::default();
@@ -722,6 +773,60 @@ status:
     }
 
     #[test]
+    fn peer_authentications_are_read_from_both_api_versions() {
+        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system, creationTimestamp: \"2024-05-01T10:00:00Z\"}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  portLevelMtls: {8080: {mode: PERMISSIVE}}\nstatus: {anything: goes}\n";
+        let o = parse(text).unwrap();
+        let [mesh, web] = &o.peer_authentications[..] else {
+            panic!("{:?}", o.peer_authentications)
+        };
+        assert_eq!(mesh.id(), "istio-system/default");
+        assert_eq!(mesh.mode, MtlsMode::Strict);
+        assert_eq!(mesh.created.unwrap().unix_timestamp(), 1_714_557_600);
+        assert_eq!(web.id(), "default/web", "no namespace means default");
+        assert_eq!(web.port_level[&8080], MtlsMode::Permissive);
+        assert_eq!(web.mode, MtlsMode::Unset);
+        assert_eq!(web.origin.line, 6);
+        assert!(o.other.is_empty());
+    }
+
+    #[test]
+    fn bad_peer_authentications_are_reported_with_their_line() {
+        let head = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n";
+        for (doc, expect, line) in [
+            (
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  mtls: {mode: STRICTLY}\n",
+                "unknown mTLS mode",
+                9,
+            ),
+            (
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  mtls: {mode: STRICT}\n  portLevelMTLS: {}\n",
+                "unknown field `portLevelMTLS`",
+                10,
+            ),
+            (
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspec:\n  portLevelMtls: {80: {mode: STRICT}}\n",
+                "needs a workload selector",
+                5,
+            ),
+            (
+                "apiVersion: security.istio.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p}\n",
+                "not supported",
+                5,
+            ),
+            (
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, creationTimestamp: yesterday}\n",
+                "creationTimestamp",
+                5,
+            ),
+        ] {
+            let e = parse(&format!("{head}{doc}")).unwrap_err();
+            assert!(e.reason.contains(expect), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.reason.contains("PeerAuthentication") || e.column.is_some(), "{e}");
+        }
+    }
+
+    #[test]
     fn document_lines_skip_leading_separators_and_comments() {
         assert_eq!(document_start_lines("a: 1\n---\nb: 2\n"), [1, 3]);
         assert_eq!(document_start_lines("# c\n---\na: 1\n--- \nb: 1"), [3, 5]);
@@ -772,7 +877,7 @@ status:
         let ns =
             |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
         std::fs::write(dir.join("a.yaml"), ns("one")).unwrap();
-        let (mut rx, _handle) = watch(dir.clone()).unwrap();
+        let (mut rx, _handle) = watch(dir.clone(), MeshSettings::default()).unwrap();
         assert_eq!(rx.borrow_and_update().generation, 1);
 
         std::fs::write(dir.join("b.yaml"), ns("two")).unwrap();

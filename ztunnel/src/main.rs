@@ -14,7 +14,7 @@ use ztunnel::{
     },
     netns::Netns,
     proxy::{Mesh, Proxy, ProxyOptions},
-    state::EnrolmentPolicy,
+    state::{EnrolmentPolicy, MeshSettings},
 };
 
 #[derive(Parser)]
@@ -128,6 +128,9 @@ struct RunArgs {
     /// Pod label that opts a pod out of capture, as key=value.
     #[arg(long, default_value = "istio.io/dataplane-mode=none", value_parser = EnrolmentPolicy::parse_label)]
     opt_out_label: (String, String),
+    /// Istio's root namespace: PeerAuthentications there without a selector apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -324,7 +327,10 @@ fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("starting the runtime")?
         .block_on(async move {
-            let (mut config, _watch) = config::watch(args.config_dir.clone())
+            let settings = MeshSettings {
+                root_namespace: args.root_namespace.clone(),
+            };
+            let (mut config, _watch) = config::watch(args.config_dir.clone(), settings)
                 .with_context(|| format!("loading {}", args.config_dir.display()))?;
             let certs = Arc::new(CertificateCache::new(
                 provider,

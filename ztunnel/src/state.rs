@@ -11,7 +11,24 @@ use std::{
     sync::Arc,
 };
 
+use crate::authz::{MtlsDecision, PeerAuthentication, PeerAuthentications};
+
 pub type Labels = BTreeMap<String, String>;
+
+/// Mesh-wide settings that shape how the configuration is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// Istio's root namespace: its policies apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            root_namespace: "istio-system".into(),
+        }
+    }
+}
 
 /// Where an object was read from, for messages that point the operator at it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -114,6 +131,7 @@ pub struct Objects {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
+    pub peer_authentications: Vec<PeerAuthentication>,
     pub other: Vec<OtherObject>,
 }
 
@@ -126,7 +144,10 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub pods: BTreeMap<Key, Arc<Pod>>,
     pub services: BTreeMap<Key, Arc<Service>>,
+    pub peer_authentications: PeerAuthentications,
     pub other: Vec<OtherObject>,
+    /// Istio's root namespace (from [`MeshSettings`]).
+    pub root_namespace: String,
     /// Inconsistencies found while indexing; the snapshot is usable, the operator is told.
     pub problems: Vec<String>,
     pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
@@ -136,10 +157,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// Indexes `objects`. Duplicates and conflicts are resolved deterministically (the object
     /// read first keeps the name or address) and each is recorded in `problems`.
-    pub fn build(generation: u64, objects: Objects) -> Self {
+    pub fn build(generation: u64, objects: Objects, settings: &MeshSettings) -> Self {
         let mut s = Snapshot {
             generation,
             other: objects.other,
+            peer_authentications: PeerAuthentications::new(objects.peer_authentications),
+            root_namespace: settings.root_namespace.clone(),
             ..Default::default()
         };
         for ns in objects.namespaces {
@@ -220,7 +243,17 @@ impl Snapshot {
             }
             s.services.insert(key, svc);
         }
+        let problems = s
+            .peer_authentications
+            .problems(&s.root_namespace, s.pods.values());
+        s.problems.extend(problems);
         s
+    }
+
+    /// The mutual-TLS mode in force for connections to `pod` on (target) `port`.
+    pub fn mtls_mode(&self, pod: &Pod, port: u16) -> MtlsDecision {
+        self.peer_authentications
+            .resolve(pod, port, &self.root_namespace)
     }
 
     /// The pod that owns `ip` (host-network pods own no address).
@@ -500,6 +533,7 @@ mod tests {
                 ],
                 ..Default::default()
             },
+            &MeshSettings::default(),
         );
         let p = EnrolmentPolicy::default();
         let e = |ns: &str, n: &str| s.enrolment(&s.pods[&(ns.into(), n.into())], "n1", &p);
@@ -529,6 +563,7 @@ mod tests {
                 ],
                 ..Default::default()
             },
+            &MeshSettings::default(),
         );
         let ip = "10.1.0.2".parse().unwrap();
         assert_eq!(s.pod_by_ip(ip).unwrap().name, "a");
@@ -584,6 +619,7 @@ mod tests {
                 ],
                 ..Default::default()
             },
+            &MeshSettings::default(),
         );
         let web = s.service_by_vip("10.96.0.1".parse().unwrap()).unwrap();
         let addrs: Vec<String> = s
@@ -631,6 +667,7 @@ mod tests {
                 ],
                 ..Default::default()
             },
+            &MeshSettings::default(),
         );
         assert_eq!(
             s.service_by_vip("10.96.0.1".parse().unwrap()).unwrap().name,

@@ -43,6 +43,7 @@ struct EnrolledPod {
     cookie: u64,
     listener_keys: Vec<ListenerKey>,
     tasks: Vec<JoinHandle<()>>,
+    context: Arc<PodContext>,
 }
 
 /// The node's enrolment controller.
@@ -224,6 +225,8 @@ impl Enroller {
         let listener_keys: Vec<ListenerKey> = listeners.into_iter().map(|(k, _)| k).collect();
 
         let ctx = Arc::new(PodContext {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
             workload: pod.workload(),
             identity,
             ips: pod.ips.clone(),
@@ -249,6 +252,7 @@ impl Enroller {
                 self.proxy.clone().serve_inbound_hbone(ctx.clone(), l),
             ));
         }
+        self.proxy.add_local_pod(ctx.clone());
         info!(pod = %ctx.workload, netns = %key.netns_path.display(), netns_cookie = cookie,
             ips = ?pod.ips, "pod enrolled");
         self.enrolled.insert(
@@ -259,6 +263,7 @@ impl Enroller {
                 cookie,
                 listener_keys,
                 tasks,
+                context: ctx,
             },
         );
         Ok(())
@@ -271,6 +276,7 @@ impl Enroller {
         if let Err(e) = self.capture.detach_pod(id, pod.cookie, &pod.listener_keys) {
             warn!(pod = %pod.workload, error = %format!("{e:#}"), "un-enrolment left state behind");
         }
+        self.proxy.remove_local_pod(&pod.context);
         // Aborting the accept loops drops the listeners; connections already proxied go on.
         for t in pod.tasks {
             t.abort();

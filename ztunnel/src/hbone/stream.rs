@@ -55,6 +55,7 @@ pub async fn relay(tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: RecvSt
         sent,
         received,
         error,
+        revoked: None,
     }
 }
 

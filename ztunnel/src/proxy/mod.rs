@@ -18,7 +18,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -27,6 +27,7 @@ use tokio::{net::TcpStream, sync::watch};
 use ztunnel_common::PROXY_MARK;
 
 use crate::{
+    authz::MtlsDecision,
     capture::OrigDstTable,
     hbone::{Connector, Io, Pool, PoolKey},
     identity::{CertificateCache, SpiffeId},
@@ -41,6 +42,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// An enrolled pod as the proxy paths see it: who it is and where its sockets live.
 #[derive(Debug)]
 pub struct PodContext {
+    pub namespace: String,
+    pub name: String,
     /// `namespace/name`.
     pub workload: String,
     pub identity: SpiffeId,
@@ -74,6 +77,9 @@ pub struct Counters {
     pub tls_failures: ReasonCounter,
     /// CONNECT requests refused, by reason.
     pub hbone_refused: ReasonCounter,
+    /// Inbound plaintext connections by the mTLS mode that decided them and the outcome
+    /// (`STRICT/refused`, `PERMISSIVE/allowed`, `STRICT/revoked`…).
+    pub plaintext_by_mtls_mode: ReasonCounter,
 }
 
 /// Everything mutual TLS between nodes needs: certificates per identity, the mesh roots, and
@@ -144,6 +150,9 @@ pub struct Proxy {
     pub counters: Arc<Counters>,
     /// Round-robin position per (service namespace, name, port).
     round_robin: Mutex<HashMap<(String, String, u16), usize>>,
+    /// Pods enrolled on this node, by address: same-node traffic is delivered to them without
+    /// leaving the proxy.
+    local_pods: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
 }
 
 impl Proxy {
@@ -157,7 +166,37 @@ impl Proxy {
             mesh: o.mesh,
             counters: Arc::default(),
             round_robin: Mutex::default(),
+            local_pods: RwLock::default(),
         })
+    }
+
+    /// Registers a pod enrolled on this node (called by enrolment).
+    pub fn add_local_pod(&self, pod: Arc<PodContext>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        for ip in &pod.ips {
+            pods.insert(*ip, pod.clone());
+        }
+    }
+
+    /// Forgets a pod at un-enrolment; only its own entries (a new enrolment of the same
+    /// addresses may already have replaced them).
+    pub fn remove_local_pod(&self, pod: &Arc<PodContext>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        pods.retain(|_, p| !Arc::ptr_eq(p, pod));
+    }
+
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        let pods = self.local_pods.read().unwrap_or_else(|p| p.into_inner());
+        pods.get(&ip).cloned()
+    }
+
+    /// The mTLS mode that decides plaintext to `pod`'s `port`, or `None` if the pod has left
+    /// the configuration (it is being un-enrolled).
+    fn mtls_mode(&self, snapshot: &Snapshot, pod: &PodContext, port: u16) -> Option<MtlsDecision> {
+        let p = snapshot
+            .pods
+            .get(&(pod.namespace.clone(), pod.name.clone()))?;
+        Some(snapshot.mtls_mode(p, port))
     }
 
     pub fn trust_domain(&self) -> &str {

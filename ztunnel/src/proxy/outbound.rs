@@ -12,7 +12,7 @@ use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT};
 
 use super::{
     relay::{relay, reset},
-    PodContext, Proxy,
+    PodContext, Proxy, Relayed,
 };
 use crate::{
     hbone::{self, PoolKey},
@@ -77,6 +77,11 @@ impl Proxy {
         if let Some(key) = self.tunnel_for(&pod, &snapshot, &route) {
             return self
                 .outbound_hbone(pod, stream, orig, route, key, start)
+                .await;
+        }
+        if let Some(dst) = self.local_pod(route.upstream.ip()) {
+            return self
+                .outbound_same_node(pod, dst, stream, orig, route, start)
                 .await;
         }
         let upstream = match self.connect_from(&pod, route.upstream).await {
@@ -168,6 +173,52 @@ impl Proxy {
             bytes_received = r.received, duration_ms = start.elapsed().as_millis() as u64,
             outcome = if r.error.is_some() { "error" } else { "ok" },
             error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
+    }
+
+    /// Same-node mesh traffic: delivered straight into the destination pod, inside its netns.
+    /// No TLS, since the bytes never leave this host, but the destination's inbound side sees
+    /// an authenticated mesh peer: the source is known by the listener that accepted it, not
+    /// by an address, so PeerAuthentication treats it as mutual TLS.
+    async fn outbound_same_node(
+        &self,
+        src: Arc<PodContext>,
+        dst: Arc<PodContext>,
+        stream: TcpStream,
+        orig: SocketAddr,
+        route: Route,
+        start: Instant,
+    ) {
+        let (r, outcome) = match self.connect_from(&dst, route.upstream).await {
+            Ok(upstream) => {
+                let r = relay(stream, upstream).await;
+                let outcome = r.outcome();
+                (r, outcome)
+            }
+            Err(e) => {
+                reset(stream);
+                let r = Relayed {
+                    sent: 0,
+                    received: 0,
+                    error: Some(e),
+                    revoked: None,
+                };
+                (r, "connect_failed")
+            }
+        };
+        let error = r.error.as_ref().map(|e| e.to_string());
+        // One line per side, as for traffic between nodes.
+        info!(direction = "outbound", same_node = true, src_workload = %src.workload,
+            src_identity = %src.identity, dst_addr = %orig, dst_service = route.service.as_deref(),
+            dst_workload = %dst.workload, dst_identity = %dst.identity, upstream = %route.upstream,
+            bytes_sent = r.sent, bytes_received = r.received,
+            duration_ms = start.elapsed().as_millis() as u64, outcome, error = error.as_deref(),
+            "connection closed");
+        info!(direction = "inbound", same_node = true, src_workload = %src.workload,
+            src_identity = %src.identity, src_addr = src.ips.first().map(|ip| ip.to_string()).as_deref(),
+            dst_addr = %route.upstream, dst_workload = %dst.workload, upstream = %route.upstream,
+            bytes_sent = r.sent, bytes_received = r.received,
+            duration_ms = start.elapsed().as_millis() as u64, outcome, error = error.as_deref(),
+            "connection closed");
     }
 
     /// Resolves an original destination: a Service VIP goes to one of its endpoints

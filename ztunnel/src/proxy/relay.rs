@@ -1,5 +1,5 @@
 //! Byte relay between a downstream and an upstream connection, with half-close and counters.
-use std::{io, time::Duration};
+use std::{future::Future, io, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
@@ -16,23 +16,54 @@ pub struct Relayed {
     /// Bytes from upstream to downstream.
     pub received: u64,
     pub error: Option<io::Error>,
+    /// Why the proxy cut the connection because the configuration no longer allows it.
+    pub revoked: Option<String>,
+}
+
+impl Relayed {
+    /// `ok`, `error` or `revoked`, for the connection log.
+    pub fn outcome(&self) -> &'static str {
+        if self.revoked.is_some() {
+            "revoked"
+        } else if self.error.is_some() {
+            "error"
+        } else {
+            "ok"
+        }
+    }
 }
 
 /// Copies both ways until both sides have finished. EOF on one side is forwarded as a
 /// half-close (FIN) to the other; an error on either side resets both connections, so neither
 /// peer mistakes a failure for a clean end of stream.
-pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> Relayed {
+pub async fn relay(downstream: TcpStream, upstream: TcpStream) -> Relayed {
+    relay_until(downstream, upstream, std::future::pending()).await
+}
+
+/// [`relay`], cut short with a reset of both connections when `revoke` yields a reason (a
+/// configuration change that no longer allows the connection).
+pub async fn relay_until(
+    mut downstream: TcpStream,
+    mut upstream: TcpStream,
+    revoke: impl Future<Output = String>,
+) -> Relayed {
     let (mut sent, mut received) = (0u64, 0u64);
-    let result = {
+    let (result, revoked) = {
         let (mut dr, mut dw) = downstream.split();
         let (mut ur, mut uw) = upstream.split();
-        tokio::try_join!(
-            copy_half(&mut dr, &mut uw, &mut sent),
-            copy_half(&mut ur, &mut dw, &mut received)
-        )
+        let copy = async {
+            tokio::try_join!(
+                copy_half(&mut dr, &mut uw, &mut sent),
+                copy_half(&mut ur, &mut dw, &mut received)
+            )
+        };
+        tokio::select! {
+            r = copy => (r.map(|_| ()), None),
+            reason = revoke => (Ok(()), Some(reason)),
+        }
     };
     let error = result.err();
-    if error.is_some() {
+    if error.is_some() || revoked.is_some() {
         reset(downstream);
         reset(upstream);
     }
@@ -40,6 +71,7 @@ pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> Relaye
         sent,
         received,
         error,
+        revoked,
     }
 }
 
