@@ -263,6 +263,46 @@ fn main() -> Result<()> {
         describe(&inbound)
     ));
 
+    step("PeerAuthentication: a mesh-wide STRICT refuses plaintext from outside the mesh");
+    let m2 = c.log_mark(2);
+    c.write_raw(
+        "peer-authentication.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: istio-system\nspec:\n  mtls:\n    mode: STRICT\n",
+    )?;
+    c.wait_for_log_since(2, m2, WAIT, |l| l["message"] == "configuration applied")?;
+    say("wrote PeerAuthentication istio-system/default with mtls.mode STRICT (root namespace: mesh-wide)");
+    let m2 = c.log_mark(2);
+    let out = legacy.get(&target)?;
+    ensure!(
+        out.code != Some(0),
+        "under STRICT the legacy client was let in: {}",
+        out.stdout
+    );
+    let refused = c.wait_for_connection(2, m2, WAIT, |l| l["direction"] == "inbound")?;
+    ensure!(
+        refused["outcome"] == "refused" && refused["mtls_mode"] == "STRICT",
+        "node2 should refuse the plaintext connection under STRICT: {refused}"
+    );
+    say(&format!(
+        "legacy/old-client → web-1 is reset; node2 says: {}",
+        refused["error"].as_str().unwrap_or("?")
+    ));
+    let m2 = c.log_mark(2);
+    expect_ok(&client.get(&target)?, "client → web-1 under STRICT")?;
+    let inbound = c.wait_for_connection(2, m2, WAIT, |l| l["direction"] == "inbound")?;
+    say(&format!(
+        "shop/client → web-1 still works: it arrives over mutual TLS as {}",
+        inbound["src_identity"].as_str().unwrap_or("?")
+    ));
+    let m2 = c.log_mark(2);
+    c.remove_raw("peer-authentication.yaml")?;
+    c.wait_for_log_since(2, m2, WAIT, |l| l["message"] == "configuration applied")?;
+    expect_ok(
+        &legacy.get(&target)?,
+        "legacy → web-1 after the policy is removed",
+    )?;
+    say("policy removed: back to the default PERMISSIVE, the legacy client gets in again (no restarts)");
+
     step("Remove the ambient label from namespace shop (hot reload, no pod restarts)");
     let m1 = c.log_mark(1);
     c.set_namespace_labels("shop", &[])?;
@@ -301,9 +341,7 @@ fn main() -> Result<()> {
     say("a new proxy re-adopted the pins, re-opened the pod's listeners, and traffic flows again");
 
     step("Not yet shown");
-    say(
-        "Istio's PeerAuthentication and AuthorizationPolicy (L4 and L7) land with the next issues.",
-    );
+    say("Istio's AuthorizationPolicy (L4 and L7) and RequestAuthentication land with the next issues.");
 
     step("Clean up");
     let prefix = c.prefix().to_owned();
