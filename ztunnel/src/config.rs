@@ -4,8 +4,8 @@
 //! Every `*.yaml` / `*.yml` file of the directory (dotfiles excluded, so editors and atomic
 //! writers can use them as temporaries) may hold several documents and `kind: List` objects, so
 //! the output of `kubectl get -o yaml` works unchanged. Namespaces, Pods and Services are
-//! modelled, and so is Istio's `PeerAuthentication`; other kinds are kept as [`OtherObject`]s
-//! for the stages that understand them.
+//! modelled, and so are Istio's `PeerAuthentication` and `AuthorizationPolicy`; other kinds are
+//! kept as [`OtherObject`]s for the stages that understand them.
 //!
 //! A file that does not parse rejects the whole new version with its file, line and reason,
 //! and the last good snapshot stays in force: a half-applied configuration is never published.
@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-use crate::authz::peer_authentication;
+use crate::authz::{authorization_policy, peer_authentication};
 use crate::state::{
     ContainerPort, Labels, MeshSettings, Namespace, Objects, Origin, OtherObject, Pod, Service,
     ServicePort, Snapshot, TargetPort,
@@ -489,9 +489,20 @@ where
                 .map_err(ObjectError::Invalid)?;
             objects.peer_authentications.push(policy);
         }
-        (version, "PeerAuthentication") if version.starts_with("security.istio.io/") => {
+        (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "AuthorizationPolicy") => {
+            let doc = PolicyDoc::<authorization_policy::SpecDoc>::deserialize(body)
+                .map_err(ObjectError::Parse)?;
+            let policy = doc
+                .spec
+                .into_policy(namespace, meta.name.clone(), origin.clone())
+                .map_err(ObjectError::Invalid)?;
+            objects.authorization_policies.push(policy);
+        }
+        (version, kind @ ("PeerAuthentication" | "AuthorizationPolicy"))
+            if version.starts_with("security.istio.io/") =>
+        {
             return Err(ObjectError::Invalid(format!(
-                "apiVersion {version} is not supported (use {ISTIO_SECURITY_V1} or {ISTIO_SECURITY_V1BETA1})"
+                "apiVersion {version} is not supported for {kind} (use {ISTIO_SECURITY_V1} or {ISTIO_SECURITY_V1BETA1})"
             )));
         }
         _ => objects.other.push(OtherObject {
@@ -644,6 +655,7 @@ pub fn watch(
                         services = snapshot.services.len(),
                         namespaces = snapshot.namespaces.len(),
                         peer_authentications = snapshot.peer_authentications.len(),
+                        authorization_policies = snapshot.authorization_policies.len(),
                         "configuration loaded"
                     );
                     log_problems(&snapshot);
@@ -735,8 +747,8 @@ status:
         assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
         assert_eq!(s.ports[1].target_port, TargetPort::Number(81));
         assert_eq!(s.origin.line, 7);
-        assert_eq!(o.other[0].kind, "AuthorizationPolicy");
-        assert_eq!(o.other[0].namespace.as_deref(), Some("shop"));
+        assert_eq!(o.authorization_policies[0].id(), "shop/deny");
+        assert!(o.other.is_empty());
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::{
     sync::Arc,
 };
 
-use crate::authz::{MtlsDecision, PeerAuthentication, PeerAuthentications};
+use crate::authz::{
+    AuthorizationPolicies, AuthorizationPolicy, MtlsDecision, PeerAuthentication,
+    PeerAuthentications,
+};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -132,6 +135,7 @@ pub struct Objects {
     pub pods: Vec<Pod>,
     pub services: Vec<Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
     pub other: Vec<OtherObject>,
 }
 
@@ -145,6 +149,7 @@ pub struct Snapshot {
     pub pods: BTreeMap<Key, Arc<Pod>>,
     pub services: BTreeMap<Key, Arc<Service>>,
     pub peer_authentications: PeerAuthentications,
+    pub authorization_policies: AuthorizationPolicies,
     pub other: Vec<OtherObject>,
     /// Istio's root namespace (from [`MeshSettings`]).
     pub root_namespace: String,
@@ -162,6 +167,7 @@ impl Snapshot {
             generation,
             other: objects.other,
             peer_authentications: PeerAuthentications::new(objects.peer_authentications),
+            authorization_policies: AuthorizationPolicies::new(objects.authorization_policies),
             root_namespace: settings.root_namespace.clone(),
             ..Default::default()
         };
@@ -247,7 +253,18 @@ impl Snapshot {
             .peer_authentications
             .problems(&s.root_namespace, s.pods.values());
         s.problems.extend(problems);
+        s.problems.extend(s.authorization_policies.problems());
         s
+    }
+
+    /// The AuthorizationPolicies that apply to `pod`.
+    pub fn authorization_policies_for(&self, pod: &Pod) -> Vec<&AuthorizationPolicy> {
+        self.authorization_policies
+            .for_workload(pod, &self.root_namespace, |name| {
+                self.services
+                    .get(&(pod.namespace.clone(), name.to_owned()))
+                    .map(|s| s.as_ref())
+            })
     }
 
     /// The mutual-TLS mode in force for connections to `pod` on (target) `port`.

@@ -2,6 +2,210 @@
 //!
 //! * [`peer_authentication`]: `PeerAuthentication`, the mutual-TLS mode of a workload's inbound
 //!   side (STRICT refuses plaintext).
+//! * [`authorization_policy`]: `AuthorizationPolicy` as written, validated and compiled.
+//! * [`evaluate`]: deciding a connection or a request against the policies of its destination.
+pub mod authorization_policy;
+pub mod evaluate;
 pub mod peer_authentication;
 
+use std::{collections::BTreeMap, sync::Arc};
+
+pub use authorization_policy::{Action, AuthorizationPolicy, Target};
+pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
+
+use crate::state::{Pod, Service};
+
+/// The AuthorizationPolicies of the configuration, indexed by namespace (sorted by name), so
+/// finding a workload's policies looks at two namespaces, never at unrelated ones.
+#[derive(Debug, Default)]
+pub struct AuthorizationPolicies {
+    by_namespace: BTreeMap<String, Vec<Arc<AuthorizationPolicy>>>,
+}
+
+impl AuthorizationPolicies {
+    pub fn new(policies: Vec<AuthorizationPolicy>) -> Self {
+        let mut by_namespace: BTreeMap<String, Vec<Arc<AuthorizationPolicy>>> = BTreeMap::new();
+        for p in policies {
+            by_namespace
+                .entry(p.namespace.clone())
+                .or_default()
+                .push(Arc::new(p));
+        }
+        for list in by_namespace.values_mut() {
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Self { by_namespace }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_namespace.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<AuthorizationPolicy>> {
+        self.by_namespace.values().flatten()
+    }
+
+    /// The policies that apply to `pod`: those of the root namespace (mesh-wide) and of the
+    /// pod's namespace whose selector matches it, or that target a Service (of `services`, the
+    /// pod's namespace's) selecting it.
+    pub fn for_workload<'a>(
+        &'a self,
+        pod: &Pod,
+        root_namespace: &str,
+        services: impl Fn(&str) -> Option<&'a Service>,
+    ) -> Vec<&'a AuthorizationPolicy> {
+        let selects = |labels: &crate::state::Labels| {
+            labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+        };
+        let namespaces: &[&str] = if pod.namespace == root_namespace {
+            &[root_namespace]
+        } else {
+            &[root_namespace, &pod.namespace]
+        };
+        let mut out = Vec::new();
+        for ns in namespaces {
+            for p in self.by_namespace.get(*ns).into_iter().flatten() {
+                let applies = match &p.target {
+                    Target::Selector(labels) => selects(labels),
+                    Target::Services(names) => {
+                        *ns == pod.namespace
+                            && names.iter().any(|n| {
+                                services(n)
+                                    .is_some_and(|s| !s.selector.is_empty() && selects(&s.selector))
+                            })
+                    }
+                    Target::NotHere(_) => false,
+                };
+                if applies {
+                    out.push(p.as_ref());
+                }
+            }
+        }
+        out
+    }
+
+    /// What an operator should know: policies this proxy never enforces (they target
+    /// gateways), and principals written with `spiffe://` (Istio never matches those).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for p in self.iter() {
+            if let Target::NotHere(what) = &p.target {
+                problems.push(format!(
+                    "AuthorizationPolicy {} ({}) targets {what}: gateways and waypoints enforce it, this proxy does not",
+                    p.id(),
+                    p.origin
+                ));
+            }
+            let spiffe = p.rules.iter().flat_map(|r| &r.from).any(|s| {
+                s.principals
+                    .any_of
+                    .iter()
+                    .chain(&s.principals.none_of)
+                    .any(|m| matches!(m, authorization_policy::StrMatch::Exact(v) | authorization_policy::StrMatch::Prefix(v) if v.starts_with("spiffe://")))
+            });
+            if spiffe {
+                problems.push(format!(
+                    "AuthorizationPolicy {} ({}) has principals starting with spiffe://; Istio matches principals written without it (cluster.local/ns/<ns>/sa/<sa>), so these never match",
+                    p.id(),
+                    p.origin
+                ));
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Labels, Origin};
+
+    fn labels(l: &[(&str, &str)]) -> Labels {
+        l.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn policy(ns: &str, name: &str, target: Target) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            namespace: ns.into(),
+            name: name.into(),
+            target,
+            action: Action::Allow,
+            provider: None,
+            rules: vec![],
+            origin: Origin::default(),
+        }
+    }
+
+    fn pod(ns: &str, l: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: "p".into(),
+            uid: String::new(),
+            labels: labels(l),
+            annotations: Labels::new(),
+            service_account: "default".into(),
+            node_name: None,
+            host_network: false,
+            ips: vec![],
+            netns_path: None,
+            container_ports: vec![],
+            origin: Origin::default(),
+        }
+    }
+
+    #[test]
+    fn policies_apply_by_root_namespace_namespace_selector_and_service() {
+        let sel = |l: &[(&str, &str)]| Target::Selector(labels(l));
+        let set = AuthorizationPolicies::new(vec![
+            policy("istio-system", "mesh", sel(&[])),
+            policy("istio-system", "mesh-webapps", sel(&[("app", "webapp")])),
+            policy("shop", "ns", sel(&[])),
+            policy("shop", "webapp", sel(&[("app", "webapp")])),
+            policy("shop", "catalog", sel(&[("app", "catalog")])),
+            policy("shop", "by-service", Target::Services(vec!["web".into()])),
+            policy("shop", "gateway", Target::NotHere("Gateway gw".into())),
+            policy("other", "ns", sel(&[])),
+        ]);
+        let web_svc = Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            vips: vec![],
+            selector: labels(&[("app", "webapp")]),
+            ports: vec![],
+            origin: Origin::default(),
+        };
+        let services = |n: &str| (n == "web").then_some(&web_svc);
+        let names = |p: &Pod| -> Vec<String> {
+            set.for_workload(p, "istio-system", services)
+                .iter()
+                .map(|p| p.id())
+                .collect()
+        };
+        assert_eq!(
+            names(&pod("shop", &[("app", "webapp")])),
+            [
+                "istio-system/mesh",
+                "istio-system/mesh-webapps",
+                "shop/by-service",
+                "shop/ns",
+                "shop/webapp"
+            ]
+        );
+        assert_eq!(
+            names(&pod("shop", &[("app", "catalog")])),
+            ["istio-system/mesh", "shop/catalog", "shop/ns"]
+        );
+        assert_eq!(
+            names(&pod("istio-system", &[("app", "webapp")])),
+            ["istio-system/mesh", "istio-system/mesh-webapps"]
+        );
+        assert_eq!(set.problems().len(), 1, "{:?}", set.problems());
+    }
+}

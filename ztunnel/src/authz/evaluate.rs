@@ -1,0 +1,964 @@
+//! Deciding a connection or a request against the AuthorizationPolicies of its destination
+//! workload, with Istio's semantics:
+//!
+//! * CUSTOM first, then DENY, then ALLOW; AUDIT only marks the decision;
+//! * with no ALLOW policy the request is allowed; with one or more, it must match one of them;
+//! * a policy with no rules matches nothing (ALLOW: allow-nothing), an empty rule matches all;
+//! * in a rule `from`, `to` and `when` are AND-ed, their list items OR-ed; in a source or
+//!   operation every field set must match; a field matches one of its values (if any) and none
+//!   of its `not` values (if any).
+//!
+//! A connection is decided when it arrives, before any byte of it is read, so HTTP attributes
+//! (methods, paths, hosts, headers, request principals) are unknown then. Matching is therefore
+//! three-valued: a rule whose outcome depends on them is [`Tri::Unknown`], and a decision that
+//! depends on such a rule is [`Verdict::NeedsHttp`]: the proxy must decide each HTTP request.
+//! For traffic that is not HTTP, those rules are settled conservatively, as Istio does: a DENY
+//! rule matches (deny) and an ALLOW rule does not.
+use std::{fmt, net::IpAddr};
+
+use serde::Serialize;
+
+use super::authorization_policy::{
+    Action, AuthorizationPolicy, Condition, ConditionValues, Key, Operation, Rule, Source,
+    StrMatch, Values,
+};
+
+/// What is known about the caller and the call.
+#[derive(Clone, Debug, Default)]
+pub struct Attributes {
+    /// The peer's SPIFFE id without `spiffe://` (`td/ns/<ns>/sa/<sa>`): mTLS peers only.
+    pub source_principal: Option<String>,
+    /// From the peer's SPIFFE id: mTLS peers only.
+    pub source_namespace: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    /// The original client address (no trusted X-Forwarded-For hops here: the source address).
+    pub remote_ip: Option<IpAddr>,
+    pub destination_ip: Option<IpAddr>,
+    pub destination_port: Option<u16>,
+    pub sni: Option<String>,
+    /// `None` until the request is parsed (or for traffic that is not HTTP).
+    pub http: Option<HttpRequest>,
+}
+
+impl Attributes {
+    /// Fills the source from an mTLS peer's SPIFFE id (`spiffe://td/ns/<ns>/sa/<sa>`).
+    pub fn with_peer(mut self, id: &crate::identity::SpiffeId) -> Self {
+        let text = id.to_string();
+        self.source_principal = Some(text.trim_start_matches("spiffe://").to_owned());
+        self.source_namespace = Some(id.namespace().to_owned());
+        self
+    }
+}
+
+/// The HTTP attributes of one request.
+#[derive(Clone, Debug, Default)]
+pub struct HttpRequest {
+    pub method: String,
+    /// Without the query string.
+    pub path: String,
+    /// `:authority` / `Host`.
+    pub host: String,
+    /// Lower-case names; repeated headers joined with `,`.
+    pub headers: Vec<(String, String)>,
+    /// From a validated JWT (RequestAuthentication).
+    pub auth: Option<RequestAuth>,
+}
+
+impl HttpRequest {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A validated JWT's attributes.
+#[derive(Clone, Debug, Default)]
+pub struct RequestAuth {
+    /// `iss/sub`.
+    pub principal: String,
+    pub audiences: Vec<String>,
+    /// `azp`.
+    pub presenter: Option<String>,
+    pub claims: serde_json::Value,
+}
+
+/// Three-valued match: `Unknown` when the answer depends on HTTP attributes not known yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tri {
+    No,
+    Unknown,
+    Yes,
+}
+
+impl Tri {
+    fn and(self, other: Tri) -> Tri {
+        self.min(other)
+    }
+
+    fn or(self, other: Tri) -> Tri {
+        self.max(other)
+    }
+
+    fn min(self, other: Tri) -> Tri {
+        if self as u8 <= other as u8 {
+            self
+        } else {
+            other
+        }
+    }
+
+    fn max(self, other: Tri) -> Tri {
+        if self as u8 >= other as u8 {
+            self
+        } else {
+            other
+        }
+    }
+}
+
+impl From<bool> for Tri {
+    fn from(b: bool) -> Self {
+        if b {
+            Tri::Yes
+        } else {
+            Tri::No
+        }
+    }
+}
+
+/// All of `items` (AND); `Yes` for none.
+fn all<T>(items: &[T], f: impl Fn(&T) -> Tri) -> Tri {
+    items
+        .iter()
+        .map(f)
+        .try_fold(Tri::Yes, |acc, t| match acc.and(t) {
+            Tri::No => Err(()),
+            t => Ok(t),
+        })
+        .unwrap_or(Tri::No)
+}
+
+/// Any of `items` (OR); `Yes` for none (an absent list does not constrain).
+fn any_or_unconstrained<T>(items: &[T], f: impl Fn(&T) -> Tri) -> Tri {
+    if items.is_empty() {
+        return Tri::Yes;
+    }
+    items.iter().map(f).fold(Tri::No, Tri::or)
+}
+
+/// A field against one attribute value; `value` of `None` is an absent attribute (no principal
+/// for a plaintext peer), which matches no value and therefore every `not` list.
+fn field<T, V: ?Sized>(values: &Values<T>, value: Option<&V>, m: impl Fn(&T, &V) -> bool) -> bool {
+    let hit = |list: &[T]| value.is_some_and(|v| list.iter().any(|t| m(t, v)));
+    (values.any_of.is_empty() || hit(&values.any_of)) && !hit(&values.none_of)
+}
+
+/// A field over an attribute with several values (audiences, list claims): matches if any
+/// value matches; `not` fails if any value matches.
+fn field_multi<T>(values: &Values<T>, value: &[String], m: impl Fn(&T, &str) -> bool) -> bool {
+    let hit = |list: &[T]| value.iter().any(|v| list.iter().any(|t| m(t, v)));
+    (values.any_of.is_empty() || hit(&values.any_of)) && !hit(&values.none_of)
+}
+
+/// An HTTP attribute's field: `Unknown` before the request is known.
+fn http_field(
+    values: &Values<StrMatch>,
+    a: &Attributes,
+    get: impl Fn(&HttpRequest) -> Option<&str>,
+    m: impl Fn(&StrMatch, &str) -> bool,
+) -> Tri {
+    if values.is_empty() {
+        return Tri::Yes;
+    }
+    match &a.http {
+        None => Tri::Unknown,
+        Some(req) => field(values, get(req), m).into(),
+    }
+}
+
+fn source_matches(s: &Source, a: &Attributes) -> Tri {
+    let principal = a.source_principal.as_deref();
+    // `serviceAccounts` name `namespace/name`, taken from the same identity.
+    let service_account = principal.and_then(|p| {
+        let (_, rest) = p.split_once("/ns/")?;
+        let (ns, sa) = rest.split_once("/sa/")?;
+        Some(format!("{ns}/{sa}"))
+    });
+    let l4 = field(&s.principals, principal, StrMatch::matches)
+        && field(
+            &s.namespaces,
+            a.source_namespace.as_deref(),
+            StrMatch::matches,
+        )
+        && field(
+            &s.service_accounts,
+            service_account.as_deref(),
+            StrMatch::matches,
+        )
+        && field(&s.ip_blocks, a.source_ip.as_ref(), |b, ip| b.contains(*ip))
+        && field(&s.remote_ip_blocks, a.remote_ip.as_ref(), |b, ip| {
+            b.contains(*ip)
+        });
+    Tri::from(l4).and(http_field(
+        &s.request_principals,
+        a,
+        |r| r.auth.as_ref().map(|auth| auth.principal.as_str()),
+        StrMatch::matches,
+    ))
+}
+
+fn operation_matches(o: &Operation, a: &Attributes) -> Tri {
+    let port = field(&o.ports, a.destination_port.as_ref(), |p, v| p == v);
+    Tri::from(port)
+        .and(http_field(
+            &o.hosts,
+            a,
+            |r| Some(r.host.as_str()),
+            StrMatch::matches_ignore_case,
+        ))
+        .and(http_field(
+            &o.methods,
+            a,
+            |r| Some(r.method.as_str()),
+            StrMatch::matches,
+        ))
+        .and(http_field(
+            &o.paths,
+            a,
+            |r| Some(r.path.as_str()),
+            StrMatch::matches,
+        ))
+}
+
+/// The string values of a (possibly nested) claim: a string, or each string of a list.
+fn claim_values(claims: &serde_json::Value, path: &[String]) -> Vec<String> {
+    let mut v = claims;
+    for p in path {
+        match v.get(p) {
+            Some(next) => v = next,
+            None => return Vec::new(),
+        }
+    }
+    match v {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(items) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        serde_json::Value::Bool(b) => vec![b.to_string()],
+        serde_json::Value::Number(n) => vec![n.to_string()],
+        _ => Vec::new(),
+    }
+}
+
+fn condition_matches(c: &Condition, a: &Attributes) -> Tri {
+    let strs = |v: Option<&str>| match &c.values {
+        ConditionValues::Strings(values) => field(values, v, StrMatch::matches),
+        _ => false,
+    };
+    let ip = |v: Option<IpAddr>| match &c.values {
+        ConditionValues::Ips(values) => field(values, v.as_ref(), |b, ip| b.contains(*ip)),
+        _ => false,
+    };
+    let multi = |v: &[String]| match &c.values {
+        ConditionValues::Strings(values) => field_multi(values, v, StrMatch::matches),
+        _ => false,
+    };
+    if c.key.is_l7() {
+        let Some(req) = &a.http else {
+            return Tri::Unknown;
+        };
+        let auth = req.auth.as_ref();
+        return Tri::from(match &c.key {
+            Key::RequestHeader(name) => strs(req.header(name)),
+            Key::RequestAuthPrincipal => strs(auth.map(|x| x.principal.as_str())),
+            Key::RequestAuthPresenter => strs(auth.and_then(|x| x.presenter.as_deref())),
+            Key::RequestAuthAudiences => multi(auth.map(|x| &x.audiences[..]).unwrap_or(&[])),
+            Key::RequestAuthClaim(path) => multi(
+                &auth
+                    .map(|x| claim_values(&x.claims, path))
+                    .unwrap_or_default(),
+            ),
+            _ => false,
+        });
+    }
+    Tri::from(match &c.key {
+        Key::SourceIp => ip(a.source_ip),
+        Key::RemoteIp => ip(a.remote_ip),
+        Key::DestinationIp => ip(a.destination_ip),
+        Key::SourceNamespace => strs(a.source_namespace.as_deref()),
+        Key::SourcePrincipal => strs(a.source_principal.as_deref()),
+        Key::ConnectionSni => strs(a.sni.as_deref()),
+        Key::DestinationPort => match &c.values {
+            ConditionValues::Ports(values) => {
+                field(values, a.destination_port.as_ref(), |p, v| p == v)
+            }
+            _ => false,
+        },
+        _ => false,
+    })
+}
+
+/// Whether `rule` matches `a`.
+pub fn rule_matches(rule: &Rule, a: &Attributes) -> Tri {
+    any_or_unconstrained(&rule.from, |s| source_matches(s, a))
+        .and(any_or_unconstrained(&rule.to, |o| operation_matches(o, a)))
+        .and(all(&rule.when, |c| condition_matches(c, a)))
+}
+
+/// The first rule of `policy` that matches, or whether one might once HTTP is known.
+fn policy_matches(policy: &AuthorizationPolicy, a: &Attributes) -> (Tri, Option<usize>) {
+    let mut unknown = false;
+    for (i, rule) in policy.rules.iter().enumerate() {
+        match rule_matches(rule, a) {
+            Tri::Yes => return (Tri::Yes, Some(i)),
+            Tri::Unknown => unknown = true,
+            Tri::No => {}
+        }
+    }
+    (if unknown { Tri::Unknown } else { Tri::No }, None)
+}
+
+/// How to settle rules that need HTTP attributes that are not known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unknowns {
+    /// At connection time: say the request must be decided at L7.
+    Defer,
+    /// Traffic that is not HTTP: DENY rules match, ALLOW and AUDIT rules do not, CUSTOM denies.
+    Conservative,
+}
+
+/// Who decided, for logs and `ztunnel policy check`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `namespace/name` of the deciding policy; `None` when no policy decided (allowed for
+    /// lack of ALLOW policies, or denied because none of them matched).
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    pub action: Option<Action>,
+    pub reason: String,
+    /// The first AUDIT policy and rule that matched.
+    pub audit: Option<(String, usize)>,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// The outcome of [`evaluate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Decided(Decision),
+    /// A CUSTOM policy matched: the provider decides (the decision if it allows is attached).
+    Custom {
+        policy: String,
+        rule: usize,
+        provider: String,
+    },
+    /// Depends on HTTP attributes: decide per request.
+    NeedsHttp,
+}
+
+/// Decides `a` against the policies that apply to the destination workload (any order; they
+/// are taken CUSTOM, DENY, ALLOW, and in the order given within an action).
+pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unknowns) -> Verdict {
+    let of = |action: Action| policies.iter().copied().filter(move |p| p.action == action);
+    let mut needs_http = false;
+    // Whether a policy's match counts; an Unknown defers or is settled by `if_unknown`.
+    let settle = |t: Tri, if_unknown: bool, needs_http: &mut bool| match (t, unknowns) {
+        (Tri::Yes, _) => true,
+        (Tri::No, _) => false,
+        (Tri::Unknown, Unknowns::Defer) => {
+            *needs_http = true;
+            false
+        }
+        (Tri::Unknown, Unknowns::Conservative) => if_unknown,
+    };
+
+    let mut audit = None;
+    for p in of(Action::Audit) {
+        let (t, rule) = policy_matches(p, a);
+        if settle(t, false, &mut needs_http) && audit.is_none() {
+            audit = Some((p.id(), rule.unwrap_or(0)));
+        }
+    }
+    for p in of(Action::Custom) {
+        let (t, rule) = policy_matches(p, a);
+        if t == Tri::No {
+            continue;
+        }
+        // The provider is asked with the HTTP request, so a CUSTOM policy that may match is
+        // settled only once the request is known.
+        match (&a.http, unknowns) {
+            (Some(_), _) if t == Tri::Yes => {
+                return Verdict::Custom {
+                    policy: p.id(),
+                    rule: rule.unwrap_or(0),
+                    provider: p.provider.clone().unwrap_or_default(),
+                }
+            }
+            (_, Unknowns::Defer) => needs_http = true,
+            (_, Unknowns::Conservative) => {
+                return Verdict::Decided(Decision {
+                    allowed: false,
+                    policy: Some(p.id()),
+                    rule,
+                    action: Some(Action::Custom),
+                    reason: format!(
+                        "denied: CUSTOM policy {} asks provider {} about HTTP requests, and this traffic is not HTTP",
+                        p.id(),
+                        p.provider.as_deref().unwrap_or("?")
+                    ),
+                    audit,
+                })
+            }
+        }
+    }
+    for p in of(Action::Deny) {
+        let (t, rule) = policy_matches(p, a);
+        if settle(t, true, &mut needs_http) {
+            let reason = match rule {
+                Some(i) => format!("denied by DENY policy {} rule {i}", p.id()),
+                None => format!(
+                    "denied by DENY policy {}: its HTTP rules cannot be checked on traffic that is not HTTP",
+                    p.id()
+                ),
+            };
+            return Verdict::Decided(Decision {
+                allowed: false,
+                policy: Some(p.id()),
+                rule,
+                action: Some(Action::Deny),
+                reason,
+                audit,
+            });
+        }
+    }
+    let mut any_allow = false;
+    let mut allowed_by = None;
+    for p in of(Action::Allow) {
+        any_allow = true;
+        let (t, rule) = policy_matches(p, a);
+        if settle(t, false, &mut needs_http) && allowed_by.is_none() {
+            allowed_by = Some((p.id(), rule));
+        }
+    }
+    if needs_http {
+        return Verdict::NeedsHttp;
+    }
+    Verdict::Decided(match (any_allow, allowed_by) {
+        (false, _) => Decision {
+            allowed: true,
+            policy: None,
+            rule: None,
+            action: None,
+            reason: "allowed: no ALLOW policy applies to the workload".into(),
+            audit,
+        },
+        (true, Some((policy, rule))) => Decision {
+            allowed: true,
+            reason: format!(
+                "allowed by ALLOW policy {policy} rule {}",
+                rule.unwrap_or(0)
+            ),
+            policy: Some(policy),
+            rule,
+            action: Some(Action::Allow),
+            audit,
+        },
+        (true, None) => Decision {
+            allowed: false,
+            policy: None,
+            rule: None,
+            action: Some(Action::Allow),
+            reason: "denied: ALLOW policies apply to the workload and none of their rules matched"
+                .into(),
+            audit,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::authorization_policy::SpecDoc;
+    use crate::state::Origin;
+
+    fn policy(ns: &str, name: &str, spec: &str) -> AuthorizationPolicy {
+        let doc: SpecDoc = serde_yaml::from_str(spec).unwrap();
+        doc.into_policy(ns.into(), name.into(), Origin::default())
+            .unwrap()
+    }
+
+    fn base(port: u16) -> Attributes {
+        Attributes {
+            source_ip: Some("10.1.0.2".parse().unwrap()),
+            remote_ip: Some("10.1.0.2".parse().unwrap()),
+            destination_ip: Some("10.2.0.2".parse().unwrap()),
+            destination_port: Some(port),
+            ..Default::default()
+        }
+    }
+
+    /// An mTLS peer running as `ns`/`sa`.
+    fn peer(ns: &str, sa: &str) -> Attributes {
+        let mut a = base(8080);
+        a.source_principal = Some(format!("cluster.local/ns/{ns}/sa/{sa}"));
+        a.source_namespace = Some(ns.into());
+        a
+    }
+
+    fn plaintext() -> Attributes {
+        base(8080)
+    }
+
+    fn http(mut a: Attributes, method: &str, path: &str) -> Attributes {
+        a.http = Some(HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            host: "webapp.istioinaction.io".into(),
+            headers: vec![("user-agent".into(), "curl/8".into())],
+            auth: None,
+        });
+        a
+    }
+
+    fn jwt(mut a: Attributes, iss: &str, sub: &str, claims: serde_json::Value) -> Attributes {
+        let req = a.http.as_mut().expect("a JWT comes with an HTTP request");
+        req.auth = Some(RequestAuth {
+            principal: format!("{iss}/{sub}"),
+            audiences: vec!["webapp".into()],
+            presenter: None,
+            claims,
+        });
+        a
+    }
+
+    /// "allow", "allow ns/name#rule", "deny", "deny ns/name#rule", "needs-http",
+    /// "custom provider".
+    fn verdict(policies: &[AuthorizationPolicy], a: &Attributes, unknowns: Unknowns) -> String {
+        let refs: Vec<&AuthorizationPolicy> = policies.iter().collect();
+        match evaluate(&refs, a, unknowns) {
+            Verdict::NeedsHttp => "needs-http".into(),
+            Verdict::Custom { provider, .. } => format!("custom {provider}"),
+            Verdict::Decided(d) => {
+                let what = if d.allowed { "allow" } else { "deny" };
+                match (&d.policy, d.rule) {
+                    (Some(p), Some(r)) => format!("{what} {p}#{r}"),
+                    (Some(p), None) => format!("{what} {p}"),
+                    _ => what.into(),
+                }
+            }
+        }
+    }
+
+    fn check(policies: &[AuthorizationPolicy], rows: &[(&str, Attributes, &str)]) {
+        for (what, a, expected) in rows {
+            let unknowns = if a.http.is_some() {
+                Unknowns::Conservative
+            } else {
+                Unknowns::Defer
+            };
+            assert_eq!(&verdict(policies, a, unknowns), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn no_policy_allows_and_allow_nothing_denies() {
+        check(&[], &[("no policy", plaintext(), "allow")]);
+        let allow_nothing = [policy("istio-system", "allow-nothing", "{}")];
+        check(
+            &allow_nothing,
+            &[
+                ("empty spec: allow nothing", peer("a", "b"), "deny"),
+                ("even HTTP", http(peer("a", "b"), "GET", "/"), "deny"),
+            ],
+        );
+        let allow_all = [policy("foo", "allow-all", "rules: [{}]")];
+        check(
+            &allow_all,
+            &[("one empty rule", plaintext(), "allow foo/allow-all#0")],
+        );
+        // A DENY with no rules never matches.
+        let deny_none = [policy("foo", "deny", "action: DENY")];
+        check(&deny_none, &[("DENY without rules", plaintext(), "allow")]);
+    }
+
+    #[test]
+    fn istio_docs_http_tcp_and_deny_examples() {
+        // Deny GET (docs: authorization/deny) and allow only some TCP ports (docs: tcp).
+        let deny_get = [policy(
+            "foo",
+            "deny-method-get",
+            "action: DENY\nrules: [{to: [{operation: {methods: [GET]}}]}]",
+        )];
+        check(
+            &deny_get,
+            &[
+                (
+                    "GET denied",
+                    http(peer("foo", "sleep"), "GET", "/ip"),
+                    "deny foo/deny-method-get#0",
+                ),
+                (
+                    "POST allowed",
+                    http(peer("foo", "sleep"), "POST", "/ip"),
+                    "allow",
+                ),
+                ("unknown at connect", peer("foo", "sleep"), "needs-http"),
+            ],
+        );
+        assert_eq!(
+            verdict(&deny_get, &peer("foo", "sleep"), Unknowns::Conservative),
+            "deny foo/deny-method-get",
+            "not HTTP: a DENY with HTTP rules matches conservatively"
+        );
+        let tcp = [policy(
+            "foo",
+            "tcp-policy",
+            "rules: [{to: [{operation: {ports: [\"9000\", \"9001\"]}}]}]",
+        )];
+        let mut on_9002 = peer("foo", "sleep");
+        on_9002.destination_port = Some(9002);
+        let mut on_9001 = on_9002.clone();
+        on_9001.destination_port = Some(9001);
+        check(
+            &tcp,
+            &[
+                ("9001 allowed", on_9001, "allow foo/tcp-policy#0"),
+                ("9002 denied at L4", on_9002, "deny"),
+            ],
+        );
+        // An ALLOW with an HTTP rule on plain TCP: the rule cannot match, so it denies.
+        let allow_get = [policy(
+            "foo",
+            "allow-get",
+            "rules: [{to: [{operation: {methods: [GET], ports: [\"8080\"]}}]}]",
+        )];
+        assert_eq!(
+            verdict(&allow_get, &peer("foo", "sleep"), Unknowns::Conservative),
+            "deny"
+        );
+        // notNamespaces: everything from outside foo is denied, including plaintext.
+        let deny_others = [policy(
+            "foo",
+            "deny-others",
+            "action: DENY\nrules: [{from: [{source: {notNamespaces: [foo]}}]}]",
+        )];
+        check(
+            &deny_others,
+            &[
+                ("from foo", peer("foo", "a"), "allow"),
+                ("from bar", peer("bar", "a"), "deny foo/deny-others#0"),
+                (
+                    "plaintext has no namespace",
+                    plaintext(),
+                    "deny foo/deny-others#0",
+                ),
+            ],
+        );
+        // ipBlocks, and a when on source.ip.
+        let by_ip = [policy(
+            "foo",
+            "deny-ip",
+            "action: DENY\nrules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]",
+        )];
+        let mut other_ip = plaintext();
+        other_ip.source_ip = Some("10.9.0.1".parse().unwrap());
+        check(
+            &by_ip,
+            &[
+                ("in block", plaintext(), "deny foo/deny-ip#0"),
+                ("outside", other_ip, "allow"),
+            ],
+        );
+    }
+
+    #[test]
+    fn matching_rules_and_lists() {
+        let p = [policy(
+            "foo",
+            "p",
+            r#"
+rules:
+- from: [{source: {principals: ["cluster.local/ns/foo/sa/a"]}}, {source: {namespaces: [bar]}}]
+  to: [{operation: {ports: ["8080"]}}]
+  when: [{key: destination.port, values: ["8080"]}, {key: source.ip, notValues: [10.9.0.0/16]}]
+- from: [{source: {principals: ["*"], notPrincipals: ["*/sa/evil"]}}]
+  to: [{operation: {ports: ["9090"]}}]
+"#,
+        )];
+        let mut on_9090 = peer("baz", "x");
+        on_9090.destination_port = Some(9090);
+        let mut evil = peer("baz", "evil");
+        evil.destination_port = Some(9090);
+        let mut from_9 = peer("foo", "a");
+        from_9.source_ip = Some("10.9.1.1".parse().unwrap());
+        check(
+            &p,
+            &[
+                ("first source", peer("foo", "a"), "allow foo/p#0"),
+                ("second source (OR)", peer("bar", "z"), "allow foo/p#0"),
+                ("neither source", peer("baz", "z"), "deny"),
+                ("when AND: ip excluded", from_9, "deny"),
+                ("presence and a not list", on_9090, "allow foo/p#1"),
+                ("suffix in notPrincipals", evil, "deny"),
+                ("plaintext has no principal", plaintext(), "deny"),
+            ],
+        );
+        // Prefix and suffix patterns on paths and hosts; hosts ignore case.
+        let paths = [policy(
+            "foo",
+            "paths",
+            "rules: [{to: [{operation: {paths: [\"/api/*\", \"*.html\"], notPaths: [\"/api/admin*\"], hosts: [\"*.ISTIOINACTION.io\"]}}]}]",
+        )];
+        check(
+            &paths,
+            &[
+                (
+                    "prefix",
+                    http(plaintext(), "GET", "/api/items"),
+                    "allow foo/paths#0",
+                ),
+                (
+                    "suffix",
+                    http(plaintext(), "GET", "/index.html"),
+                    "allow foo/paths#0",
+                ),
+                ("not", http(plaintext(), "GET", "/api/admin/x"), "deny"),
+                ("neither", http(plaintext(), "GET", "/other"), "deny"),
+            ],
+        );
+        // Headers, and CUSTOM comes first.
+        let headers = [
+            policy("foo", "ext", "action: CUSTOM\nprovider: {name: my-ext}\nrules: [{to: [{operation: {paths: [\"/ext*\"]}}]}]"),
+            policy("foo", "deny-ua", "action: DENY\nrules: [{when: [{key: \"request.headers[User-Agent]\", values: [\"curl/*\"]}]}]"),
+        ];
+        check(
+            &headers,
+            &[
+                (
+                    "CUSTOM before DENY",
+                    http(plaintext(), "GET", "/ext/a"),
+                    "custom my-ext",
+                ),
+                (
+                    "header",
+                    http(plaintext(), "GET", "/x"),
+                    "deny foo/deny-ua#0",
+                ),
+                ("unknown at connect", plaintext(), "needs-http"),
+            ],
+        );
+        assert_eq!(
+            verdict(&headers, &plaintext(), Unknowns::Conservative),
+            "deny foo/ext",
+            "CUSTOM cannot ask about traffic that is not HTTP"
+        );
+    }
+
+    #[test]
+    fn audit_marks_without_deciding() {
+        let policies = [
+            policy(
+                "foo",
+                "audit",
+                "action: AUDIT\nrules: [{to: [{operation: {ports: [\"8080\"]}}]}]",
+            ),
+            policy("foo", "allow", "rules: [{}]"),
+        ];
+        let refs: Vec<&AuthorizationPolicy> = policies.iter().collect();
+        let Verdict::Decided(d) = evaluate(&refs, &plaintext(), Unknowns::Defer) else {
+            panic!()
+        };
+        assert!(d.allowed);
+        assert_eq!(d.audit, Some(("foo/audit".into(), 0)));
+        assert_eq!(d.policy.as_deref(), Some("foo/allow"));
+    }
+
+    /// "Istio in Action", chapter 9, as decisions of the node proxy.
+    #[test]
+    fn istio_in_action_chapter_9() {
+        // 9.4.2: allow only /api/catalog* on webapp.
+        let catalog_requests = policy(
+            "istioinaction",
+            "allow-catalog-requests-in-web-app",
+            "selector: {matchLabels: {app: webapp}}\nrules: [{to: [{operation: {paths: [\"/api/catalog*\"]}}]}]\naction: ALLOW",
+        );
+        check(
+            &[catalog_requests],
+            &[
+                (
+                    "catalog path",
+                    http(peer("default", "sleep"), "GET", "/api/catalog/items"),
+                    "allow istioinaction/allow-catalog-requests-in-web-app#0",
+                ),
+                (
+                    "other path",
+                    http(peer("default", "sleep"), "GET", "/hello/world"),
+                    "deny",
+                ),
+            ],
+        );
+
+        // 9.4.3: mesh-wide deny-all, then namespace source for GETs, then unauthenticated GETs.
+        let deny_all = policy("istio-system", "deny-all", "{}");
+        let from_default = policy(
+            "istioinaction",
+            "webapp-allow-view-default-ns",
+            "rules: [{from: [{source: {namespaces: [default]}}], to: [{operation: {methods: [GET]}}]}]",
+        );
+        check(
+            std::slice::from_ref(&deny_all),
+            &[(
+                "deny-all",
+                http(peer("default", "sleep"), "GET", "/"),
+                "deny",
+            )],
+        );
+        let ns_rows = [
+            (
+                "mTLS from default",
+                http(peer("default", "sleep"), "GET", "/api/catalog"),
+                "allow istioinaction/webapp-allow-view-default-ns#0",
+            ),
+            (
+                "plaintext sleep has no namespace",
+                http(plaintext(), "GET", "/api/catalog"),
+                "deny",
+            ),
+            ("POST", http(peer("default", "sleep"), "POST", "/"), "deny"),
+        ];
+        check(&[deny_all.clone(), from_default], &ns_rows);
+        let unauthenticated = policy(
+            "istioinaction",
+            "allow-unauthenticated-view-default-ns",
+            "selector: {matchLabels: {app: webapp}}\nrules: [{to: [{operation: {methods: [GET]}}]}]",
+        );
+        check(
+            &[deny_all.clone(), unauthenticated],
+            &[(
+                "anyone may GET",
+                http(plaintext(), "GET", "/"),
+                "allow istioinaction/allow-unauthenticated-view-default-ns#0",
+            )],
+        );
+
+        // 9.4.4: catalog-viewer, by the caller's service account.
+        let catalog_viewer = policy(
+            "istioinaction",
+            "catalog-viewer",
+            "selector: {matchLabels: {app: catalog}}\nrules: [{from: [{source: {principals: [\"cluster.local/ns/istioinaction/sa/webapp\"]}}], to: [{operation: {methods: [GET]}}]}]",
+        );
+        check(
+            &[deny_all.clone(), catalog_viewer],
+            &[
+                (
+                    "webapp's identity",
+                    http(peer("istioinaction", "webapp"), "GET", "/items"),
+                    "allow istioinaction/catalog-viewer#0",
+                ),
+                (
+                    "another identity",
+                    http(peer("istioinaction", "other"), "GET", "/items"),
+                    "deny",
+                ),
+                (
+                    "connect-time",
+                    peer("istioinaction", "webapp"),
+                    "needs-http",
+                ),
+                (
+                    "connect-time, wrong identity",
+                    peer("istioinaction", "other"),
+                    "deny",
+                ),
+            ],
+        );
+
+        // 9.4.5: end-user JWTs: GET for users, everything for admins, a token required.
+        let users_get = policy(
+            "istio-system",
+            "allow-all-with-jwt-to-webapp",
+            "rules: [{from: [{source: {requestPrincipals: [\"auth@istioinaction.io/*\"]}}], to: [{operation: {hosts: [\"webapp.istioinaction.io\"], methods: [GET]}}]}]",
+        );
+        let admins = policy(
+            "istio-system",
+            "allow-mesh-all-ops-admin",
+            "rules: [{from: [{source: {requestPrincipals: [\"auth@istioinaction.io/*\"]}}], when: [{key: \"request.auth.claims[group]\", values: [admin]}]}]",
+        );
+        let require_jwt = policy(
+            "istio-system",
+            "app-requires-jwt",
+            "action: DENY\nrules: [{from: [{source: {notRequestPrincipals: [\"*\"]}}], to: [{operation: {hosts: [\"webapp.istioinaction.io\"]}}]}]",
+        );
+        let set = [users_get, admins, require_jwt];
+        let user = |m: &str| {
+            jwt(
+                http(plaintext(), m, "/api/catalog"),
+                "auth@istioinaction.io",
+                "user",
+                serde_json::json!({"group": "user"}),
+            )
+        };
+        let admin = jwt(
+            http(plaintext(), "POST", "/api/catalog"),
+            "auth@istioinaction.io",
+            "admin",
+            serde_json::json!({"group": "admin", "nested": {"role": ["ops"]}}),
+        );
+        check(
+            &set,
+            &[
+                (
+                    "no token",
+                    http(plaintext(), "GET", "/"),
+                    "deny istio-system/app-requires-jwt#0",
+                ),
+                (
+                    "user GET",
+                    user("GET"),
+                    "allow istio-system/allow-all-with-jwt-to-webapp#0",
+                ),
+                ("user POST", user("POST"), "deny"),
+                (
+                    "admin POST",
+                    admin.clone(),
+                    "allow istio-system/allow-mesh-all-ops-admin#0",
+                ),
+            ],
+        );
+        // Nested claims.
+        let nested = [policy(
+            "foo",
+            "nested",
+            "rules: [{when: [{key: \"request.auth.claims[nested][role]\", values: [ops]}, {key: request.auth.audiences, values: [webapp]}, {key: request.auth.principal, values: [\"auth@istioinaction.io/admin\"]}]}]",
+        )];
+        check(&nested, &[("nested claim", admin, "allow foo/nested#0")]);
+    }
+
+    #[test]
+    fn service_accounts_and_sni_and_destination_ip() {
+        let p = [policy(
+            "foo",
+            "p",
+            "rules: [{from: [{source: {serviceAccounts: [\"istioinaction/webapp\"]}}], when: [{key: destination.ip, values: [10.2.0.0/24]}, {key: connection.sni, notValues: [\"evil.*\"]}]}]",
+        )];
+        check(
+            &p,
+            &[
+                (
+                    "service account",
+                    peer("istioinaction", "webapp"),
+                    "allow foo/p#0",
+                ),
+                ("other", peer("istioinaction", "catalog"), "deny"),
+            ],
+        );
+    }
+}
