@@ -654,6 +654,28 @@ impl Cluster {
         remove_if_exists(&self.config_dir.join(file))
     }
 
+    /// Writes (or, with `None`, removes) a configuration file and waits until every running
+    /// proxy has applied the new configuration.
+    pub fn apply(&self, file: &str, text: Option<&str>) -> Result<()> {
+        let nodes: Vec<usize> = (1..=self.node_count())
+            .filter(|i| self.proxy_running(*i))
+            .collect();
+        let marks: Vec<usize> = nodes.iter().map(|i| self.log_mark(*i)).collect();
+        match text {
+            Some(text) => {
+                self.write_raw(file, text)?;
+            }
+            None => self.remove_raw(file)?,
+        }
+        for (node, mark) in nodes.into_iter().zip(marks) {
+            self.wait_for_log_since(node, mark, Duration::from_secs(15), |l| {
+                l["message"] == "configuration applied"
+            })
+            .with_context(|| format!("node {node} did not apply {file}"))?;
+        }
+        Ok(())
+    }
+
     // ---- proxies -----------------------------------------------------------------------------
 
     /// The arguments the harness runs node `i`'s proxy with (after the binary).

@@ -1,87 +1,20 @@
 //! End-to-end tests of PeerAuthentication: a `sleep` pod outside the mesh calls enrolled pods in
 //! plaintext while policies move from PERMISSIVE to STRICT and back, as in Istio's walkthrough;
 //! mesh traffic (HBONE between nodes, in-process on one node) keeps working under STRICT.
-use std::time::Duration;
-
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 use serde_json::Value;
-use ztunnel_tests::{pod, Cluster, ClusterBuilder, ProbeOutput};
+use ztunnel_tests::{Cluster, ProbeOutput};
 
-const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
-const WAIT: Duration = Duration::from_secs(15);
+mod common;
 
-/// istioinaction (ambient): webapp and catalog on node 2, client on node 1, neighbour on node 2;
-/// default (not enrolled): sleep on node 1.
-fn cluster() -> ClusterBuilder {
-    Cluster::builder()
-        .nodes(2)
-        .namespace("istioinaction", &[AMBIENT])
-        .namespace("default", &[])
-        .pod(
-            pod("istioinaction", "webapp")
-                .node(2)
-                .service_account("webapp")
-                .labels(&[("app", "webapp")]),
-        )
-        .pod(
-            pod("istioinaction", "catalog")
-                .node(2)
-                .service_account("catalog")
-                .labels(&[("app", "catalog")]),
-        )
-        .pod(
-            pod("istioinaction", "client")
-                .node(1)
-                .service_account("client"),
-        )
-        .pod(
-            pod("istioinaction", "neighbour")
-                .node(2)
-                .service_account("neighbour"),
-        )
-        .pod(pod("default", "sleep").node(1))
-}
-
-/// The cluster, once both proxies have enrolled its mesh pods.
-fn start() -> Result<Cluster> {
-    let c = cluster().start()?;
-    for (node, p) in [
-        (2, "istioinaction/webapp"),
-        (2, "istioinaction/catalog"),
-        (2, "istioinaction/neighbour"),
-        (1, "istioinaction/client"),
-    ] {
-        c.wait_enrolled(node, 0, p, WAIT)?;
-    }
-    Ok(c)
-}
-
-/// Writes (or, with `None`, removes) a policy file and waits until both proxies applied it.
-fn apply(c: &Cluster, file: &str, yaml: Option<&str>) -> Result<()> {
-    let marks = [c.log_mark(1), c.log_mark(2)];
-    match yaml {
-        Some(text) => {
-            c.write_raw(file, text)?;
-        }
-        None => c.remove_raw(file)?,
-    }
-    for (node, mark) in [(1, marks[0]), (2, marks[1])] {
-        c.wait_for_log_since(node, mark, WAIT, |l| {
-            l["message"] == "configuration applied"
-        })
-        .with_context(|| format!("node {node} did not apply {file}"))?;
-    }
-    Ok(())
-}
+use common::{start, WAIT};
 
 fn peer_authentication(ns: &str, name: &str, body: &str) -> String {
-    format!(
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{body}"
-    )
+    common::istio("PeerAuthentication", ns, name, body)
 }
 
 fn addr(c: &Cluster, name: &str, port: u16) -> String {
-    format!("{}:{port}", c.pod("istioinaction", name).ip())
+    common::addr(c, "istioinaction", name, port)
 }
 
 /// `sleep` fetches `target`; Ok(body server name) or Err(what the client saw).
@@ -185,8 +118,7 @@ fn strict_permissive_walkthrough_with_a_legacy_client() -> Result<()> {
     expect_allowed(&c, &webapp, "PERMISSIVE", None)?;
 
     // 2. Mesh-wide STRICT in the root namespace: the legacy client is refused, the mesh is not.
-    apply(
-        &c,
+    c.apply(
         "pa-mesh.yaml",
         Some(&peer_authentication(
             "istio-system",
@@ -199,8 +131,7 @@ fn strict_permissive_walkthrough_with_a_legacy_client() -> Result<()> {
     expect_mesh_allowed(&c, &webapp)?;
 
     // 3. A namespace-wide PERMISSIVE overrides the mesh.
-    apply(
-        &c,
+    c.apply(
         "pa-namespace.yaml",
         Some(&peer_authentication(
             "istioinaction",
@@ -212,9 +143,8 @@ fn strict_permissive_walkthrough_with_a_legacy_client() -> Result<()> {
     expect_allowed(&c, &catalog, "PERMISSIVE", Some("istioinaction/default"))?;
 
     // 4. Instead, a workload-selector PERMISSIVE for webapp only: catalog is STRICT again.
-    apply(&c, "pa-namespace.yaml", None)?;
-    apply(
-        &c,
+    c.apply("pa-namespace.yaml", None)?;
+    c.apply(
         "pa-webapp.yaml",
         Some(&peer_authentication(
             "istioinaction",
@@ -226,8 +156,7 @@ fn strict_permissive_walkthrough_with_a_legacy_client() -> Result<()> {
     expect_refused(&c, &catalog, "istio-system/default")?;
 
     // 5. DISABLE accepts plaintext too; mesh traffic stays mutual TLS.
-    apply(
-        &c,
+    c.apply(
         "pa-webapp.yaml",
         Some(&peer_authentication(
             "istioinaction",
@@ -246,8 +175,7 @@ fn port_level_mtls_opens_one_port_of_a_strict_workload() -> Result<()> {
     let webapp = c.pod("istioinaction", "webapp");
     let _http = webapp.http_server(8080, "webapp")?;
     let _metrics = webapp.http_server(9090, "webapp-metrics")?;
-    apply(
-        &c,
+    c.apply(
         "pa.yaml",
         Some(&peer_authentication(
             "istioinaction",
@@ -291,8 +219,7 @@ fn policy_changes_apply_to_running_pods_and_open_connections() -> Result<()> {
     // An unrelated change (a policy for another namespace) leaves an open connection alone.
     let mut open = chat("1500")?;
     open.wait_for_json(0, WAIT, |v| v["event"] == "connected")?;
-    apply(
-        &c,
+    c.apply(
         "pa-other.yaml",
         Some(&peer_authentication(
             "elsewhere",
@@ -311,8 +238,7 @@ fn policy_changes_apply_to_running_pods_and_open_connections() -> Result<()> {
     let mut open = chat("3000")?;
     open.wait_for_json(0, WAIT, |v| v["event"] == "connected")?;
     let mark = c.log_mark(2);
-    apply(
-        &c,
+    c.apply(
         "pa-strict.yaml",
         Some(&peer_authentication(
             "istioinaction",
@@ -343,8 +269,7 @@ fn a_bad_policy_is_reported_and_the_last_good_one_stays_in_force() -> Result<()>
         .pod("istioinaction", "webapp")
         .http_server(8080, "webapp")?;
     let webapp = addr(&c, "webapp", 8080);
-    apply(
-        &c,
+    c.apply(
         "pa.yaml",
         Some(&peer_authentication(
             "istioinaction",

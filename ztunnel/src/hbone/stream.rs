@@ -16,36 +16,53 @@ const READ_BUF: usize = 64 * 1024;
 /// END_STREAM becomes a FIN (half-close both ways); an error on either side resets the other
 /// (RST_STREAM CANCEL toward the tunnel, a TCP RST toward the socket), so a failure is never
 /// mistaken for a clean end.
-pub async fn relay(tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> Relayed {
+pub async fn relay(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Relayed {
+    relay_until(tcp, send, recv, std::future::pending()).await
+}
+
+/// [`relay`], cut short with a reset both ways when `revoke` yields a reason (a configuration
+/// change that no longer allows the connection).
+pub async fn relay_until(
+    tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    revoke: impl std::future::Future<Output = String>,
+) -> Relayed {
     let (mut sent, mut received) = (0u64, 0u64);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let result = tokio::try_join!(
-        async {
-            let mut buf = vec![0u8; READ_BUF];
-            loop {
-                let n = tcp_read.read(&mut buf).await?;
-                if n == 0 {
-                    send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                    return Ok::<_, io::Error>(());
+    let copy = async {
+        tokio::try_join!(
+            async {
+                let mut buf = vec![0u8; READ_BUF];
+                loop {
+                    let n = tcp_read.read(&mut buf).await?;
+                    if n == 0 {
+                        send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                        return Ok::<_, io::Error>(());
+                    }
+                    send_all(&mut send, Bytes::copy_from_slice(&buf[..n])).await?;
+                    sent += n as u64;
                 }
-                send_all(&mut send, Bytes::copy_from_slice(&buf[..n])).await?;
-                sent += n as u64;
+            },
+            async {
+                while let Some(chunk) = recv.data().await {
+                    let chunk = chunk.map_err(h2_io)?;
+                    let n = chunk.len();
+                    tcp_write.write_all(&chunk).await?;
+                    // Only now may the peer send more: flow control follows what the app consumed.
+                    let _ = recv.flow_control().release_capacity(n);
+                    received += n as u64;
+                }
+                tcp_write.shutdown().await
             }
-        },
-        async {
-            while let Some(chunk) = recv.data().await {
-                let chunk = chunk.map_err(h2_io)?;
-                let n = chunk.len();
-                tcp_write.write_all(&chunk).await?;
-                // Only now may the peer send more: flow control follows what the app consumed.
-                let _ = recv.flow_control().release_capacity(n);
-                received += n as u64;
-            }
-            tcp_write.shutdown().await
-        }
-    );
+        )
+    };
+    let (result, revoked) = tokio::select! {
+        r = copy => (r.map(|_| ()), None),
+        reason = revoke => (Ok(()), Some(reason)),
+    };
     let error = result.err();
-    if error.is_some() {
+    if error.is_some() || revoked.is_some() {
         send.send_reset(Reason::CANCEL);
         if let Ok(tcp) = tcp_read.reunite(tcp_write) {
             crate::proxy::reset(tcp);
@@ -55,7 +72,7 @@ pub async fn relay(tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: RecvSt
         sent,
         received,
         error,
-        revoked: None,
+        revoked,
     }
 }
 

@@ -11,10 +11,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::{
+    inbound_policy::{Admission, InboundCall, Transport},
     is_proxy_port,
     relay::{relay_until, reset},
     PodContext, Proxy,
 };
+use crate::authz::{Decision, Unknowns};
 
 impl Proxy {
     /// Accepts steered connections of `pod` until the task is aborted (un-enrolment).
@@ -51,15 +53,16 @@ impl Proxy {
         };
         // This connection's own view of the configuration: the decision below and every later
         // re-check read it, so none of them is skipped.
-        let mut config = self.config.clone();
-        let snapshot = config.borrow_and_update().clone();
+        let config = self.config.clone();
+        let snapshot = config.borrow().clone();
         let src_workload = snapshot.pod_by_ip(peer.ip()).map(|p| p.workload());
         let mtls = self.mtls_mode(&snapshot, &pod, dst.port());
-        let refuse = |stream: TcpStream, outcome: &str, reason: &str| {
+        let refuse = |stream: TcpStream, outcome: &str, d: Option<&Decision>, reason: &str| {
             info!(direction = "inbound", src_workload = src_workload.as_deref(), src_addr = %peer,
                 dst_addr = %dst, dst_workload = %pod.workload,
                 mtls_mode = mtls.as_ref().map(|d| d.mode.as_str()),
                 mtls_policy = mtls.as_ref().and_then(|d| d.policy.as_deref()),
+                authz_policy = d.and_then(|d| d.policy.as_deref()), authz_rule = d.and_then(|d| d.rule),
                 duration_ms = start.elapsed().as_millis() as u64, outcome,
                 error = reason, "connection closed");
             reset(stream);
@@ -67,63 +70,55 @@ impl Proxy {
         // Only sk_lookup puts connections here, and it never steers loopback traffic; the
         // proxy's own ports are not services (forwarding to them would loop back here).
         if peer.ip().is_loopback() {
-            return refuse(
-                stream,
-                "refused",
-                "connection did not arrive from outside the pod",
-            );
+            let reason = "connection did not arrive from outside the pod";
+            return refuse(stream, "refused", None, reason);
         }
         if is_proxy_port(dst.port()) {
-            return refuse(
-                stream,
-                "refused",
-                "destination port is reserved for the proxy",
-            );
+            let reason = "destination port is reserved for the proxy";
+            return refuse(stream, "refused", None, reason);
         }
-        let Some(decision) = &mtls else {
-            return refuse(
-                stream,
-                "refused",
-                "the pod is no longer in the configuration",
-            );
+        let Some(mtls_decision) = &mtls else {
+            let reason = "the pod is no longer in the configuration";
+            return refuse(stream, "refused", None, reason);
         };
-        let counter = &self.counters.plaintext_by_mtls_mode;
-        if !decision.mode.accepts_plaintext() {
-            counter.add(&format!("{}/refused", decision.mode));
-            let reason = format!("plaintext refused: mTLS mode {decision}");
-            return refuse(stream, "refused", &reason);
-        }
+        let call = InboundCall::new(Transport::Plaintext, None, Some(peer.ip()), dst);
+        let by_mode = &self.counters.plaintext_by_mtls_mode;
+        let admission = match self.admit(&snapshot, &pod, &call, Unknowns::Defer) {
+            // HTTP requests are not decided one by one yet: settle HTTP rules as for opaque
+            // traffic (DENY matches, ALLOW does not), which never allows more than per request.
+            Admission::PerRequest => self.admit(&snapshot, &pod, &call, Unknowns::Conservative),
+            a => a,
+        };
+        let decision = match admission {
+            Admission::MtlsRequired(d) => {
+                by_mode.add(&format!("{}/refused", mtls_decision.mode));
+                return refuse(stream, "refused", None, &d.reason);
+            }
+            Admission::Denied(d) => {
+                by_mode.add(&format!("{}/allowed", mtls_decision.mode));
+                self.record(&pod, &call, &d);
+                return refuse(stream, "denied", Some(&d), &d.reason);
+            }
+            Admission::Allowed(d) => d,
+            Admission::PerRequest => unreachable!("settled above"),
+        };
+        by_mode.add(&format!("{}/allowed", mtls_decision.mode));
+        self.record(&pod, &call, &decision);
         let upstream = match self.connect_from(&pod, dst).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!("delivery to the application failed: {e}");
-                return refuse(stream, "connect_failed", &reason);
+                return refuse(stream, "connect_failed", Some(&decision), &reason);
             }
         };
-        counter.add(&format!("{}/allowed", decision.mode));
-        // A policy change that makes this port STRICT ends the connection; other changes
-        // leave it alone.
-        let revoke = async {
-            loop {
-                if config.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
-                let snapshot = config.borrow_and_update().clone();
-                match self.mtls_mode(&snapshot, &pod, dst.port()) {
-                    Some(d) if !d.mode.accepts_plaintext() => {
-                        counter.add(&format!("{}/revoked", d.mode));
-                        return format!("plaintext no longer accepted: mTLS mode {d}");
-                    }
-                    // A pod leaving the configuration is un-enrolled; like every proxied
-                    // connection, this one goes on until it ends.
-                    _ => {}
-                }
-            }
-        };
+        // A change that no longer admits the connection (a port made STRICT, a new DENY)
+        // resets it; other changes leave it alone.
+        let revoke = self.clone().revoked(config, pod.clone(), call, false);
         let r = relay_until(stream, upstream, revoke).await;
         info!(direction = "inbound", src_workload = src_workload.as_deref(), src_addr = %peer,
             dst_addr = %dst, dst_workload = %pod.workload, upstream = %dst,
-            mtls_mode = decision.mode.as_str(), mtls_policy = decision.policy.as_deref(),
+            mtls_mode = mtls_decision.mode.as_str(), mtls_policy = mtls_decision.policy.as_deref(),
+            authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,
             bytes_sent = r.sent, bytes_received = r.received,
             duration_ms = start.elapsed().as_millis() as u64, outcome = r.outcome(),
             error = r.revoked.clone().or_else(|| r.error.as_ref().map(|e| e.to_string())).as_deref(),

@@ -8,8 +8,12 @@ use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use super::{is_proxy_port, reset, PodContext, Proxy};
+use super::{
+    inbound_policy::{Admission, InboundCall, Transport},
+    is_proxy_port, reset, PodContext, Proxy,
+};
 use crate::{
+    authz::Unknowns,
     hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
     tls,
 };
@@ -104,6 +108,46 @@ impl Proxy {
                         "target port is reserved for the proxy",
                     );
                 }
+                // The peer's workload and address: the address it says it comes from, but only
+                // if a pod with that address runs as the identity the certificate proved.
+                let config = proxy.config.clone();
+                let snapshot = config.borrow().clone();
+                let src_pod = req
+                    .forwarded_for
+                    .and_then(|ip| snapshot.pod_by_ip(ip))
+                    .filter(|p| {
+                        p.service_account == src_id.service_account()
+                            && p.namespace == src_id.namespace()
+                    });
+                let src_workload = src_pod.map(|p| p.workload());
+                let source_ip = match src_pod {
+                    Some(_) => req.forwarded_for,
+                    None => Some(peer.ip()),
+                };
+                let call = InboundCall::new(Transport::Mesh, Some(&src_id), source_ip, req.target);
+                let admission = match proxy.admit(&snapshot, &pod, &call, Unknowns::Defer) {
+                    // HTTP requests are not decided one by one yet: settle HTTP rules as for
+                    // opaque traffic, which never allows more than per request.
+                    Admission::PerRequest => {
+                        proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative)
+                    }
+                    a => a,
+                };
+                let decision = match admission {
+                    Admission::Allowed(d) => d,
+                    Admission::Denied(d) | Admission::MtlsRequired(d) => {
+                        proxy.record(&pod, &call, &d);
+                        info!(direction = "inbound", hbone = true, src_identity = %src,
+                            src_workload = src_workload.as_deref(), src_addr = %peer,
+                            dst_addr = %req.target, dst_workload = %pod.workload,
+                            authz_policy = d.policy.as_deref(), authz_rule = d.rule,
+                            outcome = "denied", status = StatusCode::FORBIDDEN.as_u16(),
+                            error = %d.reason, "connection closed");
+                        return tunnel.refuse(StatusCode::FORBIDDEN);
+                    }
+                    Admission::PerRequest => unreachable!("settled above"),
+                };
+                proxy.record(&pod, &call, &decision);
                 let upstream = match proxy.connect_from(&pod, req.target).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -114,27 +158,18 @@ impl Proxy {
                 let Ok((send, recv)) = tunnel.accept() else {
                     return reset(upstream);
                 };
-                // The peer's workload, for the log: named by the address it says it comes
-                // from, but only if that pod runs as the identity the certificate proved.
-                let snapshot = proxy.snapshot();
-                let src_workload = req
-                    .forwarded_for
-                    .and_then(|ip| snapshot.pod_by_ip(ip))
-                    .filter(|p| {
-                        p.service_account == src_id.service_account()
-                            && p.namespace == src_id.namespace()
-                    })
-                    .map(|p| p.workload());
-                let r = hbone::stream::relay(upstream, send, recv).await;
+                let revoke = proxy.clone().revoked(config, pod.clone(), call, false);
+                let r = hbone::stream::relay_until(upstream, send, recv, revoke).await;
                 // The relay counts from the application's socket; log from the client's view,
                 // like the plaintext path (sent = client → application).
                 info!(direction = "inbound", hbone = true, src_identity = %src,
                     src_workload = src_workload.as_deref(), src_addr = %peer, forwarded_for = req.forwarded_for.map(|a| a.to_string()).as_deref(),
                     dst_addr = %req.target, dst_workload = %pod.workload, upstream = %req.target,
+                    authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,
                     bytes_sent = r.received, bytes_received = r.sent,
-                    duration_ms = start.elapsed().as_millis() as u64,
-                    outcome = if r.error.is_some() { "error" } else { "ok" },
-                    error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
+                    duration_ms = start.elapsed().as_millis() as u64, outcome = r.outcome(),
+                    error = r.revoked.clone().or_else(|| r.error.as_ref().map(|e| e.to_string())).as_deref(),
+                    "connection closed");
             })
         });
         let counters = self.counters.clone();

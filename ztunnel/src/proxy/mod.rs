@@ -9,6 +9,7 @@
 //! carries [`PROXY_MARK`], so it leaves with the pod's own address and is never captured again.
 pub mod inbound;
 mod inbound_hbone;
+mod inbound_policy;
 pub mod outbound;
 mod relay;
 
@@ -78,8 +79,12 @@ pub struct Counters {
     /// CONNECT requests refused, by reason.
     pub hbone_refused: ReasonCounter,
     /// Inbound plaintext connections by the mTLS mode that decided them and the outcome
-    /// (`STRICT/refused`, `PERMISSIVE/allowed`, `STRICT/revoked`…).
+    /// (`STRICT/refused`, `PERMISSIVE/allowed`…).
     pub plaintext_by_mtls_mode: ReasonCounter,
+    /// Authorization decisions by deciding action and outcome (`DENY/denied`, `ALLOW/allowed`,
+    /// `none/allowed` when no policy applies…), and `revoked` for open connections cut by a
+    /// configuration change.
+    pub authz_decisions: ReasonCounter,
 }
 
 /// Everything mutual TLS between nodes needs: certificates per identity, the mesh roots, and

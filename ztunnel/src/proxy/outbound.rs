@@ -11,10 +11,12 @@ use tracing::{info, warn};
 use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT};
 
 use super::{
-    relay::{relay, reset},
+    inbound_policy::{Admission, InboundCall, Transport},
+    relay::{relay, relay_until, reset},
     PodContext, Proxy, Relayed,
 };
 use crate::{
+    authz::Unknowns,
     hbone::{self, PoolKey},
     identity::SpiffeId,
     state::Snapshot,
@@ -180,7 +182,7 @@ impl Proxy {
     /// an authenticated mesh peer: the source is known by the listener that accepted it, not
     /// by an address, so PeerAuthentication treats it as mutual TLS.
     async fn outbound_same_node(
-        &self,
+        self: &Arc<Self>,
         src: Arc<PodContext>,
         dst: Arc<PodContext>,
         stream: TcpStream,
@@ -188,9 +190,49 @@ impl Proxy {
         route: Route,
         start: Instant,
     ) {
+        // The destination's inbound policy, with the source known by its listener.
+        let config = self.config.clone();
+        let snapshot = config.borrow().clone();
+        let source_ip = src
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == route.upstream.is_ipv4());
+        let call = InboundCall::new(
+            Transport::Mesh,
+            Some(&src.identity),
+            source_ip,
+            route.upstream,
+        );
+        let admission = match self.admit(&snapshot, &dst, &call, Unknowns::Defer) {
+            // HTTP requests are not decided one by one yet: settle HTTP rules as for opaque
+            // traffic, which never allows more than per request.
+            Admission::PerRequest => self.admit(&snapshot, &dst, &call, Unknowns::Conservative),
+            a => a,
+        };
+        let decision = match admission {
+            Admission::Allowed(d) => d,
+            Admission::Denied(d) | Admission::MtlsRequired(d) => {
+                self.record(&dst, &call, &d);
+                reset(stream);
+                for direction in ["outbound", "inbound"] {
+                    info!(direction, same_node = true, src_workload = %src.workload,
+                        src_identity = %src.identity, dst_addr = %orig,
+                        dst_service = route.service.as_deref(), dst_workload = %dst.workload,
+                        dst_identity = %dst.identity, upstream = %route.upstream,
+                        authz_policy = d.policy.as_deref(), authz_rule = d.rule,
+                        duration_ms = start.elapsed().as_millis() as u64, outcome = "denied",
+                        error = %d.reason, "connection closed");
+                }
+                return;
+            }
+            Admission::PerRequest => unreachable!("settled above"),
+        };
+        self.record(&dst, &call, &decision);
         let (r, outcome) = match self.connect_from(&dst, route.upstream).await {
             Ok(upstream) => {
-                let r = relay(stream, upstream).await;
+                let revoke = self.clone().revoked(config, dst.clone(), call, false);
+                let r = relay_until(stream, upstream, revoke).await;
                 let outcome = r.outcome();
                 (r, outcome)
             }
@@ -205,7 +247,10 @@ impl Proxy {
                 (r, "connect_failed")
             }
         };
-        let error = r.error.as_ref().map(|e| e.to_string());
+        let error = r
+            .revoked
+            .clone()
+            .or_else(|| r.error.as_ref().map(|e| e.to_string()));
         // One line per side, as for traffic between nodes.
         info!(direction = "outbound", same_node = true, src_workload = %src.workload,
             src_identity = %src.identity, dst_addr = %orig, dst_service = route.service.as_deref(),

@@ -1,0 +1,200 @@
+//! The inbound policy decision shared by every path into an enrolled pod (plaintext, HBONE,
+//! same node): PeerAuthentication for plaintext callers, then the pod's AuthorizationPolicies.
+//! Decisions are logged (every denial, every AUDIT match), counted, and re-made whenever the
+//! configuration changes for as long as the connection lives.
+use std::{net::IpAddr, sync::Arc};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{PodContext, Proxy};
+use crate::{
+    authz::{self, Attributes, Decision, Unknowns, Verdict},
+    identity::SpiffeId,
+    state::Snapshot,
+};
+
+/// How a connection entered the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Plaintext from outside the mesh (15006): PeerAuthentication applies.
+    Plaintext,
+    /// Mutual TLS (HBONE), or a same-node mesh pod known by its listener.
+    Mesh,
+}
+
+/// The caller and the call, as known when the connection arrives.
+#[derive(Clone, Debug)]
+pub struct InboundCall {
+    pub transport: Transport,
+    pub attributes: Attributes,
+}
+
+impl InboundCall {
+    pub fn new(
+        transport: Transport,
+        peer: Option<&SpiffeId>,
+        source_ip: Option<IpAddr>,
+        destination: std::net::SocketAddr,
+    ) -> Self {
+        let mut attributes = Attributes {
+            source_ip,
+            remote_ip: source_ip,
+            destination_ip: Some(destination.ip()),
+            destination_port: Some(destination.port()),
+            ..Default::default()
+        };
+        if let Some(id) = peer {
+            attributes = attributes.with_peer(id);
+        }
+        Self {
+            transport,
+            attributes,
+        }
+    }
+}
+
+/// The connection-time outcome.
+#[derive(Clone, Debug)]
+pub enum Admission {
+    Allowed(Decision),
+    /// PeerAuthentication refuses plaintext here (STRICT).
+    MtlsRequired(Decision),
+    /// An AuthorizationPolicy denies it.
+    Denied(Decision),
+    /// Allowed so far; each HTTP request is decided on its own.
+    PerRequest,
+}
+
+impl Proxy {
+    /// Decides `call` to `pod` against `snapshot`. `unknowns` says how to treat rules that need
+    /// HTTP attributes (defer to per-request decisions, or settle them for opaque traffic).
+    pub(super) fn admit(
+        &self,
+        snapshot: &Snapshot,
+        pod: &PodContext,
+        call: &InboundCall,
+        unknowns: Unknowns,
+    ) -> Admission {
+        let deny = |reason: String| {
+            Admission::Denied(Decision {
+                allowed: false,
+                policy: None,
+                rule: None,
+                action: None,
+                reason,
+                audit: None,
+            })
+        };
+        let Some(p) = snapshot
+            .pods
+            .get(&(pod.namespace.clone(), pod.name.clone()))
+        else {
+            return deny("the pod is no longer in the configuration".into());
+        };
+        if call.transport == Transport::Plaintext {
+            let port = call.attributes.destination_port.unwrap_or_default();
+            let mtls = snapshot.mtls_mode(p, port);
+            if !mtls.mode.accepts_plaintext() {
+                return Admission::MtlsRequired(Decision {
+                    allowed: false,
+                    policy: mtls.policy.clone(),
+                    rule: None,
+                    action: None,
+                    reason: format!("plaintext refused: mTLS mode {mtls}"),
+                    audit: None,
+                });
+            }
+        }
+        let policies = snapshot.authorization_policies_for(p);
+        match authz::evaluate(&policies, &call.attributes, unknowns) {
+            Verdict::Decided(d) if d.allowed => Admission::Allowed(d),
+            Verdict::Decided(d) => Admission::Denied(d),
+            Verdict::NeedsHttp => Admission::PerRequest,
+            // Only reachable with HTTP attributes, which a connection does not have.
+            Verdict::Custom { policy, .. } => {
+                deny(format!("CUSTOM policy {policy} needs an HTTP request"))
+            }
+        }
+    }
+
+    /// Counts and logs a decision: every denial and every AUDIT match.
+    pub(super) fn record(&self, pod: &PodContext, call: &InboundCall, decision: &Decision) {
+        let action = decision.action.map(|a| a.as_str()).unwrap_or("none");
+        let outcome = if decision.allowed {
+            "allowed"
+        } else {
+            "denied"
+        };
+        self.counters
+            .authz_decisions
+            .add(&format!("{action}/{outcome}"));
+        let a = &call.attributes;
+        let request_principal = a
+            .http
+            .as_ref()
+            .and_then(|h| h.auth.as_ref())
+            .map(|auth| auth.principal.as_str());
+        let (method, path) = a
+            .http
+            .as_ref()
+            .map(|h| (Some(h.method.as_str()), Some(h.path.as_str())))
+            .unwrap_or_default();
+        if !decision.allowed {
+            warn!(dst_workload = %pod.workload, src_principal = a.source_principal.as_deref(),
+                src_request_principal = request_principal,
+                src_ip = a.source_ip.map(|ip| ip.to_string()).as_deref(),
+                dst_ip = a.destination_ip.map(|ip| ip.to_string()).as_deref(),
+                dst_port = a.destination_port, method, path,
+                policy = decision.policy.as_deref(), rule = decision.rule,
+                action = decision.action.map(|a| a.as_str()), reason = %decision.reason,
+                "authorization denied");
+        }
+        if let Some((policy, rule)) = &decision.audit {
+            info!(dst_workload = %pod.workload, src_principal = a.source_principal.as_deref(),
+                src_request_principal = request_principal,
+                src_ip = a.source_ip.map(|ip| ip.to_string()).as_deref(),
+                dst_port = a.destination_port, method, path, audit_policy = %policy,
+                audit_rule = rule, allowed = decision.allowed, reason = %decision.reason,
+                "authorization audit");
+        }
+    }
+
+    /// Resolves, with the reason, once a configuration change no longer admits `call`. For a
+    /// connection decided per request (`per_request`), only a change that denies the whole
+    /// connection counts; requests are checked against the latest configuration anyway.
+    pub(super) async fn revoked(
+        self: Arc<Self>,
+        mut config: watch::Receiver<Arc<Snapshot>>,
+        pod: Arc<PodContext>,
+        call: InboundCall,
+        per_request: bool,
+    ) -> String {
+        loop {
+            if config.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let snapshot = config.borrow_and_update().clone();
+            // A pod leaving the configuration is un-enrolled; like every proxied connection,
+            // its connections go on until they end.
+            if !snapshot
+                .pods
+                .contains_key(&(pod.namespace.clone(), pod.name.clone()))
+            {
+                continue;
+            }
+            let unknowns = if per_request {
+                Unknowns::Defer
+            } else {
+                Unknowns::Conservative
+            };
+            if let Admission::Denied(d) | Admission::MtlsRequired(d) =
+                self.admit(&snapshot, &pod, &call, unknowns)
+            {
+                self.record(&pod, &call, &d);
+                self.counters.authz_decisions.add("revoked");
+                return format!("no longer allowed: {}", d.reason);
+            }
+        }
+    }
+}
