@@ -204,3 +204,119 @@ fn bad_authorization_policies_are_rejected_with_file_and_line() -> Result<()> {
     ensure!(c.proxy_running(1) && c.proxy_running(2));
     Ok(())
 }
+
+/// `curl` in pod `ns/name` with `options`, then each of `urls` (on one connection when curl can
+/// reuse it): the status codes, and everything it printed.
+fn curl(
+    c: &Cluster,
+    from: (&str, &str),
+    options: &[&str],
+    urls: &[&str],
+) -> Result<(Vec<u16>, String)> {
+    let mut all = vec!["curl", "-sS", "--max-time", "5"];
+    all.extend_from_slice(&["-w", "%{http_code} %{num_connects}\\n"]);
+    all.extend_from_slice(options);
+    for url in urls {
+        all.extend_from_slice(&["-o", "/dev/null", url]);
+    }
+    let out = c.pod(from.0, from.1).run(&all, WAIT)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let codes = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    Ok((codes, text))
+}
+
+#[test]
+fn l7_paths_and_methods_are_decided_per_request() -> Result<()> {
+    let c = start()?;
+    let webapp = c.pod("istioinaction", "webapp");
+    let mut server =
+        webapp.spawn_probe(&["http-server-ka", "--port", "8080", "--name", "webapp"])?;
+    server.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
+    let _echo = webapp.tcp_echo(9000)?;
+    c.apply(
+        "allow-catalog.yaml",
+        Some(&authorization_policy(
+            "istioinaction",
+            "allow-catalog-requests-in-web-app",
+            "  selector:\n    matchLabels:\n      app: webapp\n  action: ALLOW\n  rules:\n  - to:\n    - operation:\n        paths: [\"/api/catalog*\"]\n        methods: [GET]\n",
+        )),
+    )?;
+    let base = format!("http://{}", addr(&c, "istioinaction", "webapp", 8080));
+    let (catalog, hello) = (format!("{base}/api/catalog/items"), format!("{base}/hello"));
+
+    // Across nodes (HBONE), on the same node, and in plaintext: each request on its own, two
+    // of them on one keep-alive connection.
+    for from in [
+        ("istioinaction", "client"),
+        ("istioinaction", "neighbour"),
+        ("default", "sleep"),
+    ] {
+        let mark = c.log_mark(2);
+        let (codes, text) = curl(&c, from, &[], &[&catalog, &hello])?;
+        ensure!(codes == [200, 403], "{from:?}: {text}");
+        ensure!(
+            text.lines().nth(1).is_some_and(|l| l.ends_with(" 0")),
+            "{from:?}: the second request should reuse the connection: {text}"
+        );
+        let denied = c.wait_for_log_since(2, mark, WAIT, |l| {
+            l["message"] == "authorization denied" && l["path"] == "/hello"
+        })?;
+        ensure!(denied["method"] == "GET", "{denied}");
+        let allowed = c.wait_for_log_since(2, mark, WAIT, |l| {
+            l["message"] == "http request" && l["path"] == "/api/catalog/items"
+        })?;
+        ensure!(
+            allowed["status"] == 200
+                && allowed["authz_policy"] == "istioinaction/allow-catalog-requests-in-web-app",
+            "{allowed}"
+        );
+    }
+    // The method counts too, and the denial's body is Istio's.
+    let (codes, text) = curl(
+        &c,
+        ("istioinaction", "client"),
+        &["-X", "POST"],
+        &[&catalog],
+    )?;
+    ensure!(codes == [403], "{text}");
+    let body = c
+        .pod("istioinaction", "client")
+        .run(&["curl", "-sS", "--max-time", "5", &hello], WAIT)?;
+    ensure!(
+        String::from_utf8_lossy(&body.stdout) == "RBAC: access denied",
+        "{body:?}"
+    );
+
+    // What is not HTTP cannot satisfy an HTTP rule: the ALLOW does not match, so it is denied.
+    let mark = c.log_mark(2);
+    let echo = addr(&c, "istioinaction", "webapp", 9000);
+    let out = c.pod("istioinaction", "client").probe(&[
+        "chat",
+        "--addr",
+        &echo,
+        "--messages",
+        "not-http",
+        "--timeout-ms",
+        "5000",
+    ])?;
+    ensure!(
+        out.code != Some(0),
+        "opaque traffic should be denied: {}",
+        out.stdout
+    );
+    c.wait_for_log_since(2, mark, WAIT, |l| {
+        l["message"] == "authorization denied"
+            && l["dst_port"] == 9000
+            && l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("none of their rules matched"))
+    })?;
+    Ok(())
+}

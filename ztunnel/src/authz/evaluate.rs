@@ -441,14 +441,16 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unk
     }
     let mut any_allow = false;
     let mut allowed_by = None;
+    // An ALLOW that may match once HTTP is known matters only if none matches already.
+    let mut allow_needs_http = false;
     for p in of(Action::Allow) {
         any_allow = true;
         let (t, rule) = policy_matches(p, a);
-        if settle(t, false, &mut needs_http) && allowed_by.is_none() {
+        if settle(t, false, &mut allow_needs_http) && allowed_by.is_none() {
             allowed_by = Some((p.id(), rule));
         }
     }
-    if needs_http {
+    if needs_http || (allow_needs_http && allowed_by.is_none()) {
         return Verdict::NeedsHttp;
     }
     Verdict::Decided(match (any_allow, allowed_by) {
@@ -633,6 +635,27 @@ mod tests {
                 ("9001 allowed", on_9001, "allow foo/tcp-policy#0"),
                 ("9002 denied at L4", on_9002, "deny"),
             ],
+        );
+        // An ALLOW that matches on L4 attributes settles it; another's HTTP rule does not matter.
+        let mixed = [
+            policy(
+                "foo",
+                "a-get",
+                "rules: [{to: [{operation: {methods: [GET]}}]}]",
+            ),
+            policy(
+                "foo",
+                "b-port",
+                "rules: [{to: [{operation: {ports: [\"8080\"]}}]}]",
+            ),
+        ];
+        check(
+            &mixed,
+            &[(
+                "L4 ALLOW decides",
+                peer("foo", "sleep"),
+                "allow foo/b-port#0",
+            )],
         );
         // An ALLOW with an HTTP rule on plain TCP: the rule cannot match, so it denies.
         let allow_get = [policy(

@@ -114,3 +114,104 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// How long the TLS + HTTP/2 handshake of a new tunnel connection may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One CONNECT stream as a byte stream (`AsyncRead + AsyncWrite`), for code that parses what a
+/// tunnel carries (per-request authorization). Reads release flow-control capacity as the
+/// bytes are consumed; a shutdown sends END_STREAM.
+pub struct StreamIo {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet read.
+    pending: Bytes,
+    recv_done: bool,
+}
+
+impl StreamIo {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            recv_done: false,
+        }
+    }
+
+    /// Ends the stream with RST_STREAM CANCEL (the peer sees a failure, not an end).
+    pub fn reset(&mut self) {
+        self.send.send_reset(Reason::CANCEL);
+    }
+}
+
+impl tokio::io::AsyncRead for StreamIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        while this.pending.is_empty() && !this.recv_done {
+            match this.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => this.recv_done = true,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let _ = this.recv.flow_control().release_capacity(chunk.len());
+                    this.pending = chunk;
+                }
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for StreamIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(data.len());
+        match this.send.poll_capacity(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream closed",
+            ))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(h2_io(e))),
+            Poll::Ready(Some(Ok(granted))) => {
+                let n = granted.min(data.len());
+                if n == 0 {
+                    // No capacity yet: poll_capacity registered the waker.
+                    return Poll::Pending;
+                }
+                this.send
+                    .send_data(Bytes::copy_from_slice(&data[..n]), false)
+                    .map_err(h2_io)?;
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::Poll::Ready(this.send.send_data(Bytes::new(), true).map_err(h2_io))
+    }
+}

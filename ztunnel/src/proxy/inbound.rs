@@ -83,13 +83,7 @@ impl Proxy {
         };
         let call = InboundCall::new(Transport::Plaintext, None, Some(peer.ip()), dst);
         let by_mode = &self.counters.plaintext_by_mtls_mode;
-        let admission = match self.admit(&snapshot, &pod, &call, Unknowns::Defer) {
-            // HTTP requests are not decided one by one yet: settle HTTP rules as for opaque
-            // traffic (DENY matches, ALLOW does not), which never allows more than per request.
-            Admission::PerRequest => self.admit(&snapshot, &pod, &call, Unknowns::Conservative),
-            a => a,
-        };
-        let decision = match admission {
+        let decision = match self.admit(&snapshot, &pod, &call, Unknowns::Defer) {
             Admission::MtlsRequired(d) => {
                 by_mode.add(&format!("{}/refused", mtls_decision.mode));
                 return refuse(stream, "refused", None, &d.reason);
@@ -99,26 +93,39 @@ impl Proxy {
                 self.record(&pod, &call, &d);
                 return refuse(stream, "denied", Some(&d), &d.reason);
             }
-            Admission::Allowed(d) => d,
-            Admission::PerRequest => unreachable!("settled above"),
+            Admission::Allowed(d) => {
+                self.record(&pod, &call, &d);
+                Some(d)
+            }
+            // Decided request by request, once the bytes are read.
+            Admission::PerRequest => None,
         };
         by_mode.add(&format!("{}/allowed", mtls_decision.mode));
-        self.record(&pod, &call, &decision);
         let upstream = match self.connect_from(&pod, dst).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = format!("delivery to the application failed: {e}");
-                return refuse(stream, "connect_failed", Some(&decision), &reason);
+                return refuse(stream, "connect_failed", decision.as_ref(), &reason);
             }
         };
         // A change that no longer admits the connection (a port made STRICT, a new DENY)
         // resets it; other changes leave it alone.
-        let revoke = self.clone().revoked(config, pod.clone(), call, false);
-        let r = relay_until(stream, upstream, revoke).await;
+        let per_request = decision.is_none();
+        let revoke = self
+            .clone()
+            .revoked(config, pod.clone(), call.clone(), per_request);
+        let r = if per_request {
+            self.serve_per_request(pod.clone(), call, stream, upstream, revoke)
+                .await
+        } else {
+            relay_until(stream, upstream, revoke).await
+        };
+        let decision = decision.as_ref();
         info!(direction = "inbound", src_workload = src_workload.as_deref(), src_addr = %peer,
             dst_addr = %dst, dst_workload = %pod.workload, upstream = %dst,
             mtls_mode = mtls_decision.mode.as_str(), mtls_policy = mtls_decision.policy.as_deref(),
-            authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,
+            authz_policy = decision.and_then(|d| d.policy.as_deref()),
+            authz_rule = decision.and_then(|d| d.rule), per_request,
             bytes_sent = r.sent, bytes_received = r.received,
             duration_ms = start.elapsed().as_millis() as u64, outcome = r.outcome(),
             error = r.revoked.clone().or_else(|| r.error.as_ref().map(|e| e.to_string())).as_deref(),

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::{
     inbound_policy::{Admission, InboundCall, Transport},
-    is_proxy_port, reset, PodContext, Proxy,
+    is_proxy_port, reset, PodContext, Proxy, Relayed,
 };
 use crate::{
     authz::Unknowns,
@@ -125,16 +125,11 @@ impl Proxy {
                     None => Some(peer.ip()),
                 };
                 let call = InboundCall::new(Transport::Mesh, Some(&src_id), source_ip, req.target);
-                let admission = match proxy.admit(&snapshot, &pod, &call, Unknowns::Defer) {
-                    // HTTP requests are not decided one by one yet: settle HTTP rules as for
-                    // opaque traffic, which never allows more than per request.
-                    Admission::PerRequest => {
-                        proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative)
+                let decision = match proxy.admit(&snapshot, &pod, &call, Unknowns::Defer) {
+                    Admission::Allowed(d) => {
+                        proxy.record(&pod, &call, &d);
+                        Some(d)
                     }
-                    a => a,
-                };
-                let decision = match admission {
-                    Admission::Allowed(d) => d,
                     Admission::Denied(d) | Admission::MtlsRequired(d) => {
                         proxy.record(&pod, &call, &d);
                         info!(direction = "inbound", hbone = true, src_identity = %src,
@@ -145,9 +140,9 @@ impl Proxy {
                             error = %d.reason, "connection closed");
                         return tunnel.refuse(StatusCode::FORBIDDEN);
                     }
-                    Admission::PerRequest => unreachable!("settled above"),
+                    // Decided request by request, once the bytes are read.
+                    Admission::PerRequest => None,
                 };
-                proxy.record(&pod, &call, &decision);
                 let upstream = match proxy.connect_from(&pod, req.target).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -158,14 +153,32 @@ impl Proxy {
                 let Ok((send, recv)) = tunnel.accept() else {
                     return reset(upstream);
                 };
-                let revoke = proxy.clone().revoked(config, pod.clone(), call, false);
-                let r = hbone::stream::relay_until(upstream, send, recv, revoke).await;
+                let per_request = decision.is_none();
+                let revoke = proxy
+                    .clone()
+                    .revoked(config, pod.clone(), call.clone(), per_request);
+                let r = if per_request {
+                    let downstream = hbone::stream::StreamIo::new(send, recv);
+                    let r = proxy
+                        .serve_per_request(pod.clone(), call, downstream, upstream, revoke)
+                        .await;
+                    // Counted from the client's side already.
+                    Relayed {
+                        sent: r.received,
+                        received: r.sent,
+                        ..r
+                    }
+                } else {
+                    hbone::stream::relay_until(upstream, send, recv, revoke).await
+                };
+                let decision = decision.as_ref();
                 // The relay counts from the application's socket; log from the client's view,
                 // like the plaintext path (sent = client → application).
                 info!(direction = "inbound", hbone = true, src_identity = %src,
                     src_workload = src_workload.as_deref(), src_addr = %peer, forwarded_for = req.forwarded_for.map(|a| a.to_string()).as_deref(),
                     dst_addr = %req.target, dst_workload = %pod.workload, upstream = %req.target,
-                    authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,
+                    authz_policy = decision.and_then(|d| d.policy.as_deref()),
+                    authz_rule = decision.and_then(|d| d.rule), per_request,
                     bytes_sent = r.received, bytes_received = r.sent,
                     duration_ms = start.elapsed().as_millis() as u64, outcome = r.outcome(),
                     error = r.revoked.clone().or_else(|| r.error.as_ref().map(|e| e.to_string())).as_deref(),

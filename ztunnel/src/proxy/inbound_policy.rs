@@ -111,10 +111,12 @@ impl Proxy {
             Verdict::Decided(d) if d.allowed => Admission::Allowed(d),
             Verdict::Decided(d) => Admission::Denied(d),
             Verdict::NeedsHttp => Admission::PerRequest,
-            // Only reachable with HTTP attributes, which a connection does not have.
-            Verdict::Custom { policy, .. } => {
-                deny(format!("CUSTOM policy {policy} needs an HTTP request"))
-            }
+            // External authorization (ext-authz) is not built yet: fail closed.
+            Verdict::Custom {
+                policy, provider, ..
+            } => deny(format!(
+                "CUSTOM policy {policy}: external authorizer {provider} is not supported yet, so the request is denied"
+            )),
         }
     }
 

@@ -9,6 +9,7 @@
 //! carries [`PROXY_MARK`], so it leaves with the pod's own address and is never captured again.
 pub mod inbound;
 mod inbound_hbone;
+mod inbound_http;
 mod inbound_policy;
 pub mod outbound;
 mod relay;

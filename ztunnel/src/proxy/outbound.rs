@@ -204,14 +204,11 @@ impl Proxy {
             source_ip,
             route.upstream,
         );
-        let admission = match self.admit(&snapshot, &dst, &call, Unknowns::Defer) {
-            // HTTP requests are not decided one by one yet: settle HTTP rules as for opaque
-            // traffic, which never allows more than per request.
-            Admission::PerRequest => self.admit(&snapshot, &dst, &call, Unknowns::Conservative),
-            a => a,
-        };
-        let decision = match admission {
-            Admission::Allowed(d) => d,
+        let decision = match self.admit(&snapshot, &dst, &call, Unknowns::Defer) {
+            Admission::Allowed(d) => {
+                self.record(&dst, &call, &d);
+                Some(d)
+            }
             Admission::Denied(d) | Admission::MtlsRequired(d) => {
                 self.record(&dst, &call, &d);
                 reset(stream);
@@ -226,13 +223,21 @@ impl Proxy {
                 }
                 return;
             }
-            Admission::PerRequest => unreachable!("settled above"),
+            // Decided request by request, once the bytes are read.
+            Admission::PerRequest => None,
         };
-        self.record(&dst, &call, &decision);
+        let per_request = decision.is_none();
         let (r, outcome) = match self.connect_from(&dst, route.upstream).await {
             Ok(upstream) => {
-                let revoke = self.clone().revoked(config, dst.clone(), call, false);
-                let r = relay_until(stream, upstream, revoke).await;
+                let revoke = self
+                    .clone()
+                    .revoked(config, dst.clone(), call.clone(), per_request);
+                let r = if per_request {
+                    self.serve_per_request(dst.clone(), call, stream, upstream, revoke)
+                        .await
+                } else {
+                    relay_until(stream, upstream, revoke).await
+                };
                 let outcome = r.outcome();
                 (r, outcome)
             }

@@ -1,0 +1,359 @@
+//! Per-request authorization (L7). A connection to a workload whose policies need HTTP
+//! attributes (methods, paths, hosts, headers) is parsed as HTTP/1.1 or HTTP/2 with hyper, and
+//! each request is decided on its own with the very same evaluator as connections: allowed
+//! requests are forwarded to the application over one upstream connection of the same HTTP
+//! version, denied ones are answered `403 RBAC: access denied` without reaching it.
+//!
+//! What is not HTTP is decided once, as Istio settles HTTP rules for opaque traffic (a DENY
+//! rule matches, an ALLOW rule does not). A client that sends nothing within
+//! [`SNIFF_TIMEOUT`] (a server-speaks-first protocol) is treated as opaque too.
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tracing::info;
+
+use super::{
+    inbound_policy::{Admission, InboundCall},
+    PodContext, Proxy, Relayed,
+};
+use crate::authz::{HttpRequest, Unknowns};
+
+/// How long to wait for a client's first bytes before treating the connection as opaque.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+/// What the first bytes say, or `None` if more bytes are needed to tell.
+fn classify(b: &[u8]) -> Option<Protocol> {
+    let preface = &H2_PREFACE[..b.len().min(H2_PREFACE.len())];
+    if b.len() >= H2_PREFACE.len() && b.starts_with(H2_PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if b.len() < H2_PREFACE.len() && b == preface {
+        return None;
+    }
+    // HTTP/1: a method token (upper-case letters, at most 7: OPTIONS, CONNECT) and a space.
+    let token = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    match b.get(token) {
+        Some(b' ') if (3..=7).contains(&token) => Some(Protocol::Http1),
+        None if token == b.len() && token < 8 => None,
+        _ => Some(Protocol::Opaque),
+    }
+}
+
+/// Reads the client's first bytes to tell HTTP from anything else; they are replayed.
+async fn sniff<D: AsyncRead + Unpin>(io: &mut D) -> io::Result<(Protocol, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let mut chunk = [0u8; 64];
+        let n = match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok((Protocol::Opaque, buf)),
+        };
+        if n == 0 {
+            return Ok((Protocol::Opaque, buf));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = classify(&buf) {
+            return Ok((p, buf));
+        }
+    }
+}
+
+/// `inner` with `prefix` read first, counting the bytes each way.
+struct Replay<D> {
+    prefix: Bytes,
+    inner: D,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<D: AsyncRead + Unpin> AsyncRead for Replay<D> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<D: AsyncWrite + Unpin> AsyncWrite for Replay<D> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The upstream connection to the application, in the client's HTTP version.
+enum Upstream {
+    /// HTTP/1.1 carries one request at a time; the server side is sequential too.
+    H1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl Upstream {
+    async fn send(&self, req: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Upstream::H1(s) => {
+                let mut s = s.lock().await;
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Upstream::H2(s) => s.clone().send_request(req).await,
+        }
+    }
+}
+
+fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// The HTTP attributes policies see.
+fn http_attributes(req: &Request<Incoming>) -> HttpRequest {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (name, value) in req.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        match headers.iter_mut().find(|(n, _)| n == name.as_str()) {
+            Some((_, v)) => {
+                v.push(',');
+                v.push_str(&value);
+            }
+            None => headers.push((name.as_str().to_owned(), value.into_owned())),
+        }
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    HttpRequest {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        host,
+        headers,
+        auth: None,
+    }
+}
+
+impl Proxy {
+    /// Carries a connection whose requests must be decided one by one, until it ends or
+    /// `revoke` yields. `upstream` is the application's socket.
+    pub(super) async fn serve_per_request<D>(
+        self: &Arc<Self>,
+        pod: Arc<PodContext>,
+        call: InboundCall,
+        mut downstream: D,
+        upstream: TcpStream,
+        revoke: impl Future<Output = String>,
+    ) -> Relayed
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let done = |error: Option<io::Error>, revoked: Option<String>| Relayed {
+            sent: read.load(Ordering::Relaxed),
+            received: written.load(Ordering::Relaxed),
+            error,
+            revoked,
+        };
+        let (protocol, prefix) = match sniff(&mut downstream).await {
+            Ok(x) => x,
+            Err(e) => return done(Some(e), None),
+        };
+        let mut downstream = Replay {
+            prefix: Bytes::from(prefix),
+            inner: downstream,
+            read: read.clone(),
+            written: written.clone(),
+        };
+        if protocol == Protocol::Opaque {
+            let snapshot = self.snapshot();
+            let mut upstream = upstream;
+            return match self.admit(&snapshot, &pod, &call, Unknowns::Conservative) {
+                Admission::Allowed(d) => {
+                    self.record(&pod, &call, &d);
+                    let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+                    tokio::select! {
+                        r = copy => done(r.err(), None),
+                        reason = revoke => done(None, Some(reason)),
+                    }
+                }
+                Admission::Denied(d) | Admission::MtlsRequired(d) => {
+                    self.record(&pod, &call, &d);
+                    let reason = format!("traffic is not HTTP: {}", d.reason);
+                    done(
+                        Some(io::Error::new(io::ErrorKind::PermissionDenied, reason)),
+                        None,
+                    )
+                }
+                Admission::PerRequest => unreachable!("conservative decisions are final"),
+            };
+        }
+
+        let io = TokioIo::new(upstream);
+        let sender = if protocol == Protocol::Http2 {
+            match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
+                Ok((sender, conn)) => {
+                    tokio::spawn(conn);
+                    Upstream::H2(sender)
+                }
+                Err(e) => return done(Some(io::Error::other(e)), None),
+            }
+        } else {
+            match hyper::client::conn::http1::handshake(io).await {
+                Ok((sender, conn)) => {
+                    tokio::spawn(conn);
+                    Upstream::H1(tokio::sync::Mutex::new(sender))
+                }
+                Err(e) => return done(Some(io::Error::other(e)), None),
+            }
+        };
+        let sender = Arc::new(sender);
+        let proxy = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (proxy, pod, sender) = (proxy.clone(), pod.clone(), sender.clone());
+            let mut call = call.clone();
+            async move {
+                let start = Instant::now();
+                call.attributes.http = Some(http_attributes(&req));
+                let snapshot = proxy.snapshot();
+                let (response, decision) =
+                    match proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative) {
+                        Admission::Allowed(d) => {
+                            proxy.record(&pod, &call, &d);
+                            let response = match sender.send(req).await {
+                                Ok(r) => r.map(BodyExt::boxed),
+                                Err(e) => {
+                                    info!(dst_workload = %pod.workload, error = %e,
+                                        "forwarding a request to the application failed");
+                                    text_response(StatusCode::BAD_GATEWAY, "upstream failed\n")
+                                }
+                            };
+                            (response, d)
+                        }
+                        Admission::Denied(d) | Admission::MtlsRequired(d) => {
+                            proxy.record(&pod, &call, &d);
+                            let response =
+                                text_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+                            (response, d)
+                        }
+                        Admission::PerRequest => unreachable!("conservative decisions are final"),
+                    };
+                let http = call.attributes.http.as_ref();
+                info!(direction = "inbound", dst_workload = %pod.workload,
+                    src_principal = call.attributes.source_principal.as_deref(),
+                    src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
+                    method = http.map(|h| h.method.as_str()), path = http.map(|h| h.path.as_str()),
+                    host = http.map(|h| h.host.as_str()), status = response.status().as_u16(),
+                    authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,
+                    audit = decision.audit.is_some(),
+                    duration_ms = start.elapsed().as_millis() as u64, "http request");
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // The tunnel or socket below already has its own windows; defaults suffice here.
+        builder.http1().keep_alive(true);
+        let serve = builder.serve_connection(TokioIo::new(downstream), service);
+        tokio::select! {
+            r = serve => done(r.err().map(io::Error::other), None),
+            reason = revoke => done(None, Some(reason)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_tell_http_versions_from_anything_else() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"OPTIONS *"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Protocol::Http2)
+        );
+        assert_eq!(classify(b"PRI * HTTP/2"), None, "a prefix of the preface");
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Opaque), "TLS");
+        assert_eq!(classify(b"hello"), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"ABCDEFGHI"),
+            Some(Protocol::Opaque),
+            "too long a method"
+        );
+        assert_eq!(classify(b"GET/"), Some(Protocol::Opaque));
+    }
+}
