@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rustls::pki_types::CertificateDer;
 use tracing::{error, info};
 use ztunnel::{
+    authz::check::{check, Caller, CheckRequest},
     capture::{self, enrolment::Enroller, Capture, CaptureOptions},
     config,
     identity::{
@@ -42,6 +43,138 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Ask the policies of a configuration directory.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Would this call be allowed, and why? Runs the proxy's own decision. Exit status: 0
+    /// allowed, 1 denied, 2 bad input or configuration.
+    Check(Box<CheckArgs>),
+}
+
+#[derive(Parser)]
+#[command(group(clap::ArgGroup::new("caller").required(true).args(["from", "from_principal", "from_plaintext"])))]
+struct CheckArgs {
+    /// Directory of Kubernetes-shaped YAML, as for `run`.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// The destination pod, namespace/name.
+    #[arg(long)]
+    to: String,
+    /// The destination (target) port [default: the pod's first container port].
+    #[arg(long)]
+    port: Option<u16>,
+    /// The calling pod, namespace/name: mTLS as its identity if it is in the mesh, else plaintext.
+    #[arg(long)]
+    from: Option<String>,
+    /// An mTLS caller with this SPIFFE id (spiffe:// optional).
+    #[arg(long)]
+    from_principal: Option<String>,
+    /// A plaintext caller from outside the mesh.
+    #[arg(long)]
+    from_plaintext: bool,
+    /// The caller's address.
+    #[arg(long)]
+    from_ip: Option<std::net::IpAddr>,
+    /// HTTP method (describing any HTTP attribute makes it an HTTP request; GET by default).
+    #[arg(long)]
+    method: Option<String>,
+    #[arg(long)]
+    path: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+    /// A request header, 'name: value' (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// A JWT for RequestAuthentication.
+    #[arg(long)]
+    jwt: Option<String>,
+    #[arg(long)]
+    sni: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    #[arg(long, default_value = "istio.io/dataplane-mode=ambient", value_parser = EnrolmentPolicy::parse_label)]
+    ambient_label: (String, String),
+    #[arg(long, default_value = "istio.io/dataplane-mode=none", value_parser = EnrolmentPolicy::parse_label)]
+    opt_out_label: (String, String),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// `policy check`: prints the answer; the exit status says allowed (0), denied (1), or bad
+/// input or configuration (2).
+fn policy_check(args: CheckArgs) -> ExitCode {
+    let bad = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    };
+    let objects = match config::load_dir(&args.config_dir) {
+        Ok(o) => o,
+        Err(e) => {
+            return bad(format!(
+                "{} is not a valid configuration: {e}",
+                args.config_dir.display()
+            ))
+        }
+    };
+    let settings = MeshSettings {
+        root_namespace: args.root_namespace.clone(),
+    };
+    let snapshot = ztunnel::state::Snapshot::build(1, objects, &settings);
+    for problem in &snapshot.problems {
+        eprintln!("warning: {problem}");
+    }
+    let from = match (args.from, args.from_principal) {
+        (Some(pod), _) => Caller::Pod(pod),
+        (None, Some(p)) => Caller::Principal(p),
+        (None, None) => Caller::Plaintext,
+    };
+    let req = CheckRequest {
+        to: args.to,
+        port: args.port,
+        from,
+        from_ip: args.from_ip,
+        method: args.method,
+        path: args.path,
+        host: args.host,
+        headers: args.headers,
+        jwt: args.jwt,
+        sni: args.sni,
+        trust_domain: args.trust_domain,
+        enrolment: EnrolmentPolicy {
+            namespace_label: args.ambient_label,
+            pod_opt_out_label: args.opt_out_label,
+        },
+    };
+    let answer = match check(&snapshot, &req) {
+        Ok(a) => a,
+        Err(e) => return bad(e),
+    };
+    match args.output {
+        Output::Text => print!("{}", answer.text()),
+        Output::Json => match serde_json::to_string_pretty(&answer) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return bad(e.to_string()),
+        },
+    }
+    if answer.decision == "ALLOW" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 #[derive(Subcommand)]
@@ -173,6 +306,9 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Policy {
+            command: PolicyCommand::Check(args),
+        } => return policy_check(*args),
         Command::Run(args) => {
             init_logging(args.log_format);
             run(*args)

@@ -4,12 +4,16 @@
 //!   side (STRICT refuses plaintext).
 //! * [`authorization_policy`]: `AuthorizationPolicy` as written, validated and compiled.
 //! * [`evaluate`]: deciding a connection or a request against the policies of its destination.
+//! * [`admission`]: the whole inbound decision (PeerAuthentication, then authorization).
+pub mod admission;
 pub mod authorization_policy;
+pub mod check;
 pub mod evaluate;
 pub mod peer_authentication;
 
 use std::{collections::BTreeMap, sync::Arc};
 
+pub use admission::{admit, Admission, InboundCall, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
 pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};

@@ -2,73 +2,22 @@
 //! same node): PeerAuthentication for plaintext callers, then the pod's AuthorizationPolicies.
 //! Decisions are logged (every denial, every AUDIT match), counted, and re-made whenever the
 //! configuration changes for as long as the connection lives.
-use std::{net::IpAddr, sync::Arc};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{PodContext, Proxy};
 use crate::{
-    authz::{self, Attributes, Decision, Unknowns, Verdict},
-    identity::SpiffeId,
+    authz::{self, Decision, Unknowns},
     state::Snapshot,
 };
 
-/// How a connection entered the pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// Plaintext from outside the mesh (15006): PeerAuthentication applies.
-    Plaintext,
-    /// Mutual TLS (HBONE), or a same-node mesh pod known by its listener.
-    Mesh,
-}
-
-/// The caller and the call, as known when the connection arrives.
-#[derive(Clone, Debug)]
-pub struct InboundCall {
-    pub transport: Transport,
-    pub attributes: Attributes,
-}
-
-impl InboundCall {
-    pub fn new(
-        transport: Transport,
-        peer: Option<&SpiffeId>,
-        source_ip: Option<IpAddr>,
-        destination: std::net::SocketAddr,
-    ) -> Self {
-        let mut attributes = Attributes {
-            source_ip,
-            remote_ip: source_ip,
-            destination_ip: Some(destination.ip()),
-            destination_port: Some(destination.port()),
-            ..Default::default()
-        };
-        if let Some(id) = peer {
-            attributes = attributes.with_peer(id);
-        }
-        Self {
-            transport,
-            attributes,
-        }
-    }
-}
-
-/// The connection-time outcome.
-#[derive(Clone, Debug)]
-pub enum Admission {
-    Allowed(Decision),
-    /// PeerAuthentication refuses plaintext here (STRICT).
-    MtlsRequired(Decision),
-    /// An AuthorizationPolicy denies it.
-    Denied(Decision),
-    /// Allowed so far; each HTTP request is decided on its own.
-    PerRequest,
-}
+pub use crate::authz::{Admission, InboundCall, Transport};
 
 impl Proxy {
-    /// Decides `call` to `pod` against `snapshot`. `unknowns` says how to treat rules that need
-    /// HTTP attributes (defer to per-request decisions, or settle them for opaque traffic).
+    /// Decides `call` to `pod` against `snapshot` ([`authz::admit`], which `ztunnel policy
+    /// check` runs too).
     pub(super) fn admit(
         &self,
         snapshot: &Snapshot,
@@ -76,47 +25,19 @@ impl Proxy {
         call: &InboundCall,
         unknowns: Unknowns,
     ) -> Admission {
-        let deny = |reason: String| {
-            Admission::Denied(Decision {
+        match snapshot
+            .pods
+            .get(&(pod.namespace.clone(), pod.name.clone()))
+        {
+            Some(p) => authz::admit(snapshot, p, call, unknowns),
+            None => Admission::Denied(Decision {
                 allowed: false,
                 policy: None,
                 rule: None,
                 action: None,
-                reason,
+                reason: "the pod is no longer in the configuration".into(),
                 audit: None,
-            })
-        };
-        let Some(p) = snapshot
-            .pods
-            .get(&(pod.namespace.clone(), pod.name.clone()))
-        else {
-            return deny("the pod is no longer in the configuration".into());
-        };
-        if call.transport == Transport::Plaintext {
-            let port = call.attributes.destination_port.unwrap_or_default();
-            let mtls = snapshot.mtls_mode(p, port);
-            if !mtls.mode.accepts_plaintext() {
-                return Admission::MtlsRequired(Decision {
-                    allowed: false,
-                    policy: mtls.policy.clone(),
-                    rule: None,
-                    action: None,
-                    reason: format!("plaintext refused: mTLS mode {mtls}"),
-                    audit: None,
-                });
-            }
-        }
-        let policies = snapshot.authorization_policies_for(p);
-        match authz::evaluate(&policies, &call.attributes, unknowns) {
-            Verdict::Decided(d) if d.allowed => Admission::Allowed(d),
-            Verdict::Decided(d) => Admission::Denied(d),
-            Verdict::NeedsHttp => Admission::PerRequest,
-            // External authorization (ext-authz) is not built yet: fail closed.
-            Verdict::Custom {
-                policy, provider, ..
-            } => deny(format!(
-                "CUSTOM policy {policy}: external authorizer {provider} is not supported yet, so the request is denied"
-            )),
+            }),
         }
     }
 

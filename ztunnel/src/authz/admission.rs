@@ -1,0 +1,103 @@
+//! The inbound admission decision, as a pure function of the configuration: PeerAuthentication
+//! for plaintext callers, then the destination's AuthorizationPolicies. The proxy runs it for
+//! every connection and request; `ztunnel policy check` runs the very same code.
+use std::net::{IpAddr, SocketAddr};
+
+use super::{evaluate, Attributes, Decision, Unknowns, Verdict};
+use crate::{
+    identity::SpiffeId,
+    state::{Pod, Snapshot},
+};
+
+/// How a connection entered the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Plaintext from outside the mesh (15006): PeerAuthentication applies.
+    Plaintext,
+    /// Mutual TLS (HBONE), or a same-node mesh pod known by its listener.
+    Mesh,
+}
+
+/// The caller and the call, as known when the connection arrives.
+#[derive(Clone, Debug)]
+pub struct InboundCall {
+    pub transport: Transport,
+    pub attributes: Attributes,
+}
+
+impl InboundCall {
+    pub fn new(
+        transport: Transport,
+        peer: Option<&SpiffeId>,
+        source_ip: Option<IpAddr>,
+        destination: SocketAddr,
+    ) -> Self {
+        let mut attributes = Attributes {
+            source_ip,
+            remote_ip: source_ip,
+            destination_ip: Some(destination.ip()),
+            destination_port: Some(destination.port()),
+            ..Default::default()
+        };
+        if let Some(id) = peer {
+            attributes = attributes.with_peer(id);
+        }
+        Self {
+            transport,
+            attributes,
+        }
+    }
+}
+
+/// The connection-time outcome.
+#[derive(Clone, Debug)]
+pub enum Admission {
+    Allowed(Decision),
+    /// PeerAuthentication refuses plaintext here (STRICT).
+    MtlsRequired(Decision),
+    /// An AuthorizationPolicy denies it.
+    Denied(Decision),
+    /// Allowed so far; each HTTP request is decided on its own.
+    PerRequest,
+}
+
+/// Decides `call` to `pod`. `unknowns` says how to treat rules that need HTTP attributes the
+/// call does not carry: defer (the connection is then decided per request) or settle them as
+/// for traffic that is not HTTP.
+pub fn admit(snapshot: &Snapshot, pod: &Pod, call: &InboundCall, unknowns: Unknowns) -> Admission {
+    if call.transport == Transport::Plaintext {
+        let port = call.attributes.destination_port.unwrap_or_default();
+        let mtls = snapshot.mtls_mode(pod, port);
+        if !mtls.mode.accepts_plaintext() {
+            return Admission::MtlsRequired(Decision {
+                allowed: false,
+                policy: mtls.policy.clone(),
+                rule: None,
+                action: None,
+                reason: format!("plaintext refused: mTLS mode {mtls}"),
+                audit: None,
+            });
+        }
+    }
+    let policies = snapshot.authorization_policies_for(pod);
+    match evaluate(&policies, &call.attributes, unknowns) {
+        Verdict::Decided(d) if d.allowed => Admission::Allowed(d),
+        Verdict::Decided(d) => Admission::Denied(d),
+        Verdict::NeedsHttp => Admission::PerRequest,
+        // External authorization (ext-authz) is not built yet: fail closed.
+        Verdict::Custom {
+            policy,
+            rule,
+            provider,
+        } => Admission::Denied(Decision {
+            allowed: false,
+            policy: Some(policy.clone()),
+            rule: Some(rule),
+            action: Some(super::Action::Custom),
+            reason: format!(
+                "CUSTOM policy {policy}: external authorizer {provider} is not supported yet, so the request is denied"
+            ),
+            audit: None,
+        }),
+    }
+}

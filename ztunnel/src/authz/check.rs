@@ -1,0 +1,396 @@
+//! `ztunnel policy check`: would this call be allowed, and why? It builds the call the proxy
+//! would see and runs the proxy's own decision ([`admit`]) on it.
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use super::{admit, Admission, HttpRequest, InboundCall, Transport, Unknowns};
+use crate::{
+    identity::SpiffeId,
+    state::{EnrolmentPolicy, Pod, Snapshot},
+};
+
+/// Who calls.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// A pod of the configuration (`namespace/name`): mTLS with its identity if it is in the
+    /// mesh, plaintext otherwise.
+    Pod(String),
+    /// An mTLS peer with this SPIFFE id (`spiffe://` optional).
+    Principal(String),
+    /// A client outside the mesh.
+    Plaintext,
+}
+
+/// What to check; `None` fields take the defaults the proxy would see.
+#[derive(Clone, Debug)]
+pub struct CheckRequest {
+    /// `namespace/name` of the destination pod.
+    pub to: String,
+    pub port: Option<u16>,
+    pub from: Caller,
+    pub from_ip: Option<IpAddr>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    /// `name: value` pairs.
+    pub headers: Vec<String>,
+    pub jwt: Option<String>,
+    pub sni: Option<String>,
+    pub trust_domain: String,
+    pub enrolment: EnrolmentPolicy,
+}
+
+/// The answer, as printed with `--output json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckResult {
+    /// `ALLOW` or `DENY`.
+    pub decision: &'static str,
+    /// 200, or 403 for a denial.
+    pub status: u16,
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    pub audit: bool,
+    pub audit_policy: Option<String>,
+    pub reason: String,
+    /// `http` (a request was described) or `tcp` (a connection only).
+    pub evaluated_as: &'static str,
+    /// `mtls` or `plaintext`.
+    pub transport: &'static str,
+    pub source_principal: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    pub destination: String,
+}
+
+fn find_pod<'a>(snapshot: &'a Snapshot, what: &str, name: &str) -> Result<&'a Pod, String> {
+    let (ns, pod) = name
+        .split_once('/')
+        .filter(|(ns, pod)| !ns.is_empty() && !pod.is_empty())
+        .ok_or_else(|| format!("{what} must be written namespace/pod, got {name:?}"))?;
+    snapshot
+        .pods
+        .get(&(ns.to_owned(), pod.to_owned()))
+        .map(|p| p.as_ref())
+        .ok_or_else(|| format!("no pod {ns}/{pod} in the configuration"))
+}
+
+/// Answers `req` against `snapshot`; `Err` is bad input.
+pub fn check(snapshot: &Snapshot, req: &CheckRequest) -> Result<CheckResult, String> {
+    let pod = find_pod(snapshot, "--to", &req.to)?;
+    let port = match (req.port, pod.container_ports.first()) {
+        (Some(p), _) => p,
+        (None, Some(c)) => c.port,
+        (None, None) => {
+            return Err(format!(
+                "{} declares no container port: pass --port",
+                pod.workload()
+            ))
+        }
+    };
+    let (transport, principal, mut source_ip) = match &req.from {
+        Caller::Pod(name) => {
+            let from = find_pod(snapshot, "--from", name)?;
+            let ip = from.ips.first().copied();
+            if snapshot.in_mesh(from, &req.enrolment) {
+                let id = SpiffeId::new(&req.trust_domain, &from.namespace, &from.service_account)
+                    .map_err(|e| format!("{}: {e}", from.workload()))?;
+                (Transport::Mesh, Some(id), ip)
+            } else {
+                (Transport::Plaintext, None, ip)
+            }
+        }
+        Caller::Principal(p) => {
+            let text = if p.starts_with("spiffe://") {
+                p.clone()
+            } else {
+                format!("spiffe://{p}")
+            };
+            let id: SpiffeId = text
+                .parse()
+                .map_err(|e| format!("--from-principal {p:?}: {e}"))?;
+            (Transport::Mesh, Some(id), None)
+        }
+        Caller::Plaintext => (Transport::Plaintext, None, None),
+    };
+    if req.from_ip.is_some() {
+        source_ip = req.from_ip;
+    }
+    if req.jwt.is_some() {
+        return Err(
+            "--jwt needs RequestAuthentication, which the proxy does not validate yet".into(),
+        );
+    }
+    let dst_ip = pod.ips.first().copied();
+    let destination = match dst_ip {
+        Some(ip) => SocketAddr::new(ip, port).to_string(),
+        None => format!("{}:{port}", pod.workload()),
+    };
+    let mut call = InboundCall::new(
+        transport,
+        principal.as_ref(),
+        source_ip,
+        SocketAddr::new(
+            dst_ip.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            port,
+        ),
+    );
+    call.attributes.destination_ip = dst_ip;
+    call.attributes.sni = req.sni.clone();
+    let describes_http =
+        req.method.is_some() || req.path.is_some() || req.host.is_some() || !req.headers.is_empty();
+    if describes_http {
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for h in &req.headers {
+            let (name, value) = h
+                .split_once(':')
+                .filter(|(n, _)| !n.trim().is_empty())
+                .ok_or_else(|| format!("--header must be 'name: value', got {h:?}"))?;
+            let name = name.trim().to_ascii_lowercase();
+            match headers.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => {
+                    v.push(',');
+                    v.push_str(value.trim());
+                }
+                None => headers.push((name, value.trim().to_owned())),
+            }
+        }
+        let path = req.path.clone().unwrap_or_else(|| "/".into());
+        call.attributes.http = Some(HttpRequest {
+            method: req.method.clone().unwrap_or_else(|| "GET".into()),
+            // The proxy matches the path without its query string.
+            path: path.split('?').next().unwrap_or_default().to_owned(),
+            host: req.host.clone().unwrap_or_else(|| destination.clone()),
+            headers,
+            auth: None,
+        });
+    }
+    let mut note = None;
+    let admission = match admit(snapshot, pod, &call, Unknowns::Defer) {
+        Admission::PerRequest => {
+            note = Some(
+                "the answer depends on the HTTP request (pass --method, --path, --host or --header); as traffic that is not HTTP: ",
+            );
+            admit(snapshot, pod, &call, Unknowns::Conservative)
+        }
+        a => a,
+    };
+    let d = match admission {
+        Admission::Allowed(d) | Admission::Denied(d) | Admission::MtlsRequired(d) => d,
+        Admission::PerRequest => unreachable!("conservative decisions are final"),
+    };
+    Ok(CheckResult {
+        decision: if d.allowed { "ALLOW" } else { "DENY" },
+        status: if d.allowed { 200 } else { 403 },
+        policy: d.policy.clone(),
+        rule: d.rule,
+        audit: d.audit.is_some(),
+        audit_policy: d.audit.as_ref().map(|(p, r)| format!("{p} rule {r}")),
+        reason: format!("{}{}", note.unwrap_or_default(), d.reason),
+        evaluated_as: if describes_http { "http" } else { "tcp" },
+        transport: match transport {
+            Transport::Mesh => "mtls",
+            Transport::Plaintext => "plaintext",
+        },
+        source_principal: call.attributes.source_principal.clone(),
+        source_ip,
+        destination,
+    })
+}
+
+impl CheckResult {
+    /// The text form, for people.
+    pub fn text(&self) -> String {
+        let mut out = format!("{} (status {})\n", self.decision, self.status);
+        if let Some(p) = &self.policy {
+            match self.rule {
+                Some(r) => out.push_str(&format!("  policy:  {p}, rule {r}\n")),
+                None => out.push_str(&format!("  policy:  {p}\n")),
+            }
+        }
+        out.push_str(&format!("  reason:  {}\n", self.reason));
+        let from = match (&self.source_principal, self.source_ip) {
+            (Some(p), Some(ip)) => format!("{p} at {ip}"),
+            (Some(p), None) => p.clone(),
+            (None, Some(ip)) => ip.to_string(),
+            (None, None) => "an unknown address".into(),
+        };
+        out.push_str(&format!(
+            "  call:    {} from {from} to {} ({})\n",
+            self.transport, self.destination, self.evaluated_as
+        ));
+        if let Some(a) = &self.audit_policy {
+            out.push_str(&format!("  audit:   marked by {a}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::parse_file,
+        state::{MeshSettings, Objects},
+    };
+
+    const CONFIG: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: istioinaction, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: webapp, namespace: istioinaction, labels: {app: webapp}}
+spec: {serviceAccountName: webapp, containers: [{ports: [{containerPort: 8080}]}]}
+status: {podIP: 10.2.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: istioinaction}
+spec: {serviceAccountName: client}
+status: {podIP: 10.1.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sleep, namespace: default}
+status: {podIP: 10.1.0.4}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: webapp-get, namespace: istioinaction}
+spec:
+  selector: {matchLabels: {app: webapp}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/istioinaction/sa/client"]}}]
+    to: [{operation: {methods: [GET], paths: ["/api/*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-all, namespace: istio-system}
+spec: {action: AUDIT, rules: [{}]}
+"#;
+
+    fn snapshot() -> Snapshot {
+        let mut o = Objects::default();
+        parse_file(std::path::Path::new("c.yaml"), CONFIG, &mut o).unwrap();
+        Snapshot::build(1, o, &MeshSettings::default())
+    }
+
+    fn request(from: Caller) -> CheckRequest {
+        CheckRequest {
+            to: "istioinaction/webapp".into(),
+            port: None,
+            from,
+            from_ip: None,
+            method: None,
+            path: None,
+            host: None,
+            headers: vec![],
+            jwt: None,
+            sni: None,
+            trust_domain: "cluster.local".into(),
+            enrolment: EnrolmentPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn answers_like_the_proxy() {
+        let s = snapshot();
+        let mut r = request(Caller::Pod("istioinaction/client".into()));
+        r.method = Some("GET".into());
+        r.path = Some("/api/items?x=1".into());
+        let a = check(&s, &r).unwrap();
+        assert_eq!((a.decision, a.status), ("ALLOW", 200), "{a:?}");
+        assert_eq!(a.policy.as_deref(), Some("istioinaction/webapp-get"));
+        assert_eq!(a.rule, Some(0));
+        assert!(a.audit, "the mesh-wide AUDIT marks it");
+        assert_eq!(a.transport, "mtls");
+        assert_eq!(a.destination, "10.2.0.2:8080", "the pod's only port");
+
+        r.method = Some("POST".into());
+        let a = check(&s, &r).unwrap();
+        assert_eq!((a.decision, a.status), ("DENY", 403));
+        assert!(
+            a.reason.contains("none of their rules matched"),
+            "{}",
+            a.reason
+        );
+
+        // The sleep pod is outside the mesh: plaintext, no principal.
+        let mut r = request(Caller::Pod("default/sleep".into()));
+        r.method = Some("GET".into());
+        r.path = Some("/api/items".into());
+        let a = check(&s, &r).unwrap();
+        assert_eq!((a.decision, a.transport), ("DENY", "plaintext"));
+        assert_eq!(a.source_ip, Some("10.1.0.4".parse().unwrap()));
+
+        // A connection only: it depends on the request, and is denied as opaque traffic.
+        let a = check(
+            &s,
+            &request(Caller::Principal(
+                "cluster.local/ns/istioinaction/sa/client".into(),
+            )),
+        )
+        .unwrap();
+        assert_eq!((a.decision, a.evaluated_as), ("DENY", "tcp"));
+        assert!(
+            a.reason.contains("depends on the HTTP request"),
+            "{}",
+            a.reason
+        );
+        assert!(a.text().starts_with("DENY (status 403)"));
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let s = snapshot();
+        for (r, expect) in [
+            (
+                CheckRequest {
+                    to: "nope".into(),
+                    ..request(Caller::Plaintext)
+                },
+                "namespace/pod",
+            ),
+            (
+                CheckRequest {
+                    to: "istioinaction/ghost".into(),
+                    ..request(Caller::Plaintext)
+                },
+                "no pod",
+            ),
+            (
+                request(Caller::Principal("not a principal".into())),
+                "--from-principal",
+            ),
+            (
+                CheckRequest {
+                    headers: vec!["novalue".into()],
+                    ..request(Caller::Plaintext)
+                },
+                "--header",
+            ),
+            (
+                CheckRequest {
+                    jwt: Some("x".into()),
+                    ..request(Caller::Plaintext)
+                },
+                "RequestAuthentication",
+            ),
+            (
+                CheckRequest {
+                    to: "istioinaction/client".into(),
+                    ..request(Caller::Plaintext)
+                },
+                "--port",
+            ),
+        ] {
+            let e = check(&s, &r).unwrap_err();
+            assert!(e.contains(expect), "{e}");
+        }
+    }
+}
