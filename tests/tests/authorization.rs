@@ -320,3 +320,142 @@ fn l7_paths_and_methods_are_decided_per_request() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// An identity provider: an ES256 key, its JWKS, and tokens signed with it.
+struct IdentityProvider {
+    key: jsonwebtoken::EncodingKey,
+    jwks: String,
+}
+
+impl IdentityProvider {
+    fn new() -> Self {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let kp = rcgen::KeyPair::generate().expect("key");
+        let raw = kp.public_key_raw();
+        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+            "alg": "ES256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]});
+        Self {
+            key: jsonwebtoken::EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes())
+                .expect("PKCS#8 EC key"),
+            jwks: jwks.to_string(),
+        }
+    }
+
+    fn token(&self, sub: &str, group: &str, exp_in: i64) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k1".into());
+        let claims = serde_json::json!({"iss": "auth@istioinaction.io", "sub": sub,
+            "group": group, "exp": now + exp_in});
+        jsonwebtoken::encode(&h, &claims, &self.key).expect("signing")
+    }
+}
+
+#[test]
+fn jwt_protected_service_users_get_admins_everything() -> Result<()> {
+    let c = start()?;
+    let idp = IdentityProvider::new();
+    let webapp = c.pod("istioinaction", "webapp");
+    let mut server =
+        webapp.spawn_probe(&["http-server-ka", "--port", "8080", "--name", "webapp"])?;
+    server.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
+    let policies = format!(
+        "{}---\n{}---\n{}",
+        common::istio(
+            "RequestAuthentication",
+            "istioinaction",
+            "jwt-token-request-authn",
+            &format!(
+                "  selector:\n    matchLabels:\n      app: webapp\n  jwtRules:\n  - issuer: auth@istioinaction.io\n    jwks: '{}'\n",
+                idp.jwks
+            ),
+        ),
+        authorization_policy(
+            "istioinaction",
+            "allow-all-with-jwt-to-webapp",
+            "  selector:\n    matchLabels:\n      app: webapp\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"auth@istioinaction.io/*\"]\n    to:\n    - operation:\n        methods: [GET]\n",
+        ),
+        authorization_policy(
+            "istioinaction",
+            "allow-mesh-all-ops-admin",
+            "  selector:\n    matchLabels:\n      app: webapp\n  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"auth@istioinaction.io/*\"]\n    when:\n    - key: request.auth.claims[group]\n      values: [admin]\n",
+        ),
+    );
+    c.apply("jwt.yaml", Some(&policies))?;
+    let url = format!(
+        "http://{}/api/catalog",
+        addr(&c, "istioinaction", "webapp", 8080)
+    );
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let (user, admin) = (
+        idp.token("user", "user", 600),
+        idp.token("admin", "admin", 600),
+    );
+    let expired = idp.token("user", "user", -3600);
+    let forged = IdentityProvider::new().token("admin", "admin", 600);
+    let client = ("istioinaction", "client");
+    for (what, options, expected) in [
+        ("no token: requestPrincipals required", vec![], 403),
+        (
+            "expired token",
+            vec!["-H".to_owned(), bearer(&expired)],
+            401,
+        ),
+        (
+            "token of another issuer key",
+            vec!["-H".to_owned(), bearer(&forged)],
+            401,
+        ),
+        (
+            "garbage token",
+            vec!["-H".to_owned(), bearer("abc.def.ghi")],
+            401,
+        ),
+        ("user GET", vec!["-H".to_owned(), bearer(&user)], 200),
+        (
+            "user POST",
+            vec![
+                "-X".to_owned(),
+                "POST".to_owned(),
+                "-H".to_owned(),
+                bearer(&user),
+            ],
+            403,
+        ),
+        (
+            "admin POST",
+            vec![
+                "-X".to_owned(),
+                "POST".to_owned(),
+                "-H".to_owned(),
+                bearer(&admin),
+            ],
+            200,
+        ),
+    ] {
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        let (codes, text) = curl(&c, client, &options, &[&url])?;
+        ensure!(
+            codes == [expected],
+            "{what}: expected {expected}, got {text}"
+        );
+    }
+    // The proxy says who the user was, and why a token failed.
+    let logs = c.logs(2);
+    ensure!(
+        logs.iter().any(|l| l["message"] == "http request"
+            && l["src_request_principal"] == "auth@istioinaction.io/admin"
+            && l["status"] == 200),
+        "no request logged with the admin's request principal"
+    );
+    ensure!(
+        logs.iter().any(|l| l["message"] == "authentication failed"
+            && l["reason"].as_str().is_some_and(|r| r.contains("Expired"))),
+        "no authentication failure logged for the expired token"
+    );
+    Ok(())
+}

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-use crate::authz::{authorization_policy, peer_authentication};
+use crate::authz::{authorization_policy, peer_authentication, request_authentication};
 use crate::state::{
     ContainerPort, Labels, MeshSettings, Namespace, Objects, Origin, OtherObject, Pod, Service,
     ServicePort, Snapshot, TargetPort,
@@ -498,9 +498,19 @@ where
                 .map_err(ObjectError::Invalid)?;
             objects.authorization_policies.push(policy);
         }
-        (version, kind @ ("PeerAuthentication" | "AuthorizationPolicy"))
-            if version.starts_with("security.istio.io/") =>
-        {
+        (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "RequestAuthentication") => {
+            let doc = PolicyDoc::<request_authentication::SpecDoc>::deserialize(body)
+                .map_err(ObjectError::Parse)?;
+            let policy = doc
+                .spec
+                .into_policy(namespace, meta.name.clone(), origin.clone())
+                .map_err(ObjectError::Invalid)?;
+            objects.request_authentications.push(policy);
+        }
+        (
+            version,
+            kind @ ("PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication"),
+        ) if version.starts_with("security.istio.io/") => {
             return Err(ObjectError::Invalid(format!(
                 "apiVersion {version} is not supported for {kind} (use {ISTIO_SECURITY_V1} or {ISTIO_SECURITY_V1BETA1})"
             )));
@@ -656,6 +666,7 @@ pub fn watch(
                         namespaces = snapshot.namespaces.len(),
                         peer_authentications = snapshot.peer_authentications.len(),
                         authorization_policies = snapshot.authorization_policies.len(),
+                        request_authentications = snapshot.request_authentications.len(),
                         "configuration loaded"
                     );
                     log_problems(&snapshot);

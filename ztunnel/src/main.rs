@@ -6,7 +6,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rustls::pki_types::CertificateDer;
 use tracing::{error, info};
 use ztunnel::{
-    authz::check::{check, Caller, CheckRequest},
+    authz::{
+        check::{check, Caller, CheckRequest},
+        jwks, request_authentication,
+    },
     capture::{self, enrolment::Enroller, Capture, CaptureOptions},
     config,
     identity::{
@@ -159,7 +162,36 @@ fn policy_check(args: CheckArgs) -> ExitCode {
             pod_opt_out_label: args.opt_out_label,
         },
     };
-    let answer = match check(&snapshot, &req) {
+    // Key sets named by jwksUri are fetched once, up front, as the proxy would fetch them.
+    let mut fetched = std::collections::HashMap::new();
+    if req.jwt.is_some() {
+        let uris: std::collections::BTreeSet<String> = snapshot
+            .request_authentications
+            .iter()
+            .flat_map(|ra| &ra.rules)
+            .filter_map(|r| match &r.keys {
+                request_authentication::Keys::Uri(uri) => Some(uri.clone()),
+                request_authentication::Keys::Inline(_) => None,
+            })
+            .collect();
+        if !uris.is_empty() {
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return bad(format!("starting the runtime: {e}")),
+            };
+            for uri in uris {
+                let got = rt.block_on(tokio::time::timeout(jwks::TIMEOUT, jwks::fetch(&uri)));
+                match got {
+                    Ok(Ok(set)) => {
+                        fetched.insert(uri, Arc::new(set));
+                    }
+                    Ok(Err(e)) => eprintln!("warning: fetching {uri}: {e}"),
+                    Err(_) => eprintln!("warning: fetching {uri}: timed out"),
+                }
+            }
+        }
+    }
+    let answer = match check(&snapshot, &req, &|uri| fetched.get(uri).cloned()) {
         Ok(a) => a,
         Err(e) => return bad(e),
     };

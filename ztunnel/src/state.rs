@@ -13,7 +13,7 @@ use std::{
 
 use crate::authz::{
     AuthorizationPolicies, AuthorizationPolicy, MtlsDecision, PeerAuthentication,
-    PeerAuthentications,
+    PeerAuthentications, RequestAuthentication, RequestAuthentications,
 };
 
 pub type Labels = BTreeMap<String, String>;
@@ -136,6 +136,7 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub request_authentications: Vec<RequestAuthentication>,
     pub other: Vec<OtherObject>,
 }
 
@@ -150,6 +151,7 @@ pub struct Snapshot {
     pub services: BTreeMap<Key, Arc<Service>>,
     pub peer_authentications: PeerAuthentications,
     pub authorization_policies: AuthorizationPolicies,
+    pub request_authentications: RequestAuthentications,
     pub other: Vec<OtherObject>,
     /// Istio's root namespace (from [`MeshSettings`]).
     pub root_namespace: String,
@@ -168,6 +170,7 @@ impl Snapshot {
             other: objects.other,
             peer_authentications: PeerAuthentications::new(objects.peer_authentications),
             authorization_policies: AuthorizationPolicies::new(objects.authorization_policies),
+            request_authentications: RequestAuthentications::new(objects.request_authentications),
             root_namespace: settings.root_namespace.clone(),
             ..Default::default()
         };
@@ -260,11 +263,19 @@ impl Snapshot {
     /// The AuthorizationPolicies that apply to `pod`.
     pub fn authorization_policies_for(&self, pod: &Pod) -> Vec<&AuthorizationPolicy> {
         self.authorization_policies
-            .for_workload(pod, &self.root_namespace, |name| {
-                self.services
-                    .get(&(pod.namespace.clone(), name.to_owned()))
-                    .map(|s| s.as_ref())
-            })
+            .for_workload(pod, &self.root_namespace, |name| self.service_in(pod, name))
+    }
+
+    /// The RequestAuthentications that apply to `pod`.
+    pub fn request_authentications_for(&self, pod: &Pod) -> Vec<&RequestAuthentication> {
+        self.request_authentications
+            .for_workload(pod, &self.root_namespace, |name| self.service_in(pod, name))
+    }
+
+    fn service_in(&self, pod: &Pod, name: &str) -> Option<&Service> {
+        self.services
+            .get(&(pod.namespace.clone(), name.to_owned()))
+            .map(|s| s.as_ref())
     }
 
     /// The mutual-TLS mode in force for connections to `pod` on (target) `port`.

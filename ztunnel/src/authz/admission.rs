@@ -80,7 +80,13 @@ pub fn admit(snapshot: &Snapshot, pod: &Pod, call: &InboundCall, unknowns: Unkno
         }
     }
     let policies = snapshot.authorization_policies_for(pod);
+    // Tokens are checked on every HTTP request of a workload with RequestAuthentication (a bad
+    // one is a 401 even where no AuthorizationPolicy applies).
+    let authenticates = call.attributes.http.is_none()
+        && unknowns == Unknowns::Defer
+        && !snapshot.request_authentications_for(pod).is_empty();
     match evaluate(&policies, &call.attributes, unknowns) {
+        Verdict::Decided(d) if d.allowed && authenticates => Admission::PerRequest,
         Verdict::Decided(d) if d.allowed => Admission::Allowed(d),
         Verdict::Decided(d) => Admission::Denied(d),
         Verdict::NeedsHttp => Admission::PerRequest,

@@ -361,13 +361,13 @@ pub struct SpecDoc {
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SelectorDoc {
+pub(super) struct SelectorDoc {
     match_labels: Option<Labels>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TargetRefDoc {
+pub(super) struct TargetRefDoc {
     #[serde(default)]
     group: String,
     kind: String,
@@ -551,6 +551,48 @@ impl RuleDoc {
     }
 }
 
+/// The workloads a policy is for, from `selector` or `targetRef(s)` (not both), as Istio reads
+/// them for AuthorizationPolicy and RequestAuthentication alike.
+pub(super) fn target_of(
+    namespace: &str,
+    selector: Option<SelectorDoc>,
+    target_ref: Option<TargetRefDoc>,
+    target_refs: Option<Vec<TargetRefDoc>>,
+) -> Result<Target, String> {
+    let refs: Vec<TargetRefDoc> = target_ref
+        .into_iter()
+        .chain(target_refs.unwrap_or_default())
+        .collect();
+    let labels = selector.and_then(|s| s.match_labels).unwrap_or_default();
+    if refs.is_empty() {
+        return Ok(Target::Selector(labels));
+    }
+    if !labels.is_empty() {
+        return Err("selector and targetRef(s) cannot both be set".into());
+    }
+    let mut services = Vec::new();
+    let mut elsewhere = Vec::new();
+    for r in refs {
+        if r.namespace.as_deref().is_some_and(|ns| ns != namespace) {
+            return Err(format!(
+                "targetRef {} {} must be in the policy's namespace {namespace}",
+                r.kind, r.name
+            ));
+        }
+        match (r.group.as_str(), r.kind.as_str()) {
+            ("" | "core", "Service") => services.push(r.name),
+            (_, kind) => elsewhere.push(format!("{kind} {}", r.name)),
+        }
+    }
+    match (services.is_empty(), elsewhere.is_empty()) {
+        (_, true) => Ok(Target::Services(services)),
+        (true, false) => Ok(Target::NotHere(elsewhere.join(", "))),
+        (false, false) => {
+            Err("targetRefs mix Services with kinds this proxy does not serve".into())
+        }
+    }
+}
+
 impl SpecDoc {
     /// Validates the spec as Istio's admission webhook does, into a policy.
     pub fn into_policy(
@@ -568,46 +610,7 @@ impl SpecDoc {
             }
             (_, None) => None,
         };
-        let refs: Vec<TargetRefDoc> = self
-            .target_ref
-            .into_iter()
-            .chain(self.target_refs.unwrap_or_default())
-            .collect();
-        let labels = self
-            .selector
-            .and_then(|s| s.match_labels)
-            .unwrap_or_default();
-        let target = if refs.is_empty() {
-            Target::Selector(labels)
-        } else {
-            if !labels.is_empty() {
-                return Err("selector and targetRef(s) cannot both be set".into());
-            }
-            let mut services = Vec::new();
-            let mut elsewhere = Vec::new();
-            for r in refs {
-                if r.namespace.as_deref().is_some_and(|ns| ns != namespace) {
-                    return Err(format!(
-                        "targetRef {} {} must be in the policy's namespace {namespace}",
-                        r.kind, r.name
-                    ));
-                }
-                match (r.group.as_str(), r.kind.as_str()) {
-                    ("" | "core", "Service") => services.push(r.name),
-                    (_, kind) => elsewhere.push(format!("{kind} {}", r.name)),
-                }
-            }
-            if !elsewhere.is_empty() {
-                if !services.is_empty() {
-                    return Err(
-                        "targetRefs mix Services with kinds this proxy does not serve".into(),
-                    );
-                }
-                Target::NotHere(elsewhere.join(", "))
-            } else {
-                Target::Services(services)
-            }
-        };
+        let target = target_of(&namespace, self.selector, self.target_ref, self.target_refs)?;
         let mut rules = Vec::new();
         for (i, r) in self.rules.unwrap_or_default().into_iter().enumerate() {
             rules.push(r.compile().map_err(|e| format!("rules[{i}].{e}"))?);

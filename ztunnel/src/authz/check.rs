@@ -1,10 +1,20 @@
 //! `ztunnel policy check`: would this call be allowed, and why? It builds the call the proxy
 //! would see and runs the proxy's own decision ([`admit`]) on it.
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use jsonwebtoken::jwk::JwkSet;
 
 use serde::Serialize;
 
-use super::{admit, Admission, HttpRequest, InboundCall, Transport, Unknowns};
+use super::{
+    admit,
+    evaluate::RequestAuth,
+    request_authentication::{authenticate, JwtOutcome, JwtRule, Keys, TokenLocation, TokenSource},
+    Admission, Decision, HttpRequest, InboundCall, Transport, Unknowns,
+};
 use crate::{
     identity::SpiffeId,
     state::{EnrolmentPolicy, Pod, Snapshot},
@@ -74,8 +84,13 @@ fn find_pod<'a>(snapshot: &'a Snapshot, what: &str, name: &str) -> Result<&'a Po
         .ok_or_else(|| format!("no pod {ns}/{pod} in the configuration"))
 }
 
-/// Answers `req` against `snapshot`; `Err` is bad input.
-pub fn check(snapshot: &Snapshot, req: &CheckRequest) -> Result<CheckResult, String> {
+/// Answers `req` against `snapshot`; `Err` is bad input. `jwks` gives the key set of a
+/// RequestAuthentication `jwksUri` (the CLI fetches them first).
+pub fn check(
+    snapshot: &Snapshot,
+    req: &CheckRequest,
+    jwks: &dyn Fn(&str) -> Option<Arc<JwkSet>>,
+) -> Result<CheckResult, String> {
     let pod = find_pod(snapshot, "--to", &req.to)?;
     let port = match (req.port, pod.container_ports.first()) {
         (Some(p), _) => p,
@@ -115,11 +130,6 @@ pub fn check(snapshot: &Snapshot, req: &CheckRequest) -> Result<CheckResult, Str
     if req.from_ip.is_some() {
         source_ip = req.from_ip;
     }
-    if req.jwt.is_some() {
-        return Err(
-            "--jwt needs RequestAuthentication, which the proxy does not validate yet".into(),
-        );
-    }
     let dst_ip = pod.ips.first().copied();
     let destination = match dst_ip {
         Some(ip) => SocketAddr::new(ip, port).to_string(),
@@ -136,8 +146,11 @@ pub fn check(snapshot: &Snapshot, req: &CheckRequest) -> Result<CheckResult, Str
     );
     call.attributes.destination_ip = dst_ip;
     call.attributes.sni = req.sni.clone();
-    let describes_http =
-        req.method.is_some() || req.path.is_some() || req.host.is_some() || !req.headers.is_empty();
+    let describes_http = req.method.is_some()
+        || req.path.is_some()
+        || req.host.is_some()
+        || req.jwt.is_some()
+        || !req.headers.is_empty();
     if describes_http {
         let mut headers: Vec<(String, String)> = Vec::new();
         for h in &req.headers {
@@ -165,6 +178,30 @@ pub fn check(snapshot: &Snapshot, req: &CheckRequest) -> Result<CheckResult, Str
         });
     }
     let mut note = None;
+    if let (Some(token), Some(http)) = (&req.jwt, call.attributes.http.as_mut()) {
+        match authenticate_token(snapshot, pod, token, jwks) {
+            Ok(auth) => http.auth = auth,
+            Err(reason) => {
+                let d = Decision {
+                    allowed: false,
+                    policy: None,
+                    rule: None,
+                    action: None,
+                    reason: format!("the JWT is refused: {reason}"),
+                    audit: None,
+                };
+                return Ok(result(
+                    &call,
+                    transport,
+                    source_ip,
+                    destination,
+                    d,
+                    401,
+                    true,
+                ));
+            }
+        }
+    }
     let admission = match admit(snapshot, pod, &call, Unknowns::Defer) {
         Admission::PerRequest => {
             note = Some(
@@ -178,15 +215,38 @@ pub fn check(snapshot: &Snapshot, req: &CheckRequest) -> Result<CheckResult, Str
         Admission::Allowed(d) | Admission::Denied(d) | Admission::MtlsRequired(d) => d,
         Admission::PerRequest => unreachable!("conservative decisions are final"),
     };
-    Ok(CheckResult {
+    let mut d = d;
+    d.reason = format!("{}{}", note.unwrap_or_default(), d.reason);
+    let status = if d.allowed { 200 } else { 403 };
+    Ok(result(
+        &call,
+        transport,
+        source_ip,
+        destination,
+        d,
+        status,
+        describes_http,
+    ))
+}
+
+fn result(
+    call: &InboundCall,
+    transport: Transport,
+    source_ip: Option<IpAddr>,
+    destination: String,
+    d: Decision,
+    status: u16,
+    http: bool,
+) -> CheckResult {
+    CheckResult {
         decision: if d.allowed { "ALLOW" } else { "DENY" },
-        status: if d.allowed { 200 } else { 403 },
+        status,
         policy: d.policy.clone(),
         rule: d.rule,
         audit: d.audit.is_some(),
         audit_policy: d.audit.as_ref().map(|(p, r)| format!("{p} rule {r}")),
-        reason: format!("{}{}", note.unwrap_or_default(), d.reason),
-        evaluated_as: if describes_http { "http" } else { "tcp" },
+        reason: d.reason,
+        evaluated_as: if http { "http" } else { "tcp" },
         transport: match transport {
             Transport::Mesh => "mtls",
             Transport::Plaintext => "plaintext",
@@ -194,7 +254,48 @@ pub fn check(snapshot: &Snapshot, req: &CheckRequest) -> Result<CheckResult, Str
         source_principal: call.attributes.source_principal.clone(),
         source_ip,
         destination,
-    })
+    }
+}
+
+/// Validates `token` as the workload's RequestAuthentications would, wherever they look for
+/// tokens. `Ok(None)` when none applies (the token is then ignored, as in Istio).
+fn authenticate_token(
+    snapshot: &Snapshot,
+    pod: &Pod,
+    token: &str,
+    jwks: &dyn Fn(&str) -> Option<Arc<JwkSet>>,
+) -> Result<Option<RequestAuth>, String> {
+    let rules: Vec<&JwtRule> = snapshot
+        .request_authentications_for(pod)
+        .into_iter()
+        .flat_map(|ra| &ra.rules)
+        .collect();
+    let mut headers = Vec::new();
+    let mut query = Vec::new();
+    for loc in rules.iter().flat_map(|r| &r.locations) {
+        match loc {
+            TokenLocation::Header { name, prefix } => {
+                headers.push((name.clone(), format!("{prefix}{token}")))
+            }
+            TokenLocation::Param(name) => query.push(format!("{name}={token}")),
+            TokenLocation::Cookie(name) => {
+                headers.push(("cookie".into(), format!("{name}={token}")))
+            }
+        }
+    }
+    let query = query.join("&");
+    let source = TokenSource {
+        headers: &headers,
+        query: Some(&query),
+    };
+    match authenticate(&rules, &source, |r| match &r.keys {
+        Keys::Inline(set) => Some(set.clone()),
+        Keys::Uri(uri) => jwks(uri),
+    }) {
+        JwtOutcome::NoToken => Ok(None),
+        JwtOutcome::Valid(auth, _) => Ok(Some(auth)),
+        JwtOutcome::Invalid(reason) => Err(reason),
+    }
 }
 
 impl CheckResult {
@@ -303,7 +404,7 @@ spec: {action: AUDIT, rules: [{}]}
         let mut r = request(Caller::Pod("istioinaction/client".into()));
         r.method = Some("GET".into());
         r.path = Some("/api/items?x=1".into());
-        let a = check(&s, &r).unwrap();
+        let a = check(&s, &r, &|_| None).unwrap();
         assert_eq!((a.decision, a.status), ("ALLOW", 200), "{a:?}");
         assert_eq!(a.policy.as_deref(), Some("istioinaction/webapp-get"));
         assert_eq!(a.rule, Some(0));
@@ -312,7 +413,7 @@ spec: {action: AUDIT, rules: [{}]}
         assert_eq!(a.destination, "10.2.0.2:8080", "the pod's only port");
 
         r.method = Some("POST".into());
-        let a = check(&s, &r).unwrap();
+        let a = check(&s, &r, &|_| None).unwrap();
         assert_eq!((a.decision, a.status), ("DENY", 403));
         assert!(
             a.reason.contains("none of their rules matched"),
@@ -324,7 +425,7 @@ spec: {action: AUDIT, rules: [{}]}
         let mut r = request(Caller::Pod("default/sleep".into()));
         r.method = Some("GET".into());
         r.path = Some("/api/items".into());
-        let a = check(&s, &r).unwrap();
+        let a = check(&s, &r, &|_| None).unwrap();
         assert_eq!((a.decision, a.transport), ("DENY", "plaintext"));
         assert_eq!(a.source_ip, Some("10.1.0.4".parse().unwrap()));
 
@@ -334,6 +435,7 @@ spec: {action: AUDIT, rules: [{}]}
             &request(Caller::Principal(
                 "cluster.local/ns/istioinaction/sa/client".into(),
             )),
+            &|_| None,
         )
         .unwrap();
         assert_eq!((a.decision, a.evaluated_as), ("DENY", "tcp"));
@@ -343,6 +445,36 @@ spec: {action: AUDIT, rules: [{}]}
             a.reason
         );
         assert!(a.text().starts_with("DENY (status 403)"));
+    }
+
+    #[test]
+    fn tokens_are_validated_like_the_proxy_does() {
+        use crate::authz::request_authentication::tests::{issuer, now, token};
+        let idp = issuer();
+        let ra = format!(
+            "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: istioinaction}}\nspec:\n  jwtRules:\n  - issuer: auth@istioinaction.io\n    jwks: '{}'\n    fromHeaders: [{{name: x-token}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: admins, namespace: istioinaction}}\nspec:\n  selector: {{matchLabels: {{app: webapp}}}}\n  rules: [{{when: [{{key: \"request.auth.claims[group]\", values: [admin]}}]}}]\n",
+            idp.jwks
+        );
+        let mut o = Objects::default();
+        parse_file(
+            std::path::Path::new("c.yaml"),
+            &format!("{CONFIG}{ra}"),
+            &mut o,
+        )
+        .unwrap();
+        let s = Snapshot::build(1, o, &MeshSettings::default());
+        let claims = |group: &str, exp: i64| serde_json::json!({"iss": "auth@istioinaction.io", "sub": "u", "group": group, "exp": now() + exp});
+        let mut r = request(Caller::Plaintext);
+        r.jwt = Some(token(&idp, claims("admin", 600)));
+        let a = check(&s, &r, &|_| None).unwrap();
+        assert_eq!((a.decision, a.status), ("ALLOW", 200), "{a:?}");
+        assert_eq!(a.policy.as_deref(), Some("istioinaction/admins"));
+        r.jwt = Some(token(&idp, claims("user", 600)));
+        assert_eq!(check(&s, &r, &|_| None).unwrap().status, 403);
+        r.jwt = Some(token(&idp, claims("admin", -3600)));
+        let a = check(&s, &r, &|_| None).unwrap();
+        assert_eq!((a.decision, a.status), ("DENY", 401));
+        assert!(a.reason.contains("Expired"), "{}", a.reason);
     }
 
     #[test]
@@ -376,20 +508,13 @@ spec: {action: AUDIT, rules: [{}]}
             ),
             (
                 CheckRequest {
-                    jwt: Some("x".into()),
-                    ..request(Caller::Plaintext)
-                },
-                "RequestAuthentication",
-            ),
-            (
-                CheckRequest {
                     to: "istioinaction/client".into(),
                     ..request(Caller::Plaintext)
                 },
                 "--port",
             ),
         ] {
-            let e = check(&s, &r).unwrap_err();
+            let e = check(&s, &r, &|_| None).unwrap_err();
             assert!(e.contains(expect), "{e}");
         }
     }

@@ -9,7 +9,9 @@ pub mod admission;
 pub mod authorization_policy;
 pub mod check;
 pub mod evaluate;
+pub mod jwks;
 pub mod peer_authentication;
+pub mod request_authentication;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -17,27 +19,102 @@ pub use admission::{admit, Admission, InboundCall, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
 pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
+pub use request_authentication::RequestAuthentication;
 
 use crate::state::{Pod, Service};
 
-/// The AuthorizationPolicies of the configuration, indexed by namespace (sorted by name), so
-/// finding a workload's policies looks at two namespaces, never at unrelated ones.
-#[derive(Debug, Default)]
-pub struct AuthorizationPolicies {
-    by_namespace: BTreeMap<String, Vec<Arc<AuthorizationPolicy>>>,
+/// The namespaces whose policies may apply to `pod`: the root namespace (mesh-wide) and its own.
+fn workload_namespaces<'a>(pod: &'a Pod, root_namespace: &'a str) -> Vec<&'a str> {
+    if pod.namespace == root_namespace {
+        vec![root_namespace]
+    } else {
+        vec![root_namespace, &pod.namespace]
+    }
 }
 
-impl AuthorizationPolicies {
-    pub fn new(policies: Vec<AuthorizationPolicy>) -> Self {
-        let mut by_namespace: BTreeMap<String, Vec<Arc<AuthorizationPolicy>>> = BTreeMap::new();
+/// Whether a policy of namespace `ns` aimed at `target` applies to `pod`: its selector matches
+/// the pod (no selector: every pod), or it targets a Service of the pod's namespace that
+/// selects the pod.
+fn applies<'a>(
+    target: &Target,
+    ns: &str,
+    pod: &Pod,
+    services: &impl Fn(&str) -> Option<&'a Service>,
+) -> bool {
+    let selects =
+        |labels: &crate::state::Labels| labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+    match target {
+        Target::Selector(labels) => selects(labels),
+        Target::Services(names) => {
+            ns == pod.namespace
+                && names.iter().any(|n| {
+                    services(n).is_some_and(|s| !s.selector.is_empty() && selects(&s.selector))
+                })
+        }
+        Target::NotHere(_) => false,
+    }
+}
+
+/// A policy kind that is aimed at workloads by selector or targetRef.
+pub trait Targeted {
+    fn namespace(&self) -> &str;
+    fn name(&self) -> &str;
+    fn target(&self) -> &Target;
+}
+
+impl Targeted for AuthorizationPolicy {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn target(&self) -> &Target {
+        &self.target
+    }
+}
+
+impl Targeted for RequestAuthentication {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn target(&self) -> &Target {
+        &self.target
+    }
+}
+
+/// Policies of one kind, indexed by namespace (each list sorted by name), so finding a
+/// workload's policies looks at two namespaces, never at unrelated ones.
+#[derive(Debug)]
+pub struct PolicyIndex<P> {
+    by_namespace: BTreeMap<String, Vec<Arc<P>>>,
+}
+
+impl<P> Default for PolicyIndex<P> {
+    fn default() -> Self {
+        Self {
+            by_namespace: BTreeMap::new(),
+        }
+    }
+}
+
+pub type AuthorizationPolicies = PolicyIndex<AuthorizationPolicy>;
+pub type RequestAuthentications = PolicyIndex<RequestAuthentication>;
+
+impl<P: Targeted> PolicyIndex<P> {
+    pub fn new(policies: Vec<P>) -> Self {
+        let mut by_namespace: BTreeMap<String, Vec<Arc<P>>> = BTreeMap::new();
         for p in policies {
             by_namespace
-                .entry(p.namespace.clone())
+                .entry(p.namespace().to_owned())
                 .or_default()
                 .push(Arc::new(p));
         }
         for list in by_namespace.values_mut() {
-            list.sort_by(|a, b| a.name.cmp(&b.name));
+            list.sort_by(|a, b| a.name().cmp(b.name()));
         }
         Self { by_namespace }
     }
@@ -50,49 +127,32 @@ impl AuthorizationPolicies {
         self.len() == 0
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<AuthorizationPolicy>> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<P>> {
         self.by_namespace.values().flatten()
     }
 
     /// The policies that apply to `pod`: those of the root namespace (mesh-wide) and of the
-    /// pod's namespace whose selector matches it, or that target a Service (of `services`, the
-    /// pod's namespace's) selecting it.
+    /// pod's namespace whose selector matches it, or that target a Service (looked up with
+    /// `services` in the pod's namespace) selecting it.
     pub fn for_workload<'a>(
         &'a self,
         pod: &Pod,
         root_namespace: &str,
         services: impl Fn(&str) -> Option<&'a Service>,
-    ) -> Vec<&'a AuthorizationPolicy> {
-        let selects = |labels: &crate::state::Labels| {
-            labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
-        };
-        let namespaces: &[&str] = if pod.namespace == root_namespace {
-            &[root_namespace]
-        } else {
-            &[root_namespace, &pod.namespace]
-        };
+    ) -> Vec<&'a P> {
         let mut out = Vec::new();
-        for ns in namespaces {
-            for p in self.by_namespace.get(*ns).into_iter().flatten() {
-                let applies = match &p.target {
-                    Target::Selector(labels) => selects(labels),
-                    Target::Services(names) => {
-                        *ns == pod.namespace
-                            && names.iter().any(|n| {
-                                services(n)
-                                    .is_some_and(|s| !s.selector.is_empty() && selects(&s.selector))
-                            })
-                    }
-                    Target::NotHere(_) => false,
-                };
-                if applies {
+        for ns in workload_namespaces(pod, root_namespace) {
+            for p in self.by_namespace.get(ns).into_iter().flatten() {
+                if applies(p.target(), ns, pod, &services) {
                     out.push(p.as_ref());
                 }
             }
         }
         out
     }
+}
 
+impl AuthorizationPolicies {
     /// What an operator should know: policies this proxy never enforces (they target
     /// gateways), and principals written with `spiffe://` (Istio never matches those).
     pub fn problems(&self) -> Vec<String> {

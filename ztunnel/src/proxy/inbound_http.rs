@@ -28,7 +28,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     inbound_policy::{Admission, InboundCall},
@@ -206,7 +206,106 @@ fn http_attributes(req: &Request<Incoming>) -> HttpRequest {
     }
 }
 
+/// A short label for the failure counter.
+fn jwt_failure_kind(reason: &str) -> &'static str {
+    if reason.contains("expired") || reason.contains("ExpiredSignature") {
+        "expired"
+    } else if reason.contains("ImmatureSignature") {
+        "not_yet_valid"
+    } else if reason.contains("InvalidAudience") {
+        "audience"
+    } else if reason.contains("not configured") {
+        "unknown_issuer"
+    } else if reason.contains("not available") {
+        "jwks_unavailable"
+    } else if reason.contains("InvalidSignature") {
+        "signature"
+    } else {
+        "invalid"
+    }
+}
+
 impl Proxy {
+    /// Checks the request's JWT against the RequestAuthentications of `pod`: `Ok(None)` without
+    /// a token (or without any RequestAuthentication), `Ok(Some)` for a valid one (the request's
+    /// headers edited as the rule says), `Err` for a token that must be refused with 401.
+    async fn authenticate(
+        &self,
+        snapshot: &crate::state::Snapshot,
+        pod: &PodContext,
+        req: &mut Request<Incoming>,
+    ) -> Result<Option<crate::authz::evaluate::RequestAuth>, String> {
+        use crate::authz::request_authentication::{authenticate, JwtOutcome, Keys, TokenSource};
+        let Some(p) = snapshot
+            .pods
+            .get(&(pod.namespace.clone(), pod.name.clone()))
+        else {
+            return Ok(None);
+        };
+        let rules: Vec<_> = snapshot
+            .request_authentications_for(p)
+            .into_iter()
+            .flat_map(|ra| &ra.rules)
+            .collect();
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let source = TokenSource {
+            headers: &headers,
+            query: req.uri().query(),
+        };
+        let mut outcome = JwtOutcome::NoToken;
+        // A second round refetches key sets, for a token signed with a key that rotated in.
+        for refresh in [false, true] {
+            let mut fetched = std::collections::HashMap::new();
+            for rule in &rules {
+                if let Keys::Uri(uri) = &rule.keys {
+                    if !fetched.contains_key(uri) {
+                        fetched.insert(uri.clone(), self.jwks.get(uri, refresh).await);
+                    }
+                }
+            }
+            outcome = authenticate(&rules, &source, |rule| match &rule.keys {
+                Keys::Inline(set) => Some(set.clone()),
+                Keys::Uri(uri) => fetched.get(uri).cloned().flatten(),
+            });
+            let retry = matches!(&outcome, JwtOutcome::Invalid(r) if r.contains("no key for kid"))
+                && rules.iter().any(|r| matches!(r.keys, Keys::Uri(_)));
+            if !retry {
+                break;
+            }
+        }
+        match outcome {
+            JwtOutcome::NoToken => Ok(None),
+            JwtOutcome::Invalid(reason) => Err(reason),
+            JwtOutcome::Valid(auth, edits) => {
+                let h = req.headers_mut();
+                for name in &edits.remove {
+                    h.remove(name.as_str());
+                }
+                for (name, value) in &edits.set {
+                    if let (Ok(n), Ok(v)) = (
+                        header::HeaderName::from_bytes(name.as_bytes()),
+                        header::HeaderValue::from_str(value),
+                    ) {
+                        h.insert(n, v);
+                    }
+                }
+                Ok(Some(auth))
+            }
+        }
+    }
+
     /// Carries a connection whose requests must be decided one by one, until it ends or
     /// `revoke` yields. `upstream` is the application's socket.
     pub(super) async fn serve_per_request<D>(
@@ -286,8 +385,36 @@ impl Proxy {
             let mut call = call.clone();
             async move {
                 let start = Instant::now();
-                call.attributes.http = Some(http_attributes(&req));
                 let snapshot = proxy.snapshot();
+                let mut req = req;
+                let auth = match proxy.authenticate(&snapshot, &pod, &mut req).await {
+                    Ok(auth) => auth,
+                    Err(reason) => {
+                        proxy.counters.jwt_failures.add(jwt_failure_kind(&reason));
+                        warn!(dst_workload = %pod.workload,
+                            src_principal = call.attributes.source_principal.as_deref(),
+                            src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
+                            method = %req.method(), path = req.uri().path(), reason = %reason,
+                            "authentication failed");
+                        info!(direction = "inbound", dst_workload = %pod.workload,
+                            src_principal = call.attributes.source_principal.as_deref(),
+                            method = %req.method(), path = req.uri().path(), status = 401,
+                            error = %reason, duration_ms = start.elapsed().as_millis() as u64,
+                            "http request");
+                        let mut r =
+                            text_response(StatusCode::UNAUTHORIZED, "Jwt verification fails");
+                        r.headers_mut().insert(
+                            header::WWW_AUTHENTICATE,
+                            header::HeaderValue::from_static(
+                                "Bearer realm=\"ztunnel\", error=\"invalid_token\"",
+                            ),
+                        );
+                        return Ok(r);
+                    }
+                };
+                let mut attributes = http_attributes(&req);
+                attributes.auth = auth;
+                call.attributes.http = Some(attributes);
                 let (response, decision) =
                     match proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative) {
                         Admission::Allowed(d) => {
@@ -314,6 +441,7 @@ impl Proxy {
                 info!(direction = "inbound", dst_workload = %pod.workload,
                     src_principal = call.attributes.source_principal.as_deref(),
                     src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
+                    src_request_principal = http.and_then(|h| h.auth.as_ref()).map(|a| a.principal.as_str()),
                     method = http.map(|h| h.method.as_str()), path = http.map(|h| h.path.as_str()),
                     host = http.map(|h| h.host.as_str()), status = response.status().as_u16(),
                     authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,

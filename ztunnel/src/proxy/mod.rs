@@ -82,6 +82,8 @@ pub struct Counters {
     /// Inbound plaintext connections by the mTLS mode that decided them and the outcome
     /// (`STRICT/refused`, `PERMISSIVE/allowed`…).
     pub plaintext_by_mtls_mode: ReasonCounter,
+    /// Requests refused for a bad JWT (401), by reason.
+    pub jwt_failures: ReasonCounter,
     /// Authorization decisions by deciding action and outcome (`DENY/denied`, `ALLOW/allowed`,
     /// `none/allowed` when no policy applies…), and `revoked` for open connections cut by a
     /// configuration change.
@@ -159,6 +161,8 @@ pub struct Proxy {
     /// Pods enrolled on this node, by address: same-node traffic is delivered to them without
     /// leaving the proxy.
     local_pods: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
+    /// Key sets of RequestAuthentication `jwksUri`s.
+    pub jwks: crate::authz::jwks::JwksCache,
 }
 
 impl Proxy {
@@ -173,6 +177,7 @@ impl Proxy {
             counters: Arc::default(),
             round_robin: Mutex::default(),
             local_pods: RwLock::default(),
+            jwks: Default::default(),
         })
     }
 
