@@ -480,31 +480,22 @@ where
             });
         }
         (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "PeerAuthentication") => {
-            let doc = PolicyDoc::<peer_authentication::SpecDoc>::deserialize(body)
-                .map_err(ObjectError::Parse)?;
             let created = meta.created().map_err(ObjectError::Invalid)?;
-            let policy = doc
-                .spec
-                .into_policy(namespace, meta.name.clone(), created, origin.clone())
-                .map_err(ObjectError::Invalid)?;
+            let policy = istio_policy(body, |spec: peer_authentication::SpecDoc| {
+                spec.into_policy(namespace, meta.name.clone(), created, origin.clone())
+            })?;
             objects.peer_authentications.push(policy);
         }
         (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "AuthorizationPolicy") => {
-            let doc = PolicyDoc::<authorization_policy::SpecDoc>::deserialize(body)
-                .map_err(ObjectError::Parse)?;
-            let policy = doc
-                .spec
-                .into_policy(namespace, meta.name.clone(), origin.clone())
-                .map_err(ObjectError::Invalid)?;
+            let policy = istio_policy(body, |spec: authorization_policy::SpecDoc| {
+                spec.into_policy(namespace, meta.name.clone(), origin.clone())
+            })?;
             objects.authorization_policies.push(policy);
         }
         (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "RequestAuthentication") => {
-            let doc = PolicyDoc::<request_authentication::SpecDoc>::deserialize(body)
-                .map_err(ObjectError::Parse)?;
-            let policy = doc
-                .spec
-                .into_policy(namespace, meta.name.clone(), origin.clone())
-                .map_err(ObjectError::Invalid)?;
+            let policy = istio_policy(body, |spec: request_authentication::SpecDoc| {
+                spec.into_policy(namespace, meta.name.clone(), origin.clone())
+            })?;
             objects.request_authentications.push(policy);
         }
         (
@@ -525,6 +516,19 @@ where
         }),
     }
     Ok(())
+}
+
+/// Parses an Istio policy's `spec` from `body` and validates it with `validate`.
+fn istio_policy<'de, D, S, P>(
+    body: D,
+    validate: impl FnOnce(S) -> Result<P, String>,
+) -> Result<P, ObjectError>
+where
+    D: Deserializer<'de, Error = serde_yaml::Error>,
+    S: Deserialize<'de> + Default,
+{
+    let doc = PolicyDoc::<S>::deserialize(body).map_err(ObjectError::Parse)?;
+    validate(doc.spec).map_err(ObjectError::Invalid)
 }
 
 /// serde_yaml appends " at line L column C" to its messages; the location is reported apart.
