@@ -459,3 +459,82 @@ fn jwt_protected_service_users_get_admins_everything() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn custom_ext_authz_decides_first_then_deny_and_allow() -> Result<()> {
+    let c = start()?;
+    // The provider: Istio's sample behaviour, in a pod outside the mesh, behind a Service.
+    c.set_pod_labels("default", "sleep", &[("app", "ext-authz")])?;
+    c.set_service(
+        ztunnel_tests::service("default", "ext-authz")
+            .selector(&[("app", "ext-authz")])
+            .port(8000, 8000),
+    )?;
+    let mut provider = c
+        .pod("default", "sleep")
+        .spawn_probe(&["ext-authz", "--port", "8000"])?;
+    provider.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
+    let webapp = c.pod("istioinaction", "webapp");
+    let mut server =
+        webapp.spawn_probe(&["http-server-ka", "--port", "8080", "--name", "webapp"])?;
+    server.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
+    let mesh = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    extensionProviders:\n    - name: sample-ext-authz-http\n      envoyExtAuthzHttp:\n        service: ext-authz.default.svc.cluster.local\n        port: 8000\n        includeRequestHeadersInCheck: [x-ext-authz]\n        headersToDownstreamOnDeny: [x-ext-authz-check-result]\n";
+    let policies = format!(
+        "{mesh}---\n{}---\n{}",
+        authorization_policy(
+            "istioinaction",
+            "ext-authz",
+            "  selector:\n    matchLabels:\n      app: webapp\n  action: CUSTOM\n  provider:\n    name: sample-ext-authz-http\n  rules:\n  - to:\n    - operation:\n        paths: [\"/headers*\"]\n",
+        ),
+        authorization_policy(
+            "istioinaction",
+            "deny-secret",
+            "  selector:\n    matchLabels:\n      app: webapp\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        paths: [\"/headers/secret\"]\n",
+        ),
+    );
+    c.apply("ext-authz.yaml", Some(&policies))?;
+    let base = format!("http://{}", addr(&c, "istioinaction", "webapp", 8080));
+    let client = c.pod("istioinaction", "client");
+    let fetch = |path: &str, header: &str| -> Result<String> {
+        let url = format!("{base}{path}");
+        let out = client.run(
+            &["curl", "-sS", "-i", "--max-time", "5", "-H", header, &url],
+            WAIT,
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let status = |response: &str| response.split_whitespace().nth(1).unwrap_or("").to_owned();
+
+    let allowed = fetch("/headers", "x-ext-authz: allow")?;
+    ensure!(status(&allowed) == "200", "{allowed}");
+    let check = provider.wait_for_json(0, WAIT, |v| v["event"] == "check")?;
+    ensure!(
+        check["path"] == "/headers" && check["x-ext-authz"] == "allow" && check["method"] == "GET",
+        "the provider saw the request as sent: {check}"
+    );
+
+    let denied = fetch("/headers", "x-ext-authz: deny")?;
+    ensure!(status(&denied) == "403", "{denied}");
+    ensure!(
+        denied.contains("x-ext-authz-check-result: denied")
+            && denied.contains("denied by ext_authz for not found header"),
+        "the provider's status, header and body reach the client: {denied}"
+    );
+    // CUSTOM allowing does not skip DENY.
+    let secret = fetch("/headers/secret", "x-ext-authz: allow")?;
+    ensure!(status(&secret) == "403", "{secret}");
+    ensure!(secret.contains("RBAC: access denied"), "{secret}");
+    // Requests the CUSTOM policy does not cover are not sent to the provider.
+    let checks_before = provider.json_lines().len();
+    let other = fetch("/other", "x-ext-authz: deny")?;
+    ensure!(status(&other) == "200", "{other}");
+    ensure!(
+        provider.json_lines().len() == checks_before,
+        "the provider was asked about /other"
+    );
+    // The provider down: the CUSTOM policy denies (no failOpen).
+    provider.kill();
+    let down = fetch("/headers", "x-ext-authz: allow")?;
+    ensure!(status(&down) == "403", "{down}");
+    Ok(())
+}

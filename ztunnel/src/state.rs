@@ -155,6 +155,8 @@ pub struct Snapshot {
     pub other: Vec<OtherObject>,
     /// Istio's root namespace (from [`MeshSettings`]).
     pub root_namespace: String,
+    /// The mesh configuration (`istio` ConfigMap, `mesh` key, in the root namespace).
+    pub mesh_config: crate::authz::ext_authz::MeshConfig,
     /// Inconsistencies found while indexing; the snapshot is usable, the operator is told.
     pub problems: Vec<String>,
     pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
@@ -257,7 +259,36 @@ impl Snapshot {
             .problems(&s.root_namespace, s.pods.values());
         s.problems.extend(problems);
         s.problems.extend(s.authorization_policies.problems());
+        s.read_mesh_config();
         s
+    }
+
+    /// Reads Istio's mesh configuration from the `istio` ConfigMap of the root namespace. A bad
+    /// one is reported and not used: CUSTOM policies then deny (their providers are unknown).
+    fn read_mesh_config(&mut self) {
+        let Some(cm) = self.other.iter().find(|o| {
+            o.api_version == "v1"
+                && o.kind == "ConfigMap"
+                && o.name == "istio"
+                && o.namespace.as_deref() == Some(self.root_namespace.as_str())
+        }) else {
+            return;
+        };
+        let Some(mesh) = cm
+            .body
+            .get("data")
+            .and_then(|d| d.get("mesh"))
+            .and_then(|m| m.as_str())
+        else {
+            return;
+        };
+        match crate::authz::ext_authz::MeshConfig::parse(mesh) {
+            Ok(m) => self.mesh_config = m,
+            Err(e) => self.problems.push(format!(
+                "ConfigMap {}/istio ({}): the mesh configuration is not used: {e}",
+                self.root_namespace, cm.origin
+            )),
+        }
     }
 
     /// The AuthorizationPolicies that apply to `pod`.

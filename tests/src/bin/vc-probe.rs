@@ -84,6 +84,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        "ext-authz" => {
+            let Some(port) = opts.num("port") else {
+                eprintln!("vc-probe: --port is required");
+                return ExitCode::from(2);
+            };
+            match ext_authz(port as u16) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vc-probe: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         "get" | "connect" => {
             let Some(addr) = opts.get("addr") else {
                 eprintln!("vc-probe: --addr is required");
@@ -910,4 +923,54 @@ mod bench {
         emit(&json!({"event": "done", "opened": held.len(), "still_open": still_open}));
         u8::from(held.len() < count || still_open < held.len())
     }
+}
+
+/// An HTTP ext-authz provider like Istio's sample: allows a check whose request carries
+/// `x-ext-authz: allow`, denies anything else with 403, and says so in
+/// `x-ext-authz-check-result`. Prints one JSON line per check (method, path, the header seen).
+fn ext_authz(port: u16) -> io::Result<()> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    emit(&json!({"event": "listening", "port": port, "pid": std::process::id()}));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+                match stream.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => return,
+                }
+            }
+            let text = String::from_utf8_lossy(&head);
+            let mut lines = text.lines();
+            let first: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+            let header = lines
+                .filter_map(|l| l.split_once(':'))
+                .find(|(n, _)| n.trim().eq_ignore_ascii_case("x-ext-authz"))
+                .map(|(_, v)| v.trim().to_owned());
+            let allowed = header.as_deref() == Some("allow");
+            emit(
+                &json!({"event": "check", "method": first.first(), "path": first.get(1),
+                "x-ext-authz": header, "allowed": allowed}),
+            );
+            let (status, body) = if allowed {
+                ("200 OK", String::new())
+            } else {
+                (
+                    "403 Forbidden",
+                    "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+                        .to_owned(),
+                )
+            };
+            let result = if allowed { "allowed" } else { "denied" };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nx-ext-authz-check-result: {result}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes());
+        });
+    }
+    Ok(())
 }

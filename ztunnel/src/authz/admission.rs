@@ -59,6 +59,18 @@ pub enum Admission {
     Denied(Decision),
     /// Allowed so far; each HTTP request is decided on its own.
     PerRequest,
+    /// A CUSTOM policy applies: its provider decides (then DENY and ALLOW, if it allows).
+    Custom(CustomCheck),
+}
+
+/// A request a CUSTOM provider must be asked about.
+#[derive(Clone, Debug)]
+pub struct CustomCheck {
+    pub policy: String,
+    pub rule: usize,
+    pub provider: String,
+    /// The decision if the provider denies or cannot be asked.
+    pub denied: Decision,
 }
 
 /// Decides `call` to `pod`. `unknowns` says how to treat rules that need HTTP attributes the
@@ -90,20 +102,22 @@ pub fn admit(snapshot: &Snapshot, pod: &Pod, call: &InboundCall, unknowns: Unkno
         Verdict::Decided(d) if d.allowed => Admission::Allowed(d),
         Verdict::Decided(d) => Admission::Denied(d),
         Verdict::NeedsHttp => Admission::PerRequest,
-        // External authorization (ext-authz) is not built yet: fail closed.
         Verdict::Custom {
             policy,
             rule,
             provider,
-        } => Admission::Denied(Decision {
-            allowed: false,
-            policy: Some(policy.clone()),
-            rule: Some(rule),
-            action: Some(super::Action::Custom),
-            reason: format!(
-                "CUSTOM policy {policy}: external authorizer {provider} is not supported yet, so the request is denied"
-            ),
-            audit: None,
+        } => Admission::Custom(CustomCheck {
+            denied: Decision {
+                allowed: false,
+                policy: Some(policy.clone()),
+                rule: Some(rule),
+                action: Some(super::Action::Custom),
+                reason: format!("denied by CUSTOM policy {policy} (provider {provider})"),
+                audit: None,
+            },
+            policy,
+            rule,
+            provider,
         }),
     }
 }

@@ -13,7 +13,7 @@ use super::{
     admit,
     evaluate::RequestAuth,
     request_authentication::{authenticate, JwtOutcome, JwtRule, Keys, TokenLocation, TokenSource},
-    Admission, Decision, HttpRequest, InboundCall, Transport, Unknowns,
+    Admission, CustomCheck, Decision, HttpRequest, InboundCall, Transport, Unknowns,
 };
 use crate::{
     identity::SpiffeId,
@@ -213,6 +213,17 @@ pub fn check(
     };
     let d = match admission {
         Admission::Allowed(d) | Admission::Denied(d) | Admission::MtlsRequired(d) => d,
+        Admission::Custom(CustomCheck {
+            mut denied,
+            provider,
+            ..
+        }) => {
+            denied.reason = format!(
+                "{}: its provider {provider} decides, and policy check does not call it; if it allows, DENY and ALLOW policies decide next",
+                denied.reason
+            );
+            denied
+        }
         Admission::PerRequest => unreachable!("conservative decisions are final"),
     };
     let mut d = d;

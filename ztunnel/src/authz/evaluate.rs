@@ -38,6 +38,9 @@ pub struct Attributes {
     pub sni: Option<String>,
     /// `None` until the request is parsed (or for traffic that is not HTTP).
     pub http: Option<HttpRequest>,
+    /// A CUSTOM provider has allowed this request: CUSTOM policies are not asked again, and
+    /// DENY and ALLOW decide.
+    pub custom_allowed: bool,
 }
 
 impl Attributes {
@@ -387,7 +390,7 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unk
             audit = Some((p.id(), rule.unwrap_or(0)));
         }
     }
-    for p in of(Action::Custom) {
+    for p in of(Action::Custom).filter(|_| !a.custom_allowed) {
         let (t, rule) = policy_matches(p, a);
         if t == Tri::No {
             continue;

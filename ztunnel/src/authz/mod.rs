@@ -9,13 +9,14 @@ pub mod admission;
 pub mod authorization_policy;
 pub mod check;
 pub mod evaluate;
+pub mod ext_authz;
 pub mod jwks;
 pub mod peer_authentication;
 pub mod request_authentication;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-pub use admission::{admit, Admission, InboundCall, Transport};
+pub use admission::{admit, Admission, CustomCheck, InboundCall, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
 pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};

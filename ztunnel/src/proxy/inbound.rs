@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::{
-    inbound_policy::{Admission, InboundCall, Transport},
+    inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
     is_proxy_port,
     relay::{relay_until, reset},
     PodContext, Proxy,
@@ -88,7 +88,7 @@ impl Proxy {
                 by_mode.add(&format!("{}/refused", mtls_decision.mode));
                 return refuse(stream, "refused", None, &d.reason);
             }
-            Admission::Denied(d) => {
+            Admission::Denied(d) | Admission::Custom(CustomCheck { denied: d, .. }) => {
                 by_mode.add(&format!("{}/allowed", mtls_decision.mode));
                 self.record(&pod, &call, &d);
                 return refuse(stream, "denied", Some(&d), &d.reason);

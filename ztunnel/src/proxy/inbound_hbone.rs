@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::{
-    inbound_policy::{Admission, InboundCall, Transport},
+    inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
     is_proxy_port, reset, PodContext, Proxy, Relayed,
 };
 use crate::{
@@ -130,7 +130,9 @@ impl Proxy {
                         proxy.record(&pod, &call, &d);
                         Some(d)
                     }
-                    Admission::Denied(d) | Admission::MtlsRequired(d) => {
+                    Admission::Denied(d)
+                    | Admission::MtlsRequired(d)
+                    | Admission::Custom(CustomCheck { denied: d, .. }) => {
                         proxy.record(&pod, &call, &d);
                         info!(direction = "inbound", hbone = true, src_identity = %src,
                             src_workload = src_workload.as_deref(), src_addr = %peer,

@@ -31,7 +31,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    inbound_policy::{Admission, InboundCall},
+    inbound_policy::{Admission, CustomCheck, InboundCall},
     PodContext, Proxy, Relayed,
 };
 use crate::authz::{HttpRequest, Unknowns};
@@ -225,7 +225,178 @@ fn jwt_failure_kind(reason: &str) -> &'static str {
     }
 }
 
+/// Sets (replacing) each header.
+fn set_headers(h: &mut http::HeaderMap, headers: Vec<(header::HeaderName, header::HeaderValue)>) {
+    for (name, value) in headers {
+        h.insert(name, value);
+    }
+}
+
+/// Copies the headers named in `names` from `from`.
+fn pick(
+    from: &http::HeaderMap,
+    names: &[String],
+) -> Vec<(header::HeaderName, header::HeaderValue)> {
+    from.iter()
+        .filter(|(n, _)| names.iter().any(|x| x == n.as_str()))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect()
+}
+
+type Headers = Vec<(header::HeaderName, header::HeaderValue)>;
+
+/// What a CUSTOM provider said.
+enum ProviderAnswer {
+    /// Go on, adding these headers to the request and to its response.
+    Allow { to_app: Headers, to_client: Headers },
+    /// Answer the client with `response` instead.
+    Deny {
+        response: Response<Body>,
+        reason: String,
+    },
+}
+
+/// The largest body taken from an ext-authz denial.
+const MAX_PROVIDER_BODY: usize = 64 * 1024;
+
 impl Proxy {
+    /// Asks the CUSTOM policy's provider about `req` (Envoy's HTTP ext_authz). `Ok` carries the
+    /// headers to add to the request and to the response when it allows; `Err` the response to
+    /// send instead, and why.
+    async fn ask_provider(
+        &self,
+        snapshot: &crate::state::Snapshot,
+        check: &CustomCheck,
+        req: &Request<Incoming>,
+    ) -> ProviderAnswer {
+        use crate::authz::ext_authz::{provider_host, ProviderHost};
+        let Some(p) = snapshot.mesh_config.http_providers.get(&check.provider) else {
+            self.counters.ext_authz.add("unknown_provider");
+            let reason = format!(
+                "extension provider {:?} is not an envoyExtAuthzHttp provider of the mesh configuration",
+                check.provider
+            );
+            let response = text_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+            return ProviderAnswer::Deny { response, reason };
+        };
+        let on_error = |reason: String| {
+            if p.fail_open {
+                self.counters.ext_authz.add("error_fail_open");
+                info!(provider = %p.name, reason = %reason, "ext_authz check failed; failOpen allows");
+                ProviderAnswer::Allow {
+                    to_app: Vec::new(),
+                    to_client: Vec::new(),
+                }
+            } else {
+                self.counters.ext_authz.add("error");
+                let status =
+                    StatusCode::from_u16(p.status_on_error).unwrap_or(StatusCode::FORBIDDEN);
+                let response = text_response(status, "ext_authz check failed");
+                ProviderAnswer::Deny { response, reason }
+            }
+        };
+        let addr = match provider_host(&p.service) {
+            Ok(ProviderHost::Ip(ip)) => std::net::SocketAddr::new(ip, p.port),
+            Ok(ProviderHost::Service { namespace, name }) => {
+                let endpoint = snapshot
+                    .services
+                    .get(&(namespace.clone(), name.clone()))
+                    .and_then(|svc| {
+                        let mut eps = snapshot.endpoints(svc, p.port);
+                        (!eps.is_empty()).then(|| eps.swap_remove(0))
+                    });
+                match endpoint {
+                    Some(e) => e.addr,
+                    None => {
+                        return on_error(format!(
+                            "provider service {namespace}/{name} has no endpoint for port {}",
+                            p.port
+                        ))
+                    }
+                }
+            }
+            Err(e) => return on_error(e),
+        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let mut check_req = Request::builder()
+            .method(req.method().clone())
+            .uri(format!("{}{path}", p.path_prefix));
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        check_req = check_req.header(header::HOST, host);
+        for (n, v) in pick(req.headers(), &p.include_request_headers) {
+            if n != header::HOST {
+                check_req = check_req.header(n, v);
+            }
+        }
+        for (n, v) in &p.additional_headers {
+            check_req = check_req.header(n.as_str(), v.as_str());
+        }
+        let check_req = match check_req.body(http_body_util::Empty::<Bytes>::new()) {
+            Ok(r) => r,
+            Err(e) => return on_error(format!("building the check request: {e}")),
+        };
+        let exchange = async {
+            let socket = super::new_marked_socket(addr)?;
+            let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
+                .connect(addr)
+                .await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(conn);
+            let resp = sender
+                .send_request(check_req)
+                .await
+                .map_err(io::Error::other)?;
+            let (parts, body) = resp.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_PROVIDER_BODY)
+                .collect()
+                .await
+                .map_err(io::Error::other)?
+                .to_bytes();
+            Ok::<_, io::Error>((parts, body))
+        };
+        let (parts, body) = match tokio::time::timeout(p.timeout, exchange).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return on_error(format!("provider {addr}: {e}")),
+            Err(_) => {
+                return on_error(format!("provider {addr} did not answer in {:?}", p.timeout))
+            }
+        };
+        if parts.status.is_success() {
+            self.counters.ext_authz.add("allowed");
+            return ProviderAnswer::Allow {
+                to_app: pick(&parts.headers, &p.headers_to_upstream_on_allow),
+                to_client: pick(&parts.headers, &p.headers_to_downstream_on_allow),
+            };
+        }
+        self.counters.ext_authz.add("denied");
+        let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *response.status_mut() = parts.status;
+        set_headers(
+            response.headers_mut(),
+            pick(&parts.headers, &p.headers_to_downstream_on_deny),
+        );
+        ProviderAnswer::Deny {
+            response,
+            reason: format!("provider answered {}", parts.status),
+        }
+    }
+
     /// Checks the request's JWT against the RequestAuthentications of `pod`: `Ok(None)` without
     /// a token (or without any RequestAuthentication), `Ok(Some)` for a valid one (the request's
     /// headers edited as the rule says), `Err` for a token that must be refused with 401.
@@ -348,7 +519,9 @@ impl Proxy {
                         reason = revoke => done(None, Some(reason)),
                     }
                 }
-                Admission::Denied(d) | Admission::MtlsRequired(d) => {
+                Admission::Denied(d)
+                | Admission::MtlsRequired(d)
+                | Admission::Custom(CustomCheck { denied: d, .. }) => {
                     self.record(&pod, &call, &d);
                     let reason = format!("traffic is not HTTP: {}", d.reason);
                     done(
@@ -412,31 +585,65 @@ impl Proxy {
                         return Ok(r);
                     }
                 };
+                let mut custom_response = None;
                 let mut attributes = http_attributes(&req);
                 attributes.auth = auth;
                 call.attributes.http = Some(attributes);
-                let (response, decision) =
-                    match proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative) {
-                        Admission::Allowed(d) => {
+                let mut admission = proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative);
+                let mut to_client = Vec::new();
+                if let Admission::Custom(check) = &admission {
+                    match proxy.ask_provider(&snapshot, check, &req).await {
+                        ProviderAnswer::Allow {
+                            to_app,
+                            to_client: headers_to_client,
+                        } => {
+                            set_headers(req.headers_mut(), to_app);
+                            to_client = headers_to_client;
+                            // The provider allowed: DENY and ALLOW policies decide now.
+                            call.attributes.custom_allowed = true;
+                            admission = proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative);
+                        }
+                        ProviderAnswer::Deny { response, reason } => {
+                            let mut d = check.denied.clone();
+                            d.reason = format!("{}: {reason}", d.reason);
                             proxy.record(&pod, &call, &d);
-                            let response = match sender.send(req).await {
-                                Ok(r) => r.map(BodyExt::boxed),
-                                Err(e) => {
-                                    info!(dst_workload = %pod.workload, error = %e,
+                            admission = Admission::Denied(d);
+                            custom_response = Some(response);
+                        }
+                    }
+                }
+                let (response, decision) = match admission {
+                    Admission::Allowed(d) => {
+                        proxy.record(&pod, &call, &d);
+                        let response = match sender.send(req).await {
+                            Ok(r) => {
+                                let mut r = r.map(BodyExt::boxed);
+                                set_headers(r.headers_mut(), to_client);
+                                r
+                            }
+                            Err(e) => {
+                                info!(dst_workload = %pod.workload, error = %e,
                                         "forwarding a request to the application failed");
-                                    text_response(StatusCode::BAD_GATEWAY, "upstream failed\n")
-                                }
-                            };
-                            (response, d)
-                        }
-                        Admission::Denied(d) | Admission::MtlsRequired(d) => {
-                            proxy.record(&pod, &call, &d);
-                            let response =
-                                text_response(StatusCode::FORBIDDEN, "RBAC: access denied");
-                            (response, d)
-                        }
-                        Admission::PerRequest => unreachable!("conservative decisions are final"),
-                    };
+                                text_response(StatusCode::BAD_GATEWAY, "upstream failed\n")
+                            }
+                        };
+                        (response, d)
+                    }
+                    Admission::Denied(d)
+                    | Admission::MtlsRequired(d)
+                    | Admission::Custom(CustomCheck { denied: d, .. }) => {
+                        let response = match custom_response.take() {
+                            // Recorded above, with the provider's reason.
+                            Some(r) => r,
+                            None => {
+                                proxy.record(&pod, &call, &d);
+                                text_response(StatusCode::FORBIDDEN, "RBAC: access denied")
+                            }
+                        };
+                        (response, d)
+                    }
+                    Admission::PerRequest => unreachable!("conservative decisions are final"),
+                };
                 let http = call.attributes.http.as_ref();
                 info!(direction = "inbound", dst_workload = %pod.workload,
                     src_principal = call.attributes.source_principal.as_deref(),

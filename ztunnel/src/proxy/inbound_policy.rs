@@ -13,7 +13,7 @@ use crate::{
     state::Snapshot,
 };
 
-pub use crate::authz::{Admission, InboundCall, Transport};
+pub use crate::authz::{Admission, CustomCheck, InboundCall, Transport};
 
 impl Proxy {
     /// Decides `call` to `pod` against `snapshot` ([`authz::admit`], which `ztunnel policy
@@ -111,7 +111,9 @@ impl Proxy {
             } else {
                 Unknowns::Conservative
             };
-            if let Admission::Denied(d) | Admission::MtlsRequired(d) =
+            if let Admission::Denied(d)
+            | Admission::MtlsRequired(d)
+            | Admission::Custom(CustomCheck { denied: d, .. }) =
                 self.admit(&snapshot, &pod, &call, unknowns)
             {
                 self.record(&pod, &call, &d);

@@ -82,6 +82,9 @@ pub struct Counters {
     /// Inbound plaintext connections by the mTLS mode that decided them and the outcome
     /// (`STRICT/refused`, `PERMISSIVE/allowed`…).
     pub plaintext_by_mtls_mode: ReasonCounter,
+    /// CUSTOM checks by outcome (`allowed`, `denied`, `error`, `error_fail_open`,
+    /// `unknown_provider`).
+    pub ext_authz: ReasonCounter,
     /// Requests refused for a bad JWT (401), by reason.
     pub jwt_failures: ReasonCounter,
     /// Authorization decisions by deciding action and outcome (`DENY/denied`, `ALLOW/allowed`,
@@ -239,7 +242,7 @@ impl Proxy {
     }
 }
 
-fn new_marked_socket(dst: SocketAddr) -> io::Result<socket2::Socket> {
+pub(crate) fn new_marked_socket(dst: SocketAddr) -> io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(dst),
         socket2::Type::STREAM,

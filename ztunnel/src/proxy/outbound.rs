@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT};
 
 use super::{
-    inbound_policy::{Admission, InboundCall, Transport},
+    inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
     relay::{relay, relay_until, reset},
     PodContext, Proxy, Relayed,
 };
@@ -209,7 +209,9 @@ impl Proxy {
                 self.record(&dst, &call, &d);
                 Some(d)
             }
-            Admission::Denied(d) | Admission::MtlsRequired(d) => {
+            Admission::Denied(d)
+            | Admission::MtlsRequired(d)
+            | Admission::Custom(CustomCheck { denied: d, .. }) => {
                 self.record(&dst, &call, &d);
                 reset(stream);
                 for direction in ["outbound", "inbound"] {
