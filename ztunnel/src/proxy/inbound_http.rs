@@ -173,6 +173,20 @@ fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
+/// The request's host: HTTP/2's `:authority`, or HTTP/1.1's `Host`.
+fn request_host(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
 /// The HTTP attributes policies see.
 fn http_attributes(req: &Request<Incoming>) -> HttpRequest {
     let mut headers: Vec<(String, String)> = Vec::new();
@@ -186,17 +200,7 @@ fn http_attributes(req: &Request<Incoming>) -> HttpRequest {
             None => headers.push((name.as_str().to_owned(), value.into_owned())),
         }
     }
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let host = request_host(req);
     HttpRequest {
         method: req.method().as_str().to_owned(),
         path: req.uri().path().to_owned(),
@@ -325,18 +329,7 @@ impl Proxy {
         let mut check_req = Request::builder()
             .method(req.method().clone())
             .uri(format!("{}{path}", p.path_prefix));
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        check_req = check_req.header(header::HOST, host);
+        check_req = check_req.header(header::HOST, request_host(req));
         for (n, v) in pick(req.headers(), &p.include_request_headers) {
             if n != header::HOST {
                 check_req = check_req.header(n, v);
