@@ -137,8 +137,10 @@ fn demo() -> Result<()> {
     Err(err).with_context(|| format!("running {}", release_dir().join("demo").display()))
 }
 
-/// Replaces xtask with the benchmark (like `demo`), passing `args` on.
+/// Runs the authorization-decision benchmark (no cluster), then replaces xtask with the traffic
+/// benchmark (like `demo`), passing `args` on.
 fn bench(args: &[String]) -> Result<()> {
+    run(Command::new(release_dir().join("policy-bench")).current_dir(root()))?;
     let bin = release_dir().join("bench");
     let mut cmd = Command::new(&bin);
     with_binaries(&mut cmd).current_dir(root()).args(args);

@@ -183,12 +183,15 @@ fn http_field(
 
 fn source_matches(s: &Source, a: &Attributes) -> Tri {
     let principal = a.source_principal.as_deref();
-    // `serviceAccounts` name `namespace/name`, taken from the same identity.
-    let service_account = principal.and_then(|p| {
-        let (_, rest) = p.split_once("/ns/")?;
-        let (ns, sa) = rest.split_once("/sa/")?;
-        Some(format!("{ns}/{sa}"))
-    });
+    // `serviceAccounts` name `namespace/name`, taken from the same identity (built only for
+    // the sources that use it: this runs for every rule of every policy).
+    let service_account = principal
+        .filter(|_| !s.service_accounts.is_empty())
+        .and_then(|p| {
+            let (_, rest) = p.split_once("/ns/")?;
+            let (ns, sa) = rest.split_once("/sa/")?;
+            Some(format!("{ns}/{sa}"))
+        });
     let l4 = field(&s.principals, principal, StrMatch::matches)
         && field(
             &s.namespaces,
