@@ -135,11 +135,6 @@ impl StreamIo {
             recv_done: false,
         }
     }
-
-    /// Ends the stream with RST_STREAM CANCEL (the peer sees a failure, not an end).
-    pub fn reset(&mut self) {
-        self.send.send_reset(Reason::CANCEL);
-    }
 }
 
 impl tokio::io::AsyncRead for StreamIo {

@@ -128,7 +128,7 @@ impl Proxy {
             authz_rule = decision.and_then(|d| d.rule), per_request,
             bytes_sent = r.sent, bytes_received = r.received,
             duration_ms = start.elapsed().as_millis() as u64, outcome = r.outcome(),
-            error = r.revoked.clone().or_else(|| r.error.as_ref().map(|e| e.to_string())).as_deref(),
+            error = r.error_text().as_deref(),
             "connection closed");
     }
 }

@@ -159,31 +159,31 @@ impl Proxy {
                 let revoke = proxy
                     .clone()
                     .revoked(config, pod.clone(), call.clone(), per_request);
+                // Logged from the client's view, like the plaintext path (sent = client →
+                // application).
                 let r = if per_request {
                     let downstream = hbone::stream::StreamIo::new(send, recv);
-                    let r = proxy
+                    proxy
                         .serve_per_request(pod.clone(), call, downstream, upstream, revoke)
-                        .await;
-                    // Counted from the client's side already.
+                        .await
+                } else {
+                    // Counted from the application's socket: turned around.
+                    let r = hbone::stream::relay_until(upstream, send, recv, revoke).await;
                     Relayed {
                         sent: r.received,
                         received: r.sent,
                         ..r
                     }
-                } else {
-                    hbone::stream::relay_until(upstream, send, recv, revoke).await
                 };
                 let decision = decision.as_ref();
-                // The relay counts from the application's socket; log from the client's view,
-                // like the plaintext path (sent = client → application).
                 info!(direction = "inbound", hbone = true, src_identity = %src,
                     src_workload = src_workload.as_deref(), src_addr = %peer, forwarded_for = req.forwarded_for.map(|a| a.to_string()).as_deref(),
                     dst_addr = %req.target, dst_workload = %pod.workload, upstream = %req.target,
                     authz_policy = decision.and_then(|d| d.policy.as_deref()),
                     authz_rule = decision.and_then(|d| d.rule), per_request,
-                    bytes_sent = r.received, bytes_received = r.sent,
+                    bytes_sent = r.sent, bytes_received = r.received,
                     duration_ms = start.elapsed().as_millis() as u64, outcome = r.outcome(),
-                    error = r.revoked.clone().or_else(|| r.error.as_ref().map(|e| e.to_string())).as_deref(),
+                    error = r.error_text().as_deref(),
                     "connection closed");
             })
         });

@@ -229,25 +229,22 @@ fn jwt_failure_kind(reason: &str) -> &'static str {
     }
 }
 
+type Headers = Vec<(header::HeaderName, header::HeaderValue)>;
+
 /// Sets (replacing) each header.
-fn set_headers(h: &mut http::HeaderMap, headers: Vec<(header::HeaderName, header::HeaderValue)>) {
+fn set_headers(h: &mut http::HeaderMap, headers: Headers) {
     for (name, value) in headers {
         h.insert(name, value);
     }
 }
 
 /// Copies the headers named in `names` from `from`.
-fn pick(
-    from: &http::HeaderMap,
-    names: &[String],
-) -> Vec<(header::HeaderName, header::HeaderValue)> {
+fn pick(from: &http::HeaderMap, names: &[String]) -> Headers {
     from.iter()
         .filter(|(n, _)| names.iter().any(|x| x == n.as_str()))
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect()
 }
-
-type Headers = Vec<(header::HeaderName, header::HeaderValue)>;
 
 /// What a CUSTOM provider said.
 enum ProviderAnswer {
@@ -400,10 +397,7 @@ impl Proxy {
         req: &mut Request<Incoming>,
     ) -> Result<Option<crate::authz::evaluate::RequestAuth>, String> {
         use crate::authz::request_authentication::{authenticate, JwtOutcome, Keys, TokenSource};
-        let Some(p) = snapshot
-            .pods
-            .get(&(pod.namespace.clone(), pod.name.clone()))
-        else {
+        let Some(p) = pod.in_snapshot(snapshot) else {
             return Ok(None);
         };
         let rules: Vec<_> = snapshot

@@ -25,10 +25,7 @@ impl Proxy {
         call: &InboundCall,
         unknowns: Unknowns,
     ) -> Admission {
-        match snapshot
-            .pods
-            .get(&(pod.namespace.clone(), pod.name.clone()))
-        {
+        match pod.in_snapshot(snapshot) {
             Some(p) => authz::admit(snapshot, p, call, unknowns),
             None => Admission::Denied(Decision {
                 allowed: false,
@@ -100,10 +97,7 @@ impl Proxy {
             let snapshot = config.borrow_and_update().clone();
             // A pod leaving the configuration is un-enrolled; like every proxied connection,
             // its connections go on until they end.
-            if !snapshot
-                .pods
-                .contains_key(&(pod.namespace.clone(), pod.name.clone()))
-            {
+            if pod.in_snapshot(&snapshot).is_none() {
                 continue;
             }
             let unknowns = if per_request {

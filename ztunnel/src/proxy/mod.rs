@@ -54,6 +54,15 @@ pub struct PodContext {
     pub netns_cookie: u64,
 }
 
+impl PodContext {
+    /// This pod in `snapshot`, or `None` once it has left the configuration.
+    pub fn in_snapshot<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<crate::state::Pod>> {
+        snapshot
+            .pods
+            .get(&(self.namespace.clone(), self.name.clone()))
+    }
+}
+
 /// Counts per reason, for logs now and metrics later.
 #[derive(Default, Debug)]
 pub struct ReasonCounter(Mutex<BTreeMap<String, u64>>);
@@ -207,10 +216,7 @@ impl Proxy {
     /// The mTLS mode that decides plaintext to `pod`'s `port`, or `None` if the pod has left
     /// the configuration (it is being un-enrolled).
     fn mtls_mode(&self, snapshot: &Snapshot, pod: &PodContext, port: u16) -> Option<MtlsDecision> {
-        let p = snapshot
-            .pods
-            .get(&(pod.namespace.clone(), pod.name.clone()))?;
-        Some(snapshot.mtls_mode(p, port))
+        Some(snapshot.mtls_mode(pod.in_snapshot(snapshot)?, port))
     }
 
     pub fn trust_domain(&self) -> &str {

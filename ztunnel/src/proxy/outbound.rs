@@ -254,10 +254,7 @@ impl Proxy {
                 (r, "connect_failed")
             }
         };
-        let error = r
-            .revoked
-            .clone()
-            .or_else(|| r.error.as_ref().map(|e| e.to_string()));
+        let error = r.error_text();
         // One line per side, as for traffic between nodes.
         info!(direction = "outbound", same_node = true, src_workload = %src.workload,
             src_identity = %src.identity, dst_addr = %orig, dst_service = route.service.as_deref(),

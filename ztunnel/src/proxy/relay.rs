@@ -31,6 +31,13 @@ impl Relayed {
             "ok"
         }
     }
+
+    /// Why it ended other than cleanly (revocation first), for the connection log.
+    pub fn error_text(&self) -> Option<String> {
+        self.revoked
+            .clone()
+            .or_else(|| self.error.as_ref().map(|e| e.to_string()))
+    }
 }
 
 /// Copies both ways until both sides have finished. EOF on one side is forwarded as a
