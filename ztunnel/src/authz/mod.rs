@@ -14,7 +14,7 @@ pub mod jwks;
 pub mod peer_authentication;
 pub mod request_authentication;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{cmp::Ordering, collections::BTreeMap, sync::Arc};
 
 pub use admission::{admit, Admission, CustomCheck, InboundCall, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
@@ -56,38 +56,52 @@ fn applies<'a>(
     }
 }
 
-/// A policy kind that is aimed at workloads by selector or targetRef.
-pub trait Targeted {
+/// A namespaced policy object, and the order Istio gives policies of its kind within a
+/// namespace (by name, unless the kind says otherwise).
+pub trait Namespaced {
     fn namespace(&self) -> &str;
     fn name(&self) -> &str;
+    fn order(&self, other: &Self) -> Ordering {
+        self.name().cmp(other.name())
+    }
+}
+
+/// A policy kind that is aimed at workloads by selector or targetRef.
+pub trait Targeted: Namespaced {
     fn target(&self) -> &Target;
 }
 
-impl Targeted for AuthorizationPolicy {
+impl Namespaced for AuthorizationPolicy {
     fn namespace(&self) -> &str {
         &self.namespace
     }
     fn name(&self) -> &str {
         &self.name
     }
+}
+
+impl Targeted for AuthorizationPolicy {
     fn target(&self) -> &Target {
         &self.target
+    }
+}
+
+impl Namespaced for RequestAuthentication {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
     }
 }
 
 impl Targeted for RequestAuthentication {
-    fn namespace(&self) -> &str {
-        &self.namespace
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
     fn target(&self) -> &Target {
         &self.target
     }
 }
 
-/// Policies of one kind, indexed by namespace (each list sorted by name), so finding a
+/// Policies of one kind, indexed by namespace (each list in the kind's order), so finding a
 /// workload's policies looks at two namespaces, never at unrelated ones.
 #[derive(Debug)]
 pub struct PolicyIndex<P> {
@@ -105,7 +119,7 @@ impl<P> Default for PolicyIndex<P> {
 pub type AuthorizationPolicies = PolicyIndex<AuthorizationPolicy>;
 pub type RequestAuthentications = PolicyIndex<RequestAuthentication>;
 
-impl<P: Targeted> PolicyIndex<P> {
+impl<P: Namespaced> PolicyIndex<P> {
     pub fn new(policies: Vec<P>) -> Self {
         let mut by_namespace: BTreeMap<String, Vec<Arc<P>>> = BTreeMap::new();
         for p in policies {
@@ -115,7 +129,7 @@ impl<P: Targeted> PolicyIndex<P> {
                 .push(Arc::new(p));
         }
         for list in by_namespace.values_mut() {
-            list.sort_by(|a, b| a.name().cmp(b.name()));
+            list.sort_by(|a, b| a.order(b));
         }
         Self { by_namespace }
     }
@@ -132,6 +146,13 @@ impl<P: Targeted> PolicyIndex<P> {
         self.by_namespace.values().flatten()
     }
 
+    /// The policies of `ns`, in order.
+    fn in_namespace(&self, ns: &str) -> &[Arc<P>] {
+        self.by_namespace.get(ns).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+impl<P: Targeted> PolicyIndex<P> {
     /// The policies that apply to `pod`: those of the root namespace (mesh-wide) and of the
     /// pod's namespace whose selector matches it, or that target a Service (looked up with
     /// `services` in the pod's namespace) selecting it.

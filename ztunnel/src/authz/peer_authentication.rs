@@ -16,6 +16,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 use serde::{de, Deserialize, Deserializer};
 use time::OffsetDateTime;
 
+use super::{Namespaced, PolicyIndex};
 use crate::state::{Labels, Origin, Pod};
 
 /// `spec.mtls.mode`.
@@ -242,42 +243,21 @@ impl fmt::Display for MtlsDecision {
 
 /// The policies of the configuration, indexed by namespace, each list in Istio's precedence
 /// order (oldest first), so "the first that applies" is the one Istio picks.
-#[derive(Debug, Default)]
-pub struct PeerAuthentications {
-    by_namespace: BTreeMap<String, Vec<Arc<PeerAuthentication>>>,
+pub type PeerAuthentications = PolicyIndex<PeerAuthentication>;
+
+impl Namespaced for PeerAuthentication {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn order(&self, other: &Self) -> std::cmp::Ordering {
+        self.precedence_key().cmp(&other.precedence_key())
+    }
 }
 
-impl PeerAuthentications {
-    pub fn new(policies: Vec<PeerAuthentication>) -> Self {
-        let mut by_namespace: BTreeMap<String, Vec<Arc<PeerAuthentication>>> = BTreeMap::new();
-        for p in policies {
-            by_namespace
-                .entry(p.namespace.clone())
-                .or_default()
-                .push(Arc::new(p));
-        }
-        for list in by_namespace.values_mut() {
-            list.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
-        }
-        Self { by_namespace }
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_namespace.values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<PeerAuthentication>> {
-        self.by_namespace.values().flatten()
-    }
-
-    fn in_namespace(&self, ns: &str) -> &[Arc<PeerAuthentication>] {
-        self.by_namespace.get(ns).map(Vec::as_slice).unwrap_or(&[])
-    }
-
+impl PolicyIndex<PeerAuthentication> {
     /// The selector-less policy of `ns` that is in force (the oldest).
     fn namespace_wide(&self, ns: &str) -> Option<&Arc<PeerAuthentication>> {
         self.in_namespace(ns).iter().find(|p| !p.has_selector())
@@ -285,7 +265,7 @@ impl PeerAuthentications {
 
     /// The workload-level policy in force for `pod`: the oldest of its namespace whose selector
     /// matches. None in the root namespace: istiod ignores selectors there.
-    fn for_workload(&self, pod: &Pod, root_namespace: &str) -> Option<&Arc<PeerAuthentication>> {
+    fn workload_policy(&self, pod: &Pod, root_namespace: &str) -> Option<&Arc<PeerAuthentication>> {
         if pod.namespace == root_namespace {
             return None;
         }
@@ -318,7 +298,7 @@ impl PeerAuthentications {
                 apply(ns, ns.mode, Scope::Namespace);
             }
         }
-        if let Some(w) = self.for_workload(pod, root_namespace) {
+        if let Some(w) = self.workload_policy(pod, root_namespace) {
             apply(w, w.mode, Scope::Workload);
             // UNSET on a port inherits the workload's composed mode: `apply` leaves it.
             if let Some(&mode) = w.port_level.get(&port) {
