@@ -8,12 +8,12 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use crate::authz::{
     AuthorizationPolicies, AuthorizationPolicy, MtlsDecision, PeerAuthentication,
-    PeerAuthentications, RequestAuthentication, RequestAuthentications,
+    PeerAuthentications, PolicySet, RequestAuthentication, RequestAuthentications,
 };
 
 pub type Labels = BTreeMap<String, String>;
@@ -161,6 +161,9 @@ pub struct Snapshot {
     pub problems: Vec<String>,
     pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
     service_by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Each pod's AuthorizationPolicies, compiled on first use (few pods of a snapshot are
+    /// ever a destination on this node). Keyed by the address of the snapshot's own `Pod`.
+    authorization_by_pod: HashMap<usize, OnceLock<Arc<PolicySet>>>,
 }
 
 impl Snapshot {
@@ -259,6 +262,11 @@ impl Snapshot {
             .problems(&s.root_namespace, s.pods.values());
         s.problems.extend(problems);
         s.problems.extend(s.authorization_policies.problems());
+        s.authorization_by_pod = s
+            .pods
+            .values()
+            .map(|p| (Arc::as_ptr(p) as usize, OnceLock::new()))
+            .collect();
         s.read_mesh_config();
         s
     }
@@ -291,16 +299,31 @@ impl Snapshot {
         }
     }
 
-    /// The AuthorizationPolicies that apply to `pod`.
-    pub fn authorization_policies_for(&self, pod: &Pod) -> Vec<&AuthorizationPolicy> {
-        self.authorization_policies
-            .for_workload(pod, &self.root_namespace, |name| self.service_in(pod, name))
+    /// The AuthorizationPolicies that apply to `pod`, compiled for deciding. Cached for the
+    /// snapshot's own pods; a pod of an older snapshot (a connection re-checked after a
+    /// change) gets a set compiled from its labels then.
+    pub fn authorization_for(&self, pod: &Pod) -> Arc<PolicySet> {
+        let compile = || {
+            Arc::new(PolicySet::new(
+                self.authorization_policies
+                    .for_workload(pod, &self.root_namespace, |name| self.service_in(pod, name))
+                    .into_iter()
+                    .cloned(),
+            ))
+        };
+        match self.authorization_by_pod.get(&(pod as *const Pod as usize)) {
+            Some(cell) => cell.get_or_init(compile).clone(),
+            None => compile(),
+        }
     }
 
     /// The RequestAuthentications that apply to `pod`.
     pub fn request_authentications_for(&self, pod: &Pod) -> Vec<&RequestAuthentication> {
         self.request_authentications
             .for_workload(pod, &self.root_namespace, |name| self.service_in(pod, name))
+            .into_iter()
+            .map(|p| p.as_ref())
+            .collect()
     }
 
     fn service_in(&self, pod: &Pod, name: &str) -> Option<&Service> {

@@ -91,7 +91,7 @@ pub fn admit(snapshot: &Snapshot, pod: &Pod, call: &InboundCall, unknowns: Unkno
             });
         }
     }
-    let policies = snapshot.authorization_policies_for(pod);
+    let policies = snapshot.authorization_for(pod);
     // Tokens are checked on every HTTP request of a workload with RequestAuthentication (a bad
     // one is a 401 even where no AuthorizationPolicy applies).
     let authenticates = call.attributes.http.is_none()

@@ -19,9 +19,9 @@ use std::{fmt, net::IpAddr};
 use serde::Serialize;
 
 use super::authorization_policy::{
-    Action, AuthorizationPolicy, Condition, ConditionValues, Key, Operation, Rule, Source,
-    StrMatch, Values,
+    Action, Condition, ConditionValues, Key, Operation, Rule, Source, StrMatch, Values,
 };
+use super::policy_set::PolicySet;
 
 /// What is known about the caller and the call.
 #[derive(Clone, Debug, Default)]
@@ -309,22 +309,17 @@ fn condition_matches(c: &Condition, a: &Attributes) -> Tri {
 
 /// Whether `rule` matches `a`.
 pub fn rule_matches(rule: &Rule, a: &Attributes) -> Tri {
-    any_or_unconstrained(&rule.from, |s| source_matches(s, a))
-        .and(any_or_unconstrained(&rule.to, |o| operation_matches(o, a)))
-        .and(all(&rule.when, |c| condition_matches(c, a)))
-}
-
-/// The first rule of `policy` that matches, or whether one might once HTTP is known.
-fn policy_matches(policy: &AuthorizationPolicy, a: &Attributes) -> (Tri, Option<usize>) {
-    let mut unknown = false;
-    for (i, rule) in policy.rules.iter().enumerate() {
-        match rule_matches(rule, a) {
-            Tri::Yes => return (Tri::Yes, Some(i)),
-            Tri::Unknown => unknown = true,
-            Tri::No => {}
-        }
+    // Sources first: most rules name their callers, and a rule that cannot match stops there.
+    let from = any_or_unconstrained(&rule.from, |s| source_matches(s, a));
+    if from == Tri::No {
+        return Tri::No;
     }
-    (if unknown { Tri::Unknown } else { Tri::No }, None)
+    let to = any_or_unconstrained(&rule.to, |o| operation_matches(o, a));
+    if to == Tri::No {
+        return Tri::No;
+    }
+    from.and(to)
+        .and(all(&rule.when, |c| condition_matches(c, a)))
 }
 
 /// How to settle rules that need HTTP attributes that are not known.
@@ -370,10 +365,17 @@ pub enum Verdict {
     NeedsHttp,
 }
 
-/// Decides `a` against the policies that apply to the destination workload (any order; they
-/// are taken CUSTOM, DENY, ALLOW, and in the order given within an action).
-pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unknowns) -> Verdict {
-    let of = |action: Action| policies.iter().copied().filter(move |p| p.action == action);
+/// Decides `a` against the policies that apply to the destination workload: CUSTOM, then
+/// DENY, then ALLOW, each in its policies' order; AUDIT only marks.
+pub fn evaluate(policies: &PolicySet, a: &Attributes, unknowns: Unknowns) -> Verdict {
+    // Only the policies `a` may match, in evaluation order (AUDIT, CUSTOM, DENY, ALLOW).
+    let mut matches = policies.matches(a).peekable();
+    macro_rules! each_of {
+        ($action:expr) => {
+            std::iter::from_fn(|| matches.next_if(|m| m.policy.action == $action))
+                .map(|m| (m.policy, m.matched, m.rule))
+        };
+    }
     let mut needs_http = false;
     // Whether a policy's match counts; an Unknown defers or is settled by `if_unknown`.
     let settle = |t: Tri, if_unknown: bool, needs_http: &mut bool| match (t, unknowns) {
@@ -387,15 +389,13 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unk
     };
 
     let mut audit = None;
-    for p in of(Action::Audit) {
-        let (t, rule) = policy_matches(p, a);
+    for (p, t, rule) in each_of!(Action::Audit) {
         if settle(t, false, &mut needs_http) && audit.is_none() {
             audit = Some((p.id(), rule.unwrap_or(0)));
         }
     }
-    for p in of(Action::Custom).filter(|_| !a.custom_allowed) {
-        let (t, rule) = policy_matches(p, a);
-        if t == Tri::No {
+    for (p, t, rule) in each_of!(Action::Custom) {
+        if a.custom_allowed {
             continue;
         }
         // The provider is asked with the HTTP request, so a CUSTOM policy that may match is
@@ -425,8 +425,7 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unk
             }
         }
     }
-    for p in of(Action::Deny) {
-        let (t, rule) = policy_matches(p, a);
+    for (p, t, rule) in each_of!(Action::Deny) {
         if settle(t, true, &mut needs_http) {
             let reason = match rule {
                 Some(i) => format!("denied by DENY policy {} rule {i}", p.id()),
@@ -445,15 +444,14 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unk
             });
         }
     }
-    let mut any_allow = false;
+    let any_allow = policies.has_allow();
     let mut allowed_by = None;
     // An ALLOW that may match once HTTP is known matters only if none matches already.
     let mut allow_needs_http = false;
-    for p in of(Action::Allow) {
-        any_allow = true;
-        let (t, rule) = policy_matches(p, a);
-        if settle(t, false, &mut allow_needs_http) && allowed_by.is_none() {
+    for (p, t, rule) in each_of!(Action::Allow) {
+        if settle(t, false, &mut allow_needs_http) {
             allowed_by = Some((p.id(), rule));
+            break;
         }
     }
     if needs_http || (allow_needs_http && allowed_by.is_none()) {
@@ -494,7 +492,7 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], a: &Attributes, unknowns: Unk
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::authorization_policy::SpecDoc;
+    use crate::authz::authorization_policy::{AuthorizationPolicy, SpecDoc};
     use crate::state::Origin;
 
     fn policy(ns: &str, name: &str, spec: &str) -> AuthorizationPolicy {
@@ -550,7 +548,7 @@ mod tests {
     /// "allow", "allow ns/name#rule", "deny", "deny ns/name#rule", "needs-http",
     /// "custom provider".
     fn verdict(policies: &[AuthorizationPolicy], a: &Attributes, unknowns: Unknowns) -> String {
-        let refs: Vec<&AuthorizationPolicy> = policies.iter().collect();
+        let refs = PolicySet::new(policies.iter().cloned().map(std::sync::Arc::new));
         match evaluate(&refs, a, unknowns) {
             Verdict::NeedsHttp => "needs-http".into(),
             Verdict::Custom { provider, .. } => format!("custom {provider}"),
@@ -801,7 +799,7 @@ rules:
             ),
             policy("foo", "allow", "rules: [{}]"),
         ];
-        let refs: Vec<&AuthorizationPolicy> = policies.iter().collect();
+        let refs = PolicySet::new(policies.iter().cloned().map(std::sync::Arc::new));
         let Verdict::Decided(d) = evaluate(&refs, &plaintext(), Unknowns::Defer) else {
             panic!()
         };

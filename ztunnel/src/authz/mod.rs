@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod ext_authz;
 pub mod jwks;
 pub mod peer_authentication;
+pub mod policy_set;
 pub mod request_authentication;
 
 use std::{cmp::Ordering, collections::BTreeMap, sync::Arc};
@@ -20,6 +21,7 @@ pub use admission::{admit, Admission, CustomCheck, InboundCall, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
 pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
+pub use policy_set::PolicySet;
 pub use request_authentication::RequestAuthentication;
 
 use crate::state::{Pod, Service};
@@ -161,12 +163,12 @@ impl<P: Targeted> PolicyIndex<P> {
         pod: &Pod,
         root_namespace: &str,
         services: impl Fn(&str) -> Option<&'a Service>,
-    ) -> Vec<&'a P> {
+    ) -> Vec<&'a Arc<P>> {
         let mut out = Vec::new();
         for ns in workload_namespaces(pod, root_namespace) {
             for p in self.by_namespace.get(ns).into_iter().flatten() {
                 if applies(p.target(), ns, pod, &services) {
-                    out.push(p.as_ref());
+                    out.push(p);
                 }
             }
         }
