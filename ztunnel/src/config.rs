@@ -9,6 +9,9 @@
 //!
 //! A file that does not parse rejects the whole new version with its file, line and reason,
 //! and the last good snapshot stays in force: a half-applied configuration is never published.
+//!
+//! The Kubernetes source ([`kubernetes`]) reads the same kinds from the API server with the
+//! same parser ([`parse_value`]).
 use std::{
     fmt,
     net::IpAddr,
@@ -22,6 +25,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+pub mod kubernetes;
+pub mod pod_netns;
 
 use crate::authz::{authorization_policy, peer_authentication, request_authentication};
 use crate::state::{
@@ -166,11 +172,8 @@ pub fn parse_file(file: &Path, text: &str, objects: &mut Objects) -> Result<(), 
             // Items are parsed from values, which have no positions: point at the list and
             // name the item instead.
             for (j, item) in list.items.into_iter().enumerate() {
-                let context = |reason: String| whole(format!("items[{j}]: {reason}"));
-                let item_head: Head = serde_yaml::from_value(item.clone())
-                    .map_err(|e| context(strip_location(&e.to_string())))?;
-                add_object(&item_head, item, &origin, objects)
-                    .map_err(|e| context(format!("{}: {}", item_head.describe(), e.reason())))?;
+                parse_value(item, &origin, objects)
+                    .map_err(|reason| whole(format!("items[{j}]: {reason}")))?;
             }
         } else {
             add_object(head, doc, &origin, objects).map_err(|e| match e {
@@ -180,6 +183,19 @@ pub fn parse_file(file: &Path, text: &str, objects: &mut Objects) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Parses one object given as a value (an item of a `List`, or an object read from the
+/// Kubernetes API) into `objects`. The error names the object ("Pod shop/web: reason") when
+/// its head could be read.
+pub fn parse_value(
+    value: serde_yaml::Value,
+    origin: &Origin,
+    objects: &mut Objects,
+) -> Result<(), String> {
+    let head = Head::deserialize(&value).map_err(|e| strip_location(&e.to_string()))?;
+    add_object(&head, value, origin, objects)
+        .map_err(|e| format!("{}: {}", head.describe(), e.reason()))
 }
 
 /// Why one object was not accepted.

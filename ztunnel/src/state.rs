@@ -36,13 +36,18 @@ impl Default for MeshSettings {
 /// Where an object was read from, for messages that point the operator at it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Origin {
+    /// The file, or for an object of the Kubernetes API `k8s:<kind>/<namespace>/<name>`.
     pub file: PathBuf,
+    /// 1-based; 0 when the object has no line (the Kubernetes API).
     pub line: usize,
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
+        match self.line {
+            0 => write!(f, "{}", self.file.display()),
+            line => write!(f, "{}:{line}", self.file.display()),
+        }
     }
 }
 
