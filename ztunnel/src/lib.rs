@@ -4,6 +4,7 @@ pub mod capture;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod kubernetes;
 pub mod netns;
 pub mod proxy;
 pub mod state;

@@ -11,11 +11,16 @@ use ztunnel::{
         jwks, request_authentication,
     },
     capture::{self, enrolment::Enroller, Capture, CaptureOptions},
-    config,
+    config::{
+        self,
+        kubernetes::KubernetesOptions,
+        pod_netns::{NsId, PodNetnsFinder},
+    },
     identity::{
         istio_ca::{self, IstioCaClient},
         CaFiles, CacheOptions, CertificateCache, CertificateProvider, SpiffeId,
     },
+    kubernetes::ApiAccess,
     netns::Netns,
     proxy::{Mesh, Proxy, ProxyOptions},
     state::{EnrolmentPolicy, MeshSettings},
@@ -274,10 +279,18 @@ enum BpfCommand {
 const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/ztunnel";
 
 #[derive(Parser)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config_dir", "kubernetes"])))]
 struct RunArgs {
     /// Directory of Kubernetes-shaped YAML (Namespaces, Pods, Services, Istio policies).
     #[arg(long)]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster service account) instead of a directory.
+    #[arg(long)]
+    kubernetes: bool,
+    /// With --kubernetes: reach the API through this kubeconfig's current context instead
+    /// (outside a cluster).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name: only pods with this `spec.nodeName` are captured here.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -472,6 +485,12 @@ fn raise_fd_limit() {
     }
 }
 
+/// Where `run` reads the cluster from.
+enum ConfigSource {
+    Dir(PathBuf),
+    Kubernetes(ApiAccess, PodNetnsFinder),
+}
+
 fn run(args: RunArgs) -> Result<()> {
     // Taken before any other thread exists: every thread starts in this (the node's) netns.
     let home = Arc::new(Netns::current().context("opening the node network namespace")?);
@@ -481,6 +500,19 @@ fn run(args: RunArgs) -> Result<()> {
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => capture::cgroup2_root()?,
+    };
+    let source = match args.config_dir.clone() {
+        Some(dir) => ConfigSource::Dir(dir),
+        None => ConfigSource::Kubernetes(
+            ApiAccess::new(args.kubeconfig.clone()),
+            // Pods' cgroups are looked for in the hierarchy capture attaches to; our own
+            // netns tells host-network processes apart.
+            PodNetnsFinder::new(
+                cgroup.clone(),
+                NsId::of(std::path::Path::new("/proc/self/ns/net"))
+                    .context("reading the node network namespace")?,
+            ),
+        ),
     };
     let capture = Capture::install(&CaptureOptions {
         bpf_dir: args.bpf_dir,
@@ -498,8 +530,16 @@ fn run(args: RunArgs) -> Result<()> {
             let settings = MeshSettings {
                 root_namespace: args.root_namespace.clone(),
             };
-            let (mut config, _watch) = config::watch(args.config_dir.clone(), settings)
-                .with_context(|| format!("loading {}", args.config_dir.display()))?;
+            let (mut config, _watch) = match source {
+                ConfigSource::Dir(dir) => config::watch(dir.clone(), settings)
+                    .with_context(|| format!("loading {}", dir.display()))?,
+                ConfigSource::Kubernetes(access, finder) => {
+                    let client = access.client().await?;
+                    info!(node = %args.node_name, "waiting for the first complete list of the Kubernetes API");
+                    let opts = KubernetesOptions::new(args.node_name.clone(), settings, finder);
+                    config::kubernetes::watch(client, opts).await?
+                }
+            };
             let certs = Arc::new(CertificateCache::new(
                 provider,
                 roots,
