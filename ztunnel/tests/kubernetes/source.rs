@@ -66,6 +66,15 @@ async fn start(server: &ApiServer, cgroups: &Path) -> Source {
 }
 
 impl Source {
+    /// Creates namespace `name` and waits for it: every change before it has been seen.
+    async fn new_namespace(&mut self, server: &ApiServer, name: &str) -> Arc<Snapshot> {
+        server.apply(namespace(name, json!({})));
+        self.until(&format!("namespace {name}"), |s| {
+            s.namespaces.contains_key(name)
+        })
+        .await
+    }
+
     /// Waits until a published snapshot satisfies `pred`.
     async fn until(&mut self, what: &str, pred: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
         let deadline = Instant::now() + WAIT;
@@ -268,8 +277,7 @@ fn bad_objects_are_reported_and_skipped_keeping_their_last_good_version() {
 
         // A broken edit of the DENY policy keeps the last good version in force.
         server.apply(deny("DENYY"));
-        server.apply(namespace("later", json!({})));
-        let s = source.until("the namespace after the bad edit", |s| s.namespaces.contains_key("later")).await;
+        let s = source.new_namespace(&server, "later").await;
         assert_eq!(s.authorization_policies.len(), 1);
         assert!(matches!(call_from_api(&s), Admission::Denied(_)), "the last good DENY stays");
 
@@ -349,12 +357,7 @@ async fn relist_after_gone(gone: Gone) {
     );
 
     // And watching resumes after the relist.
-    server.apply(namespace("after", json!({})));
-    source
-        .until("a change after the relist", |s| {
-            s.namespaces.contains_key("after")
-        })
-        .await;
+    source.new_namespace(&server, "after").await;
 }
 
 #[tokio::test]
@@ -391,12 +394,7 @@ async fn server_errors_and_broken_watches_are_retried_until_it_recovers() {
 
     // Cleanly ended watches resume from where they were.
     server.end_watches(false);
-    server.apply(namespace("next", json!({})));
-    source
-        .until("a change after a clean end", |s| {
-            s.namespaces.contains_key("next")
-        })
-        .await;
+    source.new_namespace(&server, "next").await;
 }
 
 #[tokio::test]
