@@ -236,9 +236,23 @@ enum CaCommand {
         ca_dir: PathBuf,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: std::net::SocketAddr,
-        /// Bearer token clients must present. Without it every client is served: local use only.
-        #[arg(long)]
+        /// Bearer token clients must present. Without it (or --kubernetes) every client is
+        /// served: local use only.
+        #[arg(long, conflicts_with = "kubernetes")]
         token_file: Option<PathBuf>,
+        /// Authenticate node proxies by their service account tokens (TokenReview) and sign
+        /// only identities of pods on the caller's node. In-cluster API access.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: reach the API through this kubeconfig instead (outside a cluster).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// With --kubernetes: the node proxies' service account, namespace/name.
+        #[arg(long, default_value = "istio-system/ztunnel", requires = "kubernetes")]
+        node_proxy_service_account: istio_ca::token_review::ServiceAccount,
+        /// With --kubernetes: the audience node proxies' tokens must be issued for.
+        #[arg(long, default_value = istio_ca::token_review::ISTIO_CA_AUDIENCE, requires = "kubernetes")]
+        token_audience: String,
     },
 }
 
@@ -383,16 +397,29 @@ fn main() -> ExitCode {
                     ca_dir,
                     listen,
                     token_file,
+                    kubernetes,
+                    kubeconfig,
+                    node_proxy_service_account,
+                    token_audience,
                 },
         } => {
             init_logging(LogFormat::Text);
+            let callers = match (kubernetes, token_file) {
+                (true, _) => istio_ca::CallerAuth::Kubernetes {
+                    access: ApiAccess::new(kubeconfig),
+                    node_proxy: node_proxy_service_account,
+                    audience: token_audience,
+                },
+                (false, Some(file)) => istio_ca::CallerAuth::TokenFile(file),
+                (false, None) => istio_ca::CallerAuth::Anyone,
+            };
             tokio::runtime::Runtime::new()
                 .context("starting the runtime")
                 .and_then(|rt| {
                     rt.block_on(istio_ca::run_ca_service(istio_ca::CaServiceOptions {
                         ca_dir,
                         listen,
-                        token_file,
+                        callers,
                     }))
                 })
         }

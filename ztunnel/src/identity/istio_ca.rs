@@ -19,11 +19,12 @@ mod client;
 mod server;
 #[cfg(test)]
 mod tests;
+pub mod token_review;
 
 pub use client::IstioCaClient;
 pub use server::{
     issue_server_tls, run_ca_service, run_ca_service_until, serve, AllowAll, AuthError,
-    Authenticator, CaServiceOptions, ServerTls, StaticToken,
+    Authenticator, CaServiceOptions, CallerAuth, ServerTls, StaticToken,
 };
 
 /// The gRPC method path of `CreateCertificate`.

@@ -69,6 +69,8 @@ struct State {
     watchers: Vec<Watcher>,
     /// Statuses the next requests get instead of an answer, in order.
     failures: Vec<u16>,
+    /// (part of the request line, status): the next request that matches gets the status.
+    path_failures: Vec<(String, u16)>,
     tokens: HashMap<String, TokenIdentity>,
     /// Every request line received ("GET /api/v1/pods?..."), for assertions.
     requests: Vec<String>,
@@ -202,6 +204,12 @@ impl ApiServer {
     /// The next `statuses.len()` requests (any path) get these statuses instead of answers.
     pub fn fail_next(&self, statuses: &[u16]) {
         self.state.lock().unwrap().failures.extend(statuses);
+    }
+
+    /// The next request whose line contains `part` gets `status` instead of an answer.
+    pub fn fail_path(&self, part: &str, status: u16) {
+        let mut s = self.state.lock().unwrap();
+        s.path_failures.push((part.into(), status));
     }
 
     pub fn pending_failures(&self) -> usize {
@@ -453,9 +461,17 @@ async fn handle(state: &Mutex<State>, req: Request<hyper::body::Incoming>) -> Re
     let line = format!("{} {}", req.method(), req.uri());
     {
         let mut s = state.lock().unwrap();
+        let matching = s
+            .path_failures
+            .iter()
+            .position(|(p, _)| line.contains(p.as_str()));
         s.requests.push(line);
-        if !s.failures.is_empty() {
-            let code = s.failures.remove(0);
+        let code = match matching {
+            Some(i) => Some(s.path_failures.remove(i).1),
+            None if !s.failures.is_empty() => Some(s.failures.remove(0)),
+            None => None,
+        };
+        if let Some(code) = code {
             return status(code, "InternalError", "failure injected by the test");
         }
     }

@@ -58,6 +58,10 @@ pub enum AuthError {
     /// Valid credentials that do not cover the requested identity (gRPC `PERMISSION_DENIED`).
     #[error("{0}")]
     PermissionDenied(String),
+    /// The credentials could not be checked now (gRPC `UNAVAILABLE`: the caller retries). The
+    /// request is refused all the same.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Decides whether the caller holding `token` (the bearer token of the request, if any) may get
@@ -444,6 +448,7 @@ async fn create_certificate(
         Ok(()) => {}
         Err(AuthError::Unauthenticated(reason)) => return fail(Status::unauthenticated(reason)),
         Err(AuthError::PermissionDenied(reason)) => return fail(Status::permission_denied(reason)),
+        Err(AuthError::Unavailable(reason)) => return fail(Status::unavailable(reason)),
     }
     match state.signer.create_certificate(message.csr, validity).await {
         Ok(cert_chain) => Ok((requested, IstioCertificateResponse { cert_chain })),
@@ -547,9 +552,24 @@ pub struct CaServiceOptions {
     pub ca_dir: PathBuf,
     /// Where to listen, e.g. `0.0.0.0:15012`.
     pub listen: SocketAddr,
-    /// Require `authorization: Bearer <this file's content>`; without it anyone who reaches the
-    /// port gets any identity (local/dev only).
-    pub token_file: Option<PathBuf>,
+    /// Who may have which certificate.
+    pub callers: CallerAuth,
+}
+
+/// How `ztunnel ca serve` authenticates its callers.
+#[derive(Debug, Clone)]
+pub enum CallerAuth {
+    /// Anyone who reaches the port gets any identity (local/dev only).
+    Anyone,
+    /// Callers present `authorization: Bearer <this file's content>` and get any identity.
+    TokenFile(PathBuf),
+    /// Node proxies present their service account token, checked by TokenReview, and get
+    /// identities of pods on their own node only (see [`super::token_review`]).
+    Kubernetes {
+        access: crate::kubernetes::ApiAccess,
+        node_proxy: super::token_review::ServiceAccount,
+        audience: String,
+    },
 }
 
 /// Keeps the CA service's own certificate fresh: renews at half its remaining lifetime, and
@@ -623,12 +643,25 @@ async fn run_with_signer(
     identity: SpiffeId,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let auth: Arc<dyn Authenticator> = match &opts.token_file {
-        Some(path) => Arc::new(StaticToken::from_file(path)?),
-        None => {
+    let auth: Arc<dyn Authenticator> = match &opts.callers {
+        CallerAuth::TokenFile(path) => Arc::new(StaticToken::from_file(path)?),
+        CallerAuth::Kubernetes {
+            access,
+            node_proxy,
+            audience,
+        } => {
+            info!(%node_proxy, %audience,
+                "CA service: callers are authenticated by TokenReview; each node proxy gets identities of its own node's pods");
+            Arc::new(super::token_review::TokenReviewAuthenticator::new(
+                access.client().await?,
+                audience.clone(),
+                node_proxy.clone(),
+            ))
+        }
+        CallerAuth::Anyone => {
             warn!(
                 listen = %opts.listen,
-                "CA service: no --token-file; anyone who reaches this port gets any identity (local/dev only)"
+                "CA service: no --token-file and no --kubernetes; anyone who reaches this port gets any identity (local/dev only)"
             );
             Arc::new(AllowAll)
         }

@@ -507,7 +507,7 @@ async fn ca_service_from_a_ca_directory() {
     let opts = CaServiceOptions {
         ca_dir: dir.0.clone(),
         listen: addr,
-        token_file: Some(server_token.path()),
+        callers: CallerAuth::TokenFile(server_token.path()),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(run_ca_service_until(opts, async {
@@ -534,7 +534,7 @@ async fn ca_service_from_a_ca_directory() {
         CaServiceOptions {
             ca_dir: dir.0.join("missing"),
             listen: addr,
-            token_file: None,
+            callers: CallerAuth::Anyone,
         },
         std::future::pending(),
     )
