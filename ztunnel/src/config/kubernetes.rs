@@ -259,7 +259,10 @@ impl Store {
             Update::Applied(w, p) => match p.result {
                 Ok(objects) => {
                     self.rejected[w].remove(&p.key);
-                    self.objects[w].insert(p.key, objects);
+                    // Most updates (pod status, annotations of no interest) change nothing
+                    // the snapshot holds: no new snapshot for them.
+                    let old = self.objects[w].insert(p.key.clone(), objects);
+                    return old.is_none_or(|old| !same(&old, &self.objects[w][&p.key]));
                 }
                 Err(reason) => {
                     if self.rejected[w].get(&p.key) == Some(&reason) {
@@ -321,6 +324,17 @@ impl Store {
         }
         all
     }
+}
+
+/// Whether two parses hold the same objects.
+fn same(a: &Objects, b: &Objects) -> bool {
+    a.namespaces == b.namespaces
+        && a.pods == b.pods
+        && a.services == b.services
+        && a.peer_authentications == b.peer_authentications
+        && a.authorization_policies == b.authorization_policies
+        && a.request_authentications == b.request_authentications
+        && a.other == b.other
 }
 
 fn absorb(into: &mut Objects, from: &Objects) {

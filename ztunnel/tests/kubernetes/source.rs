@@ -453,6 +453,21 @@ async fn bursts_are_published_as_few_snapshots_and_mesh_config_is_read() {
         s.generation - before
     );
 
+    // A status change the snapshot does not hold publishes nothing.
+    let mut p0 = pod(
+        "shop",
+        "p0",
+        "0a1b2c3d-0000-4000-8000-000000000000",
+        "n2",
+        "10.3.0.1",
+        "default",
+        json!({}),
+    );
+    p0["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    server.apply(p0);
+    let quiet = tokio::time::timeout(Duration::from_millis(500), source.rx.changed()).await;
+    assert!(quiet.is_err(), "no new snapshot for an unread field");
+
     // The mesh configuration comes from the root namespace's `istio` ConfigMap.
     server.apply(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
