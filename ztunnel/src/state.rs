@@ -531,7 +531,7 @@ impl fmt::Display for Enrolment {
             Enrolment::HostNetwork => f.write_str("pod uses the host network"),
             Enrolment::NoNetns => write!(
                 f,
-                "pod has no network namespace path (annotation {})",
+                "pod has no network namespace path (annotation {}, or in a cluster not found on this node yet)",
                 crate::config::NETNS_ANNOTATION
             ),
             Enrolment::NoIp => f.write_str("pod has no IP address in status.podIPs"),
