@@ -22,19 +22,36 @@ impl ApiAccess {
         kubeconfig.map_or(ApiAccess::InCluster, ApiAccess::Kubeconfig)
     }
 
+    /// Checks, without a runtime and without contacting the server, that the configuration
+    /// is there and readable: for failing before anything else is set up.
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self {
+            ApiAccess::InCluster => in_cluster().map(drop),
+            ApiAccess::Kubeconfig(path) => read_kubeconfig(path).map(drop),
+        }
+    }
+
     /// A client for the API server. Nothing is sent until it is used.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         let config = match self {
-            ApiAccess::InCluster => kube::Config::incluster()
-                .context("no in-cluster Kubernetes configuration (KUBERNETES_SERVICE_HOST/PORT and the service account files); use --kubeconfig outside a cluster")?,
+            ApiAccess::InCluster => in_cluster()?,
             ApiAccess::Kubeconfig(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                kube::Config::from_custom_kubeconfig(read_kubeconfig(path)?, &Default::default())
                     .await
                     .with_context(|| format!("kubeconfig {}", path.display()))?
             }
         };
         kube::Client::try_from(config).context("building the Kubernetes client")
     }
+}
+
+fn in_cluster() -> anyhow::Result<kube::Config> {
+    kube::Config::incluster().context(
+        "no in-cluster Kubernetes configuration (KUBERNETES_SERVICE_HOST/PORT and the service account files); use --kubeconfig outside a cluster",
+    )
+}
+
+fn read_kubeconfig(path: &std::path::Path) -> anyhow::Result<kube::config::Kubeconfig> {
+    kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))
 }

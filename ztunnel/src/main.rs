@@ -531,7 +531,11 @@ fn run(args: RunArgs) -> Result<()> {
     let source = match args.config_dir.clone() {
         Some(dir) => ConfigSource::Dir(dir),
         None => ConfigSource::Kubernetes(
-            ApiAccess::new(args.kubeconfig.clone()),
+            {
+                let access = ApiAccess::new(args.kubeconfig.clone());
+                access.check()?; // before capture: a proxy that cannot read the cluster must not capture
+                access
+            },
             // Pods' cgroups are looked for in the hierarchy capture attaches to; our own
             // netns tells host-network processes apart.
             PodNetnsFinder::new(
