@@ -230,15 +230,17 @@ impl Store {
             Update::Listed(w, parsed) => {
                 let mut fresh = BTreeMap::new();
                 let mut rejected = BTreeMap::new();
-                let mut old = std::mem::take(&mut self.objects[w]);
+                let old = std::mem::take(&mut self.objects[w]);
                 for p in parsed {
                     match p.result {
                         Ok(objects) => {
                             fresh.insert(p.key, objects);
                         }
                         Err(reason) => {
-                            if let Some(kept) = old.remove(&p.key) {
-                                fresh.insert(p.key.clone(), kept);
+                            if let Some(kept) = old.get(&p.key) {
+                                let mut copy = Objects::default();
+                                absorb(&mut copy, kept);
+                                fresh.insert(p.key.clone(), copy);
                             }
                             rejected.insert(p.key, reason);
                         }
@@ -249,12 +251,19 @@ impl Store {
                         self.report(w, key, reason, fresh.contains_key(key));
                     }
                 }
+                // A relist that finds what the watch already had changes nothing.
+                let unchanged = self.synced[w]
+                    && fresh.len() == old.len()
+                    && fresh
+                        .iter()
+                        .all(|(k, o)| old.get(k).is_some_and(|prev| same(prev, o)));
                 self.objects[w] = fresh;
                 self.rejected[w] = rejected;
                 if !self.synced[w] {
                     debug!(watch = %self.specs[w].label, objects = self.objects[w].len(), "listed");
                 }
                 self.synced[w] = true;
+                return !unchanged;
             }
             Update::Applied(w, p) => match p.result {
                 Ok(objects) => {

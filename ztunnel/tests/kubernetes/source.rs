@@ -357,7 +357,24 @@ async fn relist_after_gone(gone: Gone) {
     );
 
     // And watching resumes after the relist.
-    source.new_namespace(&server, "after").await;
+    let s = source.new_namespace(&server, "after").await;
+
+    // A relist that finds nothing new publishes nothing.
+    let lists = server.lists_of("/api/v1/pods");
+    server.compact_and_change(gone, |_| {});
+    let deadline = Instant::now() + WAIT;
+    while server.lists_of("/api/v1/pods") < lists + 2 {
+        assert!(Instant::now() < deadline, "both pod watches list again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Time for the lists to arrive and for a (wrong) snapshot to be published after them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet = source.new_namespace(&server, "quiet").await;
+    assert_eq!(
+        quiet.generation,
+        s.generation + 1,
+        "only the new namespace made a snapshot"
+    );
 }
 
 #[tokio::test]
