@@ -600,6 +600,8 @@ async fn run_watch(
     (retry_min, retry_max): (Duration, Duration),
 ) {
     let mut delay = retry_min;
+    // The last error logged: an error that repeats while the backoff runs is logged once.
+    let mut last_error = String::new();
     loop {
         let api: Api<DynamicObject> = match &spec.namespace {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &spec.resource),
@@ -625,17 +627,26 @@ async fn run_watch(
                 }
                 Ok(watcher::Event::InitDone) => {
                     delay = retry_min;
+                    last_error.clear();
                     Some(Update::Listed(index, listing.take().unwrap_or_default()))
                 }
                 Ok(watcher::Event::Apply(obj)) => {
                     delay = retry_min;
+                    last_error.clear();
                     Some(Update::Applied(index, parse(obj, &spec.resource)))
                 }
                 Ok(watcher::Event::Delete(obj)) => Some(Update::Deleted(index, key_of(&obj))),
                 Err(e) => {
                     let status = api_status(&e);
-                    warn!(watch = %spec.label, error = %e, retry_in = ?delay,
-                        "Kubernetes watch failed; retrying");
+                    let text = e.to_string();
+                    if text != last_error {
+                        warn!(watch = %spec.label, error = %text, retry_in = ?delay,
+                            "Kubernetes watch failed; retrying (repeats of this error are logged at debug level)");
+                        last_error = text;
+                    } else {
+                        debug!(watch = %spec.label, error = %text, retry_in = ?delay,
+                            "Kubernetes watch failed again; retrying");
+                    }
                     let not_served =
                         status == Some(404) && matches!(e, watcher::Error::InitialListFailed(_));
                     if not_served && updates.send(Update::NotServed(index)).is_err() {
