@@ -76,10 +76,16 @@ struct State {
     requests: Vec<String>,
     /// Every TokenReview spec received.
     token_reviews: Vec<Value>,
+    authorizations: Vec<String>,
 }
+
+/// The token the kubeconfig of [`ApiServer::kubeconfig`] presents.
+pub const KUBECONFIG_TOKEN: &str = "node-proxy-token";
 
 pub struct ApiServer {
     pub addr: SocketAddr,
+    /// With TLS: the PEM certificate of the CA that issued the server's certificate.
+    ca_pem: Option<String>,
     state: Arc<Mutex<State>>,
     task: JoinHandle<()>,
 }
@@ -91,7 +97,38 @@ impl Drop for ApiServer {
 }
 
 impl ApiServer {
+    /// Over plain HTTP.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Over HTTPS, with a certificate for 127.0.0.1 from a CA of its own (see [`Self::kubeconfig`]).
+    pub async fn start_tls() -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let mut server =
+            Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await;
+        server.ca_pem = Some(ca.pem());
+        server
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
@@ -106,18 +143,35 @@ impl ApiServer {
                     continue;
                 };
                 let state = shared.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(handle(&state, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                                .await
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
                 });
             }
         });
-        Self { addr, state, task }
+        Self {
+            addr,
+            ca_pem: None,
+            state,
+            task,
+        }
     }
 
     /// Serves a collection (`prefix` is `api/v1` or `apis/<group>/<version>`).
@@ -158,18 +212,32 @@ impl ApiServer {
         }
     }
 
-    /// A kubeconfig file pointing at this server.
+    /// A kubeconfig file pointing at this server (trusting its CA when it serves TLS), with
+    /// the bearer token [`KUBECONFIG_TOKEN`].
     pub fn kubeconfig(&self, dir: &std::path::Path) -> PathBuf {
+        use base64::Engine as _;
         let path = dir.join("kubeconfig");
+        let cluster = match &self.ca_pem {
+            None => format!("{{server: \"http://{}\"}}", self.addr),
+            Some(ca) => format!(
+                "{{server: \"https://{}\", certificate-authority-data: {}}}",
+                self.addr,
+                base64::engine::general_purpose::STANDARD.encode(ca)
+            ),
+        };
         std::fs::write(
             &path,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: test\n  user: {{token: node-proxy-token}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
-                self.addr
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {cluster}\nusers:\n- name: test\n  user: {{token: {KUBECONFIG_TOKEN}}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
             ),
         )
         .unwrap();
         path
+    }
+
+    /// The `authorization` headers received so far.
+    pub fn authorizations(&self) -> Vec<String> {
+        self.state.lock().unwrap().authorizations.clone()
     }
 
     /// Creates or replaces an object (ADDED or MODIFIED).
@@ -461,6 +529,10 @@ async fn handle(state: &Mutex<State>, req: Request<hyper::body::Incoming>) -> Re
     let line = format!("{} {}", req.method(), req.uri());
     {
         let mut s = state.lock().unwrap();
+        if let Some(auth) = req.headers().get("authorization") {
+            let auth = auth.to_str().unwrap_or_default().to_owned();
+            s.authorizations.push(auth);
+        }
         let matching = s
             .path_failures
             .iter()

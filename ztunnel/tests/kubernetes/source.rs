@@ -22,7 +22,7 @@ use ztunnel::{
 };
 
 use crate::{
-    apiserver::{ApiServer, Gone},
+    apiserver::{ApiServer, Gone, KUBECONFIG_TOKEN},
     support::{namespace, pod, Logs, NetnsProcess, TempDir},
 };
 
@@ -505,5 +505,21 @@ async fn bursts_are_published_as_few_snapshots_and_mesh_config_is_read() {
         s.problems.is_empty(),
         "another namespace's ConfigMap is not watched: {:?}",
         s.problems
+    );
+}
+
+#[tokio::test]
+async fn the_api_is_reached_over_tls_with_the_kubeconfig_ca_and_token() {
+    let server = ApiServer::start_tls().await;
+    two_pods(&server);
+    let cgroups = TempDir::new("cgroups");
+    let mut source = start(&server, cgroups.path()).await;
+    source.until("the pods", |s| s.pods.len() == 2).await;
+    let auth = server.authorizations();
+    assert!(!auth.is_empty());
+    assert!(
+        auth.iter()
+            .all(|a| *a == format!("Bearer {KUBECONFIG_TOKEN}")),
+        "{auth:?}"
     );
 }
