@@ -618,3 +618,34 @@ fn run(args: RunArgs) -> Result<()> {
             Ok(())
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags the Kubernetes manifests rely on.
+    #[test]
+    fn configuration_source_and_ca_authentication_flags() {
+        let parse = |args: &str| Cli::try_parse_from(args.split_whitespace());
+        for ok in [
+            "ztunnel run --kubernetes --node-name n --ca-dir d",
+            "ztunnel run --kubernetes --kubeconfig k --node-name n --ca-dir d",
+            "ztunnel run --config-dir c --node-name n --ca-dir d",
+            "ztunnel ca serve --ca-dir d --kubernetes",
+            "ztunnel ca serve --ca-dir d --kubernetes --kubeconfig k --node-proxy-service-account ns/sa --token-audience a",
+            "ztunnel ca serve --ca-dir d --token-file t",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}: {:?}", parse(ok).err());
+        }
+        for bad in [
+            "ztunnel run --node-name n --ca-dir d",
+            "ztunnel run --config-dir c --kubernetes --node-name n --ca-dir d",
+            "ztunnel run --kubeconfig k --node-name n --ca-dir d",
+            "ztunnel ca serve --ca-dir d --kubernetes --token-file t",
+            "ztunnel ca serve --ca-dir d --kubeconfig k",
+            "ztunnel ca serve --ca-dir d --kubernetes --node-proxy-service-account ztunnel",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+}
