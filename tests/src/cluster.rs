@@ -1129,6 +1129,43 @@ impl NodeRef<'_> {
         output_with_timeout(&mut cmd, timeout)
     }
 
+    /// An HTTP request from inside the node's netns (to the proxy's metrics, readiness and
+    /// admin ports): the status and the body.
+    pub fn http(&self, method: &str, url: &str) -> Result<(u16, String)> {
+        let out = self.exec(
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-X",
+                method,
+                "-w",
+                "\n%{http_code}",
+                url,
+            ],
+            Duration::from_secs(10),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code = code.trim().parse().with_context(|| {
+            format!(
+                "curl {url}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((code, body.to_owned()))
+    }
+
+    /// The node proxy's metrics (port 15020).
+    pub fn scrape(&self) -> Result<crate::metrics::Scrape> {
+        let (code, body) = self.http("GET", "http://127.0.0.1:15020/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}: {body}");
+        }
+        crate::metrics::Scrape::parse(&body)
+    }
+
     /// Spawns a long-running command in the node netns (e.g. `ztunnel ca serve`).
     pub fn spawn(&self, args: &[&str]) -> Result<Proc> {
         let mut cmd = command(args)?;

@@ -1,11 +1,25 @@
 //! `ztunnel`: the node proxy daemon and its operator commands.
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use rustls::pki_types::CertificateDer;
 use tracing::{error, info};
 use ztunnel::{
+    admin::{
+        self,
+        metrics::{Metrics, Sampled},
+        AdminState, Endpoint,
+    },
     authz::{
         check::{check, Caller, CheckRequest},
         jwks, request_authentication,
@@ -327,6 +341,20 @@ struct RunArgs {
     /// Lifetime requested for workload certificates; they are renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_validity: Duration,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Admin API (config dump, certificates, BPF state, log level). Keep it on loopback: it
+    /// shows the whole configuration and changes the log level.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Turn on the kernel's eBPF run statistics while the proxy runs (as
+    /// `sysctl kernel.bpf_stats_enabled=1` does; costs a few ns per program run).
+    #[arg(long)]
+    bpf_stats: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -342,8 +370,8 @@ fn main() -> ExitCode {
             command: PolicyCommand::Check(args),
         } => return policy_check(*args),
         Command::Run(args) => {
-            init_logging(args.log_format);
-            run(*args)
+            let set_log_level = init_logging(args.log_format);
+            run(*args, set_log_level)
         }
         Command::Bpf {
             command: BpfCommand::Uninstall { bpf_dir },
@@ -372,7 +400,7 @@ fn main() -> ExitCode {
                     token_file,
                 },
         } => {
-            init_logging(LogFormat::Text);
+            let _ = init_logging(LogFormat::Text);
             tokio::runtime::Runtime::new()
                 .context("starting the runtime")
                 .and_then(|rt| {
@@ -394,16 +422,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Logs to stderr; returns how to change the filter at run time (the admin API's `/logging`).
+fn init_logging(format: LogFormat) -> (String, admin::SetLogLevel) {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter};
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
     }
+    let set: admin::SetLogLevel = Box::new(move |directive: &str| {
+        let filter = EnvFilter::try_new(directive)
+            .map_err(|e| format!("bad log filter {directive:?}: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    (initial, set)
 }
 
 /// The CA workload certificates come from, and the mesh roots.
@@ -472,7 +508,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn run(args: RunArgs) -> Result<()> {
+fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) -> Result<()> {
     // Taken before any other thread exists: every thread starts in this (the node's) netns.
     let home = Arc::new(Netns::current().context("opening the node network namespace")?);
     raise_fd_limit();
@@ -482,10 +518,20 @@ fn run(args: RunArgs) -> Result<()> {
         Some(c) => c,
         None => capture::cgroup2_root()?,
     };
+    let bpf_dir = args.bpf_dir.clone();
     let capture = Capture::install(&CaptureOptions {
         bpf_dir: args.bpf_dir,
         cgroup,
     })?;
+    // Held for the process's life: statistics stay on while the descriptor is open.
+    let _bpf_stats = if args.bpf_stats {
+        Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("turning on eBPF run statistics")?,
+        )
+    } else {
+        None
+    };
     let policy = EnrolmentPolicy {
         namespace_label: args.ambient_label,
         pod_opt_out_label: args.opt_out_label,
@@ -500,6 +546,7 @@ fn run(args: RunArgs) -> Result<()> {
             };
             let (mut config, _watch) = config::watch(args.config_dir.clone(), settings)
                 .with_context(|| format!("loading {}", args.config_dir.display()))?;
+            let metrics = Arc::new(Metrics::default());
             let certs = Arc::new(CertificateCache::new(
                 provider,
                 roots,
@@ -514,11 +561,45 @@ fn run(args: RunArgs) -> Result<()> {
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
-                mesh: Mesh::new(args.trust_domain.clone(), certs),
+                mesh: Mesh::new(args.trust_domain.clone(), certs.clone(), metrics.clone()),
+                metrics: metrics.clone(),
             });
+            let ready = Arc::new(AtomicBool::new(false));
+            let enrolled = {
+                let proxy = proxy.clone();
+                move || proxy.local_workloads()
+            };
+            let sampled = Sampled {
+                pool: proxy.mesh.pool.clone(),
+                certs: certs.clone(),
+                config: config.clone(),
+                bpf_dir: bpf_dir.clone(),
+                enrolled: Arc::new({
+                    let enrolled = enrolled.clone();
+                    move || enrolled().len()
+                }),
+                bpf_stats_held: args.bpf_stats,
+            };
+            let state = Arc::new(AdminState {
+                registry: admin::metrics::registry(&metrics, sampled),
+                ready: ready.clone(),
+                config: config.clone(),
+                certs,
+                bpf_dir,
+                bpf_stats_held: args.bpf_stats,
+                node: args.node_name.clone(),
+                enrolled: Box::new(enrolled),
+                set_log_level: Some(set_log_level),
+                log_level: std::sync::Mutex::new(log_level),
+            });
+            admin::serve(Endpoint::Metrics, args.metrics_addr, state.clone()).await?;
+            admin::serve(Endpoint::Readiness, args.readiness_addr, state.clone()).await?;
+            admin::serve(Endpoint::Admin, args.admin_addr, state).await?;
+
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
             let snapshot = config.borrow_and_update().clone();
             enroller.reconcile(&snapshot);
+            ready.store(true, Ordering::Release);
             info!(node = %args.node_name, generation = snapshot.generation, "proxy ready");
 
             let mut terminate =
@@ -543,6 +624,7 @@ fn run(args: RunArgs) -> Result<()> {
                 }
             }
             // Pins stay: enrolled pods keep failing closed until a proxy runs again.
+            ready.store(false, Ordering::Release);
             info!("shutting down; capture stays in force until a proxy takes over");
             Ok(())
         })

@@ -11,6 +11,7 @@
 //! their connects redirected to a listener that no longer exists, and their inbound traffic
 //! finds no proxy socket and is dropped: capture fails closed.
 pub mod enrolment;
+pub mod inventory;
 
 use std::{
     collections::HashSet,
