@@ -17,7 +17,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
     },
     registry::Registry,
 };
@@ -92,6 +92,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let m = &self.metrics;
+        m.active_connections.dec();
         m.connections_closed.get_or_create(&self.labels).inc();
         m.received_bytes
             .get_or_create(&self.labels)
@@ -177,6 +178,8 @@ pub struct Metrics {
     /// CUSTOM checks by outcome (`allowed`, `denied`, `error`, `error_fail_open`,
     /// `unknown_provider`).
     pub ext_authz_checks: ByReason,
+    /// Connections open now (both reporters of a same-node connection count).
+    pub active_connections: Gauge,
 }
 
 impl Metrics {
@@ -242,6 +245,11 @@ impl Metrics {
                 m.jwt_failures.0.clone()
             ),
             (
+                "ztunnel_active_connections",
+                "Proxied connections open now (a same-node one counts once per side)",
+                m.active_connections.clone()
+            ),
+            (
                 "ztunnel_ext_authz_checks",
                 "CUSTOM (ext-authz) checks by outcome",
                 m.ext_authz_checks.0.clone()
@@ -252,6 +260,7 @@ impl Metrics {
     /// Counts a connection opened; the guard counts it closed.
     pub fn open(self: &Arc<Self>, labels: ConnectionLabels) -> ConnectionGuard {
         self.connections_opened.get_or_create(&labels).inc();
+        self.active_connections.inc();
         ConnectionGuard {
             metrics: self.clone(),
             labels,

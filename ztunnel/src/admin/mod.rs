@@ -58,12 +58,16 @@ pub enum Endpoint {
 
 /// Binds `addr` and serves `endpoint` there until the runtime stops. Binding fails loudly: an
 /// operator who configured a port expects it.
-pub async fn serve(endpoint: Endpoint, addr: SocketAddr, state: Arc<AdminState>) -> Result<()> {
+pub async fn serve(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the {endpoint:?} endpoint on {addr}"))?;
     info!(endpoint = ?endpoint, addr = %addr, "serving");
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             let (tcp, _) = match listener.accept().await {
                 Ok(c) => c,
@@ -84,8 +88,7 @@ pub async fn serve(endpoint: Endpoint, addr: SocketAddr, state: Arc<AdminState>)
                     .await;
             });
         }
-    });
-    Ok(())
+    }))
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
