@@ -108,7 +108,8 @@ class CrdSchemas:
             schema = version["schema"]["openAPIV3Schema"]
             errors = structural_errors(schema)
             if errors:
-                raise ValueError(f"{source}: CRD {crd['metadata']['name']} {version['name']} is not structural: " + "; ".join(errors))
+                where = f"{source}: " if source else ""
+                raise ValueError(f"{where}CRD {crd['metadata']['name']} {version['name']} is not structural: " + "; ".join(errors))
             full = to_json_schema(schema)
             # apiVersion, kind and metadata are the API server's to check (ObjectMeta).
             full.setdefault("properties", {})
@@ -169,7 +170,7 @@ def validate_object(obj, crds, kube_versions):
         try:
             CrdSchemas().add(obj, "")
         except (ValueError, jsonschema.SchemaError) as e:
-            errors.append(str(e).lstrip(": "))
+            errors.append(str(e))
     return errors
 
 
