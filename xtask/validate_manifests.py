@@ -47,7 +47,11 @@ def kind_key(obj):
 
 # ---- CRDs -----------------------------------------------------------------------------------
 
-FORBIDDEN_IN_STRUCTURAL = ("$ref", "definitions", "dependencies", "additionalItems", "patternProperties")
+FORBIDDEN_IN_STRUCTURAL = (
+    "$ref", "definitions", "dependencies", "additionalItems", "patternProperties",
+)
+# Keywords that describe or default a value without constraining it.
+NOT_CONSTRAINTS = ("description", "default", "example", "format", "nullable")
 
 
 def structural_errors(schema, path="openAPIV3Schema"):
@@ -78,7 +82,7 @@ def to_json_schema(node):
     take only the fields they declare unless they preserve unknown fields."""
     out = {}
     for key, value in node.items():
-        if key in ("description", "default", "example", "format", "nullable") or key.startswith("x-kubernetes-"):
+        if key in NOT_CONSTRAINTS or key.startswith("x-kubernetes-"):
             continue
         if key == "properties":
             out[key] = {name: to_json_schema(sub) for name, sub in value.items()}
@@ -109,7 +113,8 @@ class CrdSchemas:
             errors = structural_errors(schema)
             if errors:
                 where = f"{source}: " if source else ""
-                raise ValueError(f"{where}CRD {crd['metadata']['name']} {version['name']} is not structural: " + "; ".join(errors))
+                name = f"{crd['metadata']['name']} {version['name']}"
+                raise ValueError(f"{where}CRD {name} is not structural: " + "; ".join(errors))
             full = to_json_schema(schema)
             # apiVersion, kind and metadata are the API server's to check (ObjectMeta).
             full.setdefault("properties", {})
@@ -118,7 +123,8 @@ class CrdSchemas:
                 kind={"type": "string"},
                 metadata={"type": "object", "required": ["name"]},
             )
-            full["required"] = sorted(set(full.get("required", [])) | {"apiVersion", "kind", "metadata"})
+            required = set(full.get("required", [])) | {"apiVersion", "kind", "metadata"}
+            full["required"] = sorted(required)
             jsonschema.Draft202012Validator.check_schema(full)
             self.by_kind[(spec["group"], version["name"], spec["names"]["kind"])] = full
 
@@ -176,7 +182,9 @@ def validate_object(obj, crds, kube_versions):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--crds", action="append", default=[], help="file of CRDs whose instances to check")
+    parser.add_argument(
+        "--crds", action="append", default=[], help="file of CRDs whose instances to check"
+    )
     parser.add_argument("--kube-version", action="append", required=True)
     parser.add_argument("--expect-invalid", action="store_true")
     parser.add_argument("files", nargs="+")
@@ -214,7 +222,10 @@ def main():
     if failures:
         print(f"{failures} failures among {objects} objects in {len(args.files)} files")
         return 1
-    print(f"{objects} {what} in {len(args.files)} files (Kubernetes {versions}; {len(crds.by_kind)} CRD versions)")
+    print(
+        f"{objects} {what} in {len(args.files)} files "
+        f"(Kubernetes {versions}; {len(crds.by_kind)} CRD versions)"
+    )
     return 0
 
 
