@@ -38,7 +38,6 @@ pub fn setup() -> Result<()> {
     bpf_linker()?;
     bpffs()?;
     cgroup2_mount()?;
-    crate::deploy_tools::install()?;
     Ok(())
 }
 
