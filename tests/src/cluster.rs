@@ -843,6 +843,38 @@ impl Cluster {
         }
     }
 
+    /// A rolling restart of node `i`'s proxy, as a DaemonSet update does it: SIGTERM to the
+    /// running one and, without waiting for it to exit, a new one (with `--takeover-wait` and
+    /// `extra`) that must become ready; then the old one must exit within `drain` plus a
+    /// margin. Returns the old proxy's exit status.
+    pub fn hand_over_proxy(&self, i: usize, extra: &[&str], drain: Duration) -> Result<ExitStatus> {
+        let mut old = self.proxies()[i - 1]
+            .take()
+            .ok_or_else(|| anyhow!("the proxy of node {i} is not running"))?;
+        let mark = self.log_mark(i);
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
+        let mut args = vec!["--takeover-wait", "10s"];
+        args.extend_from_slice(extra);
+        let started = self
+            .spawn_proxy(i, &args)
+            .and_then(|()| self.wait_ready(i, mark));
+        let deadline = Instant::now() + drain + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = old.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = old.kill();
+                let _ = old.wait();
+                bail!("the old proxy of node {i} did not exit after its drain; killed it");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        started?;
+        Ok(status)
+    }
+
     /// SIGKILL (a crash): nothing of the proxy's own cleanup runs.
     pub fn kill_proxy(&self, i: usize) -> Result<()> {
         let mut child = self.proxies()[i - 1]
@@ -1127,6 +1159,43 @@ impl NodeRef<'_> {
             Some(&self.cluster.cgroup.join("tools")),
         )?;
         output_with_timeout(&mut cmd, timeout)
+    }
+
+    /// An HTTP request from inside the node's netns (to the proxy's metrics, readiness and
+    /// admin ports): the status and the body.
+    pub fn http(&self, method: &str, url: &str) -> Result<(u16, String)> {
+        let out = self.exec(
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-X",
+                method,
+                "-w",
+                "\n%{http_code}",
+                url,
+            ],
+            Duration::from_secs(10),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code = code.trim().parse().with_context(|| {
+            format!(
+                "curl {url}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((code, body.to_owned()))
+    }
+
+    /// The node proxy's metrics (port 15020).
+    pub fn scrape(&self) -> Result<crate::metrics::Scrape> {
+        let (code, body) = self.http("GET", "http://127.0.0.1:15020/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}: {body}");
+        }
+        crate::metrics::Scrape::parse(&body)
     }
 
     /// Spawns a long-running command in the node netns (e.g. `ztunnel ca serve`).

@@ -24,6 +24,7 @@
 pub mod cleanup;
 pub mod cluster;
 pub mod config;
+pub mod metrics;
 pub mod process;
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! End-to-end tests of AuthorizationPolicy at L4: decided when a connection arrives at the
 //! destination's node proxy, from the caller's SPIFFE identity (HBONE between nodes, the
 //! listener on the same node) or its address (plaintext), with real clients in pods.
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use ztunnel_tests::Cluster;
 
@@ -318,6 +318,84 @@ fn l7_paths_and_methods_are_decided_per_request() -> Result<()> {
                 .as_str()
                 .is_some_and(|r| r.contains("none of their rules matched"))
     })?;
+    Ok(())
+}
+
+/// `nghttp` (nghttp2's client, HTTP/2 with prior knowledge) in pod `ns/name`: all of `urls` as
+/// concurrent streams of one connection; the status of each, in the order of `urls`.
+fn nghttp(c: &Cluster, from: (&str, &str), urls: &[&str]) -> Result<(Vec<u16>, String)> {
+    let mut all = vec!["nghttp", "-v", "-n", "-t", "5"];
+    all.extend_from_slice(urls);
+    let out = c.pod(from.0, from.1).run(&all, WAIT)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `recv (stream_id=13) :status: 200`; streams are opened in the order of the URLs.
+    let mut statuses: Vec<(u32, u16)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("recv (stream_id=")?.1;
+            let (id, rest) = rest.split_once(')')?;
+            let status = rest.trim().strip_prefix(":status: ")?;
+            Some((id.parse().ok()?, status.trim().parse().ok()?))
+        })
+        .collect();
+    statuses.sort_unstable();
+    let connections = text.matches("Connected").count();
+    ensure!(connections == 1, "expected one connection: {text}");
+    Ok((statuses.into_iter().map(|(_, s)| s).collect(), text))
+}
+
+/// HTTP/2 (prior knowledge) is decided per request stream too: two streams multiplexed on one
+/// connection get different answers, and the allowed one reaches the server as HTTP/2.
+#[test]
+fn l7_http2_streams_are_decided_per_request() -> Result<()> {
+    let c = start()?;
+    let catalog = c.pod("istioinaction", "catalog");
+    let mut server = catalog.spawn_probe(&["h2-server", "--port", "8081", "--name", "catalog"])?;
+    server.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
+    c.apply(
+        "catalog-h2.yaml",
+        Some(&authorization_policy(
+            "istioinaction",
+            "catalog-items-only",
+            "  selector:\n    matchLabels:\n      app: catalog\n  action: ALLOW\n  rules:\n  - to:\n    - operation:\n        paths: [\"/items*\"]\n        ports: [\"8081\"]\n",
+        )),
+    )?;
+    let base = format!("http://{}", addr(&c, "istioinaction", "catalog", 8081));
+    let (items, admin) = (format!("{base}/items/1"), format!("{base}/admin"));
+    // Across nodes (HBONE) and on the same node.
+    for from in [("istioinaction", "client"), ("istioinaction", "webapp")] {
+        let mark = c.log_mark(2);
+        let (codes, text) = nghttp(&c, from, &[&items, &admin])?;
+        ensure!(codes == [200, 403], "{from:?}: {codes:?}: {text}");
+        let allowed = c.wait_for_log_since(2, mark, WAIT, |l| {
+            l["message"] == "http request" && l["path"] == "/items/1"
+        })?;
+        ensure!(
+            allowed["status"] == 200
+                && allowed["authz_policy"] == "istioinaction/catalog-items-only",
+            "{allowed}"
+        );
+        c.wait_for_log_since(2, mark, WAIT, |l| {
+            l["message"] == "authorization denied" && l["path"] == "/admin"
+        })?;
+    }
+    // curl too; the server saw an HTTP/2 request (the proxy keeps the version upstream).
+    let body = c.pod("istioinaction", "client").run(
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--http2-prior-knowledge",
+            &items,
+        ],
+        WAIT,
+    )?;
+    let reply: Value = serde_json::from_slice(&body.stdout).with_context(|| format!("{body:?}"))?;
+    ensure!(
+        reply["version"] == "HTTP/2.0" && reply["path"] == "/items/1",
+        "{reply}"
+    );
     Ok(())
 }
 

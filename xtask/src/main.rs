@@ -3,6 +3,8 @@
 //! `demo` and `test` are the README's two commands: each runs `setup` first, so a fresh
 //! Debian 12 machine needs nothing else.
 mod checks;
+mod deploy_check;
+mod deploy_tools;
 mod setup;
 
 use std::{
@@ -36,6 +38,13 @@ enum Task {
         /// Passed on to `cargo test` (e.g. a test name filter): `cargo xtask test -- capture`.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Lint and render the Helm chart, check deploy/*.yaml is its render, validate every
+    /// manifest against the Kubernetes schemas and the Istio CRDs (part of `test`).
+    CheckDeploy {
+        /// Rewrite deploy/ztunnel.yaml and deploy/crds.yaml from the chart.
+        #[arg(long)]
+        update: bool,
     },
     /// Set up, build, and measure direct pod-to-pod against the mesh (docs/benchmarks.md).
     Bench {
@@ -160,6 +169,7 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    deploy_check::check_deploy(false)?;
     build()?;
     let stale = checks::leftovers();
     if !stale.is_empty() {
@@ -229,6 +239,9 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::setup().and_then(|()| build_ebpf()),
         Task::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo()),
         Task::Test { args } => test(&args),
+        Task::CheckDeploy { update } => {
+            setup::setup().and_then(|()| deploy_check::check_deploy(update))
+        }
         Task::Bench { args } => setup::setup()
             .and_then(|()| build())
             .and_then(|()| bench(&args)),

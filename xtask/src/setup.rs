@@ -12,7 +12,8 @@ use anyhow::{bail, Context as _, Result};
 use crate::{output, run};
 
 /// Debian packages the demo and the tests use (bpftool for inspection, the rest as traffic
-/// generators, packet capture and for the firewall check).
+/// generators, packet capture and for the firewall check; python3-venv for the manifest
+/// validator's venv).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -24,6 +25,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "curl",
     "procps",
+    "python3-venv",
 ];
 
 /// Where the capture programs expect bpffs.
@@ -79,12 +81,17 @@ fn apt_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+/// Installs Debian packages (after refreshing the package lists).
+pub fn apt_install(missing: &[&str]) -> Result<()> {
     println!("setup: installing Debian packages: {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing))
+        .args(missing))
 }
 
 /// Names of the packages `dpkg-query -f='${Package} ${Status}\n'` reports fully installed.

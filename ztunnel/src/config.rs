@@ -610,6 +610,7 @@ fn log_problems(snapshot: &Snapshot) {
 }
 
 fn log_rejection(errors: &LoadErrors) {
+    crate::admin::metrics::CONFIG_REJECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for e in &errors.0 {
         error!(file = %e.file.display(), line = e.line, column = e.column, reason = %e.reason,
             "configuration rejected ({e}); the last good configuration stays in force");

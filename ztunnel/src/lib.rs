@@ -1,4 +1,5 @@
 //! The node proxy: capture (eBPF), configuration, and the proxy paths. See `docs/` and DESIGN.md.
+pub mod admin;
 pub mod authz;
 pub mod capture;
 pub mod config;

@@ -1,11 +1,25 @@
 //! `ztunnel`: the node proxy daemon and its operator commands.
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use rustls::pki_types::CertificateDer;
 use tracing::{error, info};
 use ztunnel::{
+    admin::{
+        self,
+        metrics::{Metrics, Sampled},
+        AdminState, Endpoint,
+    },
     authz::{
         check::{check, Caller, CheckRequest},
         jwks, request_authentication,
@@ -258,6 +272,86 @@ enum CaCommand {
 
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
+fn bpf_status(dir: &std::path::Path, output: Output) -> Result<()> {
+    use capture::inventory::inventory;
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{} does not exist: no node proxy has pinned its state there (see --bpf-dir)",
+            dir.display()
+        );
+    }
+    let inv = inventory(dir);
+    if matches!(output, Output::Json) {
+        println!("{}", serde_json::to_string_pretty(&inv)?);
+        return Ok(());
+    }
+    let d = dir.display();
+    println!("pin directory {d}");
+    println!(
+        "eBPF run statistics: {}",
+        if inv.stats_enabled {
+            "on (kernel.bpf_stats_enabled=1)"
+        } else {
+            "off by the sysctl (a proxy started with --bpf-stats may hold them on; \
+             `sysctl -w kernel.bpf_stats_enabled=1` turns them on for everyone)"
+        }
+    );
+    println!("\nprograms");
+    for p in &inv.programs {
+        let avg = (p.run_time.as_nanos() as u64)
+            .checked_div(p.run_count)
+            .map(|ns| format!("{ns} ns/run"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<20} id {:<6} {:<16} {:>10} runs  {avg}",
+            p.pin, p.id, p.kind, p.run_count
+        );
+    }
+    println!("\nlinks");
+    for l in &inv.links {
+        println!(
+            "  {:<40} id {:<6} program {:<6} {}",
+            l.pin, l.id, l.program_id, l.target
+        );
+    }
+    println!("\nmaps");
+    for m in &inv.maps {
+        let entries = m
+            .entries
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<20} id {:<6} {:<12} {:>6} / {} entries",
+            m.pin, m.id, m.kind, entries, m.max_entries
+        );
+    }
+    let enrolled: Vec<&str> = inv
+        .links
+        .iter()
+        .filter_map(|l| l.pin.strip_prefix("pods/"))
+        .collect();
+    println!(
+        "\nenrolled pods ({}, by their sk_lookup link; namespace_pod)",
+        enrolled.len()
+    );
+    for p in &enrolled {
+        println!("  {p}");
+    }
+    for e in &inv.errors {
+        println!("\ncannot read {e}");
+    }
+    println!(
+        "\ndig deeper (run_time_ns and run_cnt show while statistics are on):\n  \
+         bpftool prog show pinned {d}/prog_connect4\n  \
+         bpftool map dump pinned {d}/enrolled_netns\n  \
+         bpftool link show pinned {d}/link_cgroup_connect4\n  \
+         bpftool cgroup tree\n  \
+         bpftool prog profile pinned {d}/prog_sk_lookup duration 5 cycles instructions \
+         (needs a bpftool built with clang skeletons; Debian 12's is not)"
+    );
+    Ok(())
+}
+
 /// Parses `90s`, `15m`, `24h`, `30d` (or plain seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -283,6 +377,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Subcommand)]
 enum BpfCommand {
+    /// What is pinned where (programs with run statistics, links, maps), which pods are
+    /// enrolled, and the bpftool commands to dig deeper. Works whether or not the proxy runs.
+    Status {
+        #[arg(long, default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Remove every pinned program, link and map of a node proxy (detaches capture).
     Uninstall {
         #[arg(long, default_value = DEFAULT_BPF_DIR)]
@@ -354,6 +456,28 @@ struct RunArgs {
     /// Lifetime requested for workload certificates; they are renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_validity: Duration,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Admin API (config dump, certificates, BPF state, log level). Keep it on loopback: it
+    /// shows the whole configuration and changes the log level.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// On SIGTERM, how long open connections may go on (after the listeners close and a new
+    /// proxy can take over) before they are reset.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Wait this long for a proxy that is shutting down to release the pin directory (the
+    /// next proxy of a rolling restart). Without it, a busy directory is an error at once.
+    #[arg(long, value_parser = parse_duration)]
+    takeover_wait: Option<Duration>,
+    /// Turn on the kernel's eBPF run statistics while the proxy runs (as
+    /// `sysctl kernel.bpf_stats_enabled=1` does; costs a few ns per program run).
+    #[arg(long)]
+    bpf_stats: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -369,12 +493,15 @@ fn main() -> ExitCode {
             command: PolicyCommand::Check(args),
         } => return policy_check(*args),
         Command::Run(args) => {
-            init_logging(args.log_format);
-            run(*args)
+            let set_log_level = init_logging(args.log_format);
+            run(*args, set_log_level)
         }
         Command::Bpf {
             command: BpfCommand::Uninstall { bpf_dir },
         } => capture::uninstall(&bpf_dir),
+        Command::Bpf {
+            command: BpfCommand::Status { bpf_dir, output },
+        } => bpf_status(&bpf_dir, output),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -403,7 +530,7 @@ fn main() -> ExitCode {
                     token_audience,
                 },
         } => {
-            init_logging(LogFormat::Text);
+            let _ = init_logging(LogFormat::Text);
             let callers = match (kubernetes, token_file) {
                 (true, _) => istio_ca::CallerAuth::Kubernetes {
                     access: ApiAccess::new(kubeconfig),
@@ -434,16 +561,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Logs to stderr; returns how to change the filter at run time (the admin API's `/logging`).
+fn init_logging(format: LogFormat) -> (String, admin::SetLogLevel) {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter};
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
     }
+    let set: admin::SetLogLevel = Box::new(move |directive: &str| {
+        let filter = EnvFilter::try_new(directive)
+            .map_err(|e| format!("bad log filter {directive:?}: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    (initial, set)
 }
 
 /// The CA workload certificates come from, and the mesh roots.
@@ -518,7 +653,7 @@ enum ConfigSource {
     Kubernetes(ApiAccess, PodNetnsFinder),
 }
 
-fn run(args: RunArgs) -> Result<()> {
+fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) -> Result<()> {
     // Taken before any other thread exists: every thread starts in this (the node's) netns.
     let home = Arc::new(Netns::current().context("opening the node network namespace")?);
     raise_fd_limit();
@@ -545,10 +680,21 @@ fn run(args: RunArgs) -> Result<()> {
             ),
         ),
     };
+    let bpf_dir = args.bpf_dir.clone();
     let capture = Capture::install(&CaptureOptions {
-        bpf_dir: args.bpf_dir,
+        bpf_dir: args.bpf_dir.clone(),
         cgroup,
+        takeover_wait: args.takeover_wait,
     })?;
+    // Held for the process's life: statistics stay on while the descriptor is open.
+    let _bpf_stats = if args.bpf_stats {
+        Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("turning on eBPF run statistics")?,
+        )
+    } else {
+        None
+    };
     let policy = EnrolmentPolicy {
         namespace_label: args.ambient_label,
         pod_opt_out_label: args.opt_out_label,
@@ -571,6 +717,7 @@ fn run(args: RunArgs) -> Result<()> {
                     config::kubernetes::watch(client, opts).await?
                 }
             };
+            let metrics = Arc::new(Metrics::default());
             let certs = Arc::new(CertificateCache::new(
                 provider,
                 roots,
@@ -585,11 +732,47 @@ fn run(args: RunArgs) -> Result<()> {
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
-                mesh: Mesh::new(args.trust_domain.clone(), certs),
+                mesh: Mesh::new(args.trust_domain.clone(), certs.clone(), metrics.clone()),
+                metrics: metrics.clone(),
             });
+            let ready = Arc::new(AtomicBool::new(false));
+            let enrolled = {
+                let proxy = proxy.clone();
+                move || proxy.local_workloads()
+            };
+            let sampled = Sampled {
+                pool: proxy.mesh.pool.clone(),
+                certs: certs.clone(),
+                config: config.clone(),
+                bpf_dir: bpf_dir.clone(),
+                enrolled: Arc::new({
+                    let enrolled = enrolled.clone();
+                    move || enrolled().len()
+                }),
+                bpf_stats_held: args.bpf_stats,
+            };
+            let state = Arc::new(AdminState {
+                registry: admin::metrics::registry(&metrics, sampled),
+                ready: ready.clone(),
+                config: config.clone(),
+                certs,
+                bpf_dir,
+                bpf_stats_held: args.bpf_stats,
+                node: args.node_name.clone(),
+                enrolled: Box::new(enrolled),
+                set_log_level: Some(set_log_level),
+                log_level: std::sync::Mutex::new(log_level),
+            });
+            let endpoints = [
+                admin::serve(Endpoint::Metrics, args.metrics_addr, state.clone()).await?,
+                admin::serve(Endpoint::Readiness, args.readiness_addr, state.clone()).await?,
+                admin::serve(Endpoint::Admin, args.admin_addr, state).await?,
+            ];
+
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
             let snapshot = config.borrow_and_update().clone();
             enroller.reconcile(&snapshot);
+            ready.store(true, Ordering::Release);
             info!(node = %args.node_name, generation = snapshot.generation, "proxy ready");
 
             let mut terminate =
@@ -613,8 +796,28 @@ fn run(args: RunArgs) -> Result<()> {
                     _ = tokio::signal::ctrl_c() => break,
                 }
             }
-            // Pins stay: enrolled pods keep failing closed until a proxy runs again.
-            info!("shutting down; capture stays in force until a proxy takes over");
+            // Hand over: stop listening and release the pins and ports at once, so the next
+            // proxy can take over while this one drains. Pins stay: enrolled pods' new
+            // connections fail closed until a proxy listens again.
+            ready.store(false, Ordering::Release);
+            enroller.hand_over();
+            for e in endpoints {
+                e.abort();
+            }
+            let open = metrics.active_connections.get();
+            info!(
+                open_connections = open,
+                drain_timeout_s = args.drain_timeout.as_secs(),
+                "shutting down: draining open connections; capture stays in force"
+            );
+            let deadline = tokio::time::Instant::now() + args.drain_timeout;
+            while metrics.active_connections.get() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            info!(
+                reset_connections = metrics.active_connections.get(),
+                "stopped"
+            );
             Ok(())
         })
 }

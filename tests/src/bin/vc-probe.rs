@@ -3,6 +3,8 @@
 //! ```text
 //! vc-probe http-server --port P [--name N]     one JSON reply per request, Connection: close
 //! vc-probe tcp-echo --port P                    echoes every byte back
+//! vc-probe h2-server --port P [--name N]       HTTP/2 with prior knowledge (h2c): one JSON
+//!                                               reply per request stream
 //! vc-probe get --addr IP:PORT [--path /x] [--timeout-ms N]
 //! vc-probe connect --addr IP:PORT [--send TEXT] [--timeout-ms N]
 //! vc-probe chat --addr IP:PORT [--messages a,b] [--gap-ms N]
@@ -56,8 +58,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: vc-probe http-server|tcp-echo|get|connect|repl|http-server-ka|http-load|\
-             conn-rate|hold [options]"
+            "usage: vc-probe http-server|h2-server|tcp-echo|get|connect|repl|http-server-ka|\
+             http-load|conn-rate|hold [options]"
         );
         return ExitCode::from(2);
     };
@@ -77,6 +79,20 @@ fn main() -> ExitCode {
             };
             let name = opts.get("name").unwrap_or("server").to_owned();
             match serve(cmd == "http-server", port as u16, name) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vc-probe: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        "h2-server" => {
+            let Some(port) = opts.num("port") else {
+                eprintln!("vc-probe: --port is required");
+                return ExitCode::from(2);
+            };
+            let name = opts.get("name").unwrap_or("server").to_owned();
+            match h2_server(port as u16, name) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("vc-probe: {e}");
@@ -183,6 +199,48 @@ fn serve(http: bool, port: u16, name: String) -> io::Result<()> {
     }
     accept_loop(v4, http, name);
     Ok(())
+}
+
+/// An HTTP/2 server without TLS (prior knowledge, as `curl --http2-prior-knowledge` speaks):
+/// answers every request stream with `{"server","method","path","version"}`.
+fn h2_server(port: u16, name: String) -> io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+        emit(
+            &json!({"event": "listening", "port": port, "http2": true, "pid": std::process::id()}),
+        );
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            emit(&json!({"event": "accept", "peer": peer.to_string()}));
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let body = json!({
+                        "server": name,
+                        "method": req.method().as_str(),
+                        "path": req.uri().path(),
+                        "version": format!("{:?}", req.version()),
+                    })
+                    .to_string();
+                    let response = http::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/json")
+                        .body(())
+                        .expect("static response parts");
+                    if let Ok(mut send) = respond.send_response(response, false) {
+                        let _ = send.send_data(bytes::Bytes::from(body), true);
+                    }
+                }
+            });
+        }
+    })
 }
 
 fn bind_v6_only(port: u16) -> io::Result<TcpListener> {

@@ -269,6 +269,20 @@ impl Enroller {
         Ok(())
     }
 
+    /// For a restart: stops accepting on every pod's listeners (the kernel drops them from the
+    /// listener map as they close) and releases the pin directory, so the next proxy can
+    /// adopt it. Pins, links and the enrolled-netns map stay: enrolled pods' new connections
+    /// fail closed until the next proxy listens. Connections already proxied go on.
+    pub fn hand_over(self) {
+        for pod in self.enrolled.into_values() {
+            for t in pod.tasks {
+                t.abort();
+            }
+        }
+        drop(self.capture);
+        info!("listeners closed and pin directory released for the next proxy");
+    }
+
     fn unenrol(&mut self, id: &str) {
         let Some(pod) = self.enrolled.remove(id) else {
             return;

@@ -11,6 +11,7 @@
 //! their connects redirected to a listener that no longer exists, and their inbound traffic
 //! finds no proxy socket and is dropped: capture fails closed.
 pub mod enrolment;
+pub mod inventory;
 
 use std::{
     collections::HashSet,
@@ -48,6 +49,9 @@ pub struct CaptureOptions {
     /// cgroup v2 directory the connect/sock_ops/getpeername programs attach to: the root in
     /// production (every pod lives below it), a per-node directory in the virtual cluster.
     pub cgroup: PathBuf,
+    /// How long to wait for another proxy to release the pin directory (a restart: the old
+    /// process hands over at SIGTERM). `None`: refuse at once.
+    pub takeover_wait: Option<std::time::Duration>,
 }
 
 /// The cgroup-attached programs: (program name in the object, pin suffix).
@@ -96,7 +100,7 @@ impl Capture {
         }
         std::fs::create_dir_all(bpf_dir.join("pods"))
             .with_context(|| format!("creating {}", bpf_dir.display()))?;
-        let lock = lock_dir(bpf_dir)?;
+        let lock = lock_dir(bpf_dir, opts.takeover_wait)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpf_dir)
@@ -298,7 +302,7 @@ pub fn uninstall(bpf_dir: &Path) -> Result<()> {
     if !bpf_dir.exists() {
         return Ok(());
     }
-    let _lock = lock_dir(bpf_dir)?;
+    let _lock = lock_dir(bpf_dir, None)?;
     std::fs::remove_dir_all(bpf_dir).with_context(|| format!("removing {}", bpf_dir.display()))
 }
 
@@ -323,12 +327,23 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
+fn lock_dir(dir: &Path, wait: Option<std::time::Duration>) -> Result<File> {
     let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let deadline = wait.map(|w| std::time::Instant::now() + w);
+    let mut waiting = false;
     // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let busy = e.raw_os_error() == Some(libc::EWOULDBLOCK);
+        if busy && deadline.is_some_and(|d| std::time::Instant::now() < d) {
+            if !waiting {
+                info!(dir = %dir.display(), "waiting for the running proxy to hand over the pin directory");
+                waiting = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        if busy {
             bail!(
                 "another ztunnel is already using the pin directory {} (one proxy per directory; \
                  give each node its own --bpf-dir)",

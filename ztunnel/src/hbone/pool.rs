@@ -57,6 +57,16 @@ struct Conn {
 /// One slot per key; the async mutex makes concurrent first users share one handshake.
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open pooled connections.
+    pub connections: usize,
+    /// CONNECT streams open on them.
+    pub active_streams: usize,
+    pub connections_opened: u64,
+    pub streams_opened: u64,
+}
+
 pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Slot>>,
     connector: Connector,
@@ -145,6 +155,26 @@ impl Pool {
     /// Connections currently pooled.
     pub fn size(&self) -> usize {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Connection and stream counts, for metrics.
+    pub fn stats(&self) -> PoolStats {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stats = PoolStats {
+            connections_opened: self.connections_opened.load(Ordering::Relaxed),
+            streams_opened: self.streams_opened.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for slot in slots.values() {
+            // A slot being connected right now is not a connection yet.
+            if let Ok(guard) = slot.try_lock() {
+                if let Some(c) = guard.as_ref().filter(|c| !c.closed.load(Ordering::Relaxed)) {
+                    stats.connections += 1;
+                    stats.active_streams += c.active.load(Ordering::Relaxed);
+                }
+            }
+        }
+        stats
     }
 
     async fn connection(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {

@@ -322,6 +322,17 @@ impl CertificateCache {
         }
     }
 
+    /// The certificates held now, one per identity, sorted by identity.
+    pub fn current(&self) -> Vec<Arc<WorkloadCertificate>> {
+        let entries = self.inner.entries.lock().unwrap();
+        let mut certs: Vec<_> = entries
+            .values()
+            .filter_map(|e| e.current.load().as_ref().map(|c| c.cert.clone()))
+            .collect();
+        certs.sort_by_key(|c| c.id.to_string());
+        certs
+    }
+
     /// Certificates obtained from the CA (first issues and rotations).
     pub fn issued(&self) -> u64 {
         self.inner.issued.load(Ordering::Relaxed)

@@ -16,7 +16,10 @@ use super::{
     relay::{relay_until, reset},
     PodContext, Proxy,
 };
-use crate::authz::{Decision, Unknowns};
+use crate::{
+    admin::metrics::{ConnectionLabels, MtlsModeLabels},
+    authz::{Decision, Unknowns},
+};
 
 impl Proxy {
     /// Accepts steered connections of `pod` until the task is aborted (un-enrolment).
@@ -82,14 +85,22 @@ impl Proxy {
             return refuse(stream, "refused", None, reason);
         };
         let call = InboundCall::new(Transport::Plaintext, None, Some(peer.ip()), dst);
-        let by_mode = &self.counters.plaintext_by_mtls_mode;
+        let by_mode = |outcome| {
+            self.metrics
+                .plaintext_connections
+                .get_or_create(&MtlsModeLabels {
+                    mode: mtls_decision.mode.to_string(),
+                    outcome,
+                })
+                .inc()
+        };
         let decision = match self.admit(&snapshot, &pod, &call, Unknowns::Defer) {
             Admission::MtlsRequired(d) => {
-                by_mode.add(&format!("{}/refused", mtls_decision.mode));
+                by_mode("refused");
                 return refuse(stream, "refused", None, &d.reason);
             }
             Admission::Denied(d) | Admission::Custom(CustomCheck { denied: d, .. }) => {
-                by_mode.add(&format!("{}/allowed", mtls_decision.mode));
+                by_mode("allowed");
                 self.record(&pod, &call, &d);
                 return refuse(stream, "denied", Some(&d), &d.reason);
             }
@@ -100,7 +111,7 @@ impl Proxy {
             // Decided request by request, once the bytes are read.
             Admission::PerRequest => None,
         };
-        by_mode.add(&format!("{}/allowed", mtls_decision.mode));
+        by_mode("allowed");
         let upstream = match self.connect_from(&pod, dst).await {
             Ok(s) => s,
             Err(e) => {
@@ -111,6 +122,13 @@ impl Proxy {
         // A change that no longer admits the connection (a port made STRICT, a new DENY)
         // resets it; other changes leave it alone.
         let per_request = decision.is_none();
+        let mut counted = self.metrics.open(ConnectionLabels::new(
+            "destination",
+            "plaintext",
+            (src_workload.as_deref(), None),
+            (Some(&pod.workload), Some(pod.identity.to_string())),
+            false,
+        ));
         let revoke = self
             .clone()
             .revoked(config, pod.clone(), call.clone(), per_request);
@@ -120,9 +138,11 @@ impl Proxy {
         } else {
             relay_until(stream, upstream, revoke).await
         };
+        counted.bytes(r.sent, r.received);
         let decision = decision.as_ref();
         info!(direction = "inbound", src_workload = src_workload.as_deref(), src_addr = %peer,
-            dst_addr = %dst, dst_workload = %pod.workload, upstream = %dst,
+            dst_addr = %dst, dst_workload = %pod.workload, dst_identity = %pod.identity,
+            upstream = %dst,
             mtls_mode = mtls_decision.mode.as_str(), mtls_policy = mtls_decision.policy.as_deref(),
             authz_policy = decision.and_then(|d| d.policy.as_deref()),
             authz_rule = decision.and_then(|d| d.rule), per_request,

@@ -13,6 +13,7 @@ use super::{
     is_proxy_port, reset, PodContext, Proxy, Relayed,
 };
 use crate::{
+    admin::metrics::ConnectionLabels,
     authz::Unknowns,
     hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
     tls,
@@ -44,7 +45,7 @@ impl Proxy {
         peer: SocketAddr,
     ) {
         let refuse_connection = |tcp: TcpStream, reason: &str, error: String| {
-            self.counters.tls_failures.add(reason);
+            self.metrics.handshake("inbound", reason);
             warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
                 reason, error = %error, "HBONE connection refused");
             reset(tcp);
@@ -63,13 +64,13 @@ impl Proxy {
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                     .map(tls::classify)
                     .unwrap_or("handshake_failed");
-                self.counters.tls_failures.add(reason);
+                self.metrics.handshake("inbound", reason);
                 warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
                     reason, error = %e, "HBONE connection refused");
                 return;
             }
             Err(_) => {
-                self.counters.tls_failures.add("handshake_timeout");
+                self.metrics.handshake("inbound", "handshake_timeout");
                 warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
                     reason = "handshake_timeout", "HBONE connection refused");
                 return;
@@ -78,12 +79,13 @@ impl Proxy {
         let src_identity = match tls::peer_identity(tls.get_ref().1) {
             Ok(id) => id,
             Err(e) => {
-                self.counters.tls_failures.add("bad_san");
+                self.metrics.handshake("inbound", "bad_san");
                 warn!(dst_workload = %pod.workload, src_addr = %peer, error = %e,
                     "HBONE peer without a usable identity");
                 return;
             }
         };
+        self.metrics.handshake("inbound", "ok");
         let proxy = self.clone();
         let (hpod, src, src_id) = (pod.clone(), src_identity.to_string(), src_identity.clone());
         let handler: Handler = Arc::new(move |req, tunnel| {
@@ -92,7 +94,7 @@ impl Proxy {
             Box::pin(async move {
                 let start = Instant::now();
                 let refuse = |tunnel: hbone::Tunnel, status: StatusCode, reason: &str| {
-                    proxy.counters.hbone_refused.add(reason);
+                    proxy.metrics.hbone_refused.add(reason);
                     info!(direction = "inbound", hbone = true, src_identity = %src, src_addr = %peer,
                         dst_addr = %req.target, dst_workload = %pod.workload, outcome = "refused",
                         status = status.as_u16(), error = reason, "connection closed");
@@ -156,6 +158,13 @@ impl Proxy {
                     return reset(upstream);
                 };
                 let per_request = decision.is_none();
+                let mut counted = proxy.metrics.open(ConnectionLabels::new(
+                    "destination",
+                    "hbone",
+                    (src_workload.as_deref(), Some(src.clone())),
+                    (Some(&pod.workload), Some(pod.identity.to_string())),
+                    true,
+                ));
                 let revoke = proxy
                     .clone()
                     .revoked(config, pod.clone(), call.clone(), per_request);
@@ -175,6 +184,7 @@ impl Proxy {
                         ..r
                     }
                 };
+                counted.bytes(r.sent, r.received);
                 let decision = decision.as_ref();
                 info!(direction = "inbound", hbone = true, src_identity = %src,
                     src_workload = src_workload.as_deref(), src_addr = %peer, forwarded_for = req.forwarded_for.map(|a| a.to_string()).as_deref(),
@@ -187,10 +197,10 @@ impl Proxy {
                     "connection closed");
             })
         });
-        let counters = self.counters.clone();
+        let metrics = self.metrics.clone();
         let dst = pod.workload.clone();
         let refused = move |status: StatusCode, reason: &str| {
-            counters.hbone_refused.add("bad_request");
+            metrics.hbone_refused.add("bad_request");
             info!(direction = "inbound", hbone = true, src_addr = %peer, dst_workload = %dst,
                 outcome = "refused", status = status.as_u16(), error = reason, "connection closed");
         };

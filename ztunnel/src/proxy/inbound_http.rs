@@ -272,7 +272,7 @@ impl Proxy {
     ) -> ProviderAnswer {
         use crate::authz::ext_authz::{provider_host, ProviderHost};
         let Some(p) = snapshot.mesh_config.http_providers.get(&check.provider) else {
-            self.counters.ext_authz.add("unknown_provider");
+            self.metrics.ext_authz_checks.add("unknown_provider");
             let reason = format!(
                 "extension provider {:?} is not an envoyExtAuthzHttp provider of the mesh configuration",
                 check.provider
@@ -282,14 +282,14 @@ impl Proxy {
         };
         let on_error = |reason: String| {
             if p.fail_open {
-                self.counters.ext_authz.add("error_fail_open");
+                self.metrics.ext_authz_checks.add("error_fail_open");
                 info!(provider = %p.name, reason = %reason, "ext_authz check failed; failOpen allows");
                 ProviderAnswer::Allow {
                     to_app: Vec::new(),
                     to_client: Vec::new(),
                 }
             } else {
-                self.counters.ext_authz.add("error");
+                self.metrics.ext_authz_checks.add("error");
                 let status =
                     StatusCode::from_u16(p.status_on_error).unwrap_or(StatusCode::FORBIDDEN);
                 let response = text_response(status, "ext_authz check failed");
@@ -368,13 +368,13 @@ impl Proxy {
             }
         };
         if parts.status.is_success() {
-            self.counters.ext_authz.add("allowed");
+            self.metrics.ext_authz_checks.add("allowed");
             return ProviderAnswer::Allow {
                 to_app: pick(&parts.headers, &p.headers_to_upstream_on_allow),
                 to_client: pick(&parts.headers, &p.headers_to_downstream_on_allow),
             };
         }
-        self.counters.ext_authz.add("denied");
+        self.metrics.ext_authz_checks.add("denied");
         let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
         *response.status_mut() = parts.status;
         set_headers(
@@ -550,7 +550,7 @@ impl Proxy {
                 let auth = match proxy.authenticate(&snapshot, &pod, &mut req).await {
                     Ok(auth) => auth,
                     Err(reason) => {
-                        proxy.counters.jwt_failures.add(jwt_failure_kind(&reason));
+                        proxy.metrics.jwt_failures.add(jwt_failure_kind(&reason));
                         warn!(dst_workload = %pod.workload,
                             src_principal = call.attributes.source_principal.as_deref(),
                             src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),

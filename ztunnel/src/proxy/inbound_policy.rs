@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::{PodContext, Proxy};
 use crate::{
+    admin::metrics::DecisionLabels,
     authz::{self, Decision, Unknowns},
     state::Snapshot,
 };
@@ -46,10 +47,20 @@ impl Proxy {
         } else {
             "denied"
         };
-        self.counters
-            .authz_decisions
-            .add(&format!("{action}/{outcome}"));
         let a = &call.attributes;
+        self.metrics
+            .authz_decisions
+            .get_or_create(&DecisionLabels {
+                policy: decision.policy.clone().unwrap_or_else(|| "none".into()),
+                action: action.to_owned(),
+                decision: outcome,
+                layer: if a.http.is_some() {
+                    "request"
+                } else {
+                    "connection"
+                },
+            })
+            .inc();
         let request_principal = a
             .http
             .as_ref()
@@ -111,7 +122,7 @@ impl Proxy {
                 self.admit(&snapshot, &pod, &call, unknowns)
             {
                 self.record(&pod, &call, &d);
-                self.counters.authz_decisions.add("revoked");
+                self.metrics.connections_revoked.inc();
                 return format!("no longer allowed: {}", d.reason);
             }
         }

@@ -17,7 +17,7 @@ mod relay;
 pub use relay::{reset, Relayed};
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, RwLock},
@@ -29,6 +29,7 @@ use tokio::{net::TcpStream, sync::watch};
 use ztunnel_common::PROXY_MARK;
 
 use crate::{
+    admin::metrics::Metrics,
     authz::MtlsDecision,
     capture::OrigDstTable,
     hbone::{Connector, Io, Pool, PoolKey},
@@ -63,45 +64,6 @@ impl PodContext {
     }
 }
 
-/// Counts per reason, for logs now and metrics later.
-#[derive(Default, Debug)]
-pub struct ReasonCounter(Mutex<BTreeMap<String, u64>>);
-
-impl ReasonCounter {
-    pub fn add(&self, reason: &str) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason.to_owned())
-            .or_default() += 1;
-    }
-
-    pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-#[derive(Default, Debug)]
-pub struct Counters {
-    /// Inbound HBONE connections refused before HTTP/2, by reason (expired, unknown_issuer…).
-    pub tls_failures: ReasonCounter,
-    /// CONNECT requests refused, by reason.
-    pub hbone_refused: ReasonCounter,
-    /// Inbound plaintext connections by the mTLS mode that decided them and the outcome
-    /// (`STRICT/refused`, `PERMISSIVE/allowed`…).
-    pub plaintext_by_mtls_mode: ReasonCounter,
-    /// CUSTOM checks by outcome (`allowed`, `denied`, `error`, `error_fail_open`,
-    /// `unknown_provider`).
-    pub ext_authz: ReasonCounter,
-    /// Requests refused for a bad JWT (401), by reason.
-    pub jwt_failures: ReasonCounter,
-    /// Authorization decisions by deciding action and outcome (`DENY/denied`, `ALLOW/allowed`,
-    /// `none/allowed` when no policy applies…), and `revoked` for open connections cut by a
-    /// configuration change.
-    pub authz_decisions: ReasonCounter,
-}
-
 /// Everything mutual TLS between nodes needs: certificates per identity, the mesh roots, and
 /// the pool of HBONE connections.
 pub struct Mesh {
@@ -118,11 +80,11 @@ impl Mesh {
     /// Must be called inside the runtime (the pool runs an expiry task). Tunnel connections are
     /// made from the node's network namespace (the proxy's own), so one TLS session can carry
     /// the streams of every pod of an identity on this node.
-    pub fn new(trust_domain: String, certs: Arc<CertificateCache>) -> Self {
+    pub fn new(trust_domain: String, certs: Arc<CertificateCache>, metrics: Arc<Metrics>) -> Self {
         let roots = certs.roots().to_vec();
         let (c, r) = (certs.clone(), roots.clone());
         let connector: Connector = Arc::new(move |key: PoolKey| {
-            let (certs, roots) = (c.clone(), r.clone());
+            let (certs, roots, metrics) = (c.clone(), r.clone(), metrics.clone());
             Box::pin(async move {
                 let cert = certs.get(&key.src).await.map_err(|e| {
                     io::Error::other(format!("no certificate for {}: {e}", key.src))
@@ -136,7 +98,16 @@ impl Mesh {
                 let name = ServerName::IpAddress(key.addr.ip().into());
                 let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(name, tcp)
-                    .await?;
+                    .await
+                    .inspect_err(|e| {
+                        let reason = e
+                            .get_ref()
+                            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                            .map(tls::classify)
+                            .unwrap_or("handshake_failed");
+                        metrics.handshake("outbound", reason);
+                    })?;
+                metrics.handshake("outbound", "ok");
                 Ok(Box::new(tls) as Box<dyn Io>)
             })
         });
@@ -157,6 +128,7 @@ pub struct ProxyOptions {
     pub node: String,
     pub policy: EnrolmentPolicy,
     pub mesh: Mesh,
+    pub metrics: Arc<Metrics>,
 }
 
 /// State shared by all proxy paths of this node.
@@ -167,7 +139,7 @@ pub struct Proxy {
     node: String,
     policy: EnrolmentPolicy,
     pub mesh: Mesh,
-    pub counters: Arc<Counters>,
+    pub metrics: Arc<Metrics>,
     /// Round-robin position per (service namespace, name, port).
     round_robin: Mutex<HashMap<(String, String, u16), usize>>,
     /// Pods enrolled on this node, by address: same-node traffic is delivered to them without
@@ -186,7 +158,7 @@ impl Proxy {
             node: o.node,
             policy: o.policy,
             mesh: o.mesh,
-            counters: Arc::default(),
+            metrics: o.metrics,
             round_robin: Mutex::default(),
             local_pods: RwLock::default(),
             jwks: Default::default(),
@@ -206,6 +178,15 @@ impl Proxy {
     pub fn remove_local_pod(&self, pod: &Arc<PodContext>) {
         let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
         pods.retain(|_, p| !Arc::ptr_eq(p, pod));
+    }
+
+    /// `namespace/name` of the pods enrolled here, sorted.
+    pub fn local_workloads(&self) -> Vec<String> {
+        let pods = self.local_pods.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = pods.values().map(|p| p.workload.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodContext>> {

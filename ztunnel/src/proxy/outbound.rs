@@ -16,6 +16,7 @@ use super::{
     PodContext, Proxy, Relayed,
 };
 use crate::{
+    admin::metrics::ConnectionLabels,
     authz::Unknowns,
     hbone::{self, PoolKey},
     identity::SpiffeId,
@@ -97,7 +98,15 @@ impl Proxy {
             }
         };
         let src_addr = upstream.local_addr().ok();
+        let mut counted = self.metrics.open(ConnectionLabels::new(
+            "source",
+            "passthrough",
+            (Some(&pod.workload), Some(pod.identity.to_string())),
+            (route.workload.as_deref(), None),
+            false,
+        ));
         let r = relay(stream, upstream).await;
+        counted.bytes(r.sent, r.received);
         info!(direction = "outbound", src_workload = %pod.workload,
             src_addr = src_addr.map(|a| a.to_string()).as_deref(), dst_addr = %orig,
             dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
@@ -167,7 +176,15 @@ impl Proxy {
             }
         };
         let connection = tunnel.connection_id;
+        let mut counted = self.metrics.open(ConnectionLabels::new(
+            "source",
+            "hbone",
+            (Some(&pod.workload), Some(key.src.to_string())),
+            (route.workload.as_deref(), Some(key.dst.to_string())),
+            true,
+        ));
         let r = hbone::stream::relay(stream, tunnel.send, tunnel.recv).await;
+        counted.bytes(r.sent, r.received);
         info!(direction = "outbound", hbone = true, hbone_connection = connection,
             src_workload = %pod.workload, src_identity = %key.src, dst_addr = %orig,
             dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
@@ -231,6 +248,17 @@ impl Proxy {
         let per_request = decision.is_none();
         let (r, outcome) = match self.connect_from(&dst, route.upstream).await {
             Ok(upstream) => {
+                // Both sides are this proxy's: counted once as each reporter. No TLS is
+                // involved (the bytes never leave the host), so not `mutual_tls`.
+                let counted = ["source", "destination"].map(|reporter| {
+                    self.metrics.open(ConnectionLabels::new(
+                        reporter,
+                        "same_node",
+                        (Some(&src.workload), Some(src.identity.to_string())),
+                        (Some(&dst.workload), Some(dst.identity.to_string())),
+                        false,
+                    ))
+                });
                 let revoke = self
                     .clone()
                     .revoked(config, dst.clone(), call.clone(), per_request);
@@ -240,6 +268,9 @@ impl Proxy {
                 } else {
                     relay_until(stream, upstream, revoke).await
                 };
+                for mut c in counted {
+                    c.bytes(r.sent, r.received);
+                }
                 let outcome = r.outcome();
                 (r, outcome)
             }
