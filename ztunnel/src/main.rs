@@ -851,4 +851,35 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad} should be refused");
         }
     }
+
+    /// Every `ztunnel` command line of the rendered manifests parses.
+    #[test]
+    fn the_manifests_command_lines_parse() {
+        use serde::Deserialize as _;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ztunnel.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut checked = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let doc = serde_yaml::Value::deserialize(doc).unwrap();
+            let containers = &doc["spec"]["template"]["spec"]["containers"];
+            for c in containers.as_sequence().into_iter().flatten() {
+                if c["command"][0].as_str() != Some("ztunnel") {
+                    continue;
+                }
+                let args: Vec<&str> = c["args"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap())
+                    .collect();
+                let line = std::iter::once("ztunnel").chain(args.iter().copied());
+                if let Err(e) = Cli::try_parse_from(line) {
+                    panic!("{args:?}: {e}");
+                }
+                checked.push(args[0].to_owned());
+            }
+        }
+        checked.sort();
+        assert_eq!(checked, ["ca", "run"], "the node proxy and the CA");
+    }
 }
