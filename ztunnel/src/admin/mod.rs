@@ -165,10 +165,9 @@ fn route(endpoint: Endpoint, state: &AdminState, req: Request<Incoming>) -> Resp
 
 fn set_log_level(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
     let level = query.and_then(|q| {
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == "level")
-            .map(|(_, v)| v.replace("%2C", ",").replace("%3D", "="))
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "level")
+            .map(|(_, v)| v.into_owned())
     });
     let Some(level) = level else {
         return text(
