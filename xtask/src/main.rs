@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | build-ebpf | demo | test | bench`.
+//! Project tasks: `cargo xtask setup | build | build-ebpf | demo | test | bench | fuzz`.
 //!
 //! `demo` and `test` are the README's two commands: each runs `setup` first, so a fresh
 //! Debian 12 machine needs nothing else.
 mod checks;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -23,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (apt packages, nightly rust-src, bpf-linker), mount bpffs.
+    /// Install what is missing (apt packages, nightly rust-src, bpf-linker, cargo-fuzz), mount
+    /// bpffs.
     Setup,
     /// Build every binary in release: ztunnel (with its eBPF object), vc-probe, demo.
     Build,
@@ -42,6 +44,14 @@ enum Task {
         /// Passed on to the bench: `cargo xtask bench -- --hold 500` (`-- --help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Set up, and run each fuzz target of fuzz/ (cargo-fuzz) for a while (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
 }
 
@@ -161,6 +171,10 @@ fn test(args: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     build()?;
+    // Fuzzing is part of the full run only; a filtered run is for iterating on some tests.
+    if args.is_empty() {
+        fuzz::fuzz(fuzz::TEST_SECONDS, &[])?;
+    }
     let stale = checks::leftovers();
     if !stale.is_empty() {
         println!(
@@ -229,6 +243,9 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::setup().and_then(|()| build_ebpf()),
         Task::Demo => setup::setup().and_then(|()| build()).and_then(|()| demo()),
         Task::Test { args } => test(&args),
+        Task::Fuzz { seconds, targets } => {
+            setup::setup().and_then(|()| fuzz::fuzz(seconds, &targets))
+        }
         Task::Bench { args } => setup::setup()
             .and_then(|()| build())
             .and_then(|()| bench(&args)),
