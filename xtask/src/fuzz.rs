@@ -21,17 +21,36 @@ pub const TARGETS: &[&str] = &["policy_config", "jwt"];
 /// Seconds per target in `cargo xtask test`.
 pub const TEST_SECONDS: u64 = 25;
 
-/// Options every cargo-fuzz command gets: the project in `fuzz/`, its own target dir, and no
+/// Options every cargo-fuzz command gets: the project in `fuzz/`, its own target dir, no
 /// sanitizer (the code under test is safe Rust; panics and overflow checks are what count,
-/// and a build without ASan is much quicker to make and to run).
+/// and a build without ASan is much quicker to make and to run), and 16 codegen units instead
+/// of cargo-fuzz's 1 (a build from scratch in 4 minutes rather than 10, for 13% fewer
+/// executions per second).
 fn fuzz_cmd(subcommand: &str) -> Command {
     // The rustup proxy `cargo`, not $CARGO: only the proxy understands `+nightly`.
     let mut c = Command::new("cargo");
     c.current_dir(root())
         .args(["+nightly", "fuzz", subcommand, "--fuzz-dir", "fuzz"])
-        .args(["--sanitizer", "none", "--target-dir", "target/fuzz"])
+        .args(["--sanitizer", "none", "--codegen-units", "16"])
+        .args(["--target-dir", "target/fuzz"])
         // The targets need no eBPF object, and nightly must not rebuild it with fuzzing flags.
         .env("AYA_BUILD_SKIP", "1");
+    // What `cargo run` set for xtask itself: build scripts that watch these (ring's watches
+    // CARGO_MANIFEST_DIR) would otherwise rebuild everything whenever the same build is
+    // started from a shell, as the command printed for a failing input is.
+    const SET_BY_CARGO_RUN: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+    ];
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_") || SET_BY_CARGO_RUN.contains(&name.as_ref()) {
+            c.env_remove(name.as_ref());
+        }
+    }
     c
 }
 
@@ -174,10 +193,14 @@ fn fuzz_target(target: &str, seconds: u64) -> Result<()> {
     if status.success() {
         return Ok(());
     }
-    // The crash report: libFuzzer's last lines hold the panic message and the backtrace.
-    let tail: Vec<&str> = text.lines().rev().take(60).collect();
-    println!("--- last lines of {} ---", log_path.display());
-    for line in tail.into_iter().rev() {
+    // The report: from the panic (or libFuzzer's own error) on, else the log's last lines.
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines
+        .iter()
+        .position(|l| l.contains(" panicked at ") || l.contains("ERROR: libFuzzer"))
+        .unwrap_or(lines.len().saturating_sub(60));
+    println!("--- {} from line {} ---", log_path.display(), from + 1);
+    for line in lines.iter().skip(from).take(120) {
         println!("{line}");
     }
     println!("---");
@@ -185,10 +208,12 @@ fn fuzz_target(target: &str, seconds: u64) -> Result<()> {
     if found.is_empty() {
         bail!("fuzz target {target} failed ({status}) without writing an input; see the log above");
     }
+    // The same build as the run's, so the input runs again without a rebuild.
+    let again = format!("AYA_BUILD_SKIP=1 {}", shown(&fuzz_cmd("run")));
     for input in &found {
         let rel = input.strip_prefix(&root).unwrap_or(input);
         println!(
-            "fuzz target {target} failed on {}\n  run it again: cargo +nightly fuzz run --fuzz-dir fuzz --sanitizer none --target-dir target/fuzz {target} {}",
+            "fuzz target {target} failed on {}\n  run it again: {again} {target} {}",
             rel.display(),
             rel.display()
         );
