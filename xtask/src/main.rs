@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask setup | build | build-ebpf | demo | test | bench`.
+//! Project tasks: `cargo xtask setup | build | build-ebpf | demo | test | bench | fuzz | check-deploy`.
 //!
 //! `demo` and `test` are the README's two commands: each runs `setup` first, so a fresh
 //! Debian 12 machine needs nothing else.
 mod checks;
 mod deploy_check;
 mod deploy_tools;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -25,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (apt packages, nightly rust-src, bpf-linker), mount bpffs.
+    /// Install what is missing (apt packages, nightly rust-src, bpf-linker, cargo-fuzz), mount
+    /// bpffs.
     Setup,
     /// Build every binary in release: ztunnel (with its eBPF object), vc-probe, demo.
     Build,
@@ -51,6 +53,14 @@ enum Task {
         /// Passed on to the bench: `cargo xtask bench -- --hold 500` (`-- --help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Set up, and run each fuzz target of fuzz/ (cargo-fuzz) for a while (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
 }
 
@@ -171,6 +181,10 @@ fn test(args: &[String]) -> Result<()> {
     ]))?;
     deploy_check::check_deploy(false)?;
     build()?;
+    // Fuzzing is part of the full run only; a filtered run is for iterating on some tests.
+    if args.is_empty() {
+        fuzz::fuzz(fuzz::TEST_SECONDS, &[])?;
+    }
     let stale = checks::leftovers();
     if !stale.is_empty() {
         println!(
@@ -241,6 +255,9 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::CheckDeploy { update } => {
             setup::setup().and_then(|()| deploy_check::check_deploy(update))
+        }
+        Task::Fuzz { seconds, targets } => {
+            setup::setup().and_then(|()| fuzz::fuzz(seconds, &targets))
         }
         Task::Bench { args } => setup::setup()
             .and_then(|()| build())

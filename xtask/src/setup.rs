@@ -36,6 +36,7 @@ pub fn setup() -> Result<()> {
     apt_packages()?;
     nightly_toolchain()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     cgroup2_mount()?;
     Ok(())
@@ -178,6 +179,31 @@ fn bpf_linker() -> Result<()> {
             "--features",
         ])
         .arg(format!("llvm-{major}")))
+}
+
+/// cargo-fuzz drives the fuzz targets in `fuzz/` (libFuzzer, with nightly). Pinned, and built
+/// `--locked`, so a new release cannot break a fresh machine's setup.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz() -> Result<()> {
+    let installed = |cmd: &mut Command| {
+        cmd.arg("--version").output().is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
+        })
+    };
+    if installed(&mut Command::new(cargo_bin("cargo-fuzz"))) {
+        return Ok(());
+    }
+    println!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute, once)");
+    // The rustup proxy `cargo`, not $CARGO: only the proxy understands `+nightly`.
+    run(Command::new("cargo").args([
+        "+nightly",
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 /// The sysroot ships only a versioned libLLVM (`libLLVM.so.22.1-rust-…` or `libLLVM-22-….so`);

@@ -70,6 +70,13 @@ impl PolicySet {
         Self::build(policies, true)
     }
 
+    /// Every rule open: the full scan the index must agree with, for the fuzz target that
+    /// compares the two on arbitrary policies.
+    #[doc(hidden)]
+    pub fn unindexed(policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>) -> Self {
+        Self::build(policies, false)
+    }
+
     /// With `index` false every rule is open: the full scan the index must agree with.
     fn build(policies: impl IntoIterator<Item = Arc<AuthorizationPolicy>>, index: bool) -> Self {
         let mut policies: Vec<_> = policies.into_iter().collect();

@@ -306,12 +306,15 @@ fn key_family(jwk: &Jwk) -> u8 {
     }
 }
 
+/// How far `exp` and `nbf` may be off.
+const LEEWAY_SECS: u64 = 60;
+
 /// Verifies `token` with the keys of `rule`.
 fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<serde_json::Value, String> {
     let header =
         jsonwebtoken::decode_header(token).map_err(|e| format!("Jwt header is not valid: {e}"))?;
     let mut validation = Validation::new(header.alg);
-    validation.leeway = 60;
+    validation.leeway = LEEWAY_SECS;
     validation.required_spec_claims = HashSet::new();
     validation.validate_nbf = true;
     validation.set_issuer(&[rule.issuer.as_str()]);
@@ -341,11 +344,54 @@ fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<serde_json::Valu
     for jwk in candidates {
         let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
         match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
-            Ok(data) => return Ok(data.claims),
+            Ok(data) => return registered_claims(&data.claims, rule).map(|()| data.claims),
             Err(e) => last = e.to_string(),
         }
     }
     Err(format!("Jwt verification fails: {last}"))
+}
+
+/// What jsonwebtoken leaves unchecked: it skips an `exp` or `nbf` that is not a number or is
+/// beyond `u64` (an `nbf` of 1e100 would not hold a token back) and an `aud` that is absent or
+/// not a string or list of strings, which would let a token never expire, be used too early or
+/// pass a rule that names audiences. Istio refuses such tokens, and so does this.
+fn registered_claims(claims: &serde_json::Value, rule: &JwtRule) -> Result<(), String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let leeway = LEEWAY_SECS as f64;
+    for name in ["exp", "nbf"] {
+        let Some(t) = claims.get(name) else { continue };
+        let t = t
+            .as_f64()
+            .filter(|t| *t >= 0.0)
+            .ok_or_else(|| format!("Jwt {name} is not a NumericDate"))?;
+        if name == "exp" && t < now - leeway {
+            return Err("Jwt verification fails: ExpiredSignature".into());
+        }
+        if name == "nbf" && t > now + leeway {
+            return Err("Jwt verification fails: ImmatureSignature".into());
+        }
+    }
+    let malformed = || "Jwt aud is not a string or a list of strings".to_owned();
+    let audiences: Vec<&str> = match claims.get("aud") {
+        None => Vec::new(),
+        Some(serde_json::Value::String(a)) => vec![a.as_str()],
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .map(serde_json::Value::as_str)
+            .collect::<Option<_>>()
+            .ok_or_else(malformed)?,
+        Some(_) => return Err(malformed()),
+    };
+    if !rule.audiences.is_empty()
+        && !audiences
+            .iter()
+            .any(|a| rule.audiences.iter().any(|r| r == a))
+    {
+        return Err("Jwt verification fails: InvalidAudience".into());
+    }
+    Ok(())
 }
 
 /// Authenticates a request against the `rules` of the RequestAuthentications that apply to its
@@ -615,6 +661,54 @@ pub(crate) mod tests {
                 .unwrap();
         assert!(invalid(forged).contains("no key"));
         assert!(invalid("not.a.jwt".into()).contains("format"));
+    }
+
+    /// Found by the `jwt` fuzz target: jsonwebtoken skipped these claims instead of refusing
+    /// the token, so an `exp` written as a string never expired, an `nbf` too large for it
+    /// did not hold the token back, and a rule's audiences let through a token without a
+    /// usable `aud`.
+    #[test]
+    fn malformed_time_and_audience_claims_are_refused() {
+        let i = issuer();
+        let with_aud = rule(&i, "  audiences: [webapp]\n");
+        let any_aud = rule(&i, "");
+        let base = || json!({"iss": "auth@istioinaction.io", "sub": "user", "aud": "webapp"});
+        let outcome = |r: &JwtRule, c: &serde_json::Value| {
+            let bearer = format!("Bearer {}", token(&i, c.clone()));
+            run(r, &[("authorization", &bearer)], None)
+        };
+        for (claim, value) in [
+            ("exp", json!("1000000000")),
+            ("exp", json!(-1)),
+            ("exp", json!(null)),
+            ("nbf", json!("4102444800")),
+            ("nbf", json!([1])),
+            ("nbf", json!(4.1e137)),
+            ("aud", json!(5)),
+            ("aud", json!(null)),
+            ("aud", json!(["webapp", 5])),
+        ] {
+            let mut c = base();
+            c[claim] = value.clone();
+            for r in [&with_aud, &any_aud] {
+                assert!(
+                    matches!(outcome(r, &c), JwtOutcome::Invalid(_)),
+                    "{claim}: {value} accepted"
+                );
+            }
+        }
+        // No aud: fine where the rule names no audiences, refused where it does.
+        let mut c = base();
+        c.as_object_mut().unwrap().remove("aud");
+        assert!(matches!(outcome(&any_aud, &c), JwtOutcome::Valid(..)));
+        assert!(
+            matches!(outcome(&with_aud, &c), JwtOutcome::Invalid(r) if r.contains("InvalidAudience"))
+        );
+        // Fractional times are NumericDates too.
+        let mut c = base();
+        c["exp"] = json!(now() as f64 + 600.5);
+        c["aud"] = json!(["other", "webapp"]);
+        assert!(matches!(outcome(&with_aud, &c), JwtOutcome::Valid(..)));
     }
 
     #[test]
