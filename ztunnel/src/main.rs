@@ -18,7 +18,7 @@ use ztunnel::{
     admin::{
         self,
         metrics::{Metrics, Sampled},
-        AdminState, Endpoint,
+        AdminState, Endpoint, ProxyView,
     },
     authz::{
         check::{check, Caller, CheckRequest},
@@ -732,34 +732,19 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
-                mesh: Mesh::new(args.trust_domain.clone(), certs.clone(), metrics.clone()),
+                mesh: Mesh::new(args.trust_domain.clone(), certs, metrics.clone()),
                 metrics: metrics.clone(),
             });
             let ready = Arc::new(AtomicBool::new(false));
-            let enrolled = {
-                let proxy = proxy.clone();
-                move || proxy.local_workloads()
-            };
-            let sampled = Sampled {
-                pool: proxy.mesh.pool.clone(),
-                certs: certs.clone(),
-                config: config.clone(),
-                bpf_dir: bpf_dir.clone(),
-                enrolled: Arc::new({
-                    let enrolled = enrolled.clone();
-                    move || enrolled().len()
-                }),
-                bpf_stats_held: args.bpf_stats,
-            };
-            let state = Arc::new(AdminState {
-                registry: admin::metrics::registry(&metrics, sampled),
-                ready: ready.clone(),
-                config: config.clone(),
-                certs,
+            let view = Arc::new(ProxyView {
+                proxy: proxy.clone(),
                 bpf_dir,
                 bpf_stats_held: args.bpf_stats,
-                node: args.node_name.clone(),
-                enrolled: Box::new(enrolled),
+            });
+            let state = Arc::new(AdminState {
+                registry: admin::metrics::registry(&metrics, Sampled(view.clone())),
+                ready: ready.clone(),
+                view,
                 set_log_level: Some(set_log_level),
                 log_level: std::sync::Mutex::new(log_level),
             });

@@ -323,12 +323,9 @@ impl Snapshot {
     }
 
     /// The RequestAuthentications that apply to `pod`.
-    pub fn request_authentications_for(&self, pod: &Pod) -> Vec<&RequestAuthentication> {
+    pub fn request_authentications_for(&self, pod: &Pod) -> Vec<&Arc<RequestAuthentication>> {
         self.request_authentications
             .for_workload(pod, &self.root_namespace, |name| self.service_in(pod, name))
-            .into_iter()
-            .map(|p| p.as_ref())
-            .collect()
     }
 
     fn service_in(&self, pod: &Pod, name: &str) -> Option<&Service> {

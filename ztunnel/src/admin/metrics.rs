@@ -6,7 +6,6 @@
 //! values owned elsewhere (the HBONE pool, certificates, the configuration, the kernel's BPF
 //! program statistics) are read when scraped.
 use std::{
-    path::PathBuf,
     sync::{atomic::AtomicU64, Arc},
     time::UNIX_EPOCH,
 };
@@ -21,9 +20,8 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::sync::watch;
 
-use crate::{hbone::Pool, identity::CertificateCache, state::Snapshot};
+use super::ProxyView;
 
 /// Who a connection was between, as Istio labels it. Unknown values are `unknown`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -146,15 +144,6 @@ impl ByReason {
                 reason: reason.to_owned(),
             })
             .inc();
-    }
-
-    pub fn get(&self, reason: &str) -> u64 {
-        self.0
-            .get(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .map(|c| c.get())
-            .unwrap_or(0)
     }
 }
 
@@ -283,26 +272,10 @@ impl Metrics {
 /// generation.
 pub static CONFIG_REJECTED: AtomicU64 = AtomicU64::new(0);
 
-/// Values owned by other parts, read at scrape time.
-pub struct Sampled {
-    pub pool: Arc<Pool>,
-    pub certs: Arc<CertificateCache>,
-    pub config: watch::Receiver<Arc<Snapshot>>,
-    pub bpf_dir: PathBuf,
-    /// Pods enrolled on this node.
-    pub enrolled: Arc<dyn Fn() -> usize + Send + Sync>,
-    /// The proxy holds the kernel's eBPF statistics on (`--bpf-stats`); the sysctl does not
-    /// show that.
-    pub bpf_stats_held: bool,
-}
-
-impl std::fmt::Debug for Sampled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampled")
-            .field("bpf_dir", &self.bpf_dir)
-            .finish_non_exhaustive()
-    }
-}
+/// Values owned by other parts (the pool, certificates, configuration, pins), read at scrape
+/// time.
+#[derive(Debug)]
+pub struct Sampled(pub Arc<ProxyView>);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabels {
@@ -327,7 +300,9 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
 impl Collector for Sampled {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         use std::sync::atomic::Ordering::Relaxed;
-        let pool = self.pool.stats();
+        let view = &self.0;
+        let proxy = &view.proxy;
+        let pool = proxy.mesh.pool.stats();
         gauge(
             &mut e,
             "ztunnel_hbone_pool_connections",
@@ -353,7 +328,7 @@ impl Collector for Sampled {
             pool.streams_opened,
         )?;
 
-        let certs = self.certs.current();
+        let certs = proxy.mesh.certs.current();
         let expiry = ConstGauge::new(0i64);
         let mut m = e.encode_descriptor(
             "ztunnel_certificate_expiry_timestamp_seconds",
@@ -375,16 +350,16 @@ impl Collector for Sampled {
             &mut e,
             "ztunnel_certificates_issued",
             "Certificates obtained from the CA (first issues and rotations)",
-            self.certs.issued(),
+            proxy.mesh.certs.issued(),
         )?;
         counter(
             &mut e,
             "ztunnel_certificate_rotation_failures",
             "Failed background certificate renewals",
-            self.certs.rotation_failures(),
+            proxy.mesh.certs.rotation_failures(),
         )?;
 
-        let snapshot = self.config.borrow().clone();
+        let snapshot = proxy.snapshot();
         gauge(
             &mut e,
             "ztunnel_config_generation",
@@ -413,11 +388,11 @@ impl Collector for Sampled {
             &mut e,
             "ztunnel_enrolled_pods",
             "Pods whose traffic this proxy captures",
-            (self.enrolled)() as i64,
+            proxy.local_workloads().len() as i64,
         )?;
 
         // Per pinned program, as the kernel counts it (only while BPF statistics are on).
-        let programs = crate::capture::inventory::programs(&self.bpf_dir);
+        let programs = crate::capture::inventory::programs(&view.bpf_dir);
         let runs = ConstCounter::new(0u64);
         let mut m = e.encode_descriptor(
             "ztunnel_bpf_program_runs",
@@ -447,7 +422,7 @@ impl Collector for Sampled {
             &mut e,
             "ztunnel_bpf_stats_enabled",
             "Whether the kernel collects eBPF run statistics (kernel.bpf_stats_enabled)",
-            (self.bpf_stats_held || crate::capture::inventory::stats_enabled()) as i64,
+            (view.bpf_stats_held || crate::capture::inventory::stats_enabled()) as i64,
         )
     }
 }

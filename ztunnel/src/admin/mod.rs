@@ -22,27 +22,37 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{identity::CertificateCache, state::Snapshot};
+use crate::{identity::CertificateCache, proxy::Proxy};
 
 /// Sets the log filter (an `EnvFilter` directive such as `debug` or `info,ztunnel=trace`).
 pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The running proxy as the endpoints and the scrape-time metrics see it.
+pub struct ProxyView {
+    pub proxy: Arc<Proxy>,
+    pub bpf_dir: PathBuf,
+    /// The proxy holds the kernel's eBPF statistics on (`--bpf-stats`); the sysctl does not
+    /// show that.
+    pub bpf_stats_held: bool,
+}
+
+impl std::fmt::Debug for ProxyView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyView")
+            .field("bpf_dir", &self.bpf_dir)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What the endpoints read.
 pub struct AdminState {
     pub registry: Registry,
     /// Set once the proxy captures and serves; cleared when it starts shutting down.
     pub ready: Arc<AtomicBool>,
-    pub config: watch::Receiver<Arc<Snapshot>>,
-    pub certs: Arc<CertificateCache>,
-    pub bpf_dir: PathBuf,
-    /// The proxy holds the kernel's eBPF statistics on (`--bpf-stats`).
-    pub bpf_stats_held: bool,
-    pub node: String,
-    /// `namespace/name` of the pods enrolled on this node.
-    pub enrolled: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    pub view: Arc<ProxyView>,
     pub set_log_level: Option<SetLogLevel>,
     /// The filter in force, as last set.
     pub log_level: std::sync::Mutex<String>,
@@ -147,10 +157,12 @@ fn route(endpoint: Endpoint, state: &AdminState, req: Request<Incoming>) -> Resp
              /logging       GET: the log filter; POST ?level=<filter>: change it\n",
         ),
         (Endpoint::Admin, &Method::GET, "/config_dump") => json_response(&config_dump(state)),
-        (Endpoint::Admin, &Method::GET, "/certs") => json_response(&certs(&state.certs)),
+        (Endpoint::Admin, &Method::GET, "/certs") => {
+            json_response(&certs(&state.view.proxy.mesh.certs))
+        }
         (Endpoint::Admin, &Method::GET, "/bpf") => {
-            let mut inventory = crate::capture::inventory::inventory(&state.bpf_dir);
-            inventory.stats_enabled |= state.bpf_stats_held;
+            let mut inventory = crate::capture::inventory::inventory(&state.view.bpf_dir);
+            inventory.stats_enabled |= state.view.bpf_stats_held;
             json_response(&serde_json::to_value(inventory).unwrap_or_default())
         }
         (Endpoint::Admin, &Method::GET, "/logging") => {
@@ -234,8 +246,9 @@ fn pem_certificate(der: &[u8]) -> String {
 }
 
 fn config_dump(state: &AdminState) -> Value {
-    let s = state.config.borrow().clone();
-    let enrolled = (state.enrolled)();
+    let proxy = &state.view.proxy;
+    let s = proxy.snapshot();
+    let enrolled = proxy.local_workloads();
     let pods: Vec<Value> = s
         .pods
         .values()
@@ -295,7 +308,7 @@ fn config_dump(state: &AdminState) -> Value {
         .map(|p| json!({"policy": p.id(), "origin": p.origin.to_string()}))
         .collect();
     json!({
-        "node": state.node,
+        "node": proxy.node(),
         "generation": s.generation,
         "root_namespace": s.root_namespace,
         "enrolled": enrolled,
@@ -306,6 +319,6 @@ fn config_dump(state: &AdminState) -> Value {
         "authorization_policies": authorization,
         "request_authentications": request,
         "problems": s.problems,
-        "certificates": certs(&state.certs)["certificates"],
+        "certificates": certs(&proxy.mesh.certs)["certificates"],
     })
 }

@@ -204,8 +204,13 @@ impl Proxy {
         &self.mesh.trust_domain
     }
 
+    /// The node this proxy serves.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// The configuration in force right now.
-    fn snapshot(&self) -> Arc<Snapshot> {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
         self.config.borrow().clone()
     }
 
