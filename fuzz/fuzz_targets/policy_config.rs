@@ -26,7 +26,8 @@ use ztunnel::{
         Admission, Attributes, HttpRequest, InboundCall, PolicySet, Transport, Unknowns, Verdict,
     },
     identity::SpiffeId,
-    state::{EnrolmentPolicy, MeshSettings, Objects, Pod, Snapshot},
+    model::Pod,
+    state::{EnrolmentPolicy, MeshSettings, Objects, Snapshot},
 };
 
 /// Bounds per input, so one large file cannot make a slow unit.

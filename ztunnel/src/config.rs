@@ -30,13 +30,11 @@ pub mod kubernetes;
 pub mod pod_netns;
 
 use crate::authz::{authorization_policy, peer_authentication, request_authentication};
-use crate::state::{
-    ContainerPort, Labels, MeshSettings, Namespace, Objects, Origin, OtherObject, Pod, Service,
-    ServicePort, Snapshot, TargetPort,
+use crate::model::{
+    ContainerPort, Labels, Namespace, Origin, OtherObject, Pod, Service, ServicePort, TargetPort,
+    NETNS_ANNOTATION,
 };
-
-/// Pod annotation naming the pod's network namespace on its node.
-pub const NETNS_ANNOTATION: &str = "ztunnel.dev/netns";
+use crate::state::{MeshSettings, Objects, Snapshot};
 
 /// Changes are noticed through inotify; this rescan catches whatever inotify misses (the
 /// directory replaced, events overflowed, filesystems without inotify).

@@ -7,7 +7,6 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::{Arc, OnceLock},
 };
 
@@ -15,8 +14,7 @@ use crate::authz::{
     AuthorizationPolicies, AuthorizationPolicy, MtlsDecision, PeerAuthentication,
     PeerAuthentications, PolicySet, RequestAuthentication, RequestAuthentications,
 };
-
-pub type Labels = BTreeMap<String, String>;
+use crate::model::{Namespace, OtherObject, Pod, Service, ServicePort, TargetPort};
 
 /// Mesh-wide settings that shape how the configuration is read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,99 +29,6 @@ impl Default for MeshSettings {
             root_namespace: "istio-system".into(),
         }
     }
-}
-
-/// Where an object was read from, for messages that point the operator at it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Origin {
-    /// The file, or for an object of the Kubernetes API `k8s:<kind>/<namespace>/<name>`.
-    pub file: PathBuf,
-    /// 1-based; 0 when the object has no line (the Kubernetes API).
-    pub line: usize,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            0 => write!(f, "{}", self.file.display()),
-            line => write!(f, "{}:{line}", self.file.display()),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Namespace {
-    pub name: String,
-    pub labels: Labels,
-    pub origin: Origin,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ContainerPort {
-    pub name: Option<String>,
-    pub port: u16,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pod {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub labels: Labels,
-    pub annotations: Labels,
-    pub service_account: String,
-    pub node_name: Option<String>,
-    pub host_network: bool,
-    /// Primary address first, as in `status.podIPs`.
-    pub ips: Vec<IpAddr>,
-    /// The pod's network namespace on its node (annotation `ztunnel.dev/netns`).
-    pub netns_path: Option<PathBuf>,
-    pub container_ports: Vec<ContainerPort>,
-    pub origin: Origin,
-}
-
-impl Pod {
-    /// `namespace/name`, the form used in logs.
-    pub fn workload(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TargetPort {
-    Number(u16),
-    /// A container port name, resolved per pod.
-    Name(String),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServicePort {
-    pub name: Option<String>,
-    pub port: u16,
-    pub target_port: TargetPort,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Service {
-    pub namespace: String,
-    pub name: String,
-    pub vips: Vec<IpAddr>,
-    /// Empty means "no selector": the service has no endpoints we can compute.
-    pub selector: Labels,
-    pub ports: Vec<ServicePort>,
-    pub origin: Origin,
-}
-
-/// A Kubernetes object of a kind this snapshot does not model (yet): kept so later stages
-/// (policy) can read it from the same snapshot.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OtherObject {
-    pub api_version: String,
-    pub kind: String,
-    pub namespace: Option<String>,
-    pub name: String,
-    pub body: serde_yaml::Value,
-    pub origin: Origin,
 }
 
 /// One endpoint of a service port: a pod and the address to dial.
@@ -529,7 +434,7 @@ impl fmt::Display for Enrolment {
             Enrolment::NoNetns => write!(
                 f,
                 "pod has no network namespace path (annotation {}, or in a cluster not found on this node yet)",
-                crate::config::NETNS_ANNOTATION
+                crate::model::NETNS_ANNOTATION
             ),
             Enrolment::NoIp => f.write_str("pod has no IP address in status.podIPs"),
             Enrolment::DuplicateIp(owner) => write!(f, "pod's IP address belongs to pod {owner}"),
@@ -540,6 +445,7 @@ impl fmt::Display for Enrolment {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{ContainerPort, Labels, Origin};
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs

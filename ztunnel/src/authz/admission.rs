@@ -4,10 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::{evaluate, Attributes, Decision, Unknowns, Verdict};
-use crate::{
-    identity::SpiffeId,
-    state::{Pod, Snapshot},
-};
+use crate::{identity::SpiffeId, model::Pod, state::Snapshot};
 
 /// How a connection entered the pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

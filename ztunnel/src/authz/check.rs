@@ -17,7 +17,8 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
-    state::{EnrolmentPolicy, Pod, Snapshot},
+    model::Pod,
+    state::{EnrolmentPolicy, Snapshot},
 };
 
 /// Who calls.

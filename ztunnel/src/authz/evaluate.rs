@@ -493,7 +493,7 @@ pub fn evaluate(policies: &PolicySet, a: &Attributes, unknowns: Unknowns) -> Ver
 mod tests {
     use super::*;
     use crate::authz::authorization_policy::{AuthorizationPolicy, SpecDoc};
-    use crate::state::Origin;
+    use crate::model::Origin;
 
     fn policy(ns: &str, name: &str, spec: &str) -> AuthorizationPolicy {
         let doc: SpecDoc = serde_yaml::from_str(spec).unwrap();

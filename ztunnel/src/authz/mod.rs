@@ -24,7 +24,7 @@ pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAu
 pub use policy_set::PolicySet;
 pub use request_authentication::RequestAuthentication;
 
-use crate::state::{Pod, Service};
+use crate::model::{Labels, Pod, Service};
 
 /// The namespaces whose policies may apply to `pod`: the root namespace (mesh-wide) and its own.
 fn workload_namespaces<'a>(pod: &'a Pod, root_namespace: &'a str) -> Vec<&'a str> {
@@ -44,8 +44,7 @@ fn applies<'a>(
     pod: &Pod,
     services: &impl Fn(&str) -> Option<&'a Service>,
 ) -> bool {
-    let selects =
-        |labels: &crate::state::Labels| labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+    let selects = |labels: &Labels| labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
     match target {
         Target::Selector(labels) => selects(labels),
         Target::Services(names) => {
@@ -211,7 +210,7 @@ impl AuthorizationPolicies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Labels, Origin};
+    use crate::model::Origin;
 
     fn labels(l: &[(&str, &str)]) -> Labels {
         l.iter()

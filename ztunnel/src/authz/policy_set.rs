@@ -205,7 +205,7 @@ impl<'a, I: Iterator<Item = RuleRef>> Iterator for Grouped<'a, I> {
 mod tests {
     use super::*;
     use crate::authz::authorization_policy::SpecDoc;
-    use crate::state::Origin;
+    use crate::model::Origin;
 
     fn policy(name: &str, spec: &str) -> Arc<AuthorizationPolicy> {
         let doc: SpecDoc = serde_yaml::from_str(spec).unwrap();

@@ -20,7 +20,7 @@ use jsonwebtoken::{
 use serde::Deserialize;
 
 use super::{authorization_policy::Target, evaluate::RequestAuth};
-use crate::state::Origin;
+use crate::model::Origin;
 
 /// Where a token may be.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,9 +22,10 @@ use ztunnel_common::{
 use super::Capture;
 use crate::{
     identity::SpiffeId,
+    model::Pod,
     netns::{socket_netns_cookie, Netns},
     proxy::{PodContext, Proxy},
-    state::{Enrolment, EnrolmentPolicy, Pod, Snapshot},
+    state::{Enrolment, EnrolmentPolicy, Snapshot},
 };
 
 /// Listen backlog of the per-pod listeners.

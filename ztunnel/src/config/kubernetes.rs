@@ -53,7 +53,10 @@ use super::{
     pod_netns::{NotFound, PodNetns, PodNetnsFinder},
     WatchHandle,
 };
-use crate::state::{MeshSettings, Objects, Origin, Snapshot};
+use crate::{
+    model::Origin,
+    state::{MeshSettings, Objects, Snapshot},
+};
 
 /// What the Kubernetes source needs.
 #[derive(Clone, Debug)]

@@ -57,7 +57,7 @@ pub struct PodContext {
 
 impl PodContext {
     /// This pod in `snapshot`, or `None` once it has left the configuration.
-    pub fn in_snapshot<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<crate::state::Pod>> {
+    pub fn in_snapshot<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<crate::model::Pod>> {
         snapshot
             .pods
             .get(&(self.namespace.clone(), self.name.clone()))
