@@ -12,7 +12,7 @@ use std::{
 
 use crate::authz::{
     AuthorizationPolicies, AuthorizationPolicy, MtlsDecision, PeerAuthentication,
-    PeerAuthentications, PolicySet, RequestAuthentication, RequestAuthentications,
+    PeerAuthentications, Policies, PolicySet, RequestAuthentication, RequestAuthentications,
 };
 use crate::model::{Namespace, OtherObject, Pod, Service, ServicePort, TargetPort};
 
@@ -360,6 +360,20 @@ impl Snapshot {
             return Enrolment::NoNetns;
         }
         Enrolment::Enrolled
+    }
+}
+
+impl Policies for Snapshot {
+    fn mtls_mode(&self, pod: &Pod, port: u16) -> MtlsDecision {
+        Snapshot::mtls_mode(self, pod, port)
+    }
+
+    fn authorization_for(&self, pod: &Pod) -> Arc<PolicySet> {
+        Snapshot::authorization_for(self, pod)
+    }
+
+    fn authenticates(&self, pod: &Pod) -> bool {
+        !self.request_authentications_for(pod).is_empty()
     }
 }
 

@@ -17,7 +17,7 @@ pub mod request_authentication;
 
 use std::{cmp::Ordering, collections::BTreeMap, sync::Arc};
 
-pub use admission::{admit, Admission, CustomCheck, InboundCall, Transport};
+pub use admission::{admit, Admission, CustomCheck, InboundCall, Policies, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
 pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
