@@ -21,12 +21,12 @@ use ztunnel::{
     authz::{
         admit,
         authorization_policy::StrMatch,
-        check::{check, Caller, CheckRequest},
         evaluate::{evaluate, RequestAuth},
         Admission, Attributes, HttpRequest, InboundCall, PolicySet, Transport, Unknowns, Verdict,
     },
     identity::SpiffeId,
     model::Pod,
+    policy_check::{check, Caller, CheckRequest},
     state::{EnrolmentPolicy, MeshSettings, Objects, Snapshot},
 };
 

@@ -8,6 +8,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod model;
 pub mod netns;
+pub mod policy_check;
 pub mod proxy;
 pub mod state;
 pub mod tls;

@@ -20,10 +20,6 @@ use ztunnel::{
         metrics::{Metrics, Sampled},
         AdminState, Endpoint, ProxyView,
     },
-    authz::{
-        check::{check, Caller, CheckRequest},
-        jwks, request_authentication,
-    },
     capture::{self, enrolment::Enroller, Capture, CaptureOptions},
     config::{
         self,
@@ -36,6 +32,7 @@ use ztunnel::{
     },
     kubernetes::ApiAccess,
     netns::Netns,
+    policy_check::{check, fetch_key_sets, Caller, CheckRequest, Verdict},
     proxy::{Mesh, Proxy, ProxyOptions},
     state::{EnrolmentPolicy, MeshSettings},
 };
@@ -182,34 +179,14 @@ fn policy_check(args: CheckArgs) -> ExitCode {
         },
     };
     // Key sets named by jwksUri are fetched once, up front, as the proxy would fetch them.
-    let mut fetched = std::collections::HashMap::new();
-    if req.jwt.is_some() {
-        let uris: std::collections::BTreeSet<String> = snapshot
-            .request_authentications
-            .iter()
-            .flat_map(|ra| &ra.rules)
-            .filter_map(|r| match &r.keys {
-                request_authentication::Keys::Uri(uri) => Some(uri.clone()),
-                request_authentication::Keys::Inline(_) => None,
-            })
-            .collect();
-        if !uris.is_empty() {
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => return bad(format!("starting the runtime: {e}")),
-            };
-            for uri in uris {
-                let got = rt.block_on(tokio::time::timeout(jwks::TIMEOUT, jwks::fetch(&uri)));
-                match got {
-                    Ok(Ok(set)) => {
-                        fetched.insert(uri, Arc::new(set));
-                    }
-                    Ok(Err(e)) => eprintln!("warning: fetching {uri}: {e}"),
-                    Err(_) => eprintln!("warning: fetching {uri}: timed out"),
-                }
-            }
+    let fetched = if req.jwt.is_some() {
+        match fetch_key_sets(&snapshot) {
+            Ok(f) => f,
+            Err(e) => return bad(e),
         }
-    }
+    } else {
+        Default::default()
+    };
     let answer = match check(&snapshot, &req, &|uri| fetched.get(uri).cloned()) {
         Ok(a) => a,
         Err(e) => return bad(e),
@@ -221,7 +198,7 @@ fn policy_check(args: CheckArgs) -> ExitCode {
             Err(e) => return bad(e.to_string()),
         },
     }
-    if answer.decision == "ALLOW" {
+    if answer.decision == Verdict::Allow {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -7,7 +7,6 @@
 //! * [`admission`]: the whole inbound decision (PeerAuthentication, then authorization).
 pub mod admission;
 pub mod authorization_policy;
-pub mod check;
 pub mod evaluate;
 pub mod ext_authz;
 pub mod jwks;
