@@ -21,8 +21,8 @@ use ztunnel::{
     authz::{
         admit,
         authorization_policy::StrMatch,
-        evaluate::{evaluate, RequestAuth},
-        Admission, Attributes, HttpRequest, InboundCall, PolicySet, Transport, Unknowns, Verdict,
+        evaluate, Admission, Attributes, HttpRequest, InboundCall, PolicySet, RequestAuth,
+        Transport, Unknowns, Verdict,
     },
     identity::SpiffeId,
     model::Pod,

@@ -12,11 +12,9 @@ use jsonwebtoken::jwk::JwkSet;
 use serde::Serialize;
 
 use crate::authz::{
-    admit,
-    evaluate::RequestAuth,
-    jwks,
+    admit, jwks,
     request_authentication::{authenticate, JwtOutcome, JwtRule, Keys, TokenLocation, TokenSource},
-    Admission, CustomCheck, Decision, HttpRequest, InboundCall, Transport, Unknowns,
+    Admission, CustomCheck, Decision, HttpRequest, InboundCall, RequestAuth, Transport, Unknowns,
 };
 use crate::{
     identity::SpiffeId,

@@ -3,6 +3,8 @@
 //! * [`peer_authentication`]: `PeerAuthentication`, the mutual-TLS mode of a workload's inbound
 //!   side (STRICT refuses plaintext).
 //! * [`authorization_policy`]: `AuthorizationPolicy` as written, validated and compiled.
+//! * [`matching`]: what a call is matched on, and whether one rule matches it.
+//! * [`policy_set`]: one workload's policies, indexed by the principals their rules name.
 //! * [`evaluate`]: deciding a connection or a request against the policies of its destination.
 //! * [`admission`]: the whole inbound decision (PeerAuthentication, then authorization).
 pub mod admission;
@@ -10,6 +12,7 @@ pub mod authorization_policy;
 pub mod evaluate;
 pub mod ext_authz;
 pub mod jwks;
+pub mod matching;
 pub mod peer_authentication;
 pub mod policy_set;
 pub mod request_authentication;
@@ -18,7 +21,8 @@ use std::{cmp::Ordering, collections::BTreeMap, sync::Arc};
 
 pub use admission::{admit, Admission, CustomCheck, InboundCall, Policies, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
-pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
+pub use evaluate::{evaluate, Decision, Unknowns, Verdict};
+pub use matching::{Attributes, HttpRequest, RequestAuth};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
 pub use policy_set::PolicySet;
 pub use request_authentication::RequestAuthentication;

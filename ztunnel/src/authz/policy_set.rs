@@ -11,7 +11,7 @@ use std::{collections::HashMap, iter::Peekable, sync::Arc};
 
 use super::{
     authorization_policy::{Action, AuthorizationPolicy, Source, StrMatch},
-    evaluate::{rule_matches, Attributes, Tri},
+    matching::{rule_matches, Attributes, Tri},
 };
 
 /// A workload's policies, in evaluation order: AUDIT, CUSTOM, DENY, ALLOW, and within an
@@ -279,7 +279,7 @@ mod tests {
     /// reported policy and rule) equal those of a full scan.
     #[test]
     fn indexed_decisions_equal_a_full_scan() {
-        use crate::authz::evaluate::{evaluate, HttpRequest, Unknowns};
+        use crate::authz::{evaluate, HttpRequest, Unknowns};
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move |n: usize| {
             seed ^= seed << 13;

@@ -19,7 +19,7 @@ use jsonwebtoken::{
 };
 use serde::Deserialize;
 
-use super::{authorization_policy::Target, evaluate::RequestAuth};
+use super::{authorization_policy::Target, matching::RequestAuth};
 use crate::model::Origin;
 
 /// Where a token may be.

@@ -395,7 +395,7 @@ impl Proxy {
         snapshot: &crate::state::Snapshot,
         pod: &PodContext,
         req: &mut Request<Incoming>,
-    ) -> Result<Option<crate::authz::evaluate::RequestAuth>, String> {
+    ) -> Result<Option<crate::authz::RequestAuth>, String> {
         use crate::authz::request_authentication::{authenticate, JwtOutcome, Keys, TokenSource};
         let Some(p) = pod.in_snapshot(snapshot) else {
             return Ok(None);
