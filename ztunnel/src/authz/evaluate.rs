@@ -686,4 +686,90 @@ rules:
             ],
         );
     }
+
+    /// The index only skips work: on random policies and callers, decisions (including the
+    /// reported policy and rule) equal those of a full scan.
+    #[test]
+    fn indexed_decisions_equal_a_full_scan() {
+        use std::sync::Arc;
+
+        use crate::authz::PolicySet;
+        let peer = |sa: &str| Attributes {
+            source_principal: Some(format!("cluster.local/ns/shop/sa/{sa}")),
+            source_namespace: Some("shop".into()),
+            destination_port: Some(8080),
+            ..Default::default()
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let principal = |i: usize| format!("cluster.local/ns/shop/sa/sa{i}");
+        let actions = ["ALLOW", "DENY", "AUDIT", "CUSTOM\nprovider: {name: authz}"];
+        for round in 0..300 {
+            let mut policies = Vec::new();
+            for pi in 0..1 + next(6) {
+                let mut rules = Vec::new();
+                for _ in 0..next(4) {
+                    let mut sources = Vec::new();
+                    for _ in 0..next(3) {
+                        sources.push(match next(5) {
+                            0 => format!("{{source: {{principals: [\"*/sa/sa{}\"]}}}}", next(4)),
+                            1 => "{source: {namespaces: [shop]}}".to_owned(),
+                            2 => format!(
+                                "{{source: {{principals: [{}], notPrincipals: [{}]}}}}",
+                                principal(next(4)),
+                                principal(next(4))
+                            ),
+                            _ => format!(
+                                "{{source: {{principals: [{}, {}]}}}}",
+                                principal(next(4)),
+                                principal(next(4))
+                            ),
+                        });
+                    }
+                    let to = match next(3) {
+                        0 => ", to: [{operation: {paths: [/admin]}}]",
+                        1 => ", to: [{operation: {ports: [\"8080\"]}}]",
+                        _ => "",
+                    };
+                    rules.push(format!("{{from: [{}]{to}}}", sources.join(", ")));
+                }
+                let spec = format!(
+                    "action: {}\nrules: [{}]",
+                    actions[next(actions.len())],
+                    rules.join(", ")
+                );
+                policies.push(Arc::new(policy("shop", &format!("p{pi}"), &spec)));
+            }
+            let indexed = PolicySet::new(policies.iter().cloned());
+            let scanned = PolicySet::unindexed(policies.iter().cloned());
+            for caller in 0..6 {
+                let mut a = match caller {
+                    5 => Attributes {
+                        destination_port: Some(8080),
+                        ..Default::default()
+                    },
+                    i => peer(&format!("sa{i}")),
+                };
+                for http in [None, Some("/admin"), Some("/")] {
+                    a.http = http.map(|path| HttpRequest {
+                        method: "GET".into(),
+                        path: path.into(),
+                        ..Default::default()
+                    });
+                    for unknowns in [Unknowns::Defer, Unknowns::Conservative] {
+                        assert_eq!(
+                            evaluate(&indexed, &a, unknowns),
+                            evaluate(&scanned, &a, unknowns),
+                            "round {round}, caller {caller}, {http:?}, {unknowns:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
