@@ -30,6 +30,7 @@ pub mod kubernetes;
 pub mod pod_netns;
 
 use crate::authz::{authorization_policy, peer_authentication, request_authentication};
+use crate::metrics::Metrics;
 use crate::model::{
     ContainerPort, Labels, Namespace, Origin, OtherObject, Pod, Service, ServicePort, TargetPort,
     NETNS_ANNOTATION,
@@ -607,8 +608,8 @@ fn log_problems(snapshot: &Snapshot) {
     }
 }
 
-fn log_rejection(errors: &LoadErrors) {
-    crate::admin::metrics::CONFIG_REJECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn log_rejection(errors: &LoadErrors, metrics: &Metrics) {
+    metrics.config_rejected.inc();
     for e in &errors.0 {
         error!(file = %e.file.display(), line = e.line, column = e.column, reason = %e.reason,
             "configuration rejected ({e}); the last good configuration stays in force");
@@ -616,10 +617,12 @@ fn log_rejection(errors: &LoadErrors) {
 }
 
 /// Loads `dir` and keeps following it. Fails only if the first load fails: without a first
-/// good configuration there is nothing safe to run with. Must be called inside a tokio runtime.
+/// good configuration there is nothing safe to run with. Every rejected version counts in
+/// `metrics.config_rejected`. Must be called inside a tokio runtime.
 pub fn watch(
     dir: PathBuf,
     settings: MeshSettings,
+    metrics: Arc<Metrics>,
 ) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle), LoadErrors> {
     let mut last_fingerprint = fingerprint(&dir)?;
     let mut generation = 1;
@@ -664,7 +667,7 @@ pub fn watch(
                 Err(e) => {
                     let e = LoadErrors::from(e);
                     if last_error.as_ref() != Some(&e) {
-                        log_rejection(&e);
+                        log_rejection(&e, &metrics);
                         last_error = Some(e);
                     }
                     continue;
@@ -695,7 +698,7 @@ pub fn watch(
                     }
                 }
                 Err(e) => {
-                    log_rejection(&e);
+                    log_rejection(&e, &metrics);
                     last_error = Some(e);
                 }
             }
@@ -919,7 +922,8 @@ status:
         let ns =
             |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
         std::fs::write(dir.join("a.yaml"), ns("one")).unwrap();
-        let (mut rx, _handle) = watch(dir.clone(), MeshSettings::default()).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (mut rx, _handle) = watch(dir.clone(), MeshSettings::default(), metrics).unwrap();
         assert_eq!(rx.borrow_and_update().generation, 1);
 
         std::fs::write(dir.join("b.yaml"), ns("two")).unwrap();

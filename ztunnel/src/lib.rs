@@ -6,6 +6,7 @@ pub mod config;
 pub mod hbone;
 pub mod identity;
 pub mod kubernetes;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod policy_check;

@@ -15,11 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rustls::pki_types::CertificateDer;
 use tracing::{error, info};
 use ztunnel::{
-    admin::{
-        self,
-        metrics::{Metrics, Sampled},
-        AdminState, Endpoint, ProxyView,
-    },
+    admin::{self, scrape::Sampled, AdminState, Endpoint, ProxyView},
     capture::{self, enrolment::Enroller, Capture, CaptureOptions},
     config::{
         self,
@@ -31,6 +27,7 @@ use ztunnel::{
         CaFiles, CacheOptions, CertificateCache, CertificateProvider, SpiffeId,
     },
     kubernetes::ApiAccess,
+    metrics::Metrics,
     netns::Netns,
     policy_check::{check, fetch_key_sets, Caller, CheckRequest, Verdict},
     proxy::{Mesh, Proxy, ProxyOptions},
@@ -684,17 +681,17 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
             let settings = MeshSettings {
                 root_namespace: args.root_namespace.clone(),
             };
+            let metrics = Arc::new(Metrics::default());
             let (mut config, _watch) = match source {
-                ConfigSource::Dir(dir) => config::watch(dir.clone(), settings)
+                ConfigSource::Dir(dir) => config::watch(dir.clone(), settings, metrics.clone())
                     .with_context(|| format!("loading {}", dir.display()))?,
                 ConfigSource::Kubernetes(access, finder) => {
                     let client = access.client().await?;
                     info!(node = %args.node_name, "waiting for the first complete list of the Kubernetes API");
                     let opts = KubernetesOptions::new(args.node_name.clone(), settings, finder);
-                    config::kubernetes::watch(client, opts).await?
+                    config::kubernetes::watch(client, opts, metrics.clone()).await?
                 }
             };
-            let metrics = Arc::new(Metrics::default());
             let certs = Arc::new(CertificateCache::new(
                 provider,
                 roots,
@@ -719,7 +716,7 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
                 bpf_stats_held: args.bpf_stats,
             });
             let state = Arc::new(AdminState {
-                registry: admin::metrics::registry(&metrics, Sampled(view.clone())),
+                registry: admin::scrape::registry(&metrics, Sampled(view.clone())),
                 ready: ready.clone(),
                 view,
                 set_log_level: Some(set_log_level),

@@ -1,7 +1,7 @@
 //! The operator's endpoints (DESIGN §8): Prometheus metrics on 15020, readiness on 15021, and
 //! the admin API on 127.0.0.1:15000 — configuration dump, certificates (never keys), the
 //! pinned BPF state, and the log level, changeable at run time.
-pub mod metrics;
+pub mod scrape;
 
 use std::{
     convert::Infallible,

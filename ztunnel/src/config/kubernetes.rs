@@ -54,6 +54,7 @@ use super::{
     WatchHandle,
 };
 use crate::{
+    metrics::Metrics,
     model::Origin,
     state::{MeshSettings, Objects, Snapshot},
 };
@@ -189,12 +190,14 @@ enum Update {
 /// Starts watching and returns once every watch has listed, with the first snapshot in the
 /// channel. Must be called inside a tokio runtime. Waits for as long as that takes (an API
 /// server that is down, missing RBAC permissions): the reasons are logged as they happen.
+/// Every rejected object counts in `metrics.config_rejected`.
 pub async fn watch(
     client: Client,
     opts: KubernetesOptions,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle)> {
     let (first_tx, first_rx) = oneshot::channel();
-    let task = tokio::spawn(aggregate(client, opts, first_tx));
+    let task = tokio::spawn(aggregate(client, opts, metrics, first_tx));
     let rx = first_rx
         .await
         .map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before its first snapshot"))?;
@@ -214,12 +217,14 @@ struct Store {
     objects: Vec<BTreeMap<Key, Objects>>,
     /// The reason each currently rejected object was rejected (to log each reason once).
     rejected: Vec<BTreeMap<Key, String>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
-    fn new(specs: Vec<WatchSpec>) -> Self {
+    fn new(specs: Vec<WatchSpec>, metrics: Arc<Metrics>) -> Self {
         let n = specs.len();
         Self {
+            metrics,
             specs,
             synced: vec![false; n],
             objects: (0..n).map(|_| BTreeMap::new()).collect(),
@@ -304,7 +309,9 @@ impl Store {
         true
     }
 
+    /// Logs and counts a rejection (each bad version of an object once).
     fn report(&self, w: usize, key: &Key, reason: &str, kept: bool) {
+        self.metrics.config_rejected.inc();
         let spec = &self.specs[w];
         error!(kind = %spec.resource.kind, namespace = %key.0, name = %key.1, reason = %reason,
         "Kubernetes object rejected; {}",
@@ -418,6 +425,7 @@ impl NetnsCache {
 async fn aggregate(
     client: Client,
     opts: KubernetesOptions,
+    metrics: Arc<Metrics>,
     first: oneshot::Sender<watch::Receiver<Arc<Snapshot>>>,
 ) {
     let specs = watch_specs(&opts.node, &opts.settings.root_namespace);
@@ -433,7 +441,7 @@ async fn aggregate(
         ));
     }
     drop(tx);
-    let mut store = Store::new(specs);
+    let mut store = Store::new(specs, metrics);
     let mut netns = NetnsCache {
         finder: opts.netns.clone(),
         found: HashMap::new(),

@@ -17,8 +17,8 @@ use super::{
     PodContext, Proxy,
 };
 use crate::{
-    admin::metrics::{ConnectionLabels, MtlsModeLabels},
     authz::{Decision, Unknowns},
+    metrics::{ConnectionLabels, MtlsModeLabels},
 };
 
 impl Proxy {

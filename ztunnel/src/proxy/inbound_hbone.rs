@@ -13,9 +13,9 @@ use super::{
     is_proxy_port, reset, PodContext, Proxy, Relayed,
 };
 use crate::{
-    admin::metrics::ConnectionLabels,
     authz::Unknowns,
     hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
+    metrics::ConnectionLabels,
     tls,
 };
 

@@ -9,8 +9,8 @@ use tracing::{info, warn};
 
 use super::{PodContext, Proxy};
 use crate::{
-    admin::metrics::DecisionLabels,
     authz::{self, Decision, Unknowns},
+    metrics::DecisionLabels,
     state::Snapshot,
 };
 

@@ -29,11 +29,11 @@ use tokio::{net::TcpStream, sync::watch};
 use ztunnel_common::PROXY_MARK;
 
 use crate::{
-    admin::metrics::Metrics,
     authz::MtlsDecision,
     capture::OrigDstTable,
     hbone::{Connector, Io, Pool, PoolKey},
     identity::{CertificateCache, SpiffeId},
+    metrics::Metrics,
     netns::Netns,
     state::{EnrolmentPolicy, Snapshot},
     tls,

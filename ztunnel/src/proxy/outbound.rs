@@ -16,10 +16,10 @@ use super::{
     PodContext, Proxy, Relayed,
 };
 use crate::{
-    admin::metrics::ConnectionLabels,
     authz::Unknowns,
     hbone::{self, PoolKey},
     identity::SpiffeId,
+    metrics::ConnectionLabels,
     state::Snapshot,
 };
 
