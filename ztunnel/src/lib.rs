@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod policy_check;
+pub mod ports;
 pub mod proxy;
 pub mod state;
 pub mod tls;

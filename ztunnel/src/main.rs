@@ -30,9 +30,11 @@ use ztunnel::{
     metrics::Metrics,
     netns::Netns,
     policy_check::{check, fetch_key_sets, Caller, CheckRequest, Verdict},
+    ports,
     proxy::{Mesh, Proxy, ProxyOptions},
     state::{EnrolmentPolicy, MeshSettings},
 };
+use ztunnel_common::{maps, pins};
 
 #[derive(Parser)]
 #[command(
@@ -302,7 +304,7 @@ fn bpf_status(dir: &std::path::Path, output: Output) -> Result<()> {
     let enrolled: Vec<&str> = inv
         .links
         .iter()
-        .filter_map(|l| l.pin.strip_prefix("pods/"))
+        .filter_map(|l| capture::inventory::pod_link(&l.pin))
         .collect();
     println!(
         "\nenrolled pods ({}, by their sk_lookup link; namespace_pod)",
@@ -314,14 +316,19 @@ fn bpf_status(dir: &std::path::Path, output: Output) -> Result<()> {
     for e in &inv.errors {
         println!("\ncannot read {e}");
     }
+    let (connect4, sk_lookup) = (pins::CONNECT4, pins::SK_LOOKUP);
     println!(
         "\ndig deeper (run_time_ns and run_cnt show while statistics are on):\n  \
-         bpftool prog show pinned {d}/prog_connect4\n  \
-         bpftool map dump pinned {d}/enrolled_netns\n  \
-         bpftool link show pinned {d}/link_cgroup_connect4\n  \
+         bpftool prog show pinned {d}/{}\n  \
+         bpftool map dump pinned {d}/{}\n  \
+         bpftool link show pinned {d}/{}\n  \
          bpftool cgroup tree\n  \
-         bpftool prog profile pinned {d}/prog_sk_lookup duration 5 cycles instructions \
-         (needs a bpftool built with clang skeletons; Debian 12's is not)"
+         bpftool prog profile pinned {d}/{} duration 5 cycles instructions \
+         (needs a bpftool built with clang skeletons; Debian 12's is not)",
+        connect4.program.pin,
+        maps::ENROLLED_NETNS,
+        connect4.link,
+        sk_lookup.pin,
     );
     Ok(())
 }
@@ -431,14 +438,14 @@ struct RunArgs {
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_validity: Duration,
     /// Prometheus metrics (`/metrics`).
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::METRICS_PORT)))]
     metrics_addr: SocketAddr,
     /// Readiness (`/healthz/ready`).
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::READINESS_PORT)))]
     readiness_addr: SocketAddr,
     /// Admin API (config dump, certificates, BPF state, log level). Keep it on loopback: it
     /// shows the whole configuration and changes the log level.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN_PORT)))]
     admin_addr: SocketAddr,
     /// On SIGTERM, how long open connections may go on (after the listeners close and a new
     /// proxy can take over) before they are reset.

@@ -15,8 +15,8 @@ use anyhow::{Context as _, Result};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{error, info, warn};
 use ztunnel_common::{
-    ListenerKey, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LISTENER_HBONE,
-    LISTENER_INBOUND_PLAINTEXT, OUTBOUND_PORT,
+    ListenerKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT,
+    OUTBOUND_PORT,
 };
 
 use super::Capture;
@@ -196,29 +196,13 @@ impl Enroller {
 
         let mut listeners = Vec::new();
         for ip in &pod.ips {
-            let (addr, family, plain, hbone) = match ip {
-                IpAddr::V4(v4) => (
-                    [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-                    AF_INET,
-                    inbound_v4.as_ref(),
-                    hbone_v4.as_ref(),
-                ),
-                IpAddr::V6(v6) => {
-                    let o = v6.octets();
-                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    let addr = [w(0), w(4), w(8), w(12)];
-                    (addr, AF_INET6, inbound_v6.as_ref(), hbone_v6.as_ref())
-                }
+            let (plain, hbone) = match ip {
+                IpAddr::V4(_) => (inbound_v4.as_ref(), hbone_v4.as_ref()),
+                IpAddr::V6(_) => (inbound_v6.as_ref(), hbone_v6.as_ref()),
             };
             for (kind, sock) in [(LISTENER_INBOUND_PLAINTEXT, plain), (LISTENER_HBONE, hbone)] {
                 if let Some(sock) = sock {
-                    let key = ListenerKey {
-                        addr,
-                        family,
-                        _pad: 0,
-                        kind,
-                    };
-                    listeners.push((key, sock.as_fd()));
+                    listeners.push((ListenerKey::new(*ip, kind), sock.as_fd()));
                 }
             }
         }

@@ -1,13 +1,7 @@
 //! Loading, attaching and pinning the capture programs (DESIGN §3), and per-pod enrolment.
 //!
-//! Layout of the pin directory (default `/sys/fs/bpf/ztunnel`):
-//! ```text
-//! prog_connect4  prog_connect6  prog_sockops  prog_getpeername4  prog_getpeername6  prog_sk_lookup
-//! link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
-//! enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners          maps
-//! pods/<namespace>_<pod>                            that pod's sk_lookup link
-//! ```
-//! Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
+//! The pin directory (default `/sys/fs/bpf/ztunnel`) is laid out as
+//! [`ztunnel_common::pins`] says. Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
 //! their connects redirected to a listener that no longer exists, and their inbound traffic
 //! finds no proxy socket and is dropped: capture fails closed.
 pub mod enrolment;
@@ -32,7 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info, warn};
-use ztunnel_common::{maps, programs, EnrolledNetns, ListenerKey, OrigDst, OrigDstKey};
+use ztunnel_common::{maps, pins, programs, EnrolledNetns, ListenerKey, OrigDst, OrigDstKey};
 
 use crate::netns::Netns;
 
@@ -53,15 +47,6 @@ pub struct CaptureOptions {
     /// process hands over at SIGTERM). `None`: refuse at once.
     pub takeover_wait: Option<std::time::Duration>,
 }
-
-/// The cgroup-attached programs: (program name in the object, pin suffix).
-const CGROUP_PROGRAMS: [(&str, &str); 5] = [
-    (programs::CONNECT4, "connect4"),
-    (programs::CONNECT6, "connect6"),
-    (programs::GETPEERNAME4, "getpeername4"),
-    (programs::GETPEERNAME6, "getpeername6"),
-    (programs::SOCK_OPS, "sockops"),
-];
 
 /// The loaded and attached capture programs of this node proxy.
 pub struct Capture {
@@ -98,7 +83,7 @@ impl Capture {
         {
             bail!("{} is not a cgroup v2 directory", opts.cgroup.display());
         }
-        std::fs::create_dir_all(bpf_dir.join("pods"))
+        std::fs::create_dir_all(bpf_dir.join(pins::PODS_DIR))
             .with_context(|| format!("creating {}", bpf_dir.display()))?;
         let lock = lock_dir(bpf_dir, opts.takeover_wait)?;
 
@@ -120,14 +105,18 @@ impl Capture {
         // cgroup (a CNI's included) as if BPF_F_ALLOW_MULTI were set; `link_create` itself
         // rejects that flag with EINVAL, so no flag is passed.
         const CGROUP_LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
-        for (name, pin) in CGROUP_PROGRAMS {
+        for pins::CgroupProgram {
+            program: pins::Program { name, pin },
+            link: link_pin,
+        } in pins::CGROUP_PROGRAMS
+        {
             let program = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
             let link: FdLink = if name == programs::SOCK_OPS {
                 let p: &mut SockOps = program.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
-                repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
+                repin_program(|path| p.pin(path), &bpf_dir.join(pin))?;
                 let id = p
                     .attach(&cgroup, CGROUP_LINK_MODE)
                     .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
@@ -135,7 +124,7 @@ impl Capture {
             } else {
                 let p: &mut CgroupSockAddr = program.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
-                repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
+                repin_program(|path| p.pin(path), &bpf_dir.join(pin))?;
                 let id = p
                     .attach(&cgroup, CGROUP_LINK_MODE)
                     .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
@@ -144,7 +133,7 @@ impl Capture {
             // The new link is attached before the old one (from a previous run) is unpinned, so
             // there is no instant without capture. Both redirect to the same listener, and the
             // second program skips what the first already redirected (it is loopback by then).
-            let path = bpf_dir.join(format!("link_cgroup_{pin}"));
+            let path = bpf_dir.join(link_pin);
             remove_pin(&path)?;
             cgroup_links.push(
                 link.pin(&path)
@@ -157,7 +146,7 @@ impl Capture {
                 .ok_or_else(|| anyhow!("program {} missing", programs::SK_LOOKUP))?
                 .try_into()?;
             p.load().context("loading the sk_lookup program")?;
-            repin_program(|path| p.pin(path), &bpf_dir.join("prog_sk_lookup"))?;
+            repin_program(|path| p.pin(path), &bpf_dir.join(pins::SK_LOOKUP.pin))?;
         }
 
         let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)?;
@@ -264,7 +253,7 @@ impl Capture {
             debug!(cookie, "removing stale enrolled netns");
             let _ = self.enrolled.remove(&cookie);
         }
-        let Ok(entries) = std::fs::read_dir(self.bpf_dir.join("pods")) else {
+        let Ok(entries) = std::fs::read_dir(self.bpf_dir.join(pins::PODS_DIR)) else {
             return;
         };
         for entry in entries.flatten() {
@@ -279,7 +268,7 @@ impl Capture {
     }
 
     fn pod_pin(&self, id: &str) -> PathBuf {
-        self.bpf_dir.join("pods").join(id)
+        self.bpf_dir.join(pins::PODS_DIR).join(id)
     }
 }
 
@@ -382,4 +371,36 @@ fn repin_program(
 ) -> Result<()> {
     remove_pin(path)?;
     pin(path).with_context(|| format!("pinning {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel side names its maps and programs with literals (`#[map(name = …)]`, function
+    /// names); each must be one `common` declares, or loading fails at run time.
+    #[test]
+    fn the_ebpf_object_defines_every_map_and_program_common_declares() {
+        assert!(
+            !EBPF_OBJECT.is_empty(),
+            "built without the eBPF object (AYA_BUILD_SKIP)"
+        );
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        let mut found: Vec<&str> = object.maps.keys().map(String::as_str).collect();
+        found.sort();
+        for map in maps::ALL {
+            assert!(
+                found.contains(&map),
+                "map {map} missing; the object has {found:?}"
+            );
+        }
+        let mut found: Vec<&str> = object.programs.keys().map(String::as_str).collect();
+        found.sort();
+        for program in programs::ALL {
+            assert!(
+                found.contains(&program),
+                "program {program} missing; the object has {found:?}"
+            );
+        }
+    }
 }

@@ -12,13 +12,13 @@ use tracing::{info, warn};
 
 use super::{
     inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
-    is_proxy_port,
     relay::{relay_until, reset},
     PodContext, Proxy,
 };
 use crate::{
     authz::{Decision, Unknowns},
     metrics::{ConnectionLabels, MtlsModeLabels},
+    ports::is_proxy_port,
 };
 
 impl Proxy {

@@ -10,12 +10,13 @@ use tracing::{info, warn};
 
 use super::{
     inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
-    is_proxy_port, reset, PodContext, Proxy, Relayed,
+    reset, PodContext, Proxy, Relayed,
 };
 use crate::{
     authz::Unknowns,
     hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
     metrics::ConnectionLabels,
+    ports::is_proxy_port,
     tls,
 };
 

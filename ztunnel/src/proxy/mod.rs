@@ -245,17 +245,3 @@ pub(crate) fn new_marked_socket(dst: SocketAddr) -> io::Result<socket2::Socket> 
     socket.set_nodelay(true)?;
     Ok(socket)
 }
-
-/// Ports of the proxy itself; traffic addressed to them is never forwarded (it would loop).
-pub fn is_proxy_port(port: u16) -> bool {
-    use ztunnel_common::*;
-    [
-        OUTBOUND_PORT,
-        INBOUND_PLAINTEXT_PORT,
-        HBONE_PORT,
-        METRICS_PORT,
-        READINESS_PORT,
-        ADMIN_PORT,
-    ]
-    .contains(&port)
-}

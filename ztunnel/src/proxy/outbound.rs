@@ -1,6 +1,6 @@
 //! Outbound: connections an enrolled pod makes, captured by `zt_connect4/6`.
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Instant,
 };
@@ -8,7 +8,7 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
-use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT};
+use ztunnel_common::{OrigDstKey, HBONE_PORT};
 
 use super::{
     inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
@@ -54,13 +54,8 @@ impl Proxy {
 
     async fn outbound(self: Arc<Self>, pod: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
-        let key = OrigDstKey {
-            netns_cookie: pod.netns_cookie,
-            port: peer.port(),
-            family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
-            _pad: 0,
-        };
-        let Some(orig) = self.orig_dst.take(&key).and_then(|d| orig_dst_addr(&d)) else {
+        let key = OrigDstKey::of_peer(pod.netns_cookie, peer);
+        let Some(orig) = self.orig_dst.take(&key).and_then(|d| d.destination()) else {
             // Something connected to the listener without going through capture (e.g. the app
             // dialled 127.0.0.1:15001 itself): there is nowhere legitimate to send it.
             warn!(src_workload = %pod.workload, src_addr = %peer,
@@ -337,52 +332,5 @@ impl Proxy {
             service: None,
             workload,
         })
-    }
-}
-
-fn orig_dst_addr(d: &OrigDst) -> Option<SocketAddr> {
-    let ip = match d.family {
-        AF_INET => IpAddr::V4(Ipv4Addr::from(d.addr[0].to_ne_bytes())),
-        AF_INET6 => {
-            let mut b = [0u8; 16];
-            for (i, w) in d.addr.iter().enumerate() {
-                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(b))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, d.port))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn original_destinations_decode_from_kernel_byte_order() {
-        let v4 = OrigDst {
-            addr: [u32::from_ne_bytes([10, 2, 0, 3]), 0, 0, 0],
-            port: 8080,
-            family: AF_INET,
-            ..Default::default()
-        };
-        assert_eq!(orig_dst_addr(&v4), Some("10.2.0.3:8080".parse().unwrap()));
-        let ip: Ipv6Addr = "fd00::1:2".parse().unwrap();
-        let o = ip.octets();
-        let words =
-            [0, 1, 2, 3].map(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()));
-        let v6 = OrigDst {
-            addr: words,
-            port: 443,
-            family: AF_INET6,
-            ..Default::default()
-        };
-        assert_eq!(orig_dst_addr(&v6), Some("[fd00::1:2]:443".parse().unwrap()));
-        let bad = OrigDst {
-            family: 99,
-            ..Default::default()
-        };
-        assert_eq!(orig_dst_addr(&bad), None);
     }
 }
