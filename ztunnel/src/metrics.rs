@@ -8,34 +8,98 @@
 use std::sync::Arc;
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
+/// Label values this proxy decides: each has a fixed set of values, never text built at run
+/// time (an error message as a label value would make a new series per message).
+macro_rules! label_values {
+    ($($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $value:literal,)* })*) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value,)*
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+                std::fmt::Write::write_str(e, self.as_str())
+            }
+        }
+    )*};
+}
+
+label_values! {
+    /// Which proxy counted a connection.
+    Reporter {
+        /// The caller's proxy.
+        Source => "source",
+        Destination => "destination",
+    }
+    /// How a connection was carried.
+    Carrier {
+        Hbone => "hbone",
+        /// Inbound from outside the mesh.
+        Plaintext => "plaintext",
+        SameNode => "same_node",
+        /// Outbound to something that is not a mesh workload.
+        Passthrough => "passthrough",
+    }
+    /// Whether a connection was mutual TLS.
+    SecurityPolicy {
+        MutualTls => "mutual_tls",
+        None => "none",
+    }
+    /// Which side of a TLS handshake this proxy was.
+    Side {
+        /// The server (a peer connected to us).
+        Inbound => "inbound",
+        Outbound => "outbound",
+    }
+    /// What became of a call or request.
+    Outcome {
+        Allowed => "allowed",
+        Denied => "denied",
+        Refused => "refused",
+    }
+    /// At which layer an authorization decision was made.
+    Layer {
+        /// When the connection arrived (L4).
+        Connection => "connection",
+        /// An HTTP request.
+        Request => "request",
+    }
+}
+
 /// Who a connection was between, as Istio labels it. Unknown values are `unknown`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
-    /// `source` (counted by the caller's proxy) or `destination`.
-    pub reporter: &'static str,
-    /// `hbone`, `plaintext` (inbound from outside the mesh), `same_node`, or `passthrough`
-    /// (outbound to something that is not a mesh workload).
-    pub transport: &'static str,
+    pub reporter: Reporter,
+    pub transport: Carrier,
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
-    /// `mutual_tls` or `none`.
-    pub connection_security_policy: &'static str,
+    pub connection_security_policy: SecurityPolicy,
 }
 
 impl ConnectionLabels {
     /// `src` and `dst` are `(namespace/name, principal)`, each part unknown if `None`.
     pub fn new(
-        reporter: &'static str,
-        transport: &'static str,
+        reporter: Reporter,
+        transport: Carrier,
         src: (Option<&str>, Option<String>),
         dst: (Option<&str>, Option<String>),
         mutual_tls: bool,
@@ -55,7 +119,11 @@ impl ConnectionLabels {
             destination_workload: dw,
             destination_workload_namespace: dns,
             destination_principal: dst.1.unwrap_or_else(unknown),
-            connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" },
+            connection_security_policy: if mutual_tls {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::None
+            },
         }
     }
 }
@@ -91,24 +159,26 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// A reason: one of a fixed set, named by the type that decides it (`HboneRefusal`,
+/// `JwtFailure`, ...), as its `as_str`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
-    /// `inbound` (we are the server) or `outbound`.
-    pub direction: &'static str,
-    /// `ok`, or why it failed.
-    pub outcome: String,
+    pub direction: Side,
+    /// `ok`, or why it failed (`tls::classify`).
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MtlsModeLabels {
-    pub mode: String,
+    /// The PeerAuthentication mode (`STRICT`, `PERMISSIVE`, `DISABLE`).
+    pub mode: &'static str,
     /// `allowed` or `refused`.
-    pub outcome: &'static str,
+    pub outcome: Outcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,11 +186,10 @@ pub struct DecisionLabels {
     /// `namespace/name` of the deciding policy, or `none`.
     pub policy: String,
     /// `ALLOW`, `DENY`, `CUSTOM`, or `none` when no policy applied.
-    pub action: String,
+    pub action: &'static str,
     /// `allowed` or `denied`.
-    pub decision: &'static str,
-    /// `connection` (decided at L4) or `request` (an HTTP request).
-    pub layer: &'static str,
+    pub decision: Outcome,
+    pub layer: Layer,
 }
 
 /// A counter by reason.
@@ -128,12 +197,8 @@ pub struct DecisionLabels {
 pub struct ByReason(Family<ReasonLabels, Counter>);
 
 impl ByReason {
-    pub fn add(&self, reason: &str) {
-        self.0
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+    pub fn add(&self, reason: &'static str) {
+        self.0.get_or_create(&ReasonLabels { reason }).inc();
     }
 }
 
@@ -256,12 +321,9 @@ impl Metrics {
         }
     }
 
-    pub fn handshake(&self, direction: &'static str, outcome: &str) {
+    pub fn handshake(&self, direction: Side, outcome: &'static str) {
         self.tls_handshakes
-            .get_or_create(&HandshakeLabels {
-                direction,
-                outcome: outcome.to_owned(),
-            })
+            .get_or_create(&HandshakeLabels { direction, outcome })
             .inc();
     }
 }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     authz::{Decision, Unknowns},
-    metrics::{ConnectionLabels, MtlsModeLabels},
+    metrics::{Carrier, ConnectionLabels, MtlsModeLabels, Outcome, Reporter},
     ports::is_proxy_port,
 };
 
@@ -89,18 +89,18 @@ impl Proxy {
             self.metrics
                 .plaintext_connections
                 .get_or_create(&MtlsModeLabels {
-                    mode: mtls_decision.mode.to_string(),
+                    mode: mtls_decision.mode.as_str(),
                     outcome,
                 })
                 .inc()
         };
         let decision = match self.admit(&snapshot, &pod, &call, Unknowns::Defer) {
             Admission::MtlsRequired(d) => {
-                by_mode("refused");
+                by_mode(Outcome::Refused);
                 return refuse(stream, "refused", None, &d.reason);
             }
             Admission::Denied(d) | Admission::Custom(CustomCheck { denied: d, .. }) => {
-                by_mode("allowed");
+                by_mode(Outcome::Allowed);
                 self.record(&pod, &call, &d);
                 return refuse(stream, "denied", Some(&d), &d.reason);
             }
@@ -111,7 +111,7 @@ impl Proxy {
             // Decided request by request, once the bytes are read.
             Admission::PerRequest => None,
         };
-        by_mode("allowed");
+        by_mode(Outcome::Allowed);
         let upstream = match self.connect_from(&pod, dst).await {
             Ok(s) => s,
             Err(e) => {
@@ -123,8 +123,8 @@ impl Proxy {
         // resets it; other changes leave it alone.
         let per_request = decision.is_none();
         let mut counted = self.metrics.open(ConnectionLabels::new(
-            "destination",
-            "plaintext",
+            Reporter::Destination,
+            Carrier::Plaintext,
             (src_workload.as_deref(), None),
             (Some(&pod.workload), Some(pod.identity.to_string())),
             false,

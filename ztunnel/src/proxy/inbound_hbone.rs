@@ -15,7 +15,7 @@ use super::{
 use crate::{
     authz::Unknowns,
     hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
-    metrics::ConnectionLabels,
+    metrics::{Carrier, ConnectionLabels, Reporter, Side},
     ports::is_proxy_port,
     tls,
 };
@@ -45,8 +45,8 @@ impl Proxy {
         tcp: TcpStream,
         peer: SocketAddr,
     ) {
-        let refuse_connection = |tcp: TcpStream, reason: &str, error: String| {
-            self.metrics.handshake("inbound", reason);
+        let refuse_connection = |tcp: TcpStream, reason: &'static str, error: String| {
+            self.metrics.handshake(Side::Inbound, reason);
             warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
                 reason, error = %error, "HBONE connection refused");
             reset(tcp);
@@ -65,13 +65,13 @@ impl Proxy {
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                     .map(tls::classify)
                     .unwrap_or("handshake_failed");
-                self.metrics.handshake("inbound", reason);
+                self.metrics.handshake(Side::Inbound, reason);
                 warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
                     reason, error = %e, "HBONE connection refused");
                 return;
             }
             Err(_) => {
-                self.metrics.handshake("inbound", "handshake_timeout");
+                self.metrics.handshake(Side::Inbound, "handshake_timeout");
                 warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
                     reason = "handshake_timeout", "HBONE connection refused");
                 return;
@@ -80,13 +80,13 @@ impl Proxy {
         let src_identity = match tls::peer_identity(tls.get_ref().1) {
             Ok(id) => id,
             Err(e) => {
-                self.metrics.handshake("inbound", "bad_san");
+                self.metrics.handshake(Side::Inbound, "bad_san");
                 warn!(dst_workload = %pod.workload, src_addr = %peer, error = %e,
                     "HBONE peer without a usable identity");
                 return;
             }
         };
-        self.metrics.handshake("inbound", "ok");
+        self.metrics.handshake(Side::Inbound, "ok");
         let proxy = self.clone();
         let (hpod, src, src_id) = (pod.clone(), src_identity.to_string(), src_identity.clone());
         let handler: Handler = Arc::new(move |req, tunnel| {
@@ -94,20 +94,29 @@ impl Proxy {
                 (proxy.clone(), hpod.clone(), src.clone(), src_id.clone());
             Box::pin(async move {
                 let start = Instant::now();
-                let refuse = |tunnel: hbone::Tunnel, status: StatusCode, reason: &str| {
-                    proxy.metrics.hbone_refused.add(reason);
+                let refuse = |tunnel: hbone::Tunnel,
+                              status: StatusCode,
+                              label: &'static str,
+                              reason: &str| {
+                    proxy.metrics.hbone_refused.add(label);
                     info!(direction = "inbound", hbone = true, src_identity = %src, src_addr = %peer,
                         dst_addr = %req.target, dst_workload = %pod.workload, outcome = "refused",
                         status = status.as_u16(), error = reason, "connection closed");
                     tunnel.refuse(status);
                 };
                 if !pod.ips.contains(&req.target.ip()) {
-                    return refuse(tunnel, StatusCode::FORBIDDEN, "target is not this pod");
+                    return refuse(
+                        tunnel,
+                        StatusCode::FORBIDDEN,
+                        "not_this_pod",
+                        "target is not this pod",
+                    );
                 }
                 if is_proxy_port(req.target.port()) {
                     return refuse(
                         tunnel,
                         StatusCode::FORBIDDEN,
+                        "reserved_port",
                         "target port is reserved for the proxy",
                     );
                 }
@@ -152,7 +161,12 @@ impl Proxy {
                     Ok(s) => s,
                     Err(e) => {
                         let reason = format!("delivery to the application failed: {e}");
-                        return refuse(tunnel, StatusCode::SERVICE_UNAVAILABLE, &reason);
+                        return refuse(
+                            tunnel,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "connect_failed",
+                            &reason,
+                        );
                     }
                 };
                 let Ok((send, recv)) = tunnel.accept() else {
@@ -160,8 +174,8 @@ impl Proxy {
                 };
                 let per_request = decision.is_none();
                 let mut counted = proxy.metrics.open(ConnectionLabels::new(
-                    "destination",
-                    "hbone",
+                    Reporter::Destination,
+                    Carrier::Hbone,
                     (src_workload.as_deref(), Some(src.clone())),
                     (Some(&pod.workload), Some(pod.identity.to_string())),
                     true,

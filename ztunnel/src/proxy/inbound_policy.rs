@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::{PodContext, Proxy};
 use crate::{
     authz::{self, Decision, Unknowns},
-    metrics::DecisionLabels,
+    metrics::{DecisionLabels, Layer, Outcome},
     state::Snapshot,
 };
 
@@ -43,21 +43,21 @@ impl Proxy {
     pub(super) fn record(&self, pod: &PodContext, call: &InboundCall, decision: &Decision) {
         let action = decision.action.map(|a| a.as_str()).unwrap_or("none");
         let outcome = if decision.allowed {
-            "allowed"
+            Outcome::Allowed
         } else {
-            "denied"
+            Outcome::Denied
         };
         let a = &call.attributes;
         self.metrics
             .authz_decisions
             .get_or_create(&DecisionLabels {
                 policy: decision.policy.clone().unwrap_or_else(|| "none".into()),
-                action: action.to_owned(),
+                action,
                 decision: outcome,
                 layer: if a.http.is_some() {
-                    "request"
+                    Layer::Request
                 } else {
-                    "connection"
+                    Layer::Connection
                 },
             })
             .inc();

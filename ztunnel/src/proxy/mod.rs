@@ -33,7 +33,7 @@ use crate::{
     capture::OrigDstTable,
     hbone::{Connector, Io, Pool, PoolKey},
     identity::{CertificateCache, SpiffeId},
-    metrics::Metrics,
+    metrics::{Metrics, Side},
     netns::Netns,
     state::{EnrolmentPolicy, Snapshot},
     tls,
@@ -105,9 +105,9 @@ impl Mesh {
                             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                             .map(tls::classify)
                             .unwrap_or("handshake_failed");
-                        metrics.handshake("outbound", reason);
+                        metrics.handshake(Side::Outbound, reason);
                     })?;
-                metrics.handshake("outbound", "ok");
+                metrics.handshake(Side::Outbound, "ok");
                 Ok(Box::new(tls) as Box<dyn Io>)
             })
         });

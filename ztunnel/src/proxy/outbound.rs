@@ -19,7 +19,7 @@ use crate::{
     authz::Unknowns,
     hbone::{self, PoolKey},
     identity::SpiffeId,
-    metrics::ConnectionLabels,
+    metrics::{Carrier, ConnectionLabels, Reporter},
     state::Snapshot,
 };
 
@@ -94,8 +94,8 @@ impl Proxy {
         };
         let src_addr = upstream.local_addr().ok();
         let mut counted = self.metrics.open(ConnectionLabels::new(
-            "source",
-            "passthrough",
+            Reporter::Source,
+            Carrier::Passthrough,
             (Some(&pod.workload), Some(pod.identity.to_string())),
             (route.workload.as_deref(), None),
             false,
@@ -172,8 +172,8 @@ impl Proxy {
         };
         let connection = tunnel.connection_id;
         let mut counted = self.metrics.open(ConnectionLabels::new(
-            "source",
-            "hbone",
+            Reporter::Source,
+            Carrier::Hbone,
             (Some(&pod.workload), Some(key.src.to_string())),
             (route.workload.as_deref(), Some(key.dst.to_string())),
             true,
@@ -245,10 +245,10 @@ impl Proxy {
             Ok(upstream) => {
                 // Both sides are this proxy's: counted once as each reporter. No TLS is
                 // involved (the bytes never leave the host), so not `mutual_tls`.
-                let counted = ["source", "destination"].map(|reporter| {
+                let counted = [Reporter::Source, Reporter::Destination].map(|reporter| {
                     self.metrics.open(ConnectionLabels::new(
                         reporter,
-                        "same_node",
+                        Carrier::SameNode,
                         (Some(&src.workload), Some(src.identity.to_string())),
                         (Some(&dst.workload), Some(dst.identity.to_string())),
                         false,
