@@ -12,5 +12,6 @@ pub mod netns;
 pub mod policy_check;
 pub mod ports;
 pub mod proxy;
+pub mod relay;
 pub mod state;
 pub mod tls;

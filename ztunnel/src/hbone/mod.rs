@@ -7,3 +7,4 @@ pub mod stream;
 
 pub use pool::{Connector, HboneError, Io, Pool, PoolKey, PoolStats, Stream};
 pub use server::{ConnectRequest, Handler, Tunnel};
+pub use stream::StreamIo;

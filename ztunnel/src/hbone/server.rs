@@ -6,12 +6,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{server::SendResponse, RecvStream, SendStream};
+use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-use super::stream::{h2_io, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::stream::{h2_io, StreamIo, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::BoxFuture;
 
 /// Streams one peer may have open at once on one connection.
@@ -34,13 +34,13 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Answers 200 and returns both directions of the stream.
-    pub fn accept(mut self) -> std::io::Result<(SendStream<Bytes>, RecvStream)> {
+    /// Answers 200 and returns the stream.
+    pub fn accept(mut self) -> std::io::Result<StreamIo> {
         let send = self
             .respond
             .send_response(Response::new(()), false)
             .map_err(h2_io)?;
-        Ok((send, self.recv))
+        Ok(StreamIo::new(send, self.recv))
     }
 
     /// Answers `status` and ends the stream.

@@ -12,13 +12,13 @@ use tracing::{info, warn};
 
 use super::{
     inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
-    relay::{relay_until, reset},
     PodContext, Proxy,
 };
 use crate::{
     authz::{Decision, Unknowns},
     metrics::{Carrier, ConnectionLabels, MtlsModeLabels, Outcome, Reporter},
     ports::is_proxy_port,
+    relay::{relay_until, reset},
 };
 
 impl Proxy {

@@ -10,13 +10,14 @@ use tracing::{info, warn};
 
 use super::{
     inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
-    reset, PodContext, Proxy, Relayed,
+    PodContext, Proxy,
 };
 use crate::{
     authz::Unknowns,
     hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
     metrics::{Carrier, ConnectionLabels, Reporter, Side},
     ports::is_proxy_port,
+    relay::{relay_until, reset},
     tls,
 };
 
@@ -169,7 +170,7 @@ impl Proxy {
                         );
                     }
                 };
-                let Ok((send, recv)) = tunnel.accept() else {
+                let Ok(downstream) = tunnel.accept() else {
                     return reset(upstream);
                 };
                 let per_request = decision.is_none();
@@ -186,18 +187,11 @@ impl Proxy {
                 // Logged from the client's view, like the plaintext path (sent = client →
                 // application).
                 let r = if per_request {
-                    let downstream = hbone::stream::StreamIo::new(send, recv);
                     proxy
                         .serve_per_request(pod.clone(), call, downstream, upstream, revoke)
                         .await
                 } else {
-                    // Counted from the application's socket: turned around.
-                    let r = hbone::stream::relay_until(upstream, send, recv, revoke).await;
-                    Relayed {
-                        sent: r.received,
-                        received: r.sent,
-                        ..r
-                    }
+                    relay_until(downstream, upstream, revoke).await
                 };
                 counted.bytes(r.sent, r.received);
                 let decision = decision.as_ref();

@@ -25,16 +25,19 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
 };
 use tracing::{info, warn};
 
 use super::{
     inbound_policy::{Admission, CustomCheck, InboundCall},
-    PodContext, Proxy, Relayed,
+    PodContext, Proxy,
 };
-use crate::authz::{HttpRequest, Unknowns};
+use crate::{
+    authz::{HttpRequest, Unknowns},
+    relay::{relay_until, Duplex, Relayed},
+};
 
 /// How long to wait for a client's first bytes before treating the connection as opaque.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
@@ -475,7 +478,7 @@ impl Proxy {
         revoke: impl Future<Output = String>,
     ) -> Relayed
     where
-        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        D: Duplex + AsyncRead + AsyncWrite + Unpin,
     {
         let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let done = |error: Option<io::Error>, revoked: Option<String>| Relayed {
@@ -488,23 +491,19 @@ impl Proxy {
             Ok(x) => x,
             Err(e) => return done(Some(e), None),
         };
-        let mut downstream = Replay {
-            prefix: Bytes::from(prefix),
-            inner: downstream,
-            read: read.clone(),
-            written: written.clone(),
-        };
         if protocol == Protocol::Opaque {
             let snapshot = self.snapshot();
             let mut upstream = upstream;
             return match self.admit(&snapshot, &pod, &call, Unknowns::Conservative) {
                 Admission::Allowed(d) => {
                     self.record(&pod, &call, &d);
-                    let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
-                    tokio::select! {
-                        r = copy => done(r.err(), None),
-                        reason = revoke => done(None, Some(reason)),
+                    // What was read to sniff goes first, then the engine carries the rest.
+                    if let Err(e) = upstream.write_all(&prefix).await {
+                        return done(Some(e), None);
                     }
+                    let mut r = relay_until(downstream, upstream, revoke).await;
+                    r.sent += prefix.len() as u64;
+                    r
                 }
                 Admission::Denied(d)
                 | Admission::MtlsRequired(d)
@@ -519,6 +518,12 @@ impl Proxy {
                 Admission::PerRequest => unreachable!("conservative decisions are final"),
             };
         }
+        let downstream = Replay {
+            prefix: Bytes::from(prefix),
+            inner: downstream,
+            read: read.clone(),
+            written: written.clone(),
+        };
 
         let io = TokioIo::new(upstream);
         let sender = if protocol == Protocol::Http2 {

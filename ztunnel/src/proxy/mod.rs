@@ -12,9 +12,6 @@ mod inbound_hbone;
 mod inbound_http;
 mod inbound_policy;
 pub mod outbound;
-mod relay;
-
-pub use relay::{reset, Relayed};
 
 use std::{
     collections::HashMap,

@@ -12,14 +12,14 @@ use ztunnel_common::{OrigDstKey, HBONE_PORT};
 
 use super::{
     inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
-    relay::{relay, relay_until, reset},
-    PodContext, Proxy, Relayed,
+    PodContext, Proxy,
 };
 use crate::{
     authz::Unknowns,
-    hbone::{self, PoolKey},
+    hbone::PoolKey,
     identity::SpiffeId,
     metrics::{Carrier, ConnectionLabels, Reporter},
+    relay::{relay, relay_until, reset, Relayed},
     state::Snapshot,
 };
 
@@ -178,7 +178,8 @@ impl Proxy {
             (route.workload.as_deref(), Some(key.dst.to_string())),
             true,
         ));
-        let r = hbone::stream::relay(stream, tunnel.send, tunnel.recv).await;
+        // The stream's connection counts as busy until `tunnel` drops, after the relay.
+        let r = relay(stream, tunnel.io).await;
         counted.bytes(r.sent, r.received);
         info!(direction = "outbound", hbone = true, hbone_connection = connection,
             src_workload = %pod.workload, src_identity = %key.src, dst_addr = %orig,
