@@ -13,5 +13,6 @@ pub mod policy_check;
 pub mod ports;
 pub mod proxy;
 pub mod relay;
+pub mod socket;
 pub mod state;
 pub mod tls;

@@ -65,6 +65,14 @@ pub fn classify(err: &rustls::Error) -> &'static str {
     }
 }
 
+/// [`classify`] for the I/O error a failed handshake returns.
+pub fn classify_io(e: &std::io::Error) -> &'static str {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map(classify)
+        .unwrap_or("handshake_failed")
+}
+
 /// The SPIFFE id of the verified peer of an established connection (server side: the client's
 /// workload identity, for policy and logs).
 pub fn peer_identity(conn: &CommonState) -> Result<SpiffeId, TlsError> {

@@ -14,11 +14,10 @@ use super::{
 };
 use crate::{
     authz::Unknowns,
-    hbone::{self, server::Handler, stream::HANDSHAKE_TIMEOUT},
+    hbone::{self, server::Handler},
     metrics::{Carrier, ConnectionLabels, Reporter, Side},
     ports::is_proxy_port,
     relay::{relay_until, reset},
-    tls,
 };
 
 impl Proxy {
@@ -46,48 +45,18 @@ impl Proxy {
         tcp: TcpStream,
         peer: SocketAddr,
     ) {
-        let refuse_connection = |tcp: TcpStream, reason: &'static str, error: String| {
-            self.metrics.handshake(Side::Inbound, reason);
-            warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
-                reason, error = %error, "HBONE connection refused");
-            reset(tcp);
-        };
-        let cert = match self.mesh.certs.get(&pod.identity).await {
-            Ok(c) => c,
-            Err(e) => return refuse_connection(tcp, "no_certificate", e.to_string()),
-        };
-        let config = tls::server_config(&cert, &self.mesh.roots);
-        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                let reason = e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .map(tls::classify)
-                    .unwrap_or("handshake_failed");
-                self.metrics.handshake(Side::Inbound, reason);
-                warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
-                    reason, error = %e, "HBONE connection refused");
-                return;
-            }
-            Err(_) => {
-                self.metrics.handshake(Side::Inbound, "handshake_timeout");
-                warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
-                    reason = "handshake_timeout", "HBONE connection refused");
-                return;
-            }
-        };
-        let src_identity = match tls::peer_identity(tls.get_ref().1) {
-            Ok(id) => id,
+        let mesh = &self.mesh;
+        let tls = match hbone::server::accept(tcp, &mesh.certs, &pod.identity, &mesh.roots).await {
+            Ok(tls) => tls,
             Err(e) => {
-                self.metrics.handshake(Side::Inbound, "bad_san");
-                warn!(dst_workload = %pod.workload, src_addr = %peer, error = %e,
-                    "HBONE peer without a usable identity");
+                self.metrics.handshake(Side::Inbound, e.reason());
+                warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                    reason = e.reason(), error = %e, "HBONE connection refused");
                 return;
             }
         };
         self.metrics.handshake(Side::Inbound, "ok");
+        let src_identity = tls.peer;
         let proxy = self.clone();
         let (hpod, src, src_id) = (pod.clone(), src_identity.to_string(), src_identity.clone());
         let handler: Handler = Arc::new(move |req, tunnel| {
@@ -213,7 +182,7 @@ impl Proxy {
             info!(direction = "inbound", hbone = true, src_addr = %peer, dst_workload = %dst,
                 outcome = "refused", status = status.as_u16(), error = reason, "connection closed");
         };
-        if let Err(e) = hbone::server::serve(tls, handler, refused).await {
+        if let Err(e) = hbone::server::serve(tls.stream, handler, refused).await {
             warn!(dst_workload = %pod.workload, src_addr = %peer, error = %e, "HBONE connection failed");
         }
     }

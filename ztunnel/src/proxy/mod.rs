@@ -21,19 +21,18 @@ use std::{
     time::Duration,
 };
 
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use tokio::{net::TcpStream, sync::watch};
 use ztunnel_common::PROXY_MARK;
 
 use crate::{
     authz::MtlsDecision,
     capture::OrigDstTable,
-    hbone::{Connector, Io, Pool, PoolKey},
+    hbone::{self, Pool},
     identity::{CertificateCache, SpiffeId},
-    metrics::{Metrics, Side},
+    metrics::Metrics,
     netns::Netns,
     state::{EnrolmentPolicy, Snapshot},
-    tls,
 };
 
 /// How long an upstream connect may take before the client connection is closed.
@@ -79,35 +78,7 @@ impl Mesh {
     /// the streams of every pod of an identity on this node.
     pub fn new(trust_domain: String, certs: Arc<CertificateCache>, metrics: Arc<Metrics>) -> Self {
         let roots = certs.roots().to_vec();
-        let (c, r) = (certs.clone(), roots.clone());
-        let connector: Connector = Arc::new(move |key: PoolKey| {
-            let (certs, roots, metrics) = (c.clone(), r.clone(), metrics.clone());
-            Box::pin(async move {
-                let cert = certs.get(&key.src).await.map_err(|e| {
-                    io::Error::other(format!("no certificate for {}: {e}", key.src))
-                })?;
-                let config = tls::client_config(&cert, &roots, vec![key.dst.clone()]);
-                let socket = new_marked_socket(key.addr)?;
-                let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
-                    .connect(key.addr)
-                    .await?;
-                // Identity is checked on the SPIFFE URI, not on a server name.
-                let name = ServerName::IpAddress(key.addr.ip().into());
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .inspect_err(|e| {
-                        let reason = e
-                            .get_ref()
-                            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                            .map(tls::classify)
-                            .unwrap_or("handshake_failed");
-                        metrics.handshake(Side::Outbound, reason);
-                    })?;
-                metrics.handshake(Side::Outbound, "ok");
-                Ok(Box::new(tls) as Box<dyn Io>)
-            })
-        });
+        let connector = hbone::client::connector(certs.clone(), roots.clone(), metrics);
         Self {
             trust_domain,
             certs,
