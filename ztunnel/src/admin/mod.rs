@@ -158,7 +158,7 @@ fn route(endpoint: Endpoint, state: &AdminState, req: Request<Incoming>) -> Resp
         ),
         (Endpoint::Admin, &Method::GET, "/config_dump") => json_response(&config_dump(state)),
         (Endpoint::Admin, &Method::GET, "/certs") => {
-            json_response(&certs(&state.view.proxy.mesh.certs))
+            json_response(&certs(&state.view.proxy.mesh().certs))
         }
         (Endpoint::Admin, &Method::GET, "/bpf") => {
             let mut inventory = crate::capture::inventory::inventory(&state.view.bpf_dir);
@@ -319,6 +319,6 @@ fn config_dump(state: &AdminState) -> Value {
         "authorization_policies": authorization,
         "request_authentications": request,
         "problems": s.problems,
-        "certificates": certs(&proxy.mesh.certs)["certificates"],
+        "certificates": certs(&proxy.mesh().certs)["certificates"],
     })
 }

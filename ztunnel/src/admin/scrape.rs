@@ -42,7 +42,7 @@ impl Collector for Sampled {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let view = &self.0;
         let proxy = &view.proxy;
-        let pool = proxy.mesh.pool.stats();
+        let pool = proxy.mesh().pool.stats();
         gauge(
             &mut e,
             "ztunnel_hbone_pool_connections",
@@ -68,7 +68,7 @@ impl Collector for Sampled {
             pool.streams_opened,
         )?;
 
-        let certs = proxy.mesh.certs.current();
+        let certs = proxy.mesh().certs.current();
         let expiry = ConstGauge::new(0i64);
         let mut m = e.encode_descriptor(
             "ztunnel_certificate_expiry_timestamp_seconds",
@@ -90,13 +90,13 @@ impl Collector for Sampled {
             &mut e,
             "ztunnel_certificates_issued",
             "Certificates obtained from the CA (first issues and rotations)",
-            proxy.mesh.certs.issued(),
+            proxy.mesh().certs.issued(),
         )?;
         counter(
             &mut e,
             "ztunnel_certificate_rotation_failures",
             "Failed background certificate renewals",
-            proxy.mesh.certs.rotation_failures(),
+            proxy.mesh().certs.rotation_failures(),
         )?;
 
         let snapshot = proxy.snapshot();

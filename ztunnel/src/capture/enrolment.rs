@@ -24,12 +24,10 @@ use crate::{
     identity::SpiffeId,
     model::Pod,
     netns::{socket_netns_cookie, Netns},
-    proxy::{PodContext, Proxy},
+    proxy::{Listener, PodContext, Proxy},
+    socket::listen,
     state::{Enrolment, EnrolmentPolicy, Snapshot},
 };
-
-/// Listen backlog of the per-pod listeners.
-const BACKLOG: i32 = 1024;
 
 /// What identifies one enrolment of a pod: if any of it changes, the pod is enrolled anew.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,24 +216,23 @@ impl Enroller {
             netns,
             netns_cookie: cookie,
         });
+        let sockets = (outbound.into_iter().map(|l| (Listener::Outbound, l)))
+            .chain(
+                [inbound_v4, inbound_v6]
+                    .into_iter()
+                    .flatten()
+                    .map(|l| (Listener::InboundPlaintext, l)),
+            )
+            .chain(
+                [hbone_v4, hbone_v6]
+                    .into_iter()
+                    .flatten()
+                    .map(|l| (Listener::Hbone, l)),
+            );
         let mut tasks = Vec::new();
-        for l in outbound {
+        for (kind, l) in sockets {
             let l = TcpListener::from_std(l.into()).context("registering a listener")?;
-            tasks.push(tokio::spawn(
-                self.proxy.clone().serve_outbound(ctx.clone(), l),
-            ));
-        }
-        for l in [inbound_v4, inbound_v6].into_iter().flatten() {
-            let l = TcpListener::from_std(l.into()).context("registering a listener")?;
-            tasks.push(tokio::spawn(
-                self.proxy.clone().serve_inbound_plaintext(ctx.clone(), l),
-            ));
-        }
-        for l in [hbone_v4, hbone_v6].into_iter().flatten() {
-            let l = TcpListener::from_std(l.into()).context("registering a listener")?;
-            tasks.push(tokio::spawn(
-                self.proxy.clone().serve_inbound_hbone(ctx.clone(), l),
-            ));
+            tasks.push(tokio::spawn(self.proxy.clone().serve(ctx.clone(), kind, l)));
         }
         self.proxy.add_local_pod(ctx.clone());
         info!(pod = %ctx.workload, netns = %key.netns_path.display(), netns_cookie = cookie,
@@ -282,22 +279,6 @@ impl Enroller {
         }
         info!(pod = %pod.workload, "pod un-enrolled");
     }
-}
-
-fn listen(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(BACKLOG)?;
-    Ok(s)
 }
 
 /// Name of a pod's pin under `pods/`: `<namespace>_<pod>`. bpffs refuses names with dots

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{PodContext, Proxy};
+use super::{inbound::Inbound, PodContext};
 use crate::{
     authz::{self, Decision, Unknowns},
     metrics::{DecisionLabels, Layer, Outcome},
@@ -16,7 +16,7 @@ use crate::{
 
 pub use crate::authz::{Admission, CustomCheck, InboundCall, Transport};
 
-impl Proxy {
+impl Inbound {
     /// Decides `call` to `pod` against `snapshot` ([`authz::admit`], which `ztunnel policy
     /// check` runs too).
     pub(super) fn admit(
@@ -40,7 +40,12 @@ impl Proxy {
     }
 
     /// Counts and logs a decision: every denial and every AUDIT match.
-    pub(super) fn record(&self, pod: &PodContext, call: &InboundCall, decision: &Decision) {
+    pub(super) fn record_decision(
+        &self,
+        pod: &PodContext,
+        call: &InboundCall,
+        decision: &Decision,
+    ) {
         let action = decision.action.map(|a| a.as_str()).unwrap_or("none");
         let outcome = if decision.allowed {
             Outcome::Allowed
@@ -48,7 +53,8 @@ impl Proxy {
             Outcome::Denied
         };
         let a = &call.attributes;
-        self.metrics
+        self.shared
+            .metrics
             .authz_decisions
             .get_or_create(&DecisionLabels {
                 policy: decision.policy.clone().unwrap_or_else(|| "none".into()),
@@ -121,8 +127,8 @@ impl Proxy {
             | Admission::Custom(CustomCheck { denied: d, .. }) =
                 self.admit(&snapshot, &pod, &call, unknowns)
             {
-                self.record(&pod, &call, &d);
-                self.metrics.connections_revoked.inc();
+                self.record_decision(&pod, &call, &d);
+                self.shared.metrics.connections_revoked.inc();
                 return format!("no longer allowed: {}", d.reason);
             }
         }

@@ -31,8 +31,9 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
+    inbound::Inbound,
     inbound_policy::{Admission, CustomCheck, InboundCall},
-    PodContext, Proxy,
+    PodContext,
 };
 use crate::{
     authz::{HttpRequest, Unknowns},
@@ -263,7 +264,7 @@ enum ProviderAnswer {
 /// The largest body taken from an ext-authz denial.
 const MAX_PROVIDER_BODY: usize = 64 * 1024;
 
-impl Proxy {
+impl Inbound {
     /// Asks the CUSTOM policy's provider about `req` (Envoy's HTTP ext_authz). `Ok` carries the
     /// headers to add to the request and to the response when it allows; `Err` the response to
     /// send instead, and why.
@@ -275,7 +276,7 @@ impl Proxy {
     ) -> ProviderAnswer {
         use crate::authz::ext_authz::{provider_host, ProviderHost};
         let Some(p) = snapshot.mesh_config.http_providers.get(&check.provider) else {
-            self.metrics.ext_authz_checks.add("unknown_provider");
+            self.shared.metrics.ext_authz_checks.add("unknown_provider");
             let reason = format!(
                 "extension provider {:?} is not an envoyExtAuthzHttp provider of the mesh configuration",
                 check.provider
@@ -285,14 +286,14 @@ impl Proxy {
         };
         let on_error = |reason: String| {
             if p.fail_open {
-                self.metrics.ext_authz_checks.add("error_fail_open");
+                self.shared.metrics.ext_authz_checks.add("error_fail_open");
                 info!(provider = %p.name, reason = %reason, "ext_authz check failed; failOpen allows");
                 ProviderAnswer::Allow {
                     to_app: Vec::new(),
                     to_client: Vec::new(),
                 }
             } else {
-                self.metrics.ext_authz_checks.add("error");
+                self.shared.metrics.ext_authz_checks.add("error");
                 let status =
                     StatusCode::from_u16(p.status_on_error).unwrap_or(StatusCode::FORBIDDEN);
                 let response = text_response(status, "ext_authz check failed");
@@ -343,7 +344,7 @@ impl Proxy {
             Err(e) => return on_error(format!("building the check request: {e}")),
         };
         let exchange = async {
-            let socket = super::new_marked_socket(addr)?;
+            let socket = crate::socket::marked(addr)?;
             let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
                 .connect(addr)
                 .await?;
@@ -371,13 +372,13 @@ impl Proxy {
             }
         };
         if parts.status.is_success() {
-            self.metrics.ext_authz_checks.add("allowed");
+            self.shared.metrics.ext_authz_checks.add("allowed");
             return ProviderAnswer::Allow {
                 to_app: pick(&parts.headers, &p.headers_to_upstream_on_allow),
                 to_client: pick(&parts.headers, &p.headers_to_downstream_on_allow),
             };
         }
-        self.metrics.ext_authz_checks.add("denied");
+        self.shared.metrics.ext_authz_checks.add("denied");
         let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
         *response.status_mut() = parts.status;
         set_headers(
@@ -492,11 +493,11 @@ impl Proxy {
             Err(e) => return done(Some(e), None),
         };
         if protocol == Protocol::Opaque {
-            let snapshot = self.snapshot();
+            let snapshot = self.shared.snapshot();
             let mut upstream = upstream;
             return match self.admit(&snapshot, &pod, &call, Unknowns::Conservative) {
                 Admission::Allowed(d) => {
-                    self.record(&pod, &call, &d);
+                    self.record_decision(&pod, &call, &d);
                     // What was read to sniff goes first, then the engine carries the rest.
                     if let Err(e) = upstream.write_all(&prefix).await {
                         return done(Some(e), None);
@@ -508,7 +509,7 @@ impl Proxy {
                 Admission::Denied(d)
                 | Admission::MtlsRequired(d)
                 | Admission::Custom(CustomCheck { denied: d, .. }) => {
-                    self.record(&pod, &call, &d);
+                    self.record_decision(&pod, &call, &d);
                     let reason = format!("traffic is not HTTP: {}", d.reason);
                     done(
                         Some(io::Error::new(io::ErrorKind::PermissionDenied, reason)),
@@ -550,12 +551,16 @@ impl Proxy {
             let mut call = call.clone();
             async move {
                 let start = Instant::now();
-                let snapshot = proxy.snapshot();
+                let snapshot = proxy.shared.snapshot();
                 let mut req = req;
                 let auth = match proxy.authenticate(&snapshot, &pod, &mut req).await {
                     Ok(auth) => auth,
                     Err(reason) => {
-                        proxy.metrics.jwt_failures.add(jwt_failure_kind(&reason));
+                        proxy
+                            .shared
+                            .metrics
+                            .jwt_failures
+                            .add(jwt_failure_kind(&reason));
                         warn!(dst_workload = %pod.workload,
                             src_principal = call.attributes.source_principal.as_deref(),
                             src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
@@ -598,7 +603,7 @@ impl Proxy {
                         ProviderAnswer::Deny { response, reason } => {
                             let mut d = check.denied.clone();
                             d.reason = format!("{}: {reason}", d.reason);
-                            proxy.record(&pod, &call, &d);
+                            proxy.record_decision(&pod, &call, &d);
                             admission = Admission::Denied(d);
                             custom_response = Some(response);
                         }
@@ -606,7 +611,7 @@ impl Proxy {
                 }
                 let (response, decision) = match admission {
                     Admission::Allowed(d) => {
-                        proxy.record(&pod, &call, &d);
+                        proxy.record_decision(&pod, &call, &d);
                         let response = match sender.send(req).await {
                             Ok(r) => {
                                 let mut r = r.map(BodyExt::boxed);
@@ -628,7 +633,7 @@ impl Proxy {
                             // Recorded above, with the provider's reason.
                             Some(r) => r,
                             None => {
-                                proxy.record(&pod, &call, &d);
+                                proxy.record_decision(&pod, &call, &d);
                                 text_response(StatusCode::FORBIDDEN, "RBAC: access denied")
                             }
                         };
