@@ -7,15 +7,13 @@
 //! * [`inbound`]: everything that arrives for an enrolled pod (plaintext steered by
 //!   `sk_lookup` to its 15006 listener, HBONE streams on its 15008 listener, and same-node mesh
 //!   traffic) goes through one pipeline, `deliver`: admit, record, connect to the application,
-//!   then relay or decide each HTTP request ([`http`]).
+//!   then relay or decide each HTTP request.
 //!
 //! Every connection has one [`record::ConnectionRecord`], which owns its access-log line and
 //! its metrics. Every upstream socket is created inside the network namespace of the pod it
 //! serves and carries the proxy mark ([`crate::socket`]), so it leaves with the pod's own
 //! address and is never captured again.
-mod http;
 pub mod inbound;
-mod inbound_policy;
 pub mod outbound;
 mod record;
 

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{inbound::Inbound, PodContext};
+use super::Inbound;
+use crate::proxy::PodContext;
 use crate::{
-    authz::{self, Decision, Unknowns},
+    authz::{self, Admission, CustomCheck, Decision, InboundCall, Unknowns},
     metrics::{DecisionLabels, Layer, Outcome},
     state::Snapshot,
 };
-
-pub use crate::authz::{Admission, CustomCheck, InboundCall, Transport};
 
 impl Inbound {
     /// Decides `call` to `pod` against `snapshot` ([`authz::admit`], which `ztunnel policy

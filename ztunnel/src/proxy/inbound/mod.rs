@@ -21,20 +21,22 @@ use std::{
     sync::Arc,
 };
 
-use http::StatusCode;
+use ::http::StatusCode;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 use tracing::warn;
 
+mod http;
+mod policy;
+
 use super::{
-    inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
     record::{ConnectionRecord, Direction, Ending},
     PodContext, Shared,
 };
 use crate::{
-    authz::{jwks::JwksCache, Unknowns},
+    authz::{jwks::JwksCache, Admission, CustomCheck, InboundCall, Transport, Unknowns},
     hbone::{self, Handler, StreamIo, Tunnel},
     identity::SpiffeId,
     metrics::{Carrier, ConnectionLabels, MtlsModeLabels, Outcome, Reporter, Side},

@@ -30,13 +30,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{
-    inbound::Inbound,
-    inbound_policy::{Admission, CustomCheck, InboundCall},
-    PodContext,
-};
+use super::Inbound;
 use crate::{
-    authz::{HttpRequest, Unknowns},
+    authz::{Admission, CustomCheck, HttpRequest, InboundCall, Unknowns},
+    proxy::PodContext,
     relay::{relay_until, Duplex, Relayed},
 };
 
