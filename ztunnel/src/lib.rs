@@ -3,6 +3,7 @@ pub mod admin;
 pub mod authz;
 pub mod capture;
 pub mod config;
+pub mod enrolment;
 pub mod hbone;
 pub mod identity;
 pub mod kubernetes;

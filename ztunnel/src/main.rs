@@ -16,12 +16,13 @@ use rustls::pki_types::CertificateDer;
 use tracing::{error, info};
 use ztunnel::{
     admin::{self, scrape::Sampled, AdminState, Endpoint, ProxyView},
-    capture::{self, enrolment::Enroller, Capture, CaptureOptions},
+    capture::{self, Capture, CaptureOptions},
     config::{
         self,
         kubernetes::KubernetesOptions,
         pod_netns::{NsId, PodNetnsFinder},
     },
+    enrolment::Enroller,
     identity::{
         istio_ca::{self, IstioCaClient},
         CaFiles, CacheOptions, CertificateCache, CertificateProvider, SpiffeId,

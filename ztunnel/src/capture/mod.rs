@@ -1,10 +1,10 @@
-//! Loading, attaching and pinning the capture programs (DESIGN §3), and per-pod enrolment.
+//! Loading, attaching and pinning the capture programs (DESIGN §3), and the per-pod kernel
+//! state that enrolment ([`crate::enrolment`]) asks for.
 //!
 //! The pin directory (default `/sys/fs/bpf/ztunnel`) is laid out as
 //! [`ztunnel_common::pins`] says. Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
 //! their connects redirected to a listener that no longer exists, and their inbound traffic
 //! finds no proxy socket and is dropped: capture fails closed.
-pub mod enrolment;
 pub mod inventory;
 
 use std::{

@@ -1,4 +1,6 @@
-//! Enrolment: keeping the set of captured pods equal to what the configuration says.
+//! Enrolment, the node's reconciler: keeps the set of captured pods equal to what the
+//! configuration says. It stands above both capture (the kernel state) and the proxy (the
+//! listeners it serves), and is the only place that drives them together.
 //!
 //! Enrolling a pod opens the proxy's listeners inside the pod's netns, registers them for
 //! `sk_lookup`, attaches `sk_lookup` to the netns and marks the netns enrolled for outbound
@@ -19,8 +21,8 @@ use ztunnel_common::{
     OUTBOUND_PORT,
 };
 
-use super::Capture;
 use crate::{
+    capture::Capture,
     identity::SpiffeId,
     model::Pod,
     netns::{socket_netns_cookie, Netns},
