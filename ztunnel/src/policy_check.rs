@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use crate::authz::{
     admit, jwks,
-    request_authentication::{authenticate, JwtOutcome, JwtRule, Keys, TokenLocation, TokenSource},
+    request_authentication::{
+        authenticate, JwtError, JwtOutcome, JwtRule, Keys, TokenLocation, TokenSource,
+    },
     Admission, CustomCheck, Decision, HttpRequest, InboundCall, RequestAuth, Transport, Unknowns,
 };
 use crate::{
@@ -328,7 +330,7 @@ fn authenticate_token(
     pod: &Pod,
     token: &str,
     jwks: &dyn Fn(&str) -> Option<Arc<JwkSet>>,
-) -> Result<Option<RequestAuth>, String> {
+) -> Result<Option<RequestAuth>, JwtError> {
     let rules: Vec<&JwtRule> = snapshot
         .request_authentications_for(pod)
         .into_iter()

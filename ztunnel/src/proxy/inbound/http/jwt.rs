@@ -4,26 +4,14 @@ use http::{header, Request};
 use hyper::body::Incoming;
 
 use super::Inbound;
-use crate::{authz::RequestAuth, proxy::PodContext, state::Snapshot};
-
-/// A short label for the failure counter.
-pub(super) fn jwt_failure_kind(reason: &str) -> &'static str {
-    if reason.contains("expired") || reason.contains("ExpiredSignature") {
-        "expired"
-    } else if reason.contains("ImmatureSignature") {
-        "not_yet_valid"
-    } else if reason.contains("InvalidAudience") {
-        "audience"
-    } else if reason.contains("not configured") {
-        "unknown_issuer"
-    } else if reason.contains("not available") {
-        "jwks_unavailable"
-    } else if reason.contains("InvalidSignature") {
-        "signature"
-    } else {
-        "invalid"
-    }
-}
+use crate::{
+    authz::{
+        request_authentication::{JwtError, JwtFailure},
+        RequestAuth,
+    },
+    proxy::PodContext,
+    state::Snapshot,
+};
 
 impl Inbound {
     /// Checks the request's JWT against the RequestAuthentications of `pod`: `Ok(None)` without
@@ -34,7 +22,7 @@ impl Inbound {
         snapshot: &Snapshot,
         pod: &PodContext,
         req: &mut Request<Incoming>,
-    ) -> Result<Option<RequestAuth>, String> {
+    ) -> Result<Option<RequestAuth>, JwtError> {
         use crate::authz::request_authentication::{authenticate, JwtOutcome, Keys, TokenSource};
         let Some(p) = pod.in_snapshot(snapshot) else {
             return Ok(None);
@@ -76,7 +64,7 @@ impl Inbound {
                 Keys::Inline(set) => Some(set.clone()),
                 Keys::Uri(uri) => fetched.get(uri).cloned().flatten(),
             });
-            let retry = matches!(&outcome, JwtOutcome::Invalid(r) if r.contains("no key for kid"))
+            let retry = matches!(&outcome, JwtOutcome::Invalid(e) if e.kind == JwtFailure::UnknownKey)
                 && rules.iter().any(|r| matches!(r.keys, Keys::Uri(_)));
             if !retry {
                 break;

@@ -39,7 +39,6 @@ use tracing::{info, warn};
 
 use self::{
     ext_authz::ProviderAnswer,
-    jwt::jwt_failure_kind,
     sniff::{sniff, Protocol, Replay},
 };
 use super::Inbound;
@@ -220,11 +219,7 @@ impl Inbound {
                 let auth = match proxy.authenticate(&snapshot, &pod, &mut req).await {
                     Ok(auth) => auth,
                     Err(reason) => {
-                        proxy
-                            .shared
-                            .metrics
-                            .jwt_failures
-                            .add(jwt_failure_kind(&reason));
+                        proxy.shared.metrics.jwt_failures.add(reason.kind.as_str());
                         warn!(dst_workload = %pod.workload,
                             src_principal = call.attributes.source_principal.as_deref(),
                             src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
