@@ -1,12 +1,15 @@
 //! The node proxy: capture (eBPF), configuration, and the proxy paths. See `docs/` and DESIGN.md.
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod enrolment;
 pub mod hbone;
 pub mod identity;
 pub mod kubernetes;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod netns;

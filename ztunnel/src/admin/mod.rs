@@ -25,10 +25,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{identity::CertificateCache, proxy::Proxy};
-
-/// Sets the log filter (an `EnvFilter` directive such as `debug` or `info,ztunnel=trace`).
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+use crate::{identity::CertificateCache, logging::SetLogLevel, proxy::Proxy};
 
 /// The running proxy as the endpoints and the scrape-time metrics see it.
 pub struct ProxyView {
