@@ -1,5 +1,5 @@
 //! The Kubernetes configuration source: watches of the API server, fed through the same parser
-//! as the local source ([`super::parse_value`]) into the same [`Snapshot`], published on the
+//! as the local source ([`super::parse`]) into the same [`Snapshot`], published on the
 //! same kind of watch channel.
 //!
 //! Watched (each a list followed by a watch, relisted after `410 Gone`, retried with backoff
@@ -50,6 +50,7 @@ use tokio_stream::StreamExt as _;
 use tracing::{debug, error, info, warn};
 
 use super::{
+    parse::parse_value,
     pod_netns::{NotFound, PodNetns, PodNetnsFinder},
     WatchHandle,
 };
@@ -573,7 +574,7 @@ fn parse(mut obj: DynamicObject, resource: &ApiResource) -> Parsed {
         .map_err(|e| format!("cannot convert the object: {e}"))
         .and_then(|value| {
             let mut objects = Objects::default();
-            super::parse_value(value, &origin, &mut objects)?;
+            parse_value(value, &origin, &mut objects)?;
             // Only discovery says where a pod's netns is (see the module comment).
             for pod in &mut objects.pods {
                 pod.netns_path = None;
