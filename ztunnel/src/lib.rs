@@ -1,4 +1,5 @@
-//! The node proxy: capture (eBPF), configuration, and the proxy paths. See `docs/` and DESIGN.md.
+//! The node proxy: capture (eBPF), configuration, and the proxy paths. docs/architecture.md
+//! maps the modules and follows one connection through them.
 pub mod admin;
 pub mod app;
 pub mod authz;

@@ -1,4 +1,4 @@
-//! The node proxy's ports (DESIGN §8). The kernel steers captured traffic to the three capture
+//! The node proxy's ports (docs/operations.md). The kernel steers captured traffic to the three capture
 //! ports, so those are part of its contract ([`ztunnel_common`]); the operator's ports are the
 //! proxy's own.
 pub use ztunnel_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};

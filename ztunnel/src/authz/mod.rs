@@ -1,4 +1,4 @@
-//! Istio's security policies, decided in the node proxy (DESIGN §6).
+//! Istio's security policies, decided in the node proxy (docs/policy.md).
 //!
 //! * [`peer_authentication`]: `PeerAuthentication`, the mutual-TLS mode of a workload's inbound
 //!   side (STRICT refuses plaintext).

@@ -1,4 +1,4 @@
-//! Loading, attaching and pinning the capture programs (DESIGN §3), and the per-pod kernel
+//! Loading, attaching and pinning the capture programs (docs/capture.md), and the per-pod kernel
 //! state that enrolment ([`crate::enrolment`]) asks for.
 //!
 //! The pin directory (default `/sys/fs/bpf/ztunnel`) is laid out as

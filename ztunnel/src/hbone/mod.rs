@@ -1,5 +1,5 @@
 //! HBONE: TCP connections tunnelled as HTTP/2 CONNECT streams over mutual TLS between node
-//! proxies (DESIGN §4), wire-compatible with Istio's ztunnel: the request authority is the
+//! proxies (docs/hbone.md), wire-compatible with Istio's ztunnel: the request authority is the
 //! destination `ip:port`, 200 opens the tunnel, any other status refuses it.
 //!
 //! HBONE owns its transport: [`client`] dials and [`server`] accepts the mTLS connections, each

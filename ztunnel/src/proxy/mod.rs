@@ -1,4 +1,4 @@
-//! The proxy paths for captured connections (DESIGN §3, §4), one pipeline per direction:
+//! The proxy paths for captured connections (docs/architecture.md), one pipeline per direction:
 //!
 //! * [`outbound`]: a pod's connect, redirected to its 127.0.0.1:15001 listener. The original
 //!   destination comes from the BPF `orig_dst_by_peer` map, and one [`outbound::Plan`] made
