@@ -6,7 +6,7 @@ use clap::Parser;
 use tracing::error;
 use ztunnel::{
     app, capture,
-    cli::{self, BpfCommand, CaCommand, Cli, Command, PolicyCommand},
+    cli::{self, BpfCommand, Cli, Command, PolicyCommand},
     logging,
 };
 
@@ -25,35 +25,7 @@ fn main() -> ExitCode {
         Command::Bpf {
             command: BpfCommand::Status { bpf_dir, output },
         } => cli::bpf_status(&bpf_dir, output),
-        Command::Ca {
-            command:
-                CaCommand::Init {
-                    ca_dir,
-                    trust_domain,
-                    validity,
-                    force,
-                },
-        } => cli::ca_init(ca_dir, trust_domain, validity, force),
-        Command::Ca {
-            command:
-                CaCommand::Serve {
-                    ca_dir,
-                    listen,
-                    token_file,
-                    kubernetes,
-                    kubeconfig,
-                    node_proxy_service_account,
-                    token_audience,
-                },
-        } => cli::ca_serve(
-            ca_dir,
-            listen,
-            token_file,
-            kubernetes,
-            kubeconfig,
-            node_proxy_service_account,
-            token_audience,
-        ),
+        Command::Ca { command } => cli::ca(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -285,52 +285,53 @@ pub struct RunArgs {
     pub bpf_stats: bool,
 }
 
-/// `ca init`: a root CA in `ca_dir`.
-pub fn ca_init(
-    ca_dir: PathBuf,
-    trust_domain: String,
-    validity: Duration,
-    force: bool,
-) -> anyhow::Result<()> {
-    CaFiles::init(&ca_dir, &trust_domain, validity, force)
-        .map(|_| {
-            println!(
-                "created a root CA for {trust_domain} in {}",
-                ca_dir.display()
-            )
-        })
-        .with_context(|| format!("creating a CA in {}", ca_dir.display()))
-}
-
-/// `ca serve`: Istio's CSR API from the CA in `ca_dir`, until the process is stopped.
-pub fn ca_serve(
-    ca_dir: PathBuf,
-    listen: SocketAddr,
-    token_file: Option<PathBuf>,
-    kubernetes: bool,
-    kubeconfig: Option<PathBuf>,
-    node_proxy: istio_ca::token_review::ServiceAccount,
-    audience: String,
-) -> anyhow::Result<()> {
-    let _ = logging::init(LogFormat::Text);
-    let callers = match (kubernetes, token_file) {
-        (true, _) => istio_ca::CallerAuth::Kubernetes {
-            access: ApiAccess::new(kubeconfig),
-            node_proxy,
-            audience,
-        },
-        (false, Some(file)) => istio_ca::CallerAuth::TokenFile(file),
-        (false, None) => istio_ca::CallerAuth::Anyone,
-    };
-    tokio::runtime::Runtime::new()
-        .context("starting the runtime")
-        .and_then(|rt| {
-            rt.block_on(istio_ca::run_ca_service(istio_ca::CaServiceOptions {
-                ca_dir,
-                listen,
-                callers,
-            }))
-        })
+/// `ca init` (a root CA in a directory) and `ca serve` (Istio's CSR API from it, until the
+/// process is stopped).
+pub fn ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init {
+            ca_dir,
+            trust_domain,
+            validity,
+            force,
+        } => CaFiles::init(&ca_dir, &trust_domain, validity, force)
+            .map(|_| {
+                println!(
+                    "created a root CA for {trust_domain} in {}",
+                    ca_dir.display()
+                )
+            })
+            .with_context(|| format!("creating a CA in {}", ca_dir.display())),
+        CaCommand::Serve {
+            ca_dir,
+            listen,
+            token_file,
+            kubernetes,
+            kubeconfig,
+            node_proxy_service_account,
+            token_audience,
+        } => {
+            let _ = logging::init(LogFormat::Text);
+            let callers = match (kubernetes, token_file) {
+                (true, _) => istio_ca::CallerAuth::Kubernetes {
+                    access: ApiAccess::new(kubeconfig),
+                    node_proxy: node_proxy_service_account,
+                    audience: token_audience,
+                },
+                (false, Some(file)) => istio_ca::CallerAuth::TokenFile(file),
+                (false, None) => istio_ca::CallerAuth::Anyone,
+            };
+            tokio::runtime::Runtime::new()
+                .context("starting the runtime")
+                .and_then(|rt| {
+                    rt.block_on(istio_ca::run_ca_service(istio_ca::CaServiceOptions {
+                        ca_dir,
+                        listen,
+                        callers,
+                    }))
+                })
+        }
+    }
 }
 
 #[cfg(test)]
