@@ -26,36 +26,6 @@ pub struct Relayed {
     pub revoked: Option<String>,
 }
 
-impl Relayed {
-    /// `ok`, `error` or `revoked`, for the connection log.
-    pub fn outcome(&self) -> &'static str {
-        if self.revoked.is_some() {
-            "revoked"
-        } else if self.error.is_some() {
-            "error"
-        } else {
-            "ok"
-        }
-    }
-
-    /// Why it ended other than cleanly (revocation first), for the connection log.
-    pub fn error_text(&self) -> Option<String> {
-        self.revoked
-            .clone()
-            .or_else(|| self.error.as_ref().map(|e| e.to_string()))
-    }
-
-    /// A relay that never started: nothing carried, `error` why.
-    pub fn failed(error: io::Error) -> Self {
-        Self {
-            sent: 0,
-            received: 0,
-            error: Some(error),
-            revoked: None,
-        }
-    }
-}
-
 /// One end of a relayed connection, read and written as two halves that the engine drives
 /// independently. Reads are buffered by the end itself (a socket through a [`BufReader`], a
 /// CONNECT stream by the frames it receives), so the engine writes straight from them. Writes
