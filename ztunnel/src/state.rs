@@ -810,6 +810,56 @@ mod tests {
     }
 
     #[test]
+    fn custom_policies_naming_a_provider_the_mesh_lacks_are_problems() {
+        let yaml = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: http-authz
+      envoyExtAuthzHttp: {service: ext-authz.foo.svc.cluster.local, port: 8000}
+    - name: grpc-authz
+      envoyExtAuthzGrpc: {service: ext-authz.foo.svc.cluster.local, port: 9000}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: known, namespace: foo}
+spec: {action: CUSTOM, provider: {name: http-authz}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: foo}
+spec: {action: CUSTOM, provider: {name: htpp-authz}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc, namespace: foo}
+spec: {action: CUSTOM, provider: {name: grpc-authz}, rules: [{}]}
+"#;
+        let mut objects = Objects::default();
+        crate::config::parse_file(std::path::Path::new("policies.yaml"), yaml, &mut objects)
+            .unwrap();
+        let s = Snapshot::build(1, objects, &MeshSettings::default());
+        assert_eq!(s.problems.len(), 2, "{:#?}", s.problems);
+        assert!(
+            s.problems[0].contains("foo/grpc")
+                && s.problems[0].contains("not an envoyExtAuthzHttp"),
+            "{:#?}",
+            s.problems
+        );
+        assert!(
+            s.problems[1].contains("foo/typo")
+                && s.problems[1].contains("\"htpp-authz\"")
+                && s.problems[1].contains("istio-system/istio")
+                && s.problems[1].contains("policies.yaml"),
+            "{:#?}",
+            s.problems
+        );
+    }
+
+    #[test]
     fn labels_parse_as_key_value() {
         assert_eq!(
             EnrolmentPolicy::parse_label("istio.io/dataplane-mode=ambient"),
