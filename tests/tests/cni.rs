@@ -215,10 +215,22 @@ fn an_add_waits_for_a_pod_the_configuration_lacks_and_then_fails_closed() -> Res
         out.error_text()
     );
     assert!(!pod_pins(&c, 1).contains(&"shop_never".to_owned()));
-    // It appears later: the kubelet's next ADD succeeds.
+    // It appears later (here with its address and netns already: the directory source's
+    // annotation) and is enrolled through the configuration; the kubelet's next ADD names the
+    // same namespace, which is answered without enrolling anything anew.
+    let m = c.log_mark(1);
     c.add_pod("shop", "never")?;
-    c.wait_for_log(1, WAIT, |l| l["message"] == "configuration applied")?;
+    c.wait_enrolled(1, m, "shop/never", WAIT)?;
     succeeded(never.cni("ADD")?)?;
+    let churn: Vec<Value> = c
+        .logs_since(1, m)
+        .into_iter()
+        .filter(|l| l["message"] == "pod un-enrolled" && l["pod"] == "shop/never")
+        .collect();
+    assert!(
+        churn.is_empty(),
+        "same netns and addresses: no re-enrolment: {churn:?}"
+    );
     Ok(())
 }
 
@@ -486,5 +498,56 @@ fn install_chains_the_plugin_once_and_uninstall_removes_it() -> Result<()> {
     let list: Value = serde_json::from_str(&std::fs::read_to_string(cni.conflist())?)?;
     assert_eq!(list["plugins"].as_array().unwrap().len(), 2, "{list}");
     assert!(!cni.bin_dir.join("ztunnel-cni").exists());
+    Ok(())
+}
+
+#[test]
+fn a_restarted_proxy_keeps_capturing_the_sandboxes_it_was_told_about() -> Result<()> {
+    let c = start(cluster(), "10s")?;
+    c.wait_enrolled(2, 0, "shop/web", WAIT)?;
+    let _server = c.pod("shop", "web").http_server(8080, "web")?;
+    let web = format!("{}:8080", c.pod("shop", "web").ip());
+    let p = c.pod("shop", "new1");
+    succeeded(p.cni("ADD")?)?;
+    // The API has not reported the pod's address yet when the proxy restarts (a crash).
+    c.kill_proxy(1)?;
+    let m1 = c.log_mark(1);
+    let mut extra = c.cni_proxy_args(1);
+    extra.extend(["--cni-pod-wait".to_owned(), "10s".to_owned()]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    c.start_proxy_with(1, &extra)?;
+    let enrolled = enrolled_lines(&c, 1, m1, "shop/new1");
+    assert_eq!(
+        enrolled.len(),
+        1,
+        "enrolled again before ready: {enrolled:?}"
+    );
+    assert_eq!(enrolled[0]["source"], "cni", "{:?}", enrolled[0]);
+    let (m1, m2) = (c.log_mark(1), c.log_mark(2));
+    let got = p.get(&web)?;
+    assert_eq!(got.code, Some(0), "{}", got.stdout);
+    let o = c.wait_for_connection(1, m1, WAIT, |l| {
+        l["direction"] == "outbound" && l["src_workload"] == "shop/new1"
+    })?;
+    assert_eq!(o["hbone"], true, "{o}");
+    let i = c.wait_for_connection(2, m2, WAIT, |l| l["dst_addr"] == web.as_str())?;
+    assert_eq!(
+        i["src_identity"], "spiffe://cluster.local/ns/shop/sa/new1",
+        "{i}"
+    );
+
+    // A DEL while the proxy is down: the next proxy does not adopt the sandbox (its netns is
+    // gone) and nothing of it stays.
+    c.kill_proxy(1)?;
+    succeeded(p.cni("DEL")?)?;
+    ztunnel_tests::process::host("ip", &["netns", "del", p.netns()])?;
+    c.start_proxy_with(1, &extra)?;
+    assert!(!pod_pins(&c, 1).contains(&"shop_new1".to_owned()));
+    let store = c.node_cni(1).socket.with_file_name("cni-pods");
+    let left: Vec<_> = std::fs::read_dir(&store)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "stored sandboxes left: {left:?}");
     Ok(())
 }

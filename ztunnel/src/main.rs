@@ -892,6 +892,11 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
             let endpoints = bound.map(|b| admin::serve_on(b, state.clone()));
 
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
+            if let Some(socket) = &args.cni_socket {
+                // Sandboxes reported to a previous proxy keep their capture across the restart.
+                *enroller.cni_pods() =
+                    cni::registry::CniPods::persistent(cni::registry::store_for_socket(socket));
+            }
             let snapshot = config.borrow_and_update().clone();
             enroller.reconcile(&snapshot);
             if let Some(server) = &cni_server {

@@ -42,23 +42,24 @@ enum NetnsSource {
     /// A path of the configuration (annotation, or found through the pod's cgroup).
     Path(std::path::PathBuf),
     /// The descriptor the CNI plugin passed for this sandbox.
-    Cni { container_id: String, id: NsId },
+    Cni,
 }
 
 /// What identifies one enrolment of a pod: if any of it changes, the pod is enrolled anew.
+/// The namespace is compared by identity, not by how it was reached: the configuration
+/// reporting the netns and addresses the CNI plugin already gave changes nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct EnrolmentKey {
-    netns: NetnsSource,
+    netns: NsId,
     ips: Vec<IpAddr>,
 }
 
 /// Whether a pod is enrolled here, for the CNI plugin's answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodStatus {
-    /// Captured, with the sandbox the CNI plugin reported (or, `false`, through the
-    /// configuration).
+    /// Captured, in this network namespace.
     Enrolled {
-        by_cni: bool,
+        netns: NsId,
     },
     /// It should be captured but is not, for this reason (retried).
     Failing(String),
@@ -68,6 +69,9 @@ pub enum PodStatus {
 struct EnrolledPod {
     workload: String,
     key: EnrolmentKey,
+    /// Duplicates of the listening sockets, to stop them listening at once on un-enrolment
+    /// (the tasks that own them are dropped a moment later).
+    listening: Vec<socket2::Socket>,
     cookie: u64,
     listener_keys: Vec<ListenerKey>,
     tasks: Vec<JoinHandle<()>>,
@@ -133,9 +137,7 @@ impl Enroller {
     pub fn status(&self, pod: &Pod) -> PodStatus {
         let id = pin_id(pod);
         if let Some(e) = self.enrolled.get(&id) {
-            return PodStatus::Enrolled {
-                by_cni: matches!(e.key.netns, NetnsSource::Cni { .. }),
-            };
+            return PodStatus::Enrolled { netns: e.key.netns };
         }
         match self.failures.get(&id) {
             Some(reason) => PodStatus::Failing(reason.clone()),
@@ -150,7 +152,7 @@ impl Enroller {
 
     /// Brings capture in line with `snapshot` (and with what the CNI plugin reported).
     pub fn reconcile(&mut self, snapshot: &Snapshot) {
-        let mut wanted: HashMap<String, (Arc<Pod>, EnrolmentKey)> = HashMap::new();
+        let mut wanted: HashMap<String, (Arc<Pod>, EnrolmentKey, NetnsSource)> = HashMap::new();
         let mut reported: HashSet<String> = HashSet::new();
         // An address the CNI just assigned to a new sandbox is that pod's, whatever an older
         // pod of the configuration still claims.
@@ -158,45 +160,67 @@ impl Enroller {
         for pod in snapshot.pods.values() {
             let id = pin_id(pod);
             let decision = match self.cni.view(pod) {
-                CniView::Added(cni) => {
-                    snapshot
-                        .membership(pod, &self.node, &self.policy)
-                        .map(|()| EnrolmentKey {
-                            netns: NetnsSource::Cni {
-                                container_id: cni.container_id.clone(),
-                                id: cni.netns_id,
-                            },
+                CniView::Added(cni) => snapshot
+                    .membership(pod, &self.node, &self.policy)
+                    .map(|()| {
+                        let key = EnrolmentKey {
+                            netns: cni.netns_id,
                             ips: cni.ips.clone(),
-                        })
-                }
+                        };
+                        (key, NetnsSource::Cni)
+                    })
+                    .map_err(|e| e.to_string()),
                 // The sandbox is gone: whatever the configuration still says about it.
                 CniView::Deleted => continue,
                 CniView::Unknown => match snapshot.enrolment(pod, &self.node, &self.policy) {
-                    Enrolment::Enrolled => match pod.ips.iter().find_map(|ip| {
-                        cni_addresses
-                            .get(ip)
-                            .filter(|k| **k != (pod.namespace.clone(), pod.name.clone()))
-                    }) {
-                        Some((ns, name)) => Err(Enrolment::DuplicateIp(format!("{ns}/{name}"))),
-                        None => Ok(EnrolmentKey {
-                            netns: NetnsSource::Path(pod.netns_path.clone().unwrap_or_default()),
-                            ips: pod.ips.clone(),
-                        }),
-                    },
-                    other => Err(other),
+                    Enrolment::Enrolled => {
+                        let path = pod.netns_path.clone().unwrap_or_default();
+                        let owner = pod.ips.iter().find_map(|ip| {
+                            cni_addresses
+                                .get(ip)
+                                .filter(|k| **k != (pod.namespace.clone(), pod.name.clone()))
+                        });
+                        match (owner, NsId::of(&path)) {
+                            (Some((ns, name)), _) => {
+                                Err(Enrolment::DuplicateIp(format!("{ns}/{name}")).to_string())
+                            }
+                            (None, Err(e)) => {
+                                Err(format!("opening the pod netns {}: {e}", path.display()))
+                            }
+                            (None, Ok(netns)) => {
+                                let key = EnrolmentKey {
+                                    netns,
+                                    ips: pod.ips.clone(),
+                                };
+                                Ok((key, NetnsSource::Path(path)))
+                            }
+                        }
+                    }
+                    other if other.is_misconfiguration() => Err(other.to_string()),
+                    _ => {
+                        self.cni.mark_seen(&pod.namespace, &pod.name);
+                        continue;
+                    }
                 },
             };
-            match decision {
-                Ok(key) => {
-                    self.cni.mark_seen(&pod.namespace, &pod.name);
-                    wanted.insert(id, (pod.clone(), key));
+            let decision = match decision {
+                Ok(ok) => Ok(ok),
+                Err(reason) => {
+                    let reportable = snapshot.membership(pod, &self.node, &self.policy).is_ok()
+                        || reason == Enrolment::NamespaceUnknown.to_string();
+                    Err((reason, reportable))
                 }
-                Err(reason) if reason.is_misconfiguration() => {
-                    self.cni.mark_seen(&pod.namespace, &pod.name);
-                    self.report_failure(&id, pod, &reason.to_string());
+            };
+            self.cni.mark_seen(&pod.namespace, &pod.name);
+            match decision {
+                Ok((key, source)) => {
+                    wanted.insert(id, (pod.clone(), key, source));
+                }
+                Err((reason, true)) => {
+                    self.report_failure(&id, pod, &reason);
                     reported.insert(id);
                 }
-                Err(_) => self.cni.mark_seen(&pod.namespace, &pod.name),
+                Err((_, false)) => {}
             }
         }
         // Sandboxes of pods deleted from the configuration are forgotten.
@@ -210,7 +234,7 @@ impl Enroller {
         let gone: Vec<String> = self
             .enrolled
             .iter()
-            .filter(|(id, e)| wanted.get(*id).is_none_or(|(_, key)| *key != e.key))
+            .filter(|(id, e)| wanted.get(*id).is_none_or(|(_, key, _)| *key != e.key))
             .map(|(id, _)| id.clone())
             .collect();
         // Un-enrol first: a re-created pod (new netns or addresses) and a pod whose address
@@ -219,14 +243,14 @@ impl Enroller {
             self.unenrol(&id);
         }
 
-        for (id, (pod, key)) in &wanted {
+        for (id, (pod, key, source)) in &wanted {
             if self.enrolled.contains_key(id) {
                 continue;
             }
-            let netns = match &key.netns {
+            let netns = match source {
                 NetnsSource::Path(path) => Netns::open(path)
                     .with_context(|| format!("opening the pod netns {}", path.display())),
-                NetnsSource::Cni { .. } => self
+                NetnsSource::Cni => self
                     .cni
                     .get(&pod.namespace, &pod.name)
                     .map(|c: &CniPod| c.netns.try_clone())
@@ -234,7 +258,14 @@ impl Enroller {
                     .context("duplicating the CNI netns descriptor")
                     .and_then(|n| n.ok_or_else(|| anyhow::anyhow!("the CNI sandbox is gone"))),
             };
-            match netns.and_then(|netns| self.enrol(id, pod, key.clone(), netns)) {
+            let opened = netns.and_then(|netns| {
+                // The path may lead elsewhere by now (a process exited, its PID reused).
+                if netns.id()? != key.netns {
+                    anyhow::bail!("{} changed namespace meanwhile", netns.path().display());
+                }
+                Ok(netns)
+            });
+            match opened.and_then(|netns| self.enrol(id, pod, key.clone(), source, netns)) {
                 Ok(()) => {
                     self.failures.remove(id);
                 }
@@ -267,7 +298,14 @@ impl Enroller {
         }
     }
 
-    fn enrol(&mut self, id: &str, pod: &Arc<Pod>, key: EnrolmentKey, netns: Netns) -> Result<()> {
+    fn enrol(
+        &mut self,
+        id: &str,
+        pod: &Arc<Pod>,
+        key: EnrolmentKey,
+        source: &NetnsSource,
+        netns: Netns,
+    ) -> Result<()> {
         let ips = key.ips.clone();
         let has_v4 = ips.iter().any(IpAddr::is_ipv4);
         let has_v6 = ips.iter().any(IpAddr::is_ipv6);
@@ -348,6 +386,15 @@ impl Enroller {
             netns_cookie: cookie,
         });
         let mut tasks = Vec::new();
+        let listening = outbound
+            .iter()
+            .chain(inbound_v4.iter())
+            .chain(inbound_v6.iter())
+            .chain(hbone_v4.iter())
+            .chain(hbone_v6.iter())
+            .map(socket2::Socket::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("duplicating the listeners")?;
         for l in outbound {
             let l = TcpListener::from_std(l.into()).context("registering a listener")?;
             tasks.push(tokio::spawn(
@@ -367,9 +414,9 @@ impl Enroller {
             ));
         }
         self.proxy.add_local_pod(ctx.clone());
-        let source = match &key.netns {
+        let source = match source {
             NetnsSource::Path(_) => "configuration",
-            NetnsSource::Cni { .. } => "cni",
+            NetnsSource::Cni => "cni",
         };
         info!(pod = %ctx.workload, netns = %ctx.netns.path().display(), netns_cookie = cookie,
             ips = ?ips, source, "pod enrolled");
@@ -378,6 +425,7 @@ impl Enroller {
             EnrolledPod {
                 workload: pod.workload(),
                 key,
+                listening,
                 cookie,
                 listener_keys,
                 tasks,
@@ -393,9 +441,7 @@ impl Enroller {
     /// fail closed until the next proxy listens. Connections already proxied go on.
     pub fn hand_over(self) {
         for pod in self.enrolled.into_values() {
-            for t in pod.tasks {
-                t.abort();
-            }
+            stop_listening(&pod);
         }
         drop(self.capture);
         info!("listeners closed and pin directory released for the next proxy");
@@ -409,11 +455,22 @@ impl Enroller {
             warn!(pod = %pod.workload, error = %format!("{e:#}"), "un-enrolment left state behind");
         }
         self.proxy.remove_local_pod(&pod.context);
-        // Aborting the accept loops drops the listeners; connections already proxied go on.
-        for t in pod.tasks {
-            t.abort();
-        }
+        stop_listening(&pod);
         info!(pod = %pod.workload, "pod un-enrolled");
+    }
+}
+
+/// Ends a pod's accept loops and closes its listening sockets now, not when the runtime gets
+/// to drop the aborted tasks: a new enrolment of the same netns binds the same ports right
+/// away. Connections already proxied go on.
+fn stop_listening(pod: &EnrolledPod) {
+    for t in &pod.tasks {
+        t.abort();
+    }
+    for l in &pod.listening {
+        // shutdown(2) on a listening TCP socket stops it listening and releases its port
+        // (the aborted task drops its descriptor later).
+        let _ = l.shutdown(std::net::Shutdown::Both);
     }
 }
 

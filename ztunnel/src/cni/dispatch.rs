@@ -319,12 +319,14 @@ fn evaluate_add(request: &Request, enroller: &mut Enroller, snapshot: &Snapshot)
         }
     }
     enroller.reconcile(snapshot);
+    let sandbox = enroller
+        .cni_pods()
+        .get(&request.namespace, &request.name)
+        .map(|p| p.netns_id);
     match enroller.status(pod) {
-        PodStatus::Enrolled { by_cni: true } => Answer::Now(Reply::Enrolled),
-        PodStatus::Enrolled { by_cni: false } => Answer::Now(Reply::Failed {
-            reason:
-                "the pod is enrolled with another network namespace than the one of this sandbox"
-                    .into(),
+        PodStatus::Enrolled { netns } if Some(netns) == sandbox => Answer::Now(Reply::Enrolled),
+        PodStatus::Enrolled { .. } => Answer::Now(Reply::Failed {
+            reason: "the pod is enrolled in another network namespace than this sandbox's".into(),
         }),
         PodStatus::Failing(reason) => Answer::Now(Reply::Failed { reason }),
         PodStatus::NotEnrolled => Answer::Now(Reply::Failed {
