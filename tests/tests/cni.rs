@@ -509,8 +509,12 @@ fn a_restarted_proxy_keeps_capturing_the_sandboxes_it_was_told_about() -> Result
     let web = format!("{}:8080", c.pod("shop", "web").ip());
     let p = c.pod("shop", "new1");
     succeeded(p.cni("ADD")?)?;
-    // The API has not reported the pod's address yet when the proxy restarts (a crash).
+    // The API has not reported the pod's address yet when the proxy crashes. Meanwhile the
+    // pod's connections fail closed.
     c.kill_proxy(1)?;
+    let down = p.probe(&["get", "--addr", &web, "--timeout-ms", "3000"])?;
+    assert_eq!(down.code, Some(1), "must fail while the proxy is down: {}", down.stdout);
+    assert_eq!(down.json["kind"], "connection refused", "{}", down.stdout);
     let m1 = c.log_mark(1);
     let mut extra = c.cni_proxy_args(1);
     extra.extend(["--cni-pod-wait".to_owned(), "10s".to_owned()]);
