@@ -513,7 +513,12 @@ fn a_restarted_proxy_keeps_capturing_the_sandboxes_it_was_told_about() -> Result
     // pod's connections fail closed.
     c.kill_proxy(1)?;
     let down = p.probe(&["get", "--addr", &web, "--timeout-ms", "3000"])?;
-    assert_eq!(down.code, Some(1), "must fail while the proxy is down: {}", down.stdout);
+    assert_eq!(
+        down.code,
+        Some(1),
+        "must fail while the proxy is down: {}",
+        down.stdout
+    );
     assert_eq!(down.json["kind"], "connection refused", "{}", down.stdout);
     let m1 = c.log_mark(1);
     let mut extra = c.cni_proxy_args(1);

@@ -188,11 +188,6 @@ impl CniDispatch {
         }
     }
 
-    /// The state file path, for messages.
-    pub fn state_file(&self) -> Option<&Path> {
-        self.state_file.as_deref()
-    }
-
     fn answer(
         &self,
         request: &Request,
