@@ -1,4 +1,4 @@
-//! `ztunnel-cni`: a chained CNI plugin (spec 1.0.0; 0.3.0–0.4.0 configurations too) that
+//! `ztunnel-cni`: a chained CNI plugin (spec 1.0.0; 0.3.0–0.4.0 and 1.1.0 configurations too) that
 //! hands each new pod sandbox to the node proxy before any container of the pod starts.
 //!
 //! * **ADD**: reads the pod from `CNI_ARGS` (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
@@ -12,6 +12,9 @@
 //!   be able to tear a sandbox down; a proxy that was unreachable forgets the pod when it
 //!   leaves the configuration).
 //! * **CHECK**: asks the proxy whether the pod is as the configuration wants it.
+//! * **STATUS**, **GC** (CNI 1.1): succeed. STATUS does not report the proxy: a node whose
+//!   proxy is down must keep starting the pods of other namespaces (ADD decides per pod).
+//!   GC has nothing to collect: a proxy forgets sandboxes that left the configuration.
 //! * **VERSION**: the versions above.
 //!
 //! Invocations without a Kubernetes pod in `CNI_ARGS` pass the previous result through.
@@ -34,7 +37,7 @@ use super::{
 
 /// Configuration versions this plugin reads (their `prevResult` shapes are the same for what
 /// it uses: `ips[].address`, `ips[].interface`, `interfaces[].sandbox`).
-pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// How long the plugin waits for the proxy's answer unless `timeoutSeconds` says otherwise.
 /// Longer than the proxy's own wait for a pod it has not seen yet (`--cni-pod-wait`).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -261,6 +264,7 @@ fn invoke(command: &str, env: &Env, conf: &NetConf) -> Result<(String, String), 
         ));
     }
     let cmd = match command {
+        "STATUS" | "GC" => return Ok((String::new(), String::new())),
         "ADD" => Command::Add,
         "DEL" => Command::Del,
         "CHECK" => Command::Check,
@@ -535,10 +539,14 @@ mod tests {
         ));
         assert!(c == 4 && m.contains("cannot open CNI_NETNS"), "{m}");
         let (c, m) = error_of(&run(
-            &with(&[("CNI_COMMAND", "GC")]),
+            &with(&[("CNI_COMMAND", "FROB")]),
             conf(&prev).as_bytes(),
         ));
-        assert!(c == 4 && m.contains("GC"), "{m}");
+        assert!(c == 4 && m.contains("FROB"), "{m}");
+        for verb in ["STATUS", "GC"] {
+            let o = run(&with(&[("CNI_COMMAND", verb)]), conf("").as_bytes());
+            assert!(o.success, "{verb}: {o:?}");
+        }
         let (c, m) = error_of(&run(
             &with(&[]),
             conf(r#","prevResult":{"ips":[]}"#).as_bytes(),
