@@ -36,12 +36,19 @@ pub mod maps {
     pub const ORIG_DST_BY_PEER: &str = "orig_dst_by_peer";
     /// [`super::ListenerKey`] → the proxy's listening socket for a pod address (a SOCKHASH).
     pub const POD_LISTENERS: &str = "pod_listeners";
+    /// [`super::PodAddr`] → 1: the addresses of enrolled pods, for `zt_node_sockops`.
+    pub const POD_ADDRESSES: &str = "pod_addresses";
+    /// [`super::NodeConnKey`] → [`super::NodeConn`]: TCP connections that sockets of the node's
+    /// own network namespace opened to enrolled pods (kubelet probes).
+    pub const NODE_CONNECTIONS: &str = "node_connections";
     /// Every map the object must define.
-    pub const ALL: [&str; 4] = [
+    pub const ALL: [&str; 6] = [
         ENROLLED_NETNS,
         ORIG_DST_BY_SOCKET,
         ORIG_DST_BY_PEER,
         POD_LISTENERS,
+        POD_ADDRESSES,
+        NODE_CONNECTIONS,
     ];
 }
 
@@ -53,23 +60,32 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "zt_getpeername4";
     pub const GETPEERNAME6: &str = "zt_getpeername6";
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
+    pub const NODE_SOCK_OPS: &str = "zt_node_sockops";
     /// Every program the object must define.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         CONNECT4,
         CONNECT6,
         SOCK_OPS,
         GETPEERNAME4,
         GETPEERNAME6,
         SK_LOOKUP,
+        NODE_SOCK_OPS,
     ];
 }
+
+/// Global of the eBPF object the proxy sets at load time: the netns cookie of the node's own
+/// network namespace (the one the proxy runs in), whose sockets `zt_node_sockops` records.
+pub const NODE_NETNS_COOKIE_GLOBAL: &str = "NODE_NETNS_COOKIE";
 
 /// The layout of a node proxy's pin directory on bpffs (default `/sys/fs/bpf/ztunnel`), which
 /// `bpftool … pinned` and `ztunnel bpf status` read:
 /// ```text
 /// prog_connect4  prog_connect6  prog_sockops  prog_getpeername4  prog_getpeername6  prog_sk_lookup
+/// prog_node_sockops
 /// link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
+/// link_cgroup_node_sockops                          the node's connections to pods (probes)
 /// enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners    maps, by their names
+/// pod_addresses  node_connections
 /// pods/<namespace>_<pod>                            that pod's sk_lookup link
 /// ```
 pub mod pins {
@@ -127,7 +143,15 @@ pub mod pins {
         pin: "prog_sk_lookup",
     };
 
-    /// The programs attached to the cgroup, in the order they are attached.
+    /// Attached to the node's cgroup (`--node-cgroup`): it records the node's own connections
+    /// to enrolled pods (kubelet probes).
+    pub const NODE_SOCK_OPS: CgroupProgram = cgroup(
+        programs::NODE_SOCK_OPS,
+        "prog_node_sockops",
+        "link_cgroup_node_sockops",
+    );
+
+    /// The programs attached to the pods' cgroup, in the order they are attached.
     pub const CGROUP_PROGRAMS: [CgroupProgram; 5] =
         [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS];
 }
@@ -189,6 +213,50 @@ pub struct ListenerKey {
     pub kind: u32,
 }
 
+/// Key of the pod-address set: an enrolled pod's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodAddr {
+    /// Network byte order; IPv4 uses word 0 only, the rest is zero.
+    pub addr: [u32; 4],
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// A TCP connection from the node to a pod, as both ends see it (there is no NAT between a
+/// node and its own pods): the node's address and port, the pod's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConnKey {
+    /// Network byte order; IPv4 uses word 0 only. A v4-mapped IPv6 connection is keyed as IPv4.
+    pub node_addr: [u32; 4],
+    pub pod_addr: [u32; 4],
+    /// Host byte order.
+    pub node_port: u16,
+    pub pod_port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// `NodeConn::state`: the node's socket has sent its SYN.
+pub const NODE_CONN_CONNECTING: u32 = 0;
+/// `NodeConn::state`: the node's socket completed the handshake (it received the pod's SYN-ACK
+/// and is about to send the final ACK), so the connection the pod accepts is this one.
+pub const NODE_CONN_ESTABLISHED: u32 = 1;
+
+/// Value of the node-connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConn {
+    /// Cookie of the node's socket.
+    pub socket_cookie: u64,
+    /// `NODE_CONN_CONNECTING` or `NODE_CONN_ESTABLISHED`.
+    pub state: u32,
+    pub _pad: u32,
+}
+
 // The layouts both sides compile: a field added, reordered or resized changes these, and the
 // kernel and the proxy must then be rebuilt together.
 const _: () = {
@@ -197,6 +265,9 @@ const _: () = {
     assert!(size_of::<OrigDst>() == 32);
     assert!(size_of::<OrigDstKey>() == 16);
     assert!(size_of::<ListenerKey>() == 24);
+    assert!(size_of::<PodAddr>() == 20);
+    assert!(size_of::<NodeConnKey>() == 40);
+    assert!(size_of::<NodeConn>() == 16);
 };
 
 /// `ip` as the kernel hands it to BPF programs: its family and its address in network byte
@@ -263,6 +334,53 @@ impl ListenerKey {
     }
 }
 
+impl PodAddr {
+    /// The entry for pod address `ip`.
+    pub fn new(ip: IpAddr) -> Self {
+        let (family, addr) = addr_words(ip);
+        Self {
+            addr,
+            family,
+            _pad: 0,
+        }
+    }
+}
+
+impl From<&ListenerKey> for PodAddr {
+    /// The pod address a listener entry is for.
+    fn from(key: &ListenerKey) -> Self {
+        Self {
+            addr: key.addr,
+            family: key.family,
+            _pad: 0,
+        }
+    }
+}
+
+impl NodeConnKey {
+    /// The key `zt_node_sockops` writes for a connection from `node` to `pod`; `None` when
+    /// the two are of different families. A v4-mapped IPv6 address is keyed as IPv4.
+    pub fn new(node: SocketAddr, pod: SocketAddr) -> Option<Self> {
+        let canonical = |ip: IpAddr| match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let (family, node_addr) = addr_words(canonical(node.ip()));
+        let (pod_family, pod_addr) = addr_words(canonical(pod.ip()));
+        (family == pod_family).then_some(Self {
+            node_addr,
+            pod_addr,
+            node_port: node.port(),
+            pod_port: pod.port(),
+            family,
+            _pad: 0,
+        })
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding is explicit.
@@ -270,6 +388,9 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::PodAddr {}
+    unsafe impl aya::Pod for super::NodeConnKey {}
+    unsafe impl aya::Pod for super::NodeConn {}
 }
 
 #[cfg(test)]
@@ -326,14 +447,22 @@ mod tests {
 
     #[test]
     fn every_program_has_its_pins() {
-        for c in pins::CGROUP_PROGRAMS {
+        let cgroup: [pins::CgroupProgram; 6] = [
+            pins::CONNECT4,
+            pins::CONNECT6,
+            pins::GETPEERNAME4,
+            pins::GETPEERNAME6,
+            pins::SOCK_OPS,
+            pins::NODE_SOCK_OPS,
+        ];
+        for c in cgroup {
             assert!(c.link.starts_with(pins::LINK_PREFIX));
         }
-        let cgroup = pins::CGROUP_PROGRAMS.map(|c| c.program);
+        let cgroup = cgroup.map(|c| c.program);
         for p in cgroup.iter().chain([&pins::SK_LOOKUP]) {
             assert!(programs::ALL.contains(&p.name));
             assert!(p.pin.starts_with(pins::PROGRAM_PREFIX));
         }
-        assert_eq!(pins::CGROUP_PROGRAMS.len() + 1, programs::ALL.len());
+        assert_eq!(cgroup.len() + 1, programs::ALL.len());
     }
 }

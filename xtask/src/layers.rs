@@ -32,8 +32,8 @@ fn files(dir: &Path, root: &Path, out: &mut Vec<(Module, String)>) {
             files(&path, root, out);
         } else if path.extension().is_some_and(|x| x == "rs") {
             let rel = path.strip_prefix(root).unwrap_or(&path);
-            // The binary is a crate of its own.
-            if rel == Path::new("main.rs") {
+            // The binaries are crates of their own.
+            if rel == Path::new("main.rs") || rel.starts_with("bin") {
                 continue;
             }
             let text = fs::read_to_string(&path).unwrap_or_default();

@@ -16,14 +16,15 @@ use tracing::info;
 
 use crate::{
     admin::{self, scrape::Sampled, AdminState, Endpoint, ProxyView},
-    capture::{self, Capture, CaptureOptions},
+    capture::{self, CaptureOptions, PreparedCapture},
     cli::RunArgs,
+    cni,
     config::{
         self,
         kubernetes::KubernetesOptions,
         pod_netns::{NsId, PodNetnsFinder},
     },
-    enrolment::Enroller,
+    enrolment::{self, Enroller},
     identity::{
         istio_ca::IstioCaClient, CaFiles, CacheOptions, CertificateCache, CertificateProvider,
     },
@@ -137,20 +138,21 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
         ),
     };
     let bpf_dir = args.bpf_dir.clone();
-    let capture = Capture::install(&CaptureOptions {
+    let node_netns_cookie = {
+        let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .context("opening a socket in the node network namespace")?;
+        crate::netns::socket_netns_cookie(&probe)
+            .context("reading the node network namespace cookie")?
+    };
+    // Every precondition is checked here, before anything is pinned; the pins come only once
+    // the configuration loaded and every port is ours, so a failed start leaves no pins.
+    let prepared = PreparedCapture::new(&CaptureOptions {
         bpf_dir: args.bpf_dir.clone(),
+        node_cgroup: args.node_cgroup.clone().unwrap_or_else(|| cgroup.clone()),
         cgroup,
+        node_netns_cookie,
         takeover_wait: args.takeover_wait,
     })?;
-    // Held for the process's life: statistics stay on while the descriptor is open.
-    let _bpf_stats = if args.bpf_stats {
-        Some(
-            aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .context("turning on eBPF run statistics")?,
-        )
-    } else {
-        None
-    };
     let policy = EnrolmentPolicy {
         namespace_label: args.ambient_label,
         pod_opt_out_label: args.opt_out_label,
@@ -170,9 +172,38 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 ConfigSource::Kubernetes(access, finder) => {
                     let client = access.client().await?;
                     info!(node = %args.node_name, "waiting for the first complete list of the Kubernetes API");
-                    let opts = KubernetesOptions::new(args.node_name.clone(), settings, finder);
+                    let mut opts = KubernetesOptions::new(args.node_name.clone(), settings, finder);
+                    opts.enrolment = policy.clone();
                     config::kubernetes::watch(client, opts, metrics.clone()).await?
                 }
+            };
+            let bound = [
+                admin::bind(Endpoint::Metrics, args.metrics_addr).await?,
+                admin::bind(Endpoint::Readiness, args.readiness_addr).await?,
+                admin::bind(Endpoint::Admin, args.admin_addr).await?,
+            ];
+            let (cni_tx, cni_rx) = tokio::sync::mpsc::channel(64);
+            let mut cni_dispatch = enrolment::cni::CniDispatch::new(
+                args.cni_socket.is_some().then_some(cni_rx),
+                args.cni_pod_wait,
+                args.cni_socket.as_deref().map(cni::node_state::path_for_socket),
+            );
+            // The plugin's fallback first, then the socket (plugins that connect now wait
+            // for the answer until the proxy is ready).
+            cni_dispatch.write_state(&args.node_name, &policy, &config.borrow());
+            let cni_server = match &args.cni_socket {
+                Some(path) => Some(cni::server::CniServer::bind(path)?),
+                None => None,
+            };
+            let capture = prepared.install()?;
+            // Held for the process's life: statistics stay on while the descriptor is open.
+            let _bpf_stats = if args.bpf_stats {
+                Some(
+                    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                        .context("turning on eBPF run statistics")?,
+                )
+            } else {
+                None
             };
             let certs = Arc::new(CertificateCache::new(
                 provider,
@@ -185,6 +216,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
             let proxy = Proxy::new(ProxyOptions {
                 home: home.clone(),
                 orig_dst: capture.orig_dst_table(),
+                node_connections: capture.node_connections(),
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
@@ -204,15 +236,19 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 set_log_level: Some(set_log_level),
                 log_level: std::sync::Mutex::new(log_level),
             });
-            let endpoints = [
-                admin::serve(Endpoint::Metrics, args.metrics_addr, state.clone()).await?,
-                admin::serve(Endpoint::Readiness, args.readiness_addr, state.clone()).await?,
-                admin::serve(Endpoint::Admin, args.admin_addr, state).await?,
-            ];
+            let endpoints = bound.map(|b| admin::serve_on(b, state.clone()));
 
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
+            if let Some(socket) = &args.cni_socket {
+                // Sandboxes reported to a previous proxy keep their capture across the restart.
+                *enroller.cni_pods() =
+                    cni::registry::CniPods::persistent(cni::registry::store_for_socket(socket));
+            }
             let snapshot = config.borrow_and_update().clone();
             enroller.reconcile(&snapshot);
+            if let Some(server) = &cni_server {
+                server.start(cni_tx)?;
+            }
             ready.store(true, Ordering::Release);
             info!(node = %args.node_name, generation = snapshot.generation, "proxy ready");
 
@@ -227,8 +263,16 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                         }
                         let snapshot = config.borrow_and_update().clone();
                         enroller.reconcile(&snapshot);
+                        cni_dispatch.after_snapshot(&mut enroller, &snapshot);
                         info!(generation = snapshot.generation, "configuration applied");
                     }
+                    event = cni_dispatch.next() => match event {
+                        enrolment::cni::CniEvent::Call(call) => {
+                            let snapshot = config.borrow().clone();
+                            cni_dispatch.handle(call, &mut enroller, &snapshot);
+                        }
+                        enrolment::cni::CniEvent::Expired => cni_dispatch.expire(&mut enroller),
+                    },
                     _ = retry.tick(), if enroller.has_failures() => {
                         let snapshot = config.borrow().clone();
                         enroller.reconcile(&snapshot);
@@ -241,6 +285,10 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
             // proxy can take over while this one drains. Pins stay: enrolled pods' new
             // connections fail closed until a proxy listens again.
             ready.store(false, Ordering::Release);
+            // New sandboxes now meet no proxy: the plugin falls back on the node state file
+            // (pods of captured namespaces wait for the next proxy).
+            drop(cni_server);
+            drop(cni_dispatch);
             enroller.hand_over();
             for e in endpoints {
                 e.abort();

@@ -5,6 +5,7 @@ pub mod app;
 pub mod authz;
 pub mod capture;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod enrolment;
 pub mod hbone;

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             command: BpfCommand::Status { bpf_dir, output },
         } => cli::bpf_status(&bpf_dir, output),
         Command::Ca { command } => cli::ca(command),
+        Command::Cni { command } => cli::cni_command(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

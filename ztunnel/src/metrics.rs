@@ -54,6 +54,8 @@ label_values! {
         SameNode => "same_node",
         /// Outbound to something that is not a mesh workload.
         Passthrough => "passthrough",
+        /// From the node itself (kubelet probes; `source_workload` is `node`).
+        Node => "node",
     }
     /// Whether a connection was mutual TLS.
     SecurityPolicy {
@@ -70,6 +72,13 @@ label_values! {
     Outcome {
         Allowed => "allowed",
         Denied => "denied",
+        Refused => "refused",
+    }
+    /// What became of a connection from the node itself (a kubelet probe).
+    NodeOutcome {
+        Admitted => "admitted",
+        /// The application did not accept it.
+        ConnectFailed => "connect_failed",
         Refused => "refused",
     }
     /// At which layer an authorization decision was made.
@@ -182,6 +191,11 @@ pub struct MtlsModeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeConnectionLabels {
+    pub outcome: NodeOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     /// `namespace/name` of the deciding policy, or `none`.
     pub policy: String,
@@ -214,6 +228,8 @@ pub struct Metrics {
     pub hbone_refused: ByReason,
     /// Inbound plaintext connections by the mTLS mode that decided them.
     pub plaintext_connections: Family<MtlsModeLabels, Counter>,
+    /// Plaintext connections from the node itself (kubelet probes), exempt from policy.
+    pub node_connections: Family<NodeConnectionLabels, Counter>,
     pub authz_decisions: Family<DecisionLabels, Counter>,
     /// Open connections cut because a configuration change no longer admits them.
     pub connections_revoked: Counter,
@@ -275,6 +291,11 @@ impl Metrics {
                 "ztunnel_plaintext_connections",
                 "Inbound plaintext connections by the PeerAuthentication mode that decided them",
                 m.plaintext_connections.clone()
+            ),
+            (
+                "ztunnel_node_connections",
+                "Plaintext connections the node itself (the kubelet's probes) made to enrolled pods, exempt from PeerAuthentication and AuthorizationPolicy, by outcome",
+                m.node_connections.clone()
             ),
             (
                 "ztunnel_authorization_decisions",

@@ -1,6 +1,7 @@
 //! The `ztunnel` command line: the daemon (`run`, carried out by [`crate::app`]) and the
 //! operator's commands (`policy check`, `bpf status|uninstall`, `ca init|serve`).
 mod bpf;
+mod cni;
 mod policy;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -8,8 +9,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
-pub use self::{bpf::status as bpf_status, policy::check as policy_check};
+pub use self::{
+    bpf::status as bpf_status, cni::command as cni_command, policy::check as policy_check,
+};
 use crate::{
+    cni as cni_plugin,
     identity::{istio_ca, CaFiles, SpiffeId},
     kubernetes::ApiAccess,
     logging::{self, LogFormat},
@@ -46,6 +50,42 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Install or remove the chained CNI plugin (`ztunnel-cni`) that captures new pods before
+    /// they start.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CniCommand {
+    /// Copy `ztunnel-cni` into the CNI bin directory and add it at the end of the plugin chain
+    /// of the node's network (the first .conflist of the conf directory). Idempotent.
+    Install {
+        /// The CNI plugin directory of the node (containerd's `bin_dir`, e.g. /opt/cni/bin).
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// The CNI configuration directory of the node (e.g. /etc/cni/net.d).
+        #[arg(long)]
+        conf_dir: PathBuf,
+        /// The node proxy's CNI socket (`run --cni-socket`), written into the plugin's entry.
+        #[arg(long, default_value = cni_plugin::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The plugin binary to install [default: `ztunnel-cni` next to this binary].
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
+    /// Remove the plugin's entry from every conflist of the conf directory, then the binary
+    /// and the node state file next to the socket.
+    Uninstall {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = cni_plugin::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
 }
 
@@ -221,6 +261,20 @@ pub struct RunArgs {
     /// cgroup v2 directory to attach the connect programs to [default: the cgroup2 root].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// cgroup v2 directory the node's own processes (the kubelet) live below, where the
+    /// program that recognises their connections to pods (probes) attaches [default: --cgroup].
+    #[arg(long)]
+    pub node_cgroup: Option<PathBuf>,
+    /// Serve the `ztunnel-cni` plugin on this unix socket, so new pods are captured before
+    /// they start (`ztunnel cni install` points the plugin here; conventionally
+    /// /var/run/ztunnel/cni.sock). The node state file the plugin falls back on is written
+    /// next to it. Without it, pods are enrolled when the configuration reports them.
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
+    /// How long a CNI ADD waits for a pod the configuration does not show yet before it fails
+    /// (the kubelet then retries the sandbox).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub cni_pod_wait: Duration,
     /// Namespace label that enrols a namespace's pods, as key=value.
     #[arg(long, default_value = "istio.io/dataplane-mode=ambient", value_parser = EnrolmentPolicy::parse_label)]
     pub ambient_label: (String, String),

@@ -668,4 +668,54 @@ status:
         assert_eq!(document_start_lines("a: 1\n---\nb: 2\n"), [1, 3]);
         assert_eq!(document_start_lines("# c\n---\na: 1\n--- \nb: 1"), [3, 5]);
     }
+
+    /// The snapshot of a parsed configuration names CUSTOM policies whose provider is missing.
+    #[test]
+    fn custom_policies_naming_a_provider_the_mesh_lacks_are_problems() {
+        let yaml = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: http-authz
+      envoyExtAuthzHttp: {service: ext-authz.foo.svc.cluster.local, port: 8000}
+    - name: grpc-authz
+      envoyExtAuthzGrpc: {service: ext-authz.foo.svc.cluster.local, port: 9000}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: known, namespace: foo}
+spec: {action: CUSTOM, provider: {name: http-authz}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: foo}
+spec: {action: CUSTOM, provider: {name: htpp-authz}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc, namespace: foo}
+spec: {action: CUSTOM, provider: {name: grpc-authz}, rules: [{}]}
+"#;
+        let mut objects = Objects::default();
+        parse_file(Path::new("policies.yaml"), yaml, &mut objects).unwrap();
+        let s = crate::state::Snapshot::build(1, objects, &crate::state::MeshSettings::default());
+        assert_eq!(s.problems.len(), 2, "{:#?}", s.problems);
+        assert!(
+            s.problems[0].contains("foo/grpc")
+                && s.problems[0].contains("not an envoyExtAuthzHttp"),
+            "{:#?}",
+            s.problems
+        );
+        assert!(
+            s.problems[1].contains("foo/typo")
+                && s.problems[1].contains("\"htpp-authz\"")
+                && s.problems[1].contains("istio-system/istio")
+                && s.problems[1].contains("policies.yaml"),
+            "{:#?}",
+            s.problems
+        );
+    }
 }

@@ -5,9 +5,9 @@
 //!   from one snapshot says where it goes: directly, through an HBONE tunnel, to a pod of this
 //!   node, or nowhere.
 //! * [`inbound`]: everything that arrives for an enrolled pod (plaintext steered by
-//!   `sk_lookup` to its 15006 listener, HBONE streams on its 15008 listener, and same-node mesh
-//!   traffic) goes through one pipeline, `deliver`: admit, record, connect to the application,
-//!   then relay or decide each HTTP request.
+//!   `sk_lookup` to its 15006 listener, HBONE streams on its 15008 listener, same-node mesh
+//!   traffic, and the node's own probes) goes through one pipeline, `deliver`: admit, record,
+//!   connect to the application, then relay or decide each HTTP request.
 //!
 //! Every connection has one [`record::ConnectionRecord`], which owns its access-log line and
 //! its metrics. Every upstream socket is created inside the network namespace of the pod it
@@ -33,7 +33,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    capture::OrigDstTable,
+    capture::{NodeConnections, OrigDstTable},
     hbone::{self, Pool},
     identity::{CertificateCache, SpiffeId},
     metrics::Metrics,
@@ -102,6 +102,8 @@ impl Mesh {
 pub struct ProxyOptions {
     pub home: Arc<Netns>,
     pub orig_dst: Arc<OrigDstTable>,
+    /// The node's own connections to enrolled pods (kubelet probes), recorded by the kernel.
+    pub node_connections: Arc<NodeConnections>,
     pub config: watch::Receiver<Arc<Snapshot>>,
     pub node: String,
     pub policy: EnrolmentPolicy,
@@ -170,7 +172,7 @@ impl Proxy {
             metrics: o.metrics,
             local_pods: RwLock::default(),
         });
-        let inbound = Arc::new(Inbound::new(shared.clone()));
+        let inbound = Arc::new(Inbound::new(shared.clone(), o.node_connections));
         let outbound = Arc::new(Outbound::new(shared.clone(), o.orig_dst, inbound.clone()));
         Arc::new(Self {
             shared,

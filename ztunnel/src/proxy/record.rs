@@ -8,7 +8,7 @@ use tracing::info;
 
 use crate::{
     authz::{Decision, MtlsDecision},
-    metrics::{ConnectionGuard, ConnectionLabels, Metrics},
+    metrics::{Carrier, ConnectionGuard, ConnectionLabels, Metrics},
     relay::Relayed,
 };
 
@@ -53,6 +53,8 @@ impl Ending {
 /// The fields of a `connection closed` line; each is logged only once it is known.
 #[derive(Debug, Default)]
 pub struct Line {
+    /// How it was carried, as the connection metrics label it.
+    pub transport: Option<Carrier>,
     pub hbone: bool,
     pub same_node: bool,
     /// Which pooled HBONE connection carried it.
@@ -74,6 +76,8 @@ pub struct Line {
     pub per_request: Option<bool>,
     /// The HTTP status a refused CONNECT was answered with.
     pub status: Option<u16>,
+    /// Why no policy applied (the node's own connections).
+    pub exempt: Option<&'static str>,
 }
 
 /// A connection's log line and metrics, written on drop.
@@ -153,6 +157,7 @@ impl ConnectionRecord {
         let text = |a: Option<SocketAddr>| a.map(|a| a.to_string());
         info!(
             direction,
+            transport = l.transport.map(Carrier::as_str),
             hbone = l.hbone.then_some(true),
             same_node = l.same_node.then_some(true),
             hbone_connection = l.hbone_connection,
@@ -171,6 +176,7 @@ impl ConnectionRecord {
             authz_rule = l.authz_rule,
             per_request = l.per_request,
             status = l.status,
+            exempt = l.exempt,
             bytes_sent = self.bytes.map(|b| b.0),
             bytes_received = self.bytes.map(|b| b.1),
             duration_ms = self.start.elapsed().as_millis() as u64,

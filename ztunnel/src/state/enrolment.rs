@@ -20,24 +20,41 @@ impl Snapshot {
             && pod.labels.get(opt_key) != Some(opt_value)
     }
 
-    /// Whether the proxy of `node` captures `pod`, and if not, why.
-    pub fn enrolment(&self, pod: &Pod, node: &str, policy: &EnrolmentPolicy) -> Enrolment {
+    /// Whether the proxy of `node` is to capture `pod` by its labels, node and namespace (the
+    /// part of [`Snapshot::enrolment`] that does not ask where its addresses and netns come
+    /// from; for a pod the CNI plugin reported, those are the plugin's).
+    pub fn membership(
+        &self,
+        pod: &Pod,
+        node: &str,
+        policy: &EnrolmentPolicy,
+    ) -> Result<(), Enrolment> {
         if pod.node_name.as_deref() != Some(node) {
-            return Enrolment::OtherNode(pod.node_name.clone().unwrap_or_default());
+            return Err(Enrolment::OtherNode(
+                pod.node_name.clone().unwrap_or_default(),
+            ));
         }
         if pod.host_network {
-            return Enrolment::HostNetwork;
+            return Err(Enrolment::HostNetwork);
         }
         let Some(ns) = self.namespaces.get(&pod.namespace) else {
-            return Enrolment::NamespaceUnknown;
+            return Err(Enrolment::NamespaceUnknown);
         };
         let (key, value) = &policy.namespace_label;
         if ns.labels.get(key) != Some(value) {
-            return Enrolment::NamespaceNotLabelled;
+            return Err(Enrolment::NamespaceNotLabelled);
         }
         let (key, value) = &policy.pod_opt_out_label;
         if pod.labels.get(key) == Some(value) {
-            return Enrolment::OptedOut;
+            return Err(Enrolment::OptedOut);
+        }
+        Ok(())
+    }
+
+    /// Whether the proxy of `node` captures `pod`, and if not, why.
+    pub fn enrolment(&self, pod: &Pod, node: &str, policy: &EnrolmentPolicy) -> Enrolment {
+        if let Err(why) = self.membership(pod, node, policy) {
+            return why;
         }
         if pod.ips.is_empty() {
             return Enrolment::NoIp;

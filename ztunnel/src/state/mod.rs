@@ -183,6 +183,8 @@ impl Snapshot {
             .map(|p| (Arc::as_ptr(p) as usize, OnceLock::new()))
             .collect();
         s.read_mesh_config();
+        let problems = s.custom_provider_problems();
+        s.problems.extend(problems);
         s
     }
 

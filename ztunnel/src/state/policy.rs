@@ -34,6 +34,36 @@ impl Snapshot {
             .for_workload(pod, &self.root_namespace, |name| self.service_in(pod, name))
     }
 
+    /// CUSTOM policies whose provider the mesh configuration does not define as an HTTP
+    /// ext-authz provider: every request they apply to is denied, which the operator must see
+    /// in the configuration's problems, not only when a request is refused.
+    pub(super) fn custom_provider_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for p in self.authorization_policies.iter() {
+            let (crate::authz::Action::Custom, Some(name)) = (p.action, p.provider.as_deref())
+            else {
+                continue;
+            };
+            if self.mesh_config.http_providers.contains_key(name) {
+                continue;
+            }
+            let why = if self.mesh_config.other_providers.iter().any(|o| o == name) {
+                "is not an envoyExtAuthzHttp provider (the only kind this proxy calls)".to_owned()
+            } else {
+                format!(
+                    "is not among the extensionProviders of the mesh configuration (ConfigMap {}/istio, key mesh)",
+                    self.root_namespace
+                )
+            };
+            problems.push(format!(
+                "AuthorizationPolicy {} ({}): CUSTOM provider {name:?} {why}; the requests it applies to are denied",
+                p.id(),
+                p.origin
+            ));
+        }
+        problems
+    }
+
     fn service_in(&self, pod: &Pod, name: &str) -> Option<&Service> {
         self.services
             .get(&(pod.namespace.clone(), name.to_owned()))

@@ -12,7 +12,16 @@
 //!   a CONNECT for any other address is refused (the proxy is never an open relay);
 //! * **same node**: a mesh pod of this node calling another, handed over by the outbound side.
 //!   No TLS (the bytes never leave the host), but the source is known by the listener that
-//!   accepted it, not by an address, so PeerAuthentication treats it as mutual TLS.
+//!   accepted it, not by an address, so PeerAuthentication treats it as mutual TLS;
+//! * **from the node**: plaintext that a socket of the node's own network namespace opened (the
+//!   kubelet's health probes), told apart by the kernel, not by an address. The kubelet has no
+//!   mesh identity, so under STRICT its probes would be refused and the pods would never become
+//!   Ready; Istio exempts them (it source-NATs them to 169.254.7.127, a socket of the node
+//!   being what `-m owner --socket-exists` matches), and so does this: PeerAuthentication and
+//!   AuthorizationPolicy do not apply to them. `zt_node_sockops` records, by 4-tuple, every TCP
+//!   connection a socket of the node opens to an enrolled pod's address and marks it once the
+//!   handshake completed; a connection that merely carries the node's address (a pod behind
+//!   hairpin NAT, a forged packet) has no such record.
 //!
 //! The decision is re-made on every configuration change for as long as the connection lives.
 use std::{
@@ -36,10 +45,14 @@ use super::{
     PodContext, Shared,
 };
 use crate::{
-    authz::{jwks::JwksCache, Admission, CustomCheck, InboundCall, Transport, Unknowns},
+    authz::{jwks::JwksCache, Admission, CustomCheck, Decision, InboundCall, Transport, Unknowns},
+    capture::NodeConnections,
     hbone::{self, Handler, StreamIo, Tunnel},
     identity::SpiffeId,
-    metrics::{Carrier, ConnectionLabels, MtlsModeLabels, Outcome, Reporter, Side},
+    metrics::{
+        Carrier, ConnectionLabels, MtlsModeLabels, NodeConnectionLabels, NodeOutcome, Outcome,
+        Reporter, Side,
+    },
     ports::is_proxy_port,
     relay::{relay_until, reset, Duplex},
     state::Snapshot,
@@ -58,7 +71,16 @@ pub(super) enum Arrival {
     },
     /// A mesh pod of this node, known by the outbound listener that accepted it.
     SameNode { src: Arc<PodContext> },
+    /// Plaintext from `peer`, a socket of the node itself (a kubelet probe): past the pod's
+    /// policies.
+    FromNode { peer: SocketAddr },
 }
+
+/// What the node appears as in metrics and logs (`source_workload`, `src_workload`).
+pub const NODE_SOURCE: &str = "node";
+
+/// Why the node's own connections are not decided by policy, in their log lines.
+const NODE_EXEMPTION: &str = "connection from the node itself (kubelet probe): PeerAuthentication and AuthorizationPolicy do not apply";
 
 /// Why a delivery is refused, which an HBONE caller learns as a status.
 #[derive(Clone, Copy, Debug)]
@@ -137,13 +159,16 @@ pub struct Inbound {
     pub(super) shared: Arc<Shared>,
     /// Key sets of RequestAuthentication `jwksUri`s.
     pub(super) jwks: JwksCache,
+    /// The node's own connections to enrolled pods, recorded by the kernel.
+    node_connections: Arc<NodeConnections>,
 }
 
 impl Inbound {
-    pub(super) fn new(shared: Arc<Shared>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, node_connections: Arc<NodeConnections>) -> Self {
         Self {
             shared,
             jwks: JwksCache::default(),
+            node_connections,
         }
     }
 
@@ -158,7 +183,11 @@ impl Inbound {
             return;
         };
         let snapshot = self.shared.snapshot();
-        let arrival = Arrival::Plaintext { peer };
+        let arrival = if self.node_connections.take_established(peer, dst) {
+            Arrival::FromNode { peer }
+        } else {
+            Arrival::Plaintext { peer }
+        };
         self.deliver(pod, arrival, dst, stream, snapshot, None)
             .await;
     }
@@ -254,6 +283,21 @@ impl Inbound {
                 // No TLS is involved (the bytes never leave the host): not `mutual_tls`.
                 (Carrier::SameNode, Some(src.identity.to_string()), false)
             }
+            Arrival::FromNode { peer } => {
+                record.line.src_addr = Some(peer.to_string());
+                record.line.exempt = Some(NODE_EXEMPTION);
+                (Carrier::Node, None, false)
+            }
+        };
+        record.line.transport = Some(carrier);
+        let from_node = matches!(arrival, Arrival::FromNode { .. });
+        let count_node = |outcome| {
+            if from_node {
+                metrics
+                    .node_connections
+                    .get_or_create(&NodeConnectionLabels { outcome })
+                    .inc();
+            }
         };
         let refuse = |record: &mut ConnectionRecord,
                       caller: &mut Option<&mut ConnectionRecord>,
@@ -295,17 +339,34 @@ impl Inbound {
                 "target port is reserved for the proxy",
                 Some(HboneRefusal::ReservedPort),
             )),
+            Arrival::FromNode { .. } if is_proxy_port(dst.port()) => {
+                Some(("destination port is reserved for the proxy", None))
+            }
             _ => None,
         };
         if let Some((reason, counted)) = misdirected {
             if let Some(r) = counted {
                 metrics.hbone_refused.add(r.as_str());
             }
+            count_node(NodeOutcome::Refused);
             let (why, ending) = (Refusal::Forbidden, Ending::Refused);
             return refuse(&mut record, &mut caller, downstream, why, ending, reason);
         }
 
-        let admission = self.admit(&snapshot, &pod, &call, Unknowns::Defer);
+        // The node's own connections are exempt from the pod's policies: allowed as opaque
+        // bytes, never re-checked.
+        let admission = if from_node {
+            Admission::Allowed(Decision {
+                allowed: true,
+                policy: None,
+                rule: None,
+                action: None,
+                reason: NODE_EXEMPTION.into(),
+                audit: None,
+            })
+        } else {
+            self.admit(&snapshot, &pod, &call, Unknowns::Defer)
+        };
         if let Some(mtls) = &record.line.mtls {
             let outcome = match admission {
                 Admission::MtlsRequired(_) => Outcome::Refused,
@@ -333,6 +394,7 @@ impl Inbound {
                 let (why, ending) = (Refusal::Forbidden, Ending::Denied);
                 return refuse(&mut record, &mut caller, downstream, why, ending, &d.reason);
             }
+            Admission::Allowed(d) if from_node => Some(d),
             Admission::Allowed(d) => {
                 self.record_decision(&pod, &call, &d);
                 record.decided(&d);
@@ -345,6 +407,7 @@ impl Inbound {
         let upstream = match self.shared.connect_from(&pod, dst).await {
             Ok(s) => s,
             Err(e) => {
+                count_node(NodeOutcome::ConnectFailed);
                 if matches!(arrival, Arrival::Hbone { .. }) {
                     metrics
                         .hbone_refused
@@ -362,15 +425,24 @@ impl Inbound {
                 return record.refuse(Ending::Error, format!("answering the CONNECT failed: {e}"));
             }
         };
+        count_node(NodeOutcome::Admitted);
         let per_request = decision.is_none();
-        record.line.upstream = Some(dst);
-        record.line.dst_identity = Some(pod.identity.to_string());
-        record.line.per_request = Some(per_request);
+        if !from_node {
+            record.line.upstream = Some(dst);
+            record.line.dst_identity = Some(pod.identity.to_string());
+            record.line.per_request = Some(per_request);
+        }
+        // The node is labelled as a workload `node` of a namespace `node`.
+        let node_workload = format!("{NODE_SOURCE}/{NODE_SOURCE}");
+        let src_labelled = match from_node {
+            true => Some(node_workload.as_str()),
+            false => src_workload.as_deref(),
+        };
         let labels = |reporter| {
             ConnectionLabels::new(
                 reporter,
                 carrier,
-                (src_workload.as_deref(), src_principal.clone()),
+                (src_labelled, src_principal.clone()),
                 (Some(&pod.workload), Some(pod.identity.to_string())),
                 mutual_tls,
             )
@@ -381,17 +453,21 @@ impl Inbound {
             c.count(labels(Reporter::Source));
         }
 
-        // A change that no longer admits the connection (a port made STRICT, a new DENY)
-        // resets it; other changes leave it alone.
-        let config = self.shared.config.clone();
-        let revoke = self
-            .clone()
-            .revoked(config, pod.clone(), call.clone(), per_request);
         // Counted from the client's view (sent = client to application).
-        let r = if per_request {
+        let r = if from_node {
+            relay_until(downstream, upstream, std::future::pending()).await
+        } else if per_request {
+            // A change that no longer admits the connection (a port made STRICT, a new DENY)
+            // resets it; other changes leave it alone.
+            let revoke =
+                self.clone()
+                    .revoked(self.shared.config.clone(), pod.clone(), call.clone(), true);
             self.serve_per_request(pod, call, downstream, upstream, revoke)
                 .await
         } else {
+            let revoke =
+                self.clone()
+                    .revoked(self.shared.config.clone(), pod.clone(), call.clone(), false);
             relay_until(downstream, upstream, revoke).await
         };
         record.finish(&r);
@@ -439,6 +515,11 @@ impl Arrival {
                 let call = InboundCall::new(Transport::Mesh, Some(&src.identity), source_ip, dst);
                 (call, Some(src.workload.clone()))
             }
+            // Never admitted by policy; the call says who it was, for nothing else.
+            Arrival::FromNode { peer } => (
+                InboundCall::new(Transport::Plaintext, None, Some(peer.ip()), dst),
+                Some(NODE_SOURCE.to_owned()),
+            ),
         }
     }
 }
