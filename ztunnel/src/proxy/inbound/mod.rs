@@ -453,22 +453,24 @@ impl Inbound {
             c.count(labels(Reporter::Source));
         }
 
-        // Counted from the client's view (sent = client to application).
+        // Counted from the client's view (sent = client to application). The node's own
+        // connections were admitted by no policy, so no change revokes them.
         let r = if from_node {
             relay_until(downstream, upstream, std::future::pending()).await
-        } else if per_request {
+        } else {
             // A change that no longer admits the connection (a port made STRICT, a new DENY)
             // resets it; other changes leave it alone.
-            let revoke =
-                self.clone()
-                    .revoked(self.shared.config.clone(), pod.clone(), call.clone(), true);
-            self.serve_per_request(pod, call, downstream, upstream, revoke)
-                .await
-        } else {
-            let revoke =
-                self.clone()
-                    .revoked(self.shared.config.clone(), pod.clone(), call.clone(), false);
-            relay_until(downstream, upstream, revoke).await
+            let config = self.shared.config.clone();
+            let revoke = self
+                .clone()
+                .revoked(config, pod.clone(), call.clone(), per_request);
+            match per_request {
+                true => {
+                    self.serve_per_request(pod, call, downstream, upstream, revoke)
+                        .await
+                }
+                false => relay_until(downstream, upstream, revoke).await,
+            }
         };
         record.finish(&r);
         if let Some(c) = caller {
