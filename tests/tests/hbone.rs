@@ -105,14 +105,14 @@ fn cross_node_traffic_is_mutual_tls_with_the_source_identity() -> Result<()> {
 }
 
 #[test]
-fn one_tls_connection_per_source_identity() -> Result<()> {
+fn one_tls_connection_per_source_pod_and_identity() -> Result<()> {
     let c = mesh().start()?;
     enrolled(&c)?;
     let _server = c.pod("shop", "web").http_server(8080, "web")?;
     let web = format!("{}:8080", c.pod("shop", "web").ip());
     let mut ids = Vec::new();
     for client in ["client-a", "client-b", "client-a", "other"] {
-        let m1 = c.log_mark(1);
+        let (m1, m2) = (c.log_mark(1), c.log_mark(2));
         ok(c.pod("shop", client).get(&web)?)?;
         let conn = c.wait_for_connection(1, m1, WAIT, |l| l["direction"] == "outbound")?;
         assert_eq!(conn["hbone"], true, "{conn}");
@@ -122,12 +122,21 @@ fn one_tls_connection_per_source_identity() -> Result<()> {
             "{conn}"
         );
         ids.push(conn["hbone_connection"].clone());
+        // Dialled from inside the source pod, from its own address (as Istio's ztunnel does).
+        let inbound = c.wait_for_connection(2, m2, WAIT, |l| l["direction"] == "inbound")?;
+        let src = c.pod("shop", client).ip().to_string();
+        assert!(
+            inbound["src_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{src}:"))),
+            "the tunnel comes from {src}: {inbound}"
+        );
     }
-    assert_eq!(
+    assert_eq!(ids[0], ids[2], "a pod reuses its connection");
+    assert_ne!(
         ids[0], ids[1],
-        "two pods with one service account share a connection"
+        "another pod of the same service account has its own connection"
     );
-    assert_eq!(ids[0], ids[2]);
     assert_ne!(
         ids[0], ids[3],
         "another service account has its own connection"
@@ -137,7 +146,7 @@ fn one_tls_connection_per_source_identity() -> Result<()> {
         .into_iter()
         .filter(|l| l["message"] == "HBONE connection opened")
         .collect();
-    assert_eq!(opened.len(), 2, "{opened:?}");
+    assert_eq!(opened.len(), 3, "{opened:?}");
     Ok(())
 }
 

@@ -230,7 +230,7 @@ impl Enroller {
             workload: pod.workload(),
             identity,
             ips: pod.ips.clone(),
-            netns,
+            netns: Arc::new(netns),
             netns_cookie: cookie,
         });
         let mut tasks = Vec::new();
