@@ -25,12 +25,15 @@ pub mod cleanup;
 pub mod cluster;
 pub mod config;
 pub mod metrics;
+pub mod peer;
 pub mod process;
+pub mod zds;
 
 use std::path::{Path, PathBuf};
 
 pub use cluster::{
-    pod, service, Cluster, ClusterBuilder, NodeRef, PodRef, PodSpec, ProbeOutput, ServiceSpec,
+    pod, service, Cluster, ClusterBuilder, NodeProxy, NodeRef, PodRef, PodSpec, ProbeOutput,
+    ServiceSpec,
 };
 pub use process::{wait_until, Proc};
 

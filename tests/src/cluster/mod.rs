@@ -15,9 +15,12 @@
 //! runs commands in the underlay), [`model`] is the cluster's configuration (the objects the
 //! proxies read, changed at run time), [`proxy`] starts and stops the node proxies, [`logs`]
 //! reads what they logged, and [`handles`] are the node and pod handles tests run things in.
+//! A node's proxy is ours or, for interoperability tests and `bench --peer`, Istio's own
+//! ztunnel ([`peer_proxy`]).
 mod handles;
 mod logs;
 mod model;
+mod peer_proxy;
 mod proxy;
 mod topology;
 
@@ -42,6 +45,7 @@ use crate::{
 pub use handles::{NodeRef, PodRef, ProbeOutput};
 use model::Model;
 pub use model::{pod, service, PodSpec, ServiceSpec};
+pub(crate) use peer_proxy::Peers;
 use topology::PodInfo;
 
 /// How long a proxy may take to log "proxy ready".
@@ -56,6 +60,16 @@ pub struct ClusterBuilder {
     namespaces: Vec<(String, Labels)>,
     pods: Vec<PodSpec>,
     services: Vec<ServiceSpec>,
+    peer_nodes: Vec<usize>,
+}
+
+/// Which ztunnel is a node's proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeProxy {
+    /// This project's `ztunnel` ([`crate::ztunnel_bin`]).
+    Ours,
+    /// Istio's ztunnel ([`crate::peer::peer_bin`]), fed by the harness's ZDS server.
+    Peer,
 }
 
 impl ClusterBuilder {
@@ -74,6 +88,11 @@ impl ClusterBuilder {
     }
     pub fn service(mut self, s: ServiceSpec) -> Self {
         self.services.push(s);
+        self
+    }
+    /// Node `i` runs Istio's ztunnel instead of ours (see [`crate::peer`]).
+    pub fn peer_node(mut self, i: usize) -> Self {
+        self.peer_nodes.push(i);
         self
     }
 
@@ -97,6 +116,24 @@ impl ClusterBuilder {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
+        if let Some(i) = self
+            .peer_nodes
+            .iter()
+            .find(|i| **i == 0 || **i > self.nodes)
+        {
+            bail!("node {i} cannot run the peer: it does not exist");
+        }
+        // Before anything is created: a missing peer binary fails here, clearly.
+        let peer_bin = match self.peer_nodes.is_empty() {
+            true => None,
+            false => Some(crate::peer::peer_bin()?),
+        };
+        let node_proxies = (1..=self.nodes)
+            .map(|i| match self.peer_nodes.contains(&i) {
+                true => NodeProxy::Peer,
+                false => NodeProxy::Ours,
+            })
+            .collect();
         let tmp = Path::new(TMP).join(&prefix);
         let mut c = Cluster {
             config_dir: tmp.join("config"),
@@ -107,6 +144,8 @@ impl ClusterBuilder {
             pods: Vec::new(),
             model: Mutex::new(Model::default()),
             proxies: Mutex::new((0..self.nodes).map(|_| None).collect()),
+            node_proxies,
+            peers: Peers::new(peer_bin),
         };
         // From here on, dropping `c` removes whatever was created.
         c.build(self)?;
@@ -124,6 +163,9 @@ pub struct Cluster {
     pods: Vec<PodInfo>,
     model: Mutex<Model>,
     proxies: Mutex<Vec<Option<Child>>>,
+    node_proxies: Vec<NodeProxy>,
+    /// What the peer nodes need besides their process (empty without peer nodes).
+    peers: Peers,
 }
 
 impl Cluster {
@@ -133,7 +175,13 @@ impl Cluster {
             namespaces: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            peer_nodes: Vec::new(),
         }
+    }
+
+    /// Which ztunnel node `i` runs.
+    pub fn node_proxy(&self, i: usize) -> NodeProxy {
+        self.node_proxies[i - 1]
     }
 
     fn model(&self) -> MutexGuard<'_, Model> {
@@ -249,6 +297,7 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.peers.shutdown();
         let errors = cleanup_prefix(&self.prefix);
         for e in errors {
             eprintln!("ztunnel-tests: cleaning up {}: {e}", self.prefix);

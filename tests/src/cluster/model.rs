@@ -142,13 +142,27 @@ impl Cluster {
 
     /// Replaces the pod's labels in the configuration.
     pub fn set_pod_labels(&self, namespace: &str, name: &str, l: &[(&str, &str)]) -> Result<()> {
+        self.change_pod(namespace, name, |p| p.labels = labels(l))
+    }
+
+    /// Replaces the pod's service account (its identity) in the configuration.
+    pub fn set_pod_service_account(&self, namespace: &str, name: &str, sa: &str) -> Result<()> {
+        self.change_pod(namespace, name, |p| p.service_account = sa.to_owned())
+    }
+
+    fn change_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&mut PodObject),
+    ) -> Result<()> {
         let object = {
             let mut m = self.model();
             let p = m
                 .pods
                 .get_mut(&(namespace.to_owned(), name.to_owned()))
                 .ok_or_else(|| anyhow!("pod {namespace}/{name} was not declared"))?;
-            p.labels = labels(l);
+            f(p);
             p.clone()
         };
         self.write_pod(&object)
@@ -224,10 +238,10 @@ impl Cluster {
     }
 
     /// Writes (or, with `None`, removes) a configuration file and waits until every running
-    /// proxy has applied the new configuration.
+    /// proxy of ours has applied the new configuration (a peer reads its own file at start).
     pub fn apply(&self, file: &str, text: Option<&str>) -> Result<()> {
         let nodes: Vec<usize> = (1..=self.node_count())
-            .filter(|i| self.proxy_running(*i))
+            .filter(|i| !self.is_peer(*i) && self.proxy_running(*i))
             .collect();
         let marks: Vec<usize> = nodes.iter().map(|i| self.log_mark(*i)).collect();
         match text {

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use super::{Cluster, CMD_TIMEOUT, PROXY_START_TIMEOUT};
+use super::{Cluster, NodeProxy, CMD_TIMEOUT, PROXY_START_TIMEOUT};
 use crate::{
     cleanup::NETNS_DIR,
     process::{confine, output_with_timeout},
@@ -81,9 +81,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// Spawns node `i`'s proxy: ours with `extra` arguments, or the peer with `extra`
+    /// environment assignments (`KEY=VALUE`).
     fn spawn_proxy(&self, i: usize, extra: &[&str]) -> Result<()> {
         if self.proxy_running(i) {
             bail!("the proxy of node {i} is already running");
+        }
+        if self.node_proxy(i) == NodeProxy::Peer {
+            return self.spawn_peer(i, extra);
         }
         let mut args = self.proxy_args(i);
         if extra.contains(&"--ca-address") {
@@ -94,6 +99,11 @@ impl Cluster {
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let (mut cmd, _conf) = self.ztunnel_command(i, &args)?;
+        self.spawn_logged(i, &mut cmd, "ztunnel")
+    }
+
+    /// Spawns `cmd` as node `i`'s proxy, its output appended to the node's log.
+    pub(super) fn spawn_logged(&self, i: usize, cmd: &mut Command, what: &str) -> Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -102,12 +112,15 @@ impl Cluster {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd.spawn().context("spawning ztunnel")?;
+        let child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
         self.proxies()[i - 1] = Some(child);
         Ok(())
     }
 
     fn wait_ready(&self, i: usize, mark: usize) -> Result<()> {
+        if self.node_proxy(i) == NodeProxy::Peer {
+            return self.wait_peer_ready(i);
+        }
         let node = format!("node{i}");
         let deadline = Instant::now() + PROXY_START_TIMEOUT;
         loop {
