@@ -24,6 +24,7 @@
 pub mod cleanup;
 pub mod cluster;
 pub mod config;
+pub mod hbone_client;
 pub mod metrics;
 pub mod peer;
 pub mod process;

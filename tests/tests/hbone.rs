@@ -316,59 +316,22 @@ fn a_ca_down_at_start_fails_clearly_and_recovers_without_restarts() -> Result<()
     Ok(())
 }
 
-/// Opens an mTLS HBONE connection from node 1 to `hbone` as `spiffe://…/ns/shop/sa/client`
-/// (a certificate from the cluster's CA, made the way the proxy makes its own) and sends one
-/// CONNECT per authority, returning the statuses.
+/// One CONNECT per authority from node 1 to `hbone` as `spiffe://…/ns/shop/sa/client`,
+/// expecting the server to be `shop/<server_sa>`: the statuses.
 fn connect_statuses(
     c: &Cluster,
     hbone: &str,
     server_sa: &str,
     authorities: &[String],
 ) -> Result<Vec<u16>> {
-    use ztunnel::{
-        identity::{CaFiles, CacheOptions, CertificateCache, SpiffeId},
-        netns::Netns,
-        tls,
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let ca = CaFiles::load(&c.ca_dir())?;
-        let roots = ca.roots();
-        let certs = CertificateCache::new(
-            std::sync::Arc::new(ca),
-            roots.clone(),
-            CacheOptions::default(),
-        );
-        let client_id = SpiffeId::new("cluster.local", "shop", "client")?;
-        let cert = certs.get(&client_id).await?;
-        let server_id = SpiffeId::new("cluster.local", "shop", server_sa)?;
-        let config = tls::client_config(&cert, &roots, vec![server_id]);
-        // The socket is made inside node 1's netns and keeps it.
-        let home = Netns::current()?;
-        let addr: std::net::SocketAddr = hbone.parse()?;
-        let tcp = Netns::open(&c.node(1).netns_path())?
-            .run(&home, || std::net::TcpStream::connect_timeout(&addr, WAIT))??;
-        tcp.set_nonblocking(true)?;
-        let tcp = tokio::net::TcpStream::from_std(tcp)?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(tls::server_name(addr.ip()), tcp)
-            .await?;
-        let (send, conn) = h2::client::handshake(tls).await?;
-        tokio::spawn(conn);
-        let mut statuses = Vec::new();
-        for authority in authorities {
-            let request = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri(authority.as_str())
-                .body(())?;
-            let mut ready = send.clone().ready().await?;
-            let (response, _stream) = ready.send_request(request, false)?;
-            statuses.push(response.await?.status().as_u16());
-        }
-        anyhow::Ok(statuses)
-    })
+    ztunnel_tests::hbone_client::connect_statuses(
+        c,
+        1,
+        hbone,
+        ("shop", "client"),
+        ("shop", server_sa),
+        authorities,
+    )
 }
 
 #[test]

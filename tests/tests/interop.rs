@@ -467,3 +467,64 @@ fn large_transfers_and_many_parallel_streams_arrive_intact() -> Result<()> {
     }
     Ok(())
 }
+
+/// One CONNECT per authority from `node`'s netns to `server`'s HBONE port, as `client`.
+fn statuses(
+    c: &Cluster,
+    node: usize,
+    client: &str,
+    server: &str,
+    authorities: &[String],
+) -> Result<Vec<u16>> {
+    fn sa(name: &str) -> &str {
+        if name.ends_with("-other") {
+            "other"
+        } else {
+            name
+        }
+    }
+    ztunnel_tests::hbone_client::connect_statuses(
+        c,
+        node,
+        &addr(c, server, 15008),
+        ("shop", sa(client)),
+        ("shop", sa(server)),
+        authorities,
+    )
+}
+
+#[test]
+fn refusal_statuses_on_the_wire() -> Result<()> {
+    let c = start()?;
+    let _servers = servers(&c)?;
+    // The same four CONNECTs to each side: the pod itself, a port where nothing listens,
+    // another pod's address, and the proxy's own inbound port.
+    let asks = |own: &str, other: &str| {
+        vec![
+            addr(&c, own, HTTP),
+            addr(&c, own, 9999),
+            addr(&c, other, HTTP),
+            addr(&c, own, 15006),
+        ]
+    };
+    let theirs = statuses(
+        &c,
+        OURS,
+        "ours-client",
+        "peer-server",
+        &asks("peer-server", "ours-server"),
+    )?;
+    let ours = statuses(
+        &c,
+        PEER,
+        "peer-client",
+        "ours-server",
+        &asks("ours-server", "peer-server"),
+    )?;
+    // Both serve the pod and answer 503 when its application does not; for an address that is
+    // not the pod's theirs answers 400 and ours 403, and for the proxy's own port 503 and 403
+    // (docs/hbone.md, "Interoperability").
+    assert_eq!(theirs, [200, 503, 400, 503], "Istio's ztunnel");
+    assert_eq!(ours, [200, 503, 403, 403], "ours");
+    Ok(())
+}
