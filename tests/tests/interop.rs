@@ -1,7 +1,8 @@
 //! Interoperability with Istio's own ztunnel (the "peer", github.com/istio/ztunnel at 62d82653):
 //! node 1 runs our proxy, node 2 runs theirs as Istio runs it on a node (`PROXY_MODE=shared`,
 //! pods handed over by the harness's ZDS server, Istio's in-pod redirection in its pods,
-//! configuration from a local file, certificates from our `ztunnel ca serve`, directly).
+//! configuration from a local file, certificates from our `ztunnel ca serve`, directly; where
+//! a test says so, ours too).
 //! Every test fails, never skips, when the peer binary is missing (see `ztunnel_tests::peer`).
 //!
 //! What is checked, both directions: HBONE between a pod behind our proxy and one behind theirs,
@@ -103,8 +104,14 @@ fn servers(c: &Cluster) -> Result<Vec<ztunnel_tests::Proc>> {
 }
 
 #[test]
-fn hbone_both_ways_with_the_peer_certified_by_our_ca_service() -> Result<()> {
-    let c = start()?;
+fn hbone_both_ways_with_both_proxies_certified_by_our_ca_service() -> Result<()> {
+    // One CA service for both: theirs verifies it by the IP it dials, ours by its SPIFFE id.
+    let c = interop().start_without_proxies()?;
+    c.start_ca_service(c.ca_service_addr(), &[])?;
+    let args = c.ca_service_args();
+    c.start_proxy_with(OURS, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    c.start_proxy(PEER)?;
+    enrolled(&c)?;
     let _servers = servers(&c)?;
     let (m1, m2) = (c.log_mark(OURS), c.log_mark(PEER));
     let ((to_peer, to_ours), bytes, text) = c.capture_underlay(OURS, || {
@@ -169,9 +176,9 @@ fn hbone_both_ways_with_the_peer_certified_by_our_ca_service() -> Result<()> {
         !text.is_empty() && text.lines().all(|l| l.contains(".15008")),
         "only the tunnel port crosses the underlay:\n{text}"
     );
-    // The peer's certificates came from our CA service itself (it dialled it by IP).
+    // Every certificate came from the CA service itself.
     let ca = c.ca_service_log();
-    for sa in ["peer-client", "peer-server"] {
+    for sa in ["peer-client", "peer-server", "ours-client", "ours-server"] {
         assert!(
             ca.iter()
                 .any(|l| l.contains("issued certificate") && l.contains(&spiffe(sa))),

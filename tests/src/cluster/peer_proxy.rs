@@ -74,6 +74,26 @@ impl Cluster {
         SocketAddr::new(self.node(1).ip().into(), CA_PORT)
     }
 
+    /// The bearer token file the CA service requires (written when it starts).
+    pub fn ca_token_file(&self) -> PathBuf {
+        self.tmp.join("ca-token")
+    }
+
+    /// Arguments that make our proxy take its certificates from the CA service the peers use,
+    /// verifying it by its SPIFFE id (as `run --ca-address ... --ca-identity` does in a cluster).
+    pub fn ca_service_args(&self) -> Vec<String> {
+        vec![
+            "--ca-address".into(),
+            self.ca_service_addr().to_string(),
+            "--ca-root".into(),
+            self.ca_dir().join("root-cert.pem").display().to_string(),
+            "--ca-identity".into(),
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel-ca".into(),
+            "--ca-token-file".into(),
+            self.ca_token_file().display().to_string(),
+        ]
+    }
+
     /// Authorization policies for the peers, one YAML mapping each in their local format (see
     /// [`peer::local_config`]); a peer reads them when it (re)starts.
     pub fn set_peer_policies(&self, policies: &[&str]) -> Result<()> {
@@ -128,7 +148,7 @@ impl Cluster {
         if let Some(mut old) = ca.take() {
             old.kill();
         }
-        let token = self.tmp.join("ca-token");
+        let token = self.ca_token_file();
         fs::write(&token, CA_TOKEN).context("writing the CA token")?;
         let (bin, dir, listen) = (
             crate::ztunnel_bin().display().to_string(),
@@ -244,7 +264,7 @@ impl Cluster {
             .env("INPOD_UDS", &socket)
             .env("CA_ADDRESS", format!("https://{}", self.ca_service_addr()))
             .env("CA_ROOT_CA", self.ca_dir().join("root-cert.pem"))
-            .env("AUTH_TOKEN", self.tmp.join("ca-token"));
+            .env("AUTH_TOKEN", self.ca_token_file());
         for kv in env {
             let (k, v) = kv
                 .split_once('=')
