@@ -78,6 +78,9 @@ pub fn peer_bin_from(explicit: Option<PathBuf>) -> Result<PathBuf> {
     }
     let archive = find_archive(&archive_candidates())?;
     let bin = crate::workspace_root().join("target/peer/istio-ztunnel");
+    // Tests start clusters in parallel: one unpacks, the others wait for it.
+    static UNPACKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = UNPACKING.lock().unwrap_or_else(|p| p.into_inner());
     let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
     if bin.is_file() && mtime(&bin) >= mtime(&archive) {
         return Ok(bin);
