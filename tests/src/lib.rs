@@ -7,6 +7,9 @@
 //! it is dropped, even on panic; leftovers of crashed runs are swept when the first cluster of a
 //! test process starts. Needs root, a cgroup v2 mount and bpffs at `/sys/fs/bpf`.
 //!
+//! A node can run Istio's own ztunnel instead of ours ([`ClusterBuilder::peer_node`], see
+//! [`peer`] and [`zds`]), for the interoperability tests and `cargo xtask bench --peer`.
+//!
 //! ```no_run
 //! use ztunnel_tests::{pod, service, Cluster};
 //! let c = Cluster::builder()
