@@ -138,14 +138,13 @@ impl Mesh {
 /// is picked at connect time, per destination, so a busy pod does not run out of ports.
 fn bind_address_only(socket: &socket2::Socket, ip: IpAddr) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a valid int option value on a socket we own.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::IPPROTO_IP,
-            IP_BIND_ADDRESS_NO_PORT,
+            libc::IP_BIND_ADDRESS_NO_PORT,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -294,4 +293,43 @@ pub fn is_proxy_port(port: u16) -> bool {
         ADMIN_PORT,
     ]
     .contains(&port)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
+
+    use super::*;
+
+    /// The tunnel's socket leaves from the address it was bound to, on either family, with the
+    /// port chosen at connect time.
+    #[tokio::test]
+    async fn tunnel_sockets_leave_from_the_bound_address() {
+        for (bind, listen) in [
+            (
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ),
+            (
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ),
+        ] {
+            let Ok(listener) = TcpListener::bind((listen, 0)) else {
+                continue; // no IPv6 on this host
+            };
+            let dst = listener.local_addr().unwrap();
+            let socket = new_marked_socket(dst).unwrap();
+            bind_address_only(&socket, bind).unwrap();
+            let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
+                .connect(dst)
+                .await
+                .unwrap();
+            let local = tcp.local_addr().unwrap();
+            assert_eq!(local.ip(), bind);
+            assert_ne!(local.port(), 0);
+            let (_, peer) = listener.accept().unwrap();
+            assert_eq!(peer, local);
+        }
+    }
 }
