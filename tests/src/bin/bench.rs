@@ -6,7 +6,7 @@
 //! (ambient, Istio's ztunnel as both node proxies). Measurements run one after another, never
 //! together, in rounds: every round measures every path, the mesh paths in alternating order,
 //! and the table shows the medians and the spread between rounds. Bounded: about a minute with
-//! the defaults, about five with `--peer`. See docs/benchmarks.md.
+//! the defaults, about four with `--peer`. See docs/benchmarks.md.
 use std::{
     collections::BTreeMap,
     fs,
