@@ -36,8 +36,8 @@ pub mod zds;
 use std::path::{Path, PathBuf};
 
 pub use cluster::{
-    pod, service, Cluster, ClusterBuilder, NodeProxy, NodeRef, PodRef, PodSpec, ProbeOutput,
-    ServiceSpec,
+    pod, service, underlay_not_only_mtls, Cluster, ClusterBuilder, NodeProxy, NodeRef, PodRef,
+    PodSpec, ProbeOutput, ServiceSpec,
 };
 pub use process::{wait_until, Proc};
 

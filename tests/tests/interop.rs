@@ -163,19 +163,8 @@ fn hbone_both_ways_with_both_proxies_certified_by_our_ca_service() -> Result<()>
     assert_eq!(outbound["dst.workload"], "ours-server", "{outbound}");
 
     // Only mutual TLS on the tunnel port crossed the underlay.
-    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    assert!(
-        !contains(b"secret-path"),
-        "a request path crossed in plaintext"
-    );
-    assert!(
-        !contains(b"HTTP/1.1"),
-        "HTTP crossed the underlay in plaintext"
-    );
-    assert!(
-        !text.is_empty() && text.lines().all(|l| l.contains(".15008")),
-        "only the tunnel port crosses the underlay:\n{text}"
-    );
+    let problem = ztunnel_tests::underlay_not_only_mtls(&bytes, &text, &[b"secret-path"]);
+    assert_eq!(problem, None);
     // Every certificate came from the CA service itself.
     let ca = c.ca_service_log();
     for sa in ["peer-client", "peer-server", "ours-client", "ours-server"] {
@@ -356,12 +345,7 @@ fn pooled_connections_are_reused_both_ways() -> Result<()> {
     for _ in 0..3 {
         ok(get(&c, "ours-client", "peer-server")?)?;
     }
-    let ours: Vec<Value> = wait_n(3, || {
-        c.connections_since(OURS, m1)
-            .into_iter()
-            .filter(|l| l["direction"] == "outbound")
-            .collect()
-    })?;
+    let ours = wait_n(3, || ours_since(&c, m1, "outbound"))?;
     assert!(
         ours.iter()
             .all(|l| l["hbone_connection"] == ours[0]["hbone_connection"]),
@@ -385,12 +369,7 @@ fn pooled_connections_are_reused_both_ways() -> Result<()> {
     for _ in 0..3 {
         ok(get(&c, "peer-client", "ours-server")?)?;
     }
-    let inbound: Vec<Value> = wait_n(3, || {
-        c.connections_since(OURS, m1)
-            .into_iter()
-            .filter(|l| l["direction"] == "inbound")
-            .collect()
-    })?;
+    let inbound = wait_n(3, || ours_since(&c, m1, "inbound"))?;
     assert!(
         inbound
             .iter()
@@ -401,6 +380,15 @@ fn pooled_connections_are_reused_both_ways() -> Result<()> {
     Ok(())
 }
 
+/// Our proxy's "connection closed" lines in `direction` after `mark`.
+fn ours_since(c: &Cluster, mark: usize, direction: &str) -> Vec<Value> {
+    c.connections_since(OURS, mark)
+        .into_iter()
+        .filter(|l| l["direction"] == direction)
+        .collect()
+}
+
+/// The peer's access lines in `direction` after `mark`.
 fn access_since(c: &Cluster, mark: usize, direction: &str) -> Vec<Value> {
     c.logs_since(PEER, mark)
         .into_iter()

@@ -46,6 +46,7 @@ pub use handles::{NodeRef, PodRef, ProbeOutput};
 use model::Model;
 pub use model::{pod, service, PodSpec, ServiceSpec};
 pub(crate) use peer_proxy::Peers;
+pub use topology::underlay_not_only_mtls;
 use topology::PodInfo;
 
 /// How long a proxy may take to log "proxy ready".

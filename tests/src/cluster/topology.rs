@@ -320,3 +320,25 @@ impl Cluster {
         Proc::spawn(&mut cmd, &format!("underlay: {}", args.join(" ")))
     }
 }
+
+/// What is wrong with a capture of the underlay that should carry only mutual TLS on the HBONE
+/// port: any of `secrets` (bytes the test sent) or HTTP/1.1 in clear, a packet on another port,
+/// or no packet at all. `None` if nothing.
+pub fn underlay_not_only_mtls(bytes: &[u8], text: &str, secrets: &[&[u8]]) -> Option<String> {
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    if let Some(s) = secrets.iter().find(|s| contains(s)) {
+        return Some(format!(
+            "{:?} crossed the underlay in plaintext",
+            String::from_utf8_lossy(s)
+        ));
+    }
+    if contains(b"HTTP/1.1") {
+        return Some("HTTP crossed the underlay in plaintext".into());
+    }
+    if text.is_empty() || !text.lines().all(|l| l.contains(".15008")) {
+        return Some(format!(
+            "not only the tunnel port crosses the underlay:\n{text}"
+        ));
+    }
+    None
+}
