@@ -204,8 +204,10 @@ pub fn local_config(
     policies: &[serde_yaml::Value],
 ) -> String {
     let ports = |s: &ServiceObject| s.ports.iter().copied().collect::<BTreeMap<u16, u16>>();
+    // A pending pod has no sandbox yet, so no address: not a workload the peer can reach.
     let workloads = pods
         .iter()
+        .filter(|(p, _)| !p.pending)
         .map(|(p, mesh)| LocalWorkload {
             uid: workload_uid(p),
             name: &p.name,
@@ -369,6 +371,7 @@ mod tests {
             netns_path: "/run/netns/x".into(),
             ips: vec!["10.2.0.2".into()],
             container_ports: vec![],
+            pending: false,
         };
         let svc = ServiceObject {
             namespace: "shop".into(),

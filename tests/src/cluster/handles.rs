@@ -9,7 +9,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
-use super::{command, topology::PodInfo, Cluster, CMD_TIMEOUT};
+use super::{
+    command,
+    topology::{PodInfo, NODE_PROCESSES_CGROUP},
+    Cluster, CMD_TIMEOUT,
+};
 use crate::{
     cleanup::NETNS_DIR,
     process::{confine, output_with_timeout, Proc},
@@ -47,6 +51,24 @@ impl NodeRef<'_> {
     }
     pub fn logs(&self) -> Vec<Value> {
         self.cluster.logs(self.i)
+    }
+
+    /// The cgroup of the node's own processes (below [`NodeRef::cgroup`], as the kubelet is
+    /// below the cgroup root on a real node).
+    pub fn processes_cgroup(&self) -> PathBuf {
+        self.cluster.node_cgroup(self.i).join(NODE_PROCESSES_CGROUP)
+    }
+
+    /// Runs a command as one of the node's own processes (a kubelet probe): in the node's
+    /// netns and in [`NodeRef::processes_cgroup`].
+    pub fn exec_as_node(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        let mut cmd = command(args)?;
+        let _conf = confine(
+            &mut cmd,
+            Some(&self.netns_path()),
+            Some(&self.processes_cgroup()),
+        )?;
+        output_with_timeout(&mut cmd, timeout)
     }
 
     /// Runs a command in the node's netns (tools cgroup, outside the node's pod cgroups).
@@ -166,6 +188,13 @@ impl<'a> PodRef<'a> {
     }
     pub fn cgroup(&self) -> &Path {
         &self.info.cgroup
+    }
+    /// The pod's `metadata.uid` in the configuration.
+    pub fn uid(&self) -> String {
+        format!(
+            "{}-{}-{}",
+            self.cluster.prefix, self.info.namespace, self.info.name
+        )
     }
 
     fn confined(&self, args: &[&str]) -> Result<(Command, crate::process::Confinement)> {

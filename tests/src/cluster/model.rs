@@ -20,6 +20,7 @@ pub struct PodSpec {
     pub(super) reported_ips: Option<Vec<String>>,
     pub(super) container_ports: Vec<u16>,
     pub(super) listed: bool,
+    pub(super) pending: bool,
 }
 
 /// Declares pod `namespace/name` (on node 1 unless [`PodSpec::node`] says otherwise).
@@ -34,6 +35,7 @@ pub fn pod(namespace: &str, name: &str) -> PodSpec {
         reported_ips: None,
         container_ports: Vec::new(),
         listed: true,
+        pending: false,
     }
 }
 
@@ -69,6 +71,12 @@ impl PodSpec {
     /// (see [`Cluster::add_pod`]).
     pub fn unlisted(mut self) -> Self {
         self.listed = false;
+        self
+    }
+    /// Lists the pod as the API shows it before its sandbox exists: no addresses, no netns
+    /// (see [`Cluster::report_pod_running`]).
+    pub fn pending(mut self) -> Self {
+        self.pending = true;
         self
     }
 }
@@ -142,15 +150,16 @@ impl Cluster {
 
     /// Replaces the pod's labels in the configuration.
     pub fn set_pod_labels(&self, namespace: &str, name: &str, l: &[(&str, &str)]) -> Result<()> {
-        self.change_pod(namespace, name, |p| p.labels = labels(l))
+        self.update_pod(namespace, name, |p| p.labels = labels(l))
     }
 
     /// Replaces the pod's service account (its identity) in the configuration.
     pub fn set_pod_service_account(&self, namespace: &str, name: &str, sa: &str) -> Result<()> {
-        self.change_pod(namespace, name, |p| p.service_account = sa.to_owned())
+        self.update_pod(namespace, name, |p| p.service_account = sa.to_owned())
     }
 
-    fn change_pod(
+    /// Changes the pod's object with `f` and writes it.
+    fn update_pod(
         &self,
         namespace: &str,
         name: &str,
@@ -177,6 +186,12 @@ impl Cluster {
             .cloned()
             .ok_or_else(|| anyhow!("pod {namespace}/{name} was not declared"))?;
         self.write_pod(&object)
+    }
+
+    /// Writes a [`PodSpec::pending`] pod as the API shows it once its sandbox runs: with its
+    /// addresses and netns.
+    pub fn report_pod_running(&self, namespace: &str, name: &str) -> Result<()> {
+        self.update_pod(namespace, name, |p| p.pending = false)
     }
 
     /// Deletes the pod's object from the configuration (its netns and processes stay).

@@ -192,15 +192,17 @@ impl Cluster {
             .filter(|info| info.node == i)
             .filter_map(|info| {
                 let p = m.pods.get(&(info.namespace.clone(), info.name.clone()))?;
-                (p.node == node && peer::in_mesh(m.namespaces.get(&p.namespace), &p.labels)).then(
-                    || ZdsPod {
-                        uid: peer::workload_uid(p),
-                        name: p.name.clone(),
-                        namespace: p.namespace.clone(),
-                        service_account: p.service_account.clone(),
-                        netns: Path::new(NETNS_DIR).join(&info.netns),
-                    },
-                )
+                // istio-cni hands a pod over once its sandbox runs.
+                (p.node == node
+                    && !p.pending
+                    && peer::in_mesh(m.namespaces.get(&p.namespace), &p.labels))
+                .then(|| ZdsPod {
+                    uid: peer::workload_uid(p),
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
+                    netns: Path::new(NETNS_DIR).join(&info.netns),
+                })
             })
             .collect()
     }

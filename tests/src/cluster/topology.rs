@@ -20,6 +20,9 @@ use crate::{
 /// MAC of every node-side pod veth (as Calico does); pods resolve their gateway to it statically.
 const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
 const GATEWAY_IP: &str = "169.254.1.1";
+/// Below each node's cgroup: the node's own processes (as the kubelet lives below the cgroup
+/// root the proxy attaches to), next to the pods' cgroups `<ns>_<pod>`.
+pub(super) const NODE_PROCESSES_CGROUP: &str = "host";
 
 /// One pod as created.
 #[derive(Clone, Debug)]
@@ -94,7 +97,7 @@ impl Cluster {
                     &format!("10.255.0.{k}"),
                 ])?;
             }
-            fs::create_dir_all(self.node_cgroup(i))?;
+            fs::create_dir_all(self.node_cgroup(i).join(NODE_PROCESSES_CGROUP))?;
         }
         let mut per_node = vec![0usize; self.nodes + 1];
         let mut sysctls: Vec<Vec<String>> = vec![Vec::new(); self.nodes + 1];
@@ -191,7 +194,7 @@ impl Cluster {
             let object = PodObject {
                 namespace: spec.namespace.clone(),
                 name: spec.name.clone(),
-                uid: format!("{}-{}-{}", self.prefix, spec.namespace, spec.name),
+                uid: format!("{}-{}-{}", self.prefix, spec.namespace, spec.name), // PodRef::uid
                 node: format!("node{i}"),
                 service_account: spec
                     .service_account
@@ -207,6 +210,7 @@ impl Cluster {
                     .clone()
                     .unwrap_or_else(|| vec![info.ip.to_string()]),
                 container_ports: spec.container_ports.clone(),
+                pending: spec.pending,
             };
             self.pods.push(info);
             let key = (spec.namespace.clone(), spec.name.clone());
