@@ -13,7 +13,8 @@ use crate::{output, run};
 
 /// Debian packages the demo and the tests use (bpftool for inspection, the rest as traffic
 /// generators, packet capture and for the firewall check; python3-venv for the manifest
-/// validator's venv).
+/// validator's venv; xz-utils to unpack Istio's ztunnel for the interoperability tests, whose
+/// in-pod redirection also uses iptables).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -26,6 +27,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "python3-venv",
+    "xz-utils",
 ];
 
 /// Where the capture programs expect bpffs.

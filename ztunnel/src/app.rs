@@ -220,7 +220,12 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
-                mesh: Mesh::new(args.trust_domain.clone(), certs, metrics.clone()),
+                mesh: Mesh::new(
+                    args.trust_domain.clone(),
+                    certs,
+                    metrics.clone(),
+                    home.clone(),
+                ),
                 metrics: metrics.clone(),
             });
             let ready = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,5 @@
-//! The HBONE client's transport: TCP from the node with the proxy mark, then mutual TLS as the
-//! source workload, accepting only a server that proves the destination's identity (secure
+//! The HBONE client's transport: TCP from the source pod (its netns and address) with the proxy
+//! mark, then mutual TLS as the source workload, accepting only a server that proves the destination's identity (secure
 //! naming). The pool ([`super::pool`]) calls it through its [`Connector`] for every new
 //! connection.
 use std::{io, sync::Arc, time::Duration};
@@ -12,6 +12,7 @@ use super::{Authenticated, Connector, Io, PoolKey};
 use crate::{
     identity::{CertError, CertificateCache},
     metrics::{Metrics, Side},
+    netns::Netns,
     socket, tls,
 };
 
@@ -45,11 +46,13 @@ impl From<DialError> for io::Error {
     }
 }
 
-/// Dials `key.addr` from the node's netns and authenticates both ends: ours as `key.src`, the
-/// peer as `key.dst` (the only identity accepted).
+/// Dials `key.addr` from inside the source pod's netns (`key.origin`, from the pod's own
+/// address, so the destination sees the pod; the thread returns to `home`) and authenticates
+/// both ends: ours as `key.src`, the peer as `key.dst` (the only identity accepted).
 pub async fn dial(
     certs: &CertificateCache,
     roots: &[CertificateDer<'static>],
+    home: &Netns,
     key: &PoolKey,
 ) -> Result<Authenticated<TlsStream<TcpStream>>, DialError> {
     let cert = certs
@@ -60,7 +63,18 @@ pub async fn dial(
             source,
         })?;
     let config = tls::client_config(&cert, roots, vec![key.dst.clone()]);
-    let socket = socket::marked(key.addr).map_err(DialError::Connect)?;
+    let socket = key
+        .origin
+        .netns
+        .run(home, || socket::marked(key.addr))
+        .and_then(|s| s)
+        .and_then(|s| {
+            if let Some(ip) = key.origin.ip {
+                socket::bind_address_only(&s, ip)?;
+            }
+            Ok(s)
+        })
+        .map_err(DialError::Connect)?;
     let tcp = socket::connect(socket, key.addr, CONNECT_TIMEOUT)
         .await
         .map_err(DialError::Connect)?;
@@ -86,11 +100,13 @@ pub fn connector(
     certs: Arc<CertificateCache>,
     roots: Vec<CertificateDer<'static>>,
     metrics: Arc<Metrics>,
+    home: Arc<Netns>,
 ) -> Connector {
     Arc::new(move |key: PoolKey| {
         let (certs, roots, metrics) = (certs.clone(), roots.clone(), metrics.clone());
+        let home = home.clone();
         Box::pin(async move {
-            match dial(&certs, &roots, &key).await {
+            match dial(&certs, &roots, &home, &key).await {
                 Ok(tls) => {
                     metrics.handshake(Side::Outbound, "ok");
                     Ok(Box::new(tls.stream) as Box<dyn Io>)

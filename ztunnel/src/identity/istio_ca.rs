@@ -26,7 +26,7 @@ pub use auth::{AllowAll, AuthError, Authenticator, StaticToken};
 pub use client::IstioCaClient;
 pub use server::{
     issue_server_tls, run_ca_service, run_ca_service_until, serve, CaServiceOptions, CallerAuth,
-    ServerTls,
+    ServerTls, ServingNames, DEFAULT_SERVICE_NAMES,
 };
 
 /// The gRPC method path of `CreateCertificate`.

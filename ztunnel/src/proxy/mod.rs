@@ -57,7 +57,8 @@ pub struct PodContext {
     pub workload: String,
     pub identity: SpiffeId,
     pub ips: Vec<IpAddr>,
-    pub netns: Netns,
+    /// Shared with the HBONE pool keys of the tunnels dialled from this pod.
+    pub netns: Arc<Netns>,
     pub netns_cookie: u64,
 }
 
@@ -84,11 +85,17 @@ const HBONE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Mesh {
     /// Must be called inside the runtime (the pool runs an expiry task). Tunnel connections are
-    /// made from the node's network namespace (the proxy's own), so one TLS session can carry
-    /// the streams of every pod of an identity on this node.
-    pub fn new(trust_domain: String, certs: Arc<CertificateCache>, metrics: Arc<Metrics>) -> Self {
+    /// dialled from inside the source pod's network namespace, from the pod's own address (as
+    /// Istio's ztunnel does, so the destination sees the pod), and marked so they are never
+    /// captured; `home` is the node's netns the dialling thread returns to.
+    pub fn new(
+        trust_domain: String,
+        certs: Arc<CertificateCache>,
+        metrics: Arc<Metrics>,
+        home: Arc<Netns>,
+    ) -> Self {
         let roots = certs.roots().to_vec();
-        let connector = hbone::client::connector(certs.clone(), roots.clone(), metrics);
+        let connector = hbone::client::connector(certs.clone(), roots.clone(), metrics, home);
         Self {
             trust_domain,
             certs,

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     capture::OrigDstTable,
-    hbone::PoolKey,
+    hbone::{Origin, PoolKey},
     identity::SpiffeId,
     metrics::{Carrier, ConnectionLabels, Reporter},
     relay::{relay, reset},
@@ -65,8 +65,9 @@ impl fmt::Display for NoRoute {
 pub enum Plan {
     /// Outside the mesh (or a mesh pod of unknown identity): connected directly from the pod.
     Direct(Route),
-    /// An enrolled workload on another node: HBONE to its pod's port 15008.
-    Tunnel(Route, PoolKey),
+    /// An enrolled workload on another node: HBONE to its pod's port 15008, over the pooled
+    /// connection of this key (boxed: it is most of the plan's size).
+    Tunnel(Route, Box<PoolKey>),
     /// A pod enrolled on this node: handed to this proxy's inbound side, no TLS.
     SameNode(Route, Arc<PodContext>),
     Refuse(NoRoute),
@@ -127,7 +128,7 @@ impl Outbound {
                 record.refuse(Ending::Refused, why.to_string());
             }
             Plan::Direct(route) => self.direct(pod, stream, route, record).await,
-            Plan::Tunnel(route, key) => self.tunnel(pod, stream, route, key, record).await,
+            Plan::Tunnel(route, key) => self.tunnel(pod, stream, route, *key, record).await,
             Plan::SameNode(route, dst) => {
                 record.line.same_node = true;
                 record.line.src_identity = Some(pod.identity.to_string());
@@ -156,7 +157,7 @@ impl Outbound {
             Err(why) => return Plan::Refuse(why),
         };
         if let Some(key) = self.tunnel_for(pod, snapshot, &route) {
-            return Plan::Tunnel(route, key);
+            return Plan::Tunnel(route, Box::new(key));
         }
         match self.shared.local_pod(route.upstream.ip()) {
             Some(dst) => Plan::SameNode(route, dst),
@@ -231,6 +232,15 @@ impl Outbound {
             )
             .ok()?,
             addr: SocketAddr::new(route.upstream.ip(), HBONE_PORT),
+            origin: Origin {
+                netns: pod.netns.clone(),
+                netns_cookie: pod.netns_cookie,
+                ip: pod
+                    .ips
+                    .iter()
+                    .copied()
+                    .find(|ip| ip.is_ipv4() == route.upstream.is_ipv4()),
+            },
         })
     }
 
