@@ -225,6 +225,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                     certs,
                     metrics.clone(),
                     home.clone(),
+                    args.hbone.limits(),
                 ),
                 metrics: metrics.clone(),
             });
