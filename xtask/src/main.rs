@@ -79,7 +79,11 @@ enum Task {
 #[derive(Subcommand)]
 enum ClusterAction {
     /// Set up, build, and start the cluster; ends with `export KUBECONFIG=...`.
-    Up,
+    Up {
+        /// Use the release binaries as they are (the real-cluster suite, run after the build).
+        #[arg(long)]
+        no_build: bool,
+    },
     /// Remove every process, mount, netns, cgroup, link, route, file and sysctl change of it.
     Down,
     /// The cluster's daemons and each node's readiness.
@@ -222,10 +226,13 @@ fn test(args: &[String]) -> Result<()> {
         );
     }
     let firewall_before = checks::firewall_snapshot().context("snapshotting the firewall")?;
+    // The real-cluster suite brings its cluster up and down with this very xtask.
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
     let tests = run(with_binaries(
         cargo()
             .args(["test", "--workspace", "--release"])
-            .args(args),
+            .args(args)
+            .env("ZT_XTASK_BIN", xtask),
     ));
     let firewall_after = checks::firewall_snapshot().context("snapshotting the firewall")?;
     let firewall_diff = checks::firewall_diff(&firewall_before, &firewall_after);
@@ -290,7 +297,8 @@ fn main() -> ExitCode {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, &targets))
         }
         Task::Cluster { action } => match action {
-            ClusterAction::Up => setup::setup()
+            ClusterAction::Up { no_build: true } => cluster::up(),
+            ClusterAction::Up { no_build: false } => setup::setup()
                 .and_then(|()| build())
                 .and_then(|()| cluster::up()),
             ClusterAction::Down => cluster::down(),
