@@ -334,6 +334,11 @@ fn bpftool(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// This host's cgroup v2 mount (`/sys/fs/cgroup/unified` on hybrid hosts).
+fn cgroup2() -> Result<std::path::PathBuf> {
+    ztunnel_tests::cleanup::cgroup2_root()
+}
+
 /// Findings: the cgroup v2 path on hybrid hosts, and one pin directory and cgroup per node
 /// where nodes share a host (`$(NODE_NAME)` in the chart's values).
 fn per_node_attachment() -> Result<()> {
@@ -344,7 +349,7 @@ fn per_node_attachment() -> Result<()> {
             "no pins in {}",
             pins.display()
         );
-        let cgroup = format!("/sys/fs/cgroup/unified/{node}");
+        let cgroup = cgroup2()?.join(node).display().to_string();
         let attached = bpftool(&["cgroup", "show", &cgroup])?;
         for prog in ["zt_connect4", "zt_sockops"] {
             ensure!(
@@ -353,7 +358,7 @@ fn per_node_attachment() -> Result<()> {
             );
         }
     }
-    let root = bpftool(&["cgroup", "show", "/sys/fs/cgroup/unified"])?;
+    let root = bpftool(&["cgroup", "show", &cgroup2()?.display().to_string()])?;
     ensure!(
         !root.contains("zt_connect4"),
         "attached at the machine's root: {root}"
@@ -857,7 +862,7 @@ fn uninstall(web: Ipv4Addr) -> Result<()> {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         ensure!(left.is_empty(), "{} still holds {left:?}", dir.display());
-        let cgroup = format!("/sys/fs/cgroup/unified/{node}");
+        let cgroup = cgroup2()?.join(node).display().to_string();
         let attached = bpftool(&["cgroup", "show", &cgroup])?;
         ensure!(!attached.contains("zt_"), "{cgroup} still has {attached}");
     }

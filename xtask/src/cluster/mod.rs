@@ -610,6 +610,11 @@ fn install_chart(bins: &binaries::Binaries, helm: &Path) -> Result<()> {
             .arg(root().join("deploy/helm/ztunnel"))
             .args(["-n", "istio-system", "-f"])
             .arg(root().join("deploy/helm/ztunnel/ci/local-cluster-values.yaml"))
+            .arg("--set")
+            .arg(format!(
+                "nodeProxy.cgroupRoot={}",
+                host::cgroup2_root()?.display()
+            ))
             .args(["--wait", "--timeout", "120s"]),
     )?;
     output(k().args([
