@@ -193,18 +193,33 @@ pub fn wait_for<T>(
     }
 }
 
+/// `kubectl wait` for pods of a namespace to be Ready.
+pub fn wait_ready(ns: &str, pods: &[&str]) -> Result<()> {
+    let mut args = vec!["wait", "--for=condition=Ready", "--timeout=60s", "-n", ns];
+    let names: Vec<String> = pods.iter().map(|p| format!("pod/{p}")).collect();
+    args.extend(names.iter().map(String::as_str));
+    kubectl(&args).map(drop)
+}
+
+/// The node proxies' pods (those on `node` only, if given), as kubectl's JSON list.
+pub fn proxy_pods(node: Option<&str>) -> Result<Value> {
+    let mut args = vec![
+        "-n".to_owned(),
+        "istio-system".into(),
+        "get".into(),
+        "pods".into(),
+        "-l".into(),
+        "app.kubernetes.io/component=node-proxy".into(),
+    ];
+    if let Some(node) = node {
+        args.extend(["--field-selector".into(), format!("spec.nodeName={node}")]);
+    }
+    kubectl_json(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// The node proxy pod on `node`.
 pub fn proxy_pod(node: &str) -> Result<String> {
-    let pods = kubectl_json(&[
-        "-n",
-        "istio-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/component=node-proxy",
-        "--field-selector",
-        &format!("spec.nodeName={node}"),
-    ])?;
+    let pods = proxy_pods(Some(node))?;
     pods["items"]
         .as_array()
         .into_iter()

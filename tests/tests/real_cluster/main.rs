@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use kube::{
-    apply, contains, exec, helm, http, kubectl, kubectl_json, pod_ip, proxy_log, wait_for, Capture,
-    LocalCluster, Streamed,
+    apply, contains, exec, helm, http, kubectl, kubectl_json, pod_ip, proxy_log, wait_for,
+    wait_ready, Capture, LocalCluster, Streamed,
 };
 use serde_json::Value;
 
@@ -189,31 +189,9 @@ fn real_cluster_suite() -> Result<()> {
     )?;
     t.step("workloads start", || {
         apply(WORKLOADS)?;
-        kubectl(&[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=60s",
-            "-n",
-            "shop",
-            "pod/client",
-            "pod/web",
-        ])?;
-        kubectl(&[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=60s",
-            "-n",
-            "outside",
-            "pod/stranger",
-        ])?;
-        kubectl(&[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=60s",
-            "-n",
-            "authz",
-            "pod/ext-authz",
-        ])?;
+        wait_ready("shop", &["client", "web"])?;
+        wait_ready("outside", &["stranger"])?;
+        wait_ready("authz", &["ext-authz"])?;
         Ok(())
     })?;
     let web = pod_ip("shop", "web")?;
@@ -840,14 +818,7 @@ fn uninstall(web: Ipv4Addr) -> Result<()> {
         "60s",
     ])?;
     wait_for("the node proxies gone", WAIT, || {
-        let pods = kubectl_json(&[
-            "-n",
-            "istio-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/component=node-proxy",
-        ])?;
+        let pods = kube::proxy_pods(None)?;
         Ok(pods["items"]
             .as_array()
             .is_some_and(|a| a.is_empty())
@@ -895,28 +866,14 @@ fn real_cluster_capture_from_the_first_instruction() -> Result<()> {
         "--wait",
     ])?;
     apply(WORKLOADS)?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "--timeout=60s",
-        "-n",
-        "outside",
-        "pod/stranger",
-    ])?;
+    wait_ready("outside", &["stranger"])?;
     kubectl(&[
         "label",
         "namespace",
         "shop",
         "istio.io/dataplane-mode=ambient",
     ])?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "--timeout=60s",
-        "-n",
-        "shop",
-        "pod/web",
-    ])?;
+    wait_ready("shop", &["web"])?;
     let web = pod_ip("shop", "web")?;
     apply(&example("strict-mtls.yaml")?)?;
 
@@ -954,14 +911,7 @@ fn real_cluster_capture_from_the_first_instruction() -> Result<()> {
          env: [{name: NAME, value: probed}]\n    readinessProbe: {httpGet: {path: /ready, port: 8080}, periodSeconds: 1}\n    \
          volumeMounts: [{name: http, mountPath: /srv}]\n  volumes: [{name: http, configMap: {name: http}}]\n"
     )?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "--timeout=60s",
-        "-n",
-        "shop",
-        "pod/probed",
-    ])?;
+    wait_ready("shop", &["probed"])?;
     // A pod that takes the node's address as its source is not the kubelet: still refused.
     let probed = pod_ip("shop", "probed")?;
     apply(
@@ -969,14 +919,7 @@ fn real_cluster_capture_from_the_first_instruction() -> Result<()> {
          nodeName: ztk-node2\n  containers:\n  - name: c\n    image: ztk.local/busybox:1\n    \
          imagePullPolicy: Never\n    command: [sleep, \"100000\"]\n    securityContext: {capabilities: {add: [NET_ADMIN]}}\n",
     )?;
-    kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "--timeout=60s",
-        "-n",
-        "outside",
-        "pod/spoofer",
-    ])?;
+    wait_ready("outside", &["spoofer"])?;
     exec(
         "outside",
         "spoofer",
