@@ -84,7 +84,10 @@ fn bin_dir() -> Result<PathBuf> {
 
 pub fn kubectl_cmd() -> Result<Command> {
     let mut c = Command::new(bin_dir()?.join("kubectl"));
-    c.arg("--kubeconfig").arg(kubeconfig());
+    c.arg("--kubeconfig")
+        .arg(kubeconfig())
+        .arg("--cache-dir")
+        .arg(Path::new(RUN_DIR).join("kubectl-cache"));
     Ok(c)
 }
 
@@ -142,7 +145,13 @@ pub fn helm(args: &[&str]) -> Result<String> {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
         });
     let mut c = Command::new(cache.join("ztunnel-xtask/helm-v4.1.4/helm"));
-    c.env("KUBECONFIG", kubeconfig()).args(args);
+    let own = Path::new(RUN_DIR).join("helm");
+    c.env("KUBECONFIG", kubeconfig())
+        .env("HELM_CACHE_HOME", own.join("cache"))
+        .env("HELM_CONFIG_HOME", own.join("config"))
+        .env("HELM_DATA_HOME", own.join("data"))
+        .env("KUBECACHEDIR", Path::new(RUN_DIR).join("kubectl-cache"))
+        .args(args);
     checked(c, &format!("helm {}", args.join(" ")))
 }
 

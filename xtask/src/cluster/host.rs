@@ -279,3 +279,73 @@ pub fn in_netns(netns: &Path, program: &str) -> Command {
     c.arg(format!("--net={}", netns.display())).arg(program);
     c
 }
+
+/// Every path below `dir` (relative, sorted), or `None` if `dir` does not exist.
+fn tree(dir: &Path) -> Option<Vec<PathBuf>> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(base).unwrap_or(&p).to_owned());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(base, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    std::fs::symlink_metadata(dir).ok()?;
+    walk(dir, dir, &mut out);
+    out.sort();
+    Some(out)
+}
+
+fn record_file(state: &Path, dir: &str) -> PathBuf {
+    state.join(format!("foreign{}", dir.replace('/', "_")))
+}
+
+/// Records what each of [`layout::FOREIGN_DIRS`] holds ("absent" if it does not exist).
+pub fn record_foreign_dirs(state: &Path) -> Result<()> {
+    for dir in layout::FOREIGN_DIRS {
+        let text = match tree(Path::new(dir)) {
+            None => "absent\n".to_owned(),
+            Some(paths) => paths.iter().map(|p| format!("{}\n", p.display())).collect(),
+        };
+        std::fs::write(record_file(state, dir), format!("{dir}\n{text}"))?;
+    }
+    Ok(())
+}
+
+/// Removes what was added to each of [`layout::FOREIGN_DIRS`] since [`record_foreign_dirs`].
+pub fn restore_foreign_dirs(state: &Path) -> Result<()> {
+    for dir in layout::FOREIGN_DIRS {
+        let Ok(text) = std::fs::read_to_string(record_file(state, dir)) else {
+            continue;
+        };
+        let known: Vec<&str> = text.lines().skip(1).collect();
+        let root = Path::new(dir);
+        if known == ["absent"] {
+            match std::fs::remove_dir_all(root) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {dir}"))
+                }
+                _ => continue,
+            }
+        }
+        // Deepest first, so a directory is empty by the time it is looked at.
+        let mut now = tree(root).unwrap_or_default();
+        now.reverse();
+        for rel in now {
+            if known.contains(&rel.to_string_lossy().as_ref()) {
+                continue;
+            }
+            let p = root.join(&rel);
+            let meta = std::fs::symlink_metadata(&p)?;
+            if meta.is_dir() {
+                std::fs::remove_dir(&p)
+            } else {
+                std::fs::remove_file(&p)
+            }
+            .with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}

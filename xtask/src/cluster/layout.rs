@@ -1,7 +1,10 @@
 //! Names and addresses of the local cluster. Everything it creates carries the prefix `ztk`
 //! (network namespaces, links, cgroups, pin directories) or lives below [`RUN_DIR`], so `down`
 //! and the leak checks of `cargo xtask test` find all of it from these constants alone.
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 pub const PREFIX: &str = "ztk";
 pub const RUN_DIR: &str = "/tmp/ztk";
@@ -37,9 +40,16 @@ pub const KUBELET_SYSCTLS: [&str; 6] = [
 ];
 
 pub const BPFFS: &str = "/sys/fs/bpf";
-/// Host paths the kubelet and containerd create outside any directory they are given; `down`
-/// removes each only if `up` found it missing.
-pub const FOREIGN_DIRS: [&str; 2] = ["/var/log/containers", "/run/containerd"];
+/// Host paths the kubelet, containerd and its CNI library write to whatever directories they
+/// are given (`/var/log/containers` links, the shims' sockets in `/run/containerd/s`, libcni's
+/// result cache, the kubelet's device-plugin socket): `up` records what each holds, `down`
+/// removes what was added (the whole directory if `up` found none).
+pub const FOREIGN_DIRS: [&str; 4] = [
+    "/var/log/containers",
+    "/run/containerd",
+    "/var/lib/cni",
+    "/var/lib/kubelet",
+];
 
 #[derive(Clone, Copy, Debug)]
 pub struct Node(pub u8);
@@ -111,3 +121,14 @@ pub fn kubeconfig() -> PathBuf {
 }
 /// Where the daemons' cgroups live in the unified hierarchy: `<cgroup2>/ztk-daemons/<name>`.
 pub const DAEMONS_CGROUP: &str = "ztk-daemons";
+
+/// kubectl for this cluster: its kubeconfig, and its discovery cache in the run directory
+/// (not `~/.kube/cache`).
+pub fn kubectl(binary: &Path) -> Command {
+    let mut c = Command::new(binary);
+    c.arg("--kubeconfig")
+        .arg(kubeconfig())
+        .arg("--cache-dir")
+        .arg(run_dir().join("kubectl-cache"));
+    c
+}

@@ -29,9 +29,7 @@ use self::{
 use crate::{deploy_tools, image, output, root};
 
 fn kubectl(bins: &binaries::Binaries) -> Command {
-    let mut c = Command::new(bins.path("kubectl"));
-    c.arg("--kubeconfig").arg(layout::kubeconfig());
-    c
+    layout::kubectl(&bins.path("kubectl"))
 }
 
 /// Why `up` must not start: a cluster (or what is left of one) is there.
@@ -129,15 +127,7 @@ fn write_files() -> Result<()> {
     ] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let state = layout::state_dir();
-    for dir in layout::FOREIGN_DIRS {
-        if !Path::new(dir).exists() {
-            std::fs::write(
-                state.join(dir.trim_start_matches('/').replace('/', "_")),
-                dir,
-            )?;
-        }
-    }
+    host::record_foreign_dirs(&layout::state_dir())?;
     let pki = layout::pki_dir();
     pki::init(&pki)?;
     let api_sans = [
@@ -606,6 +596,10 @@ fn install_chart(bins: &binaries::Binaries, helm: &Path) -> Result<()> {
     output(
         Command::new(helm)
             .env("KUBECONFIG", layout::kubeconfig())
+            .env("HELM_CACHE_HOME", layout::run_dir().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", layout::run_dir().join("helm/config"))
+            .env("HELM_DATA_HOME", layout::run_dir().join("helm/data"))
+            .env("KUBECACHEDIR", layout::run_dir().join("kubectl-cache"))
             .args(["install", "ztunnel"])
             .arg(root().join("deploy/helm/ztunnel"))
             .args(["-n", "istio-system", "-f"])
@@ -768,29 +762,10 @@ pub fn down() -> Result<()> {
             output(Command::new("mount").args(["--make-private", layout::BPFFS])).map(drop),
         );
     }
-    // The kubelet's /var/log/containers links into our pod logs, and what it and the shims
-    // created outside the run directory.
-    if let Ok(rd) = std::fs::read_dir("/var/log/containers") {
-        for e in rd.flatten() {
-            if std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(layout::RUN_DIR)) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    for dir in layout::FOREIGN_DIRS {
-        if state
-            .join(dir.trim_start_matches('/').replace('/', "_"))
-            .exists()
-        {
-            note(
-                &format!("removing {dir}"),
-                match std::fs::remove_dir_all(dir) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-                    _ => Ok(()),
-                },
-            );
-        }
-    }
+    note(
+        "removing what was added outside the run directory",
+        host::restore_foreign_dirs(&state),
+    );
     if layout::run_dir().exists() {
         note(
             "removing the run directory",
@@ -861,6 +836,25 @@ pub fn leftovers() -> Vec<String> {
     {
         if e.file_name().to_string_lossy().starts_with(layout::PREFIX) {
             found.push(format!("pins {}", e.path().display()));
+        }
+    }
+    // Outside the run directory: libcni's cached results of our network, the kubelet's links
+    // to our pod logs.
+    let entries = |dir: &str| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect::<Vec<_>>()
+    };
+    for e in entries("/var/lib/cni/results") {
+        if e.file_name().to_string_lossy().starts_with("ztk-") {
+            found.push(format!("CNI result {}", e.path().display()));
+        }
+    }
+    for e in entries("/var/log/containers") {
+        if std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(layout::RUN_DIR)) {
+            found.push(format!("log link {}", e.path().display()));
         }
     }
     for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {

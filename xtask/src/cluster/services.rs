@@ -16,7 +16,6 @@ use std::{
     collections::HashMap,
     io,
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -69,9 +68,7 @@ struct Service {
 }
 
 fn poll(kubectl: &std::path::Path) -> Result<Vec<Service>> {
-    let out = Command::new(kubectl)
-        .arg("--kubeconfig")
-        .arg(layout::kubeconfig())
+    let out = layout::kubectl(kubectl)
         .args(["get", "services,endpointslices", "-A", "-o", "json"])
         .output()
         .context("running kubectl")?;
