@@ -39,6 +39,11 @@ pub mod maps {
     pub const ORIG_DST_BY_PEER: &str = "orig_dst_by_peer";
     /// [`super::ListenerKey`] → the proxy's listening socket for a pod address (a SOCKHASH).
     pub const POD_LISTENERS: &str = "pod_listeners";
+    /// [`super::PodAddr`] → 1: the addresses of enrolled pods, for `zt_node_sockops`.
+    pub const POD_ADDRESSES: &str = "pod_addresses";
+    /// [`super::NodeConnKey`] → [`super::NodeConn`]: TCP connections that sockets of the node's
+    /// own network namespace opened to enrolled pods (kubelet probes).
+    pub const NODE_CONNECTIONS: &str = "node_connections";
 }
 
 /// Program function names as they appear in the object file (and `bpftool prog show`).
@@ -49,7 +54,12 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "zt_getpeername4";
     pub const GETPEERNAME6: &str = "zt_getpeername6";
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
+    pub const NODE_SOCK_OPS: &str = "zt_node_sockops";
 }
+
+/// Global of the eBPF object the proxy sets at load time: the netns cookie of the node's own
+/// network namespace (the one the proxy runs in), whose sockets `zt_node_sockops` records.
+pub const NODE_NETNS_COOKIE_GLOBAL: &str = "NODE_NETNS_COOKIE";
 
 /// Value of the enrolled-netns map. Present = captured.
 #[repr(C)]
@@ -108,6 +118,50 @@ pub struct ListenerKey {
     pub kind: u32,
 }
 
+/// Key of the pod-address set: an enrolled pod's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodAddr {
+    /// Network byte order; IPv4 uses word 0 only, the rest is zero.
+    pub addr: [u32; 4],
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// A TCP connection from the node to a pod, as both ends see it (there is no NAT between a
+/// node and its own pods): the node's address and port, the pod's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConnKey {
+    /// Network byte order; IPv4 uses word 0 only. A v4-mapped IPv6 connection is keyed as IPv4.
+    pub node_addr: [u32; 4],
+    pub pod_addr: [u32; 4],
+    /// Host byte order.
+    pub node_port: u16,
+    pub pod_port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// `NodeConn::state`: the node's socket has sent its SYN.
+pub const NODE_CONN_CONNECTING: u32 = 0;
+/// `NodeConn::state`: the node's socket completed the handshake (it received the pod's SYN-ACK
+/// and is about to send the final ACK), so the connection the pod accepts is this one.
+pub const NODE_CONN_ESTABLISHED: u32 = 1;
+
+/// Value of the node-connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConn {
+    /// Cookie of the node's socket.
+    pub socket_cookie: u64,
+    /// `NODE_CONN_CONNECTING` or `NODE_CONN_ESTABLISHED`.
+    pub state: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding is explicit.
@@ -115,4 +169,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::PodAddr {}
+    unsafe impl aya::Pod for super::NodeConnKey {}
+    unsafe impl aya::Pod for super::NodeConn {}
 }

@@ -8,6 +8,9 @@
 //! * `zt_getpeername4/6` (cgroup): the application sees its original destination as its peer.
 //! * `zt_sk_lookup` (one link per pod netns): TCP arriving from outside the pod is handed to the
 //!   proxy's inbound listeners for the destination pod address; with no listener it is dropped.
+//! * `zt_node_sockops` (cgroup, where the node's own processes live): records the TCP
+//!   connections that sockets of the node's network namespace (the kubelet's probes) open to
+//!   enrolled pods, by 4-tuple, from SYN to close; the proxy admits exactly those in plaintext.
 //!
 //! The proxy's own sockets carry `PROXY_MARK` and are never redirected.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -24,12 +27,14 @@ mod capture {
         EbpfContext,
     };
     use ztunnel_common::{
-        EnrolledNetns, ListenerKey, OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT,
-        LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LOOPBACK_IFINDEX, OUTBOUND_PORT, PROXY_MARK,
+        EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey, PodAddr, AF_INET,
+        AF_INET6, HBONE_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LOOPBACK_IFINDEX,
+        NODE_CONN_CONNECTING, NODE_CONN_ESTABLISHED, OUTBOUND_PORT, PROXY_MARK,
     };
 
     const SOCK_STREAM: u32 = 1;
     const IPPROTO_TCP: u32 = 6;
+    const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
     const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
     const BPF_SOCK_OPS_STATE_CB: u32 = 10;
     const TCP_CLOSE: u32 = 7;
@@ -48,6 +53,17 @@ mod capture {
 
     #[map(name = "pod_listeners")]
     static POD_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(65_536, 0);
+
+    #[map(name = "pod_addresses")]
+    static POD_ADDRESSES: HashMap<PodAddr, u8> = HashMap::pinned(65_536, 0);
+
+    #[map(name = "node_connections")]
+    static NODE_CONNECTIONS: LruHashMap<NodeConnKey, NodeConn> = LruHashMap::pinned(65_536, 0);
+
+    /// The netns cookie of the node's own network namespace, set by the proxy at load time
+    /// (`NODE_NETNS_COOKIE_GLOBAL`). Zero: not set, nothing is recorded.
+    #[unsafe(no_mangle)]
+    static NODE_NETNS_COOKIE: u64 = 0;
 
     /// The network-order word of `::ffff:0:0/96` prefix's third word.
     const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
@@ -194,6 +210,127 @@ mod capture {
                 }
             }
             _ => {}
+        }
+        0
+    }
+
+    /// Reads a `bpf_sock_ops` field with one load at its fixed offset (see `ctx_field!`).
+    macro_rules! ops_field {
+        ($ops:expr, $field:ident) => {
+            // SAFETY: the verifier allows 4-byte reads of these sock_ops context fields.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ops).$field)) }
+        };
+        ($ops:expr, $field:ident[$i:literal]) => {
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ops).$field[$i])) }
+        };
+    }
+
+    /// The connection as (node address and port, pod address and port), if this socket lives
+    /// in the node's own network namespace.
+    fn node_connection(ctx: &SockOpsContext) -> Option<NodeConnKey> {
+        // SAFETY: reading a global the loader has set (it lives in .rodata).
+        let node = unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) };
+        if node == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != node {
+            return None;
+        }
+        let ops = ctx.ops;
+        let (node_addr, pod_addr, family) = if ops_field!(ops, family) == u32::from(AF_INET) {
+            (
+                [ops_field!(ops, local_ip4), 0, 0, 0],
+                [ops_field!(ops, remote_ip4), 0, 0, 0],
+                AF_INET,
+            )
+        } else if ops_field!(ops, family) == u32::from(AF_INET6) {
+            let local = [
+                ops_field!(ops, local_ip6[0]),
+                ops_field!(ops, local_ip6[1]),
+                ops_field!(ops, local_ip6[2]),
+                ops_field!(ops, local_ip6[3]),
+            ];
+            let remote = [
+                ops_field!(ops, remote_ip6[0]),
+                ops_field!(ops, remote_ip6[1]),
+                ops_field!(ops, remote_ip6[2]),
+                ops_field!(ops, remote_ip6[3]),
+            ];
+            // A v4-mapped connection of a dual-stack socket travels as IPv4: the pod's
+            // listener sees IPv4 addresses.
+            if remote[0] == 0 && remote[1] == 0 && remote[2] == V4_MAPPED_WORD {
+                ([local[3], 0, 0, 0], [remote[3], 0, 0, 0], AF_INET)
+            } else {
+                (local, remote, AF_INET6)
+            }
+        } else {
+            return None;
+        };
+        // `local_port` is in host byte order; `remote_port` holds the network-order port in
+        // its upper 16 bits on little-endian machines.
+        let node_port = ops_field!(ops, local_port) as u16;
+        let pod_port = u16::from_be((ops_field!(ops, remote_port) >> 16) as u16);
+        Some(NodeConnKey {
+            node_addr,
+            pod_addr,
+            node_port,
+            pod_port,
+            family,
+            _pad: 0,
+        })
+    }
+
+    /// Records the node's connections to enrolled pods from SYN to close, so the proxy can tell
+    /// a connection the node itself made (a kubelet probe) from one that only carries the
+    /// node's address (a pod behind NAT, a forged packet): only the first has a socket here.
+    #[sock_ops]
+    pub fn zt_node_sockops(ctx: SockOpsContext) -> u32 {
+        let op = ctx.op();
+        if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+            && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            && !(op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE)
+        {
+            return 0;
+        }
+        let Some(key) = node_connection(&ctx) else {
+            return 0;
+        };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+            let pod = PodAddr {
+                addr: key.pod_addr,
+                family: key.family,
+                _pad: 0,
+            };
+            // SAFETY: read-only lookup of a plain value.
+            if unsafe { POD_ADDRESSES.get(&pod) }.is_none() {
+                return 0;
+            }
+            let conn = NodeConn {
+                socket_cookie: cookie,
+                state: NODE_CONN_CONNECTING,
+                _pad: 0,
+            };
+            if NODE_CONNECTIONS.insert(&key, &conn, 0).is_ok() {
+                // Established and close callbacks, so the record follows the socket.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+            return 0;
+        }
+        // SAFETY: read-only lookup of a plain value.
+        let Some(conn) = (unsafe { NODE_CONNECTIONS.get(&key) }).copied() else {
+            return 0;
+        };
+        if conn.socket_cookie != cookie {
+            return 0;
+        }
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            // Runs before this socket sends the handshake's final ACK, hence before the pod
+            // side can accept the connection.
+            let conn = NodeConn {
+                state: NODE_CONN_ESTABLISHED,
+                ..conn
+            };
+            let _ = NODE_CONNECTIONS.insert(&key, &conn, 0);
+        } else {
+            let _ = NODE_CONNECTIONS.remove(&key);
         }
         0
     }

@@ -39,6 +39,9 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(20);
 /// MAC of every node-side pod veth (as Calico does); pods resolve their gateway to it statically.
 const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
 const GATEWAY_IP: &str = "169.254.1.1";
+/// Below each node's cgroup: the node's own processes (as the kubelet lives below the cgroup
+/// root the proxy attaches to), next to the pods' cgroups `<ns>_<pod>`.
+const NODE_PROCESSES_CGROUP: &str = "host";
 
 /// A pod to create.
 #[derive(Clone, Debug)]
@@ -52,6 +55,7 @@ pub struct PodSpec {
     reported_ips: Option<Vec<String>>,
     container_ports: Vec<u16>,
     listed: bool,
+    pending: bool,
 }
 
 /// Declares pod `namespace/name` (on node 1 unless [`PodSpec::node`] says otherwise).
@@ -66,6 +70,7 @@ pub fn pod(namespace: &str, name: &str) -> PodSpec {
         reported_ips: None,
         container_ports: Vec::new(),
         listed: true,
+        pending: false,
     }
 }
 
@@ -101,6 +106,12 @@ impl PodSpec {
     /// (see [`Cluster::add_pod`]).
     pub fn unlisted(mut self) -> Self {
         self.listed = false;
+        self
+    }
+    /// Lists the pod as the API shows it before its sandbox exists: no addresses, no netns
+    /// (see [`Cluster::report_pod_running`]).
+    pub fn pending(mut self) -> Self {
+        self.pending = true;
         self
     }
 }
@@ -307,7 +318,7 @@ impl Cluster {
                     &format!("10.255.0.{k}"),
                 ])?;
             }
-            fs::create_dir_all(self.node_cgroup(i))?;
+            fs::create_dir_all(self.node_cgroup(i).join(NODE_PROCESSES_CGROUP))?;
         }
         let mut per_node = vec![0usize; self.nodes + 1];
         let mut sysctls: Vec<Vec<String>> = vec![Vec::new(); self.nodes + 1];
@@ -404,7 +415,7 @@ impl Cluster {
             let object = PodObject {
                 namespace: spec.namespace.clone(),
                 name: spec.name.clone(),
-                uid: format!("{}-{}-{}", self.prefix, spec.namespace, spec.name),
+                uid: format!("{}-{}-{}", self.prefix, spec.namespace, spec.name), // PodRef::uid
                 node: format!("node{i}"),
                 service_account: spec
                     .service_account
@@ -420,6 +431,7 @@ impl Cluster {
                     .clone()
                     .unwrap_or_else(|| vec![info.ip.to_string()]),
                 container_ports: spec.container_ports.clone(),
+                pending: spec.pending,
             };
             self.pods.push(info);
             let key = (spec.namespace.clone(), spec.name.clone());
@@ -573,13 +585,23 @@ impl Cluster {
 
     /// Replaces the pod's labels in the configuration.
     pub fn set_pod_labels(&self, namespace: &str, name: &str, l: &[(&str, &str)]) -> Result<()> {
+        self.update_pod(namespace, name, |p| p.labels = labels(l))
+    }
+
+    /// Changes the pod's object with `f` and writes it.
+    fn update_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&mut PodObject),
+    ) -> Result<()> {
         let object = {
             let mut m = self.model();
             let p = m
                 .pods
                 .get_mut(&(namespace.to_owned(), name.to_owned()))
                 .ok_or_else(|| anyhow!("pod {namespace}/{name} was not declared"))?;
-            p.labels = labels(l);
+            f(p);
             p.clone()
         };
         self.write_pod(&object)
@@ -594,6 +616,12 @@ impl Cluster {
             .cloned()
             .ok_or_else(|| anyhow!("pod {namespace}/{name} was not declared"))?;
         self.write_pod(&object)
+    }
+
+    /// Writes a [`PodSpec::pending`] pod as the API shows it once its sandbox runs: with its
+    /// addresses and netns.
+    pub fn report_pod_running(&self, namespace: &str, name: &str) -> Result<()> {
+        self.update_pod(namespace, name, |p| p.pending = false)
     }
 
     /// Deletes the pod's object from the configuration (its netns and processes stay).
@@ -1150,6 +1178,24 @@ impl NodeRef<'_> {
         self.cluster.logs(self.i)
     }
 
+    /// The cgroup of the node's own processes (below [`NodeRef::cgroup`], as the kubelet is
+    /// below the cgroup root on a real node).
+    pub fn processes_cgroup(&self) -> PathBuf {
+        self.cluster.node_cgroup(self.i).join(NODE_PROCESSES_CGROUP)
+    }
+
+    /// Runs a command as one of the node's own processes (a kubelet probe): in the node's
+    /// netns and in [`NodeRef::processes_cgroup`].
+    pub fn exec_as_node(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        let mut cmd = command(args)?;
+        let _conf = confine(
+            &mut cmd,
+            Some(&self.netns_path()),
+            Some(&self.processes_cgroup()),
+        )?;
+        output_with_timeout(&mut cmd, timeout)
+    }
+
     /// Runs a command in the node's netns (tools cgroup, outside the node's pod cgroups).
     pub fn exec(&self, args: &[&str], timeout: Duration) -> Result<Output> {
         let mut cmd = command(args)?;
@@ -1267,6 +1313,13 @@ impl<'a> PodRef<'a> {
     }
     pub fn cgroup(&self) -> &Path {
         &self.info.cgroup
+    }
+    /// The pod's `metadata.uid` in the configuration.
+    pub fn uid(&self) -> String {
+        format!(
+            "{}-{}-{}",
+            self.cluster.prefix, self.info.namespace, self.info.name
+        )
     }
 
     fn confined(&self, args: &[&str]) -> Result<(Command, crate::process::Confinement)> {

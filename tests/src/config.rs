@@ -53,6 +53,9 @@ pub struct PodObject {
     pub netns_path: String,
     pub ips: Vec<String>,
     pub container_ports: Vec<u16>,
+    /// As the API shows a pod whose sandbox does not exist yet: no addresses in its status
+    /// and no netns annotation.
+    pub pending: bool,
 }
 
 pub fn pod_yaml(p: &PodObject) -> String {
@@ -61,6 +64,18 @@ pub fn pod_yaml(p: &PodObject) -> String {
         .iter()
         .map(|port| json!({"containerPort": port, "name": format!("p{port}")}))
         .collect();
+    let (annotations, status) = if p.pending {
+        (json!({}), json!({"phase": "Pending"}))
+    } else {
+        (
+            json!({"ztunnel.dev/netns": p.netns_path}),
+            json!({
+                "phase": "Running",
+                "podIP": p.ips.first(),
+                "podIPs": p.ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+            }),
+        )
+    };
     to_yaml(&json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -69,18 +84,14 @@ pub fn pod_yaml(p: &PodObject) -> String {
             "namespace": p.namespace,
             "uid": p.uid,
             "labels": p.labels,
-            "annotations": {"ztunnel.dev/netns": p.netns_path},
+            "annotations": annotations,
         },
         "spec": {
             "nodeName": p.node,
             "serviceAccountName": p.service_account,
             "containers": [{"name": "app", "image": "vc-probe", "ports": ports}],
         },
-        "status": {
-            "phase": "Running",
-            "podIP": p.ips.first(),
-            "podIPs": p.ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
-        },
+        "status": status,
     }))
 }
 
@@ -145,6 +156,7 @@ mod tests {
             netns_path: "/run/netns/x".into(),
             ips: vec!["10.2.0.2".into()],
             container_ports: vec![8080],
+            pending: false,
         });
         let v: serde_yaml::Value = serde_yaml::from_str(&y).unwrap();
         assert_eq!(v["kind"].as_str(), Some("Pod"));

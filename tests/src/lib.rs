@@ -23,6 +23,7 @@
 //! ```
 pub mod cleanup;
 pub mod cluster;
+pub mod cni;
 pub mod config;
 pub mod metrics;
 pub mod process;
@@ -47,6 +48,25 @@ pub fn ztunnel_bin() -> PathBuf {
     std::env::var_os("ZTUNNEL_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/release/ztunnel"))
+}
+
+/// `$ZTUNNEL_CNI_BIN`, or `ztunnel-cni` next to [`ztunnel_bin`].
+pub fn cni_bin() -> PathBuf {
+    std::env::var_os("ZTUNNEL_CNI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ztunnel_bin().with_file_name("ztunnel-cni"))
+}
+
+/// [`cni_bin`], failing with a hint if it has not been built.
+pub fn cni_bin_checked() -> anyhow::Result<PathBuf> {
+    let bin = cni_bin();
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} does not exist: build it with `cargo build --release -p ztunnel` (or set ZTUNNEL_CNI_BIN)",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }
 
 /// `$ZTUNNEL_PROBE_BIN`, or `<workspace>/target/release/vc-probe`.

@@ -85,11 +85,30 @@ fn collect(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
 
 /// Runs `cmd` to completion, killing it (and failing) if it takes longer than `timeout`.
 pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    output_with_input(cmd, None, timeout)
+}
+
+/// [`output_with_timeout`], with `input` written to the command's stdin (then closed).
+pub fn output_with_input(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output> {
     let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        let input = input.to_vec();
+        thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+    }
     let out = collect(child.stdout.take().expect("piped"));
     let err = collect(child.stderr.take().expect("piped"));
     let deadline = Instant::now() + timeout;

@@ -1083,6 +1083,76 @@ fn bpf_dir_outside_bpffs_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// `args` with the value of `flag` replaced (or the flag added).
+fn with_arg(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    match args.iter().position(|a| a == flag) {
+        Some(pos) => args[pos + 1] = value.to_owned(),
+        None => args.extend([flag.to_owned(), value.to_owned()]),
+    }
+    args
+}
+
+/// Runs node 1's proxy with `args`, which must fail mentioning `why`.
+fn start_fails(c: &Cluster, args: &[String], why: &str) -> Result<()> {
+    let out = c.run_ztunnel(1, args, WAIT)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "the start must fail ({why}): {text}");
+    assert!(text.contains(why), "expected {why:?} in: {text}");
+    Ok(())
+}
+
+#[test]
+fn a_failed_start_leaves_no_pins() -> Result<()> {
+    let c = shop(true).start_without_proxies()?;
+    let pins = c.bpf_dir(1);
+    let plain_dir = c.tmp_dir().join("not-a-cgroup");
+    std::fs::create_dir_all(&plain_dir)?;
+    let plain = plain_dir.display().to_string();
+    // On a hybrid host the hostPath /sys/fs/cgroup is the v1 tmpfs: not a cgroup v2 directory.
+    for flag in ["--cgroup", "--node-cgroup"] {
+        let why = format!("{flag} {plain} is not a cgroup v2 directory");
+        start_fails(&c, &with_arg(c.proxy_args(1), flag, &plain), &why)?;
+        assert!(!pins.exists(), "{flag}: {} was created", pins.display());
+    }
+    // A configuration that does not load.
+    let missing = c.tmp_dir().join("no-such-config").display().to_string();
+    start_fails(
+        &c,
+        &with_arg(c.proxy_args(1), "--config-dir", &missing),
+        "no-such-config",
+    )?;
+    assert!(
+        !pins.exists(),
+        "bad configuration: {} was created",
+        pins.display()
+    );
+    // A port another process holds.
+    let probe = ztunnel_tests::probe_bin_checked()?.display().to_string();
+    let mut busy = c.node(1).spawn(&[&probe, "tcp-echo", "--port", "15020"])?;
+    busy.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
+    start_fails(&c, &c.proxy_args(1), "binding the Metrics endpoint")?;
+    assert!(!pins.exists(), "busy port: {} was created", pins.display());
+    // Nothing was ever attached to the node's cgroup.
+    let attached = bpftool(&["cgroup", "show", &c.node(1).cgroup().display().to_string()])?;
+    assert_eq!(attached, Value::Array(Vec::new()));
+
+    // After a proxy ran (and crashed), a failed start keeps its pins: capture stays closed.
+    drop(busy);
+    c.start_proxy(1)?;
+    c.wait_enrolled(1, 0, "shop/client", WAIT)?;
+    c.kill_proxy(1)?;
+    let mut busy = c.node(1).spawn(&[&probe, "tcp-echo", "--port", "15020"])?;
+    busy.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
+    start_fails(&c, &c.proxy_args(1), "binding the Metrics endpoint")?;
+    assert!(pins.join("link_cgroup_connect4").exists());
+    assert_eq!(pod_pins(&c, 1), ["shop_client"]);
+    Ok(())
+}
+
 #[test]
 fn second_proxy_on_the_same_pin_directory_is_refused() -> Result<()> {
     let c = shop(true).start()?;

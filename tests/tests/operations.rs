@@ -426,8 +426,8 @@ fn restart_under_load_keeps_traffic_captured_and_state_single() -> Result<()> {
     ensure!(c.pod("shop", "client").get(&web)?.code == Some(0));
     let before = pinned_state(&c, 1)?;
     ensure!(
-        before.1.len() == 5,
-        "five cgroup programs attached: {:?}",
+        before.1.len() == 6,
+        "six cgroup programs attached (five for the pods, one for the node's probes): {:?}",
         before.1
     );
 
@@ -503,5 +503,36 @@ fn restart_under_load_keeps_traffic_captured_and_state_single() -> Result<()> {
         "restart under load: {} new connections ({} failed while no proxy listened), held connection kept",
         load["connections"], load["errors"]
     );
+    Ok(())
+}
+
+#[test]
+fn a_custom_policy_whose_provider_does_not_exist_is_a_problem_in_the_dump_and_metrics() -> Result<()>
+{
+    let c = start()?;
+    let node = c.node(2);
+    let before = node.scrape()?;
+    c.apply(
+        "custom-unknown-provider.yaml",
+        Some(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: ext-authz\n  namespace: shop\nspec:\n  action: CUSTOM\n  provider:\n    name: no-such-provider\n  rules:\n  - to:\n    - operation:\n        paths: [\"/admin\"]\n",
+        ),
+    )?;
+    let (code, body) = node.http("GET", "http://127.0.0.1:15000/config_dump")?;
+    ensure!(code == 200, "{body}");
+    let dump: Value = serde_json::from_str(&body)?;
+    let problems: Vec<&str> = dump["problems"]
+        .as_array()
+        .map(|p| p.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    ensure!(
+        problems.iter().any(|p| p.contains("shop/ext-authz")
+            && p.contains("\"no-such-provider\"")
+            && p.contains("custom-unknown-provider.yaml")),
+        "config_dump.problems: {problems:#?}"
+    );
+    scrape_until(&c, 2, |s| {
+        delta(&before, s, "ztunnel_config_problems", &[]) >= 1.0
+    })?;
     Ok(())
 }

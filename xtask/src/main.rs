@@ -176,6 +176,7 @@ fn build_ebpf() -> Result<()> {
 /// Tells the tests and the demo which binaries to run.
 fn with_binaries(cmd: &mut Command) -> &mut Command {
     cmd.env("ZTUNNEL_BIN", release_dir().join("ztunnel"))
+        .env("ZTUNNEL_CNI_BIN", release_dir().join("ztunnel-cni"))
         .env("ZTUNNEL_PROBE_BIN", release_dir().join("vc-probe"))
 }
 

@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod authz;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod hbone;
 pub mod identity;

@@ -24,7 +24,8 @@ use ztunnel::{
         check::{check, Caller, CheckRequest},
         jwks, request_authentication,
     },
-    capture::{self, enrolment::Enroller, Capture, CaptureOptions},
+    capture::{self, enrolment::Enroller, CaptureOptions, PreparedCapture},
+    cni,
     config::{
         self,
         kubernetes::KubernetesOptions,
@@ -70,6 +71,100 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Install or remove the chained CNI plugin (`ztunnel-cni`) that captures new pods before
+    /// they start.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy `ztunnel-cni` into the CNI bin directory and add it at the end of the plugin chain
+    /// of the node's network (the first .conflist of the conf directory). Idempotent.
+    Install {
+        /// The CNI plugin directory of the node (containerd's `bin_dir`, e.g. /opt/cni/bin).
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// The CNI configuration directory of the node (e.g. /etc/cni/net.d).
+        #[arg(long)]
+        conf_dir: PathBuf,
+        /// The node proxy's CNI socket (`run --cni-socket`), written into the plugin's entry.
+        #[arg(long, default_value = cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The plugin binary to install [default: `ztunnel-cni` next to this binary].
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
+    /// Remove the plugin's entry from every conflist of the conf directory, then the binary
+    /// and the node state file next to the socket.
+    Uninstall {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+fn cni_command(command: CniCommand) -> Result<()> {
+    match command {
+        CniCommand::Install {
+            bin_dir,
+            conf_dir,
+            socket,
+            plugin,
+        } => {
+            let plugin = match plugin {
+                Some(p) => p,
+                None => std::env::current_exe()
+                    .context("finding this binary")?
+                    .with_file_name(cni::PLUGIN_NAME),
+            };
+            let done = cni::install::install(&bin_dir, &conf_dir, &socket, &plugin)?;
+            println!(
+                "{} {} ({})",
+                if done.binary_changed {
+                    "installed"
+                } else {
+                    "unchanged"
+                },
+                done.binary.display(),
+                plugin.display()
+            );
+            println!(
+                "{} {}: {} is the last plugin of the chain, socket {}",
+                if done.conflist_changed {
+                    "updated"
+                } else {
+                    "unchanged"
+                },
+                done.conflist.display(),
+                cni::PLUGIN_NAME,
+                socket.display()
+            );
+            Ok(())
+        }
+        CniCommand::Uninstall {
+            bin_dir,
+            conf_dir,
+            socket,
+        } => {
+            let done = cni::install::uninstall(&bin_dir, &conf_dir, Some(&socket))?;
+            for f in &done.conflists {
+                println!("removed {} from {}", cni::PLUGIN_NAME, f.display());
+            }
+            if done.binary_removed {
+                println!("removed {}", bin_dir.join(cni::PLUGIN_NAME).display());
+            }
+            if done.conflists.is_empty() && !done.binary_removed {
+                println!("{} was not installed", cni::PLUGIN_NAME);
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -416,6 +511,20 @@ struct RunArgs {
     /// cgroup v2 directory to attach the connect programs to [default: the cgroup2 root].
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// cgroup v2 directory the node's own processes (the kubelet) live below, where the
+    /// program that recognises their connections to pods (probes) attaches [default: --cgroup].
+    #[arg(long)]
+    node_cgroup: Option<PathBuf>,
+    /// Serve the `ztunnel-cni` plugin on this unix socket, so new pods are captured before
+    /// they start (`ztunnel cni install` points the plugin here; conventionally
+    /// /var/run/ztunnel/cni.sock). The node state file the plugin falls back on is written
+    /// next to it. Without it, pods are enrolled when the configuration reports them.
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
+    /// How long a CNI ADD waits for a pod the configuration does not show yet before it fails
+    /// (the kubelet then retries the sandbox).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    cni_pod_wait: Duration,
     /// Namespace label that enrols a namespace's pods, as key=value.
     #[arg(long, default_value = "istio.io/dataplane-mode=ambient", value_parser = EnrolmentPolicy::parse_label)]
     ambient_label: (String, String),
@@ -496,6 +605,7 @@ fn main() -> ExitCode {
             let set_log_level = init_logging(args.log_format);
             run(*args, set_log_level)
         }
+        Command::Cni { command } => cni_command(command),
         Command::Bpf {
             command: BpfCommand::Uninstall { bpf_dir },
         } => capture::uninstall(&bpf_dir),
@@ -681,20 +791,21 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
         ),
     };
     let bpf_dir = args.bpf_dir.clone();
-    let capture = Capture::install(&CaptureOptions {
+    let node_netns_cookie = {
+        let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .context("opening a socket in the node network namespace")?;
+        ztunnel::netns::socket_netns_cookie(&probe)
+            .context("reading the node network namespace cookie")?
+    };
+    // Every precondition is checked here, before anything is pinned; the pins come only once
+    // the configuration loaded and every port is ours, so a failed start leaves no pins.
+    let prepared = PreparedCapture::new(&CaptureOptions {
         bpf_dir: args.bpf_dir.clone(),
+        node_cgroup: args.node_cgroup.clone().unwrap_or_else(|| cgroup.clone()),
         cgroup,
+        node_netns_cookie,
         takeover_wait: args.takeover_wait,
     })?;
-    // Held for the process's life: statistics stay on while the descriptor is open.
-    let _bpf_stats = if args.bpf_stats {
-        Some(
-            aya::sys::enable_stats(aya::sys::Stats::RunTime)
-                .context("turning on eBPF run statistics")?,
-        )
-    } else {
-        None
-    };
     let policy = EnrolmentPolicy {
         namespace_label: args.ambient_label,
         pod_opt_out_label: args.opt_out_label,
@@ -713,9 +824,38 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
                 ConfigSource::Kubernetes(access, finder) => {
                     let client = access.client().await?;
                     info!(node = %args.node_name, "waiting for the first complete list of the Kubernetes API");
-                    let opts = KubernetesOptions::new(args.node_name.clone(), settings, finder);
+                    let mut opts = KubernetesOptions::new(args.node_name.clone(), settings, finder);
+                    opts.enrolment = policy.clone();
                     config::kubernetes::watch(client, opts).await?
                 }
+            };
+            let bound = [
+                admin::bind(Endpoint::Metrics, args.metrics_addr).await?,
+                admin::bind(Endpoint::Readiness, args.readiness_addr).await?,
+                admin::bind(Endpoint::Admin, args.admin_addr).await?,
+            ];
+            let (cni_tx, cni_rx) = tokio::sync::mpsc::channel(64);
+            let mut cni_dispatch = cni::dispatch::CniDispatch::new(
+                args.cni_socket.is_some().then_some(cni_rx),
+                args.cni_pod_wait,
+                args.cni_socket.as_deref().map(cni::node_state::path_for_socket),
+            );
+            // The plugin's fallback first, then the socket (plugins that connect now wait
+            // for the answer until the proxy is ready).
+            cni_dispatch.write_state(&args.node_name, &policy, &config.borrow());
+            let cni_server = match &args.cni_socket {
+                Some(path) => Some(cni::server::CniServer::bind(path)?),
+                None => None,
+            };
+            let capture = prepared.install()?;
+            // Held for the process's life: statistics stay on while the descriptor is open.
+            let _bpf_stats = if args.bpf_stats {
+                Some(
+                    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                        .context("turning on eBPF run statistics")?,
+                )
+            } else {
+                None
             };
             let metrics = Arc::new(Metrics::default());
             let certs = Arc::new(CertificateCache::new(
@@ -729,6 +869,7 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
             let proxy = Proxy::new(ProxyOptions {
                 home: home.clone(),
                 orig_dst: capture.orig_dst_table(),
+                node_connections: capture.node_connections(),
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
@@ -748,15 +889,19 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
                 set_log_level: Some(set_log_level),
                 log_level: std::sync::Mutex::new(log_level),
             });
-            let endpoints = [
-                admin::serve(Endpoint::Metrics, args.metrics_addr, state.clone()).await?,
-                admin::serve(Endpoint::Readiness, args.readiness_addr, state.clone()).await?,
-                admin::serve(Endpoint::Admin, args.admin_addr, state).await?,
-            ];
+            let endpoints = bound.map(|b| admin::serve_on(b, state.clone()));
 
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
+            if let Some(socket) = &args.cni_socket {
+                // Sandboxes reported to a previous proxy keep their capture across the restart.
+                *enroller.cni_pods() =
+                    cni::registry::CniPods::persistent(cni::registry::store_for_socket(socket));
+            }
             let snapshot = config.borrow_and_update().clone();
             enroller.reconcile(&snapshot);
+            if let Some(server) = &cni_server {
+                server.start(cni_tx)?;
+            }
             ready.store(true, Ordering::Release);
             info!(node = %args.node_name, generation = snapshot.generation, "proxy ready");
 
@@ -771,8 +916,16 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
                         }
                         let snapshot = config.borrow_and_update().clone();
                         enroller.reconcile(&snapshot);
+                        cni_dispatch.after_snapshot(&mut enroller, &snapshot);
                         info!(generation = snapshot.generation, "configuration applied");
                     }
+                    event = cni_dispatch.next() => match event {
+                        cni::dispatch::CniEvent::Call(call) => {
+                            let snapshot = config.borrow().clone();
+                            cni_dispatch.handle(call, &mut enroller, &snapshot);
+                        }
+                        cni::dispatch::CniEvent::Expired => cni_dispatch.expire(&mut enroller),
+                    },
                     _ = retry.tick(), if enroller.has_failures() => {
                         let snapshot = config.borrow().clone();
                         enroller.reconcile(&snapshot);
@@ -785,6 +938,10 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
             // proxy can take over while this one drains. Pins stay: enrolled pods' new
             // connections fail closed until a proxy listens again.
             ready.store(false, Ordering::Release);
+            // New sandboxes now meet no proxy: the plugin falls back on the node state file
+            // (pods of captured namespaces wait for the next proxy).
+            drop(cni_server);
+            drop(cni_dispatch);
             enroller.hand_over();
             for e in endpoints {
                 e.abort();

@@ -21,7 +21,16 @@ pub struct Netns {
 impl Netns {
     /// Opens the netns at `path` (e.g. `/var/run/netns/x` or `/proc/<pid>/ns/net`).
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
+        Self::from_file(File::open(path)?, path)
+    }
+
+    /// Takes a namespace descriptor received from elsewhere (the CNI plugin); `label` names it
+    /// in messages.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, label: &Path) -> io::Result<Self> {
+        Self::from_file(File::from(fd), label)
+    }
+
+    fn from_file(file: File, path: &Path) -> io::Result<Self> {
         // A bind-mounted netns file and /proc/*/ns/net both report "net" through this ioctl;
         // a random regular file does not.
         const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
@@ -55,6 +64,24 @@ impl Netns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Another handle on the same namespace.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// The namespace's identity (nsfs device and inode).
+    pub fn id(&self) -> io::Result<crate::config::pod_netns::NsId> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = self.file.metadata()?;
+        Ok(crate::config::pod_netns::NsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
     }
 
     /// Runs `f` with the calling thread inside this netns, then moves the thread back to `home`.

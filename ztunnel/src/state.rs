@@ -273,7 +273,39 @@ impl Snapshot {
             .map(|p| (Arc::as_ptr(p) as usize, OnceLock::new()))
             .collect();
         s.read_mesh_config();
+        let problems = s.custom_provider_problems();
+        s.problems.extend(problems);
         s
+    }
+
+    /// CUSTOM policies whose provider the mesh configuration does not define as an HTTP
+    /// ext-authz provider: every request they apply to is denied, which the operator must see
+    /// in the configuration's problems, not only when a request is refused.
+    fn custom_provider_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for p in self.authorization_policies.iter() {
+            let (crate::authz::Action::Custom, Some(name)) = (p.action, p.provider.as_deref())
+            else {
+                continue;
+            };
+            if self.mesh_config.http_providers.contains_key(name) {
+                continue;
+            }
+            let why = if self.mesh_config.other_providers.iter().any(|o| o == name) {
+                "is not an envoyExtAuthzHttp provider (the only kind this proxy calls)".to_owned()
+            } else {
+                format!(
+                    "is not among the extensionProviders of the mesh configuration (ConfigMap {}/istio, key mesh)",
+                    self.root_namespace
+                )
+            };
+            problems.push(format!(
+                "AuthorizationPolicy {} ({}): CUSTOM provider {name:?} {why}; the requests it applies to are denied",
+                p.id(),
+                p.origin
+            ));
+        }
+        problems
     }
 
     /// Reads Istio's mesh configuration from the `istio` ConfigMap of the root namespace. A bad
@@ -421,24 +453,41 @@ impl Snapshot {
             && pod.labels.get(opt_key) != Some(opt_value)
     }
 
-    /// Whether the proxy of `node` captures `pod`, and if not, why.
-    pub fn enrolment(&self, pod: &Pod, node: &str, policy: &EnrolmentPolicy) -> Enrolment {
+    /// Whether the proxy of `node` is to capture `pod` by its labels, node and namespace (the
+    /// part of [`Snapshot::enrolment`] that does not ask where its addresses and netns come
+    /// from; for a pod the CNI plugin reported, those are the plugin's).
+    pub fn membership(
+        &self,
+        pod: &Pod,
+        node: &str,
+        policy: &EnrolmentPolicy,
+    ) -> Result<(), Enrolment> {
         if pod.node_name.as_deref() != Some(node) {
-            return Enrolment::OtherNode(pod.node_name.clone().unwrap_or_default());
+            return Err(Enrolment::OtherNode(
+                pod.node_name.clone().unwrap_or_default(),
+            ));
         }
         if pod.host_network {
-            return Enrolment::HostNetwork;
+            return Err(Enrolment::HostNetwork);
         }
         let Some(ns) = self.namespaces.get(&pod.namespace) else {
-            return Enrolment::NamespaceUnknown;
+            return Err(Enrolment::NamespaceUnknown);
         };
         let (key, value) = &policy.namespace_label;
         if ns.labels.get(key) != Some(value) {
-            return Enrolment::NamespaceNotLabelled;
+            return Err(Enrolment::NamespaceNotLabelled);
         }
         let (key, value) = &policy.pod_opt_out_label;
         if pod.labels.get(key) == Some(value) {
-            return Enrolment::OptedOut;
+            return Err(Enrolment::OptedOut);
+        }
+        Ok(())
+    }
+
+    /// Whether the proxy of `node` captures `pod`, and if not, why.
+    pub fn enrolment(&self, pod: &Pod, node: &str, policy: &EnrolmentPolicy) -> Enrolment {
+        if let Err(why) = self.membership(pod, node, policy) {
+            return why;
         }
         if pod.ips.is_empty() {
             return Enrolment::NoIp;
@@ -758,6 +807,56 @@ mod tests {
             "one"
         );
         assert!(s.problems[0].contains("a/one") && s.problems[0].contains("b/two"));
+    }
+
+    #[test]
+    fn custom_policies_naming_a_provider_the_mesh_lacks_are_problems() {
+        let yaml = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: http-authz
+      envoyExtAuthzHttp: {service: ext-authz.foo.svc.cluster.local, port: 8000}
+    - name: grpc-authz
+      envoyExtAuthzGrpc: {service: ext-authz.foo.svc.cluster.local, port: 9000}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: known, namespace: foo}
+spec: {action: CUSTOM, provider: {name: http-authz}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: foo}
+spec: {action: CUSTOM, provider: {name: htpp-authz}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc, namespace: foo}
+spec: {action: CUSTOM, provider: {name: grpc-authz}, rules: [{}]}
+"#;
+        let mut objects = Objects::default();
+        crate::config::parse_file(std::path::Path::new("policies.yaml"), yaml, &mut objects)
+            .unwrap();
+        let s = Snapshot::build(1, objects, &MeshSettings::default());
+        assert_eq!(s.problems.len(), 2, "{:#?}", s.problems);
+        assert!(
+            s.problems[0].contains("foo/grpc")
+                && s.problems[0].contains("not an envoyExtAuthzHttp"),
+            "{:#?}",
+            s.problems
+        );
+        assert!(
+            s.problems[1].contains("foo/typo")
+                && s.problems[1].contains("\"htpp-authz\"")
+                && s.problems[1].contains("istio-system/istio")
+                && s.problems[1].contains("policies.yaml"),
+            "{:#?}",
+            s.problems
+        );
     }
 
     #[test]

@@ -28,8 +28,9 @@ use super::ProxyView;
 pub struct ConnectionLabels {
     /// `source` (counted by the caller's proxy) or `destination`.
     pub reporter: &'static str,
-    /// `hbone`, `plaintext` (inbound from outside the mesh), `same_node`, or `passthrough`
-    /// (outbound to something that is not a mesh workload).
+    /// `hbone`, `plaintext` (inbound from outside the mesh), `same_node`, `passthrough`
+    /// (outbound to something that is not a mesh workload), or `node` (from the node itself:
+    /// kubelet probes; `source_workload` is `node`).
     pub transport: &'static str,
     pub source_workload: String,
     pub source_workload_namespace: String,
@@ -122,6 +123,12 @@ pub struct MtlsModeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeConnectionLabels {
+    /// `admitted`, `connect_failed` (the application did not accept) or `refused`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     /// `namespace/name` of the deciding policy, or `none`.
     pub policy: String,
@@ -159,6 +166,8 @@ pub struct Metrics {
     pub hbone_refused: ByReason,
     /// Inbound plaintext connections by the mTLS mode that decided them.
     pub plaintext_connections: Family<MtlsModeLabels, Counter>,
+    /// Plaintext connections from the node itself (kubelet probes), exempt from policy.
+    pub node_connections: Family<NodeConnectionLabels, Counter>,
     pub authz_decisions: Family<DecisionLabels, Counter>,
     /// Open connections cut because a configuration change no longer admits them.
     pub connections_revoked: Counter,
@@ -217,6 +226,11 @@ impl Metrics {
                 "ztunnel_plaintext_connections",
                 "Inbound plaintext connections by the PeerAuthentication mode that decided them",
                 m.plaintext_connections.clone()
+            ),
+            (
+                "ztunnel_node_connections",
+                "Plaintext connections the node itself (the kubelet's probes) made to enrolled pods, exempt from PeerAuthentication and AuthorizationPolicy, by outcome",
+                m.node_connections.clone()
             ),
             (
                 "ztunnel_authorization_decisions",

@@ -73,11 +73,31 @@ pub async fn serve(
     addr: SocketAddr,
     state: Arc<AdminState>,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    let bound = bind(endpoint, addr).await?;
+    Ok(serve_on(bound, state))
+}
+
+/// An endpoint's port, bound but not served yet (so a busy port fails a start before it
+/// changes any kernel state).
+pub struct Bound {
+    endpoint: Endpoint,
+    listener: TcpListener,
+}
+
+pub async fn bind(endpoint: Endpoint, addr: SocketAddr) -> Result<Bound> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the {endpoint:?} endpoint on {addr}"))?;
-    info!(endpoint = ?endpoint, addr = %addr, "serving");
-    Ok(tokio::spawn(async move {
+    Ok(Bound { endpoint, listener })
+}
+
+/// Serves a bound endpoint until the task is aborted.
+pub fn serve_on(bound: Bound, state: Arc<AdminState>) -> tokio::task::JoinHandle<()> {
+    let Bound { endpoint, listener } = bound;
+    if let Ok(addr) = listener.local_addr() {
+        info!(endpoint = ?endpoint, addr = %addr, "serving");
+    }
+    tokio::spawn(async move {
         loop {
             let (tcp, _) = match listener.accept().await {
                 Ok(c) => c,
@@ -98,7 +118,7 @@ pub async fn serve(
                     .await;
             });
         }
-    }))
+    })
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {

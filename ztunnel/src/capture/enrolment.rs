@@ -4,6 +4,10 @@
 //! `sk_lookup`, attaches `sk_lookup` to the netns and marks the netns enrolled for outbound
 //! capture. Un-enrolling reverses each step, so nothing of the pod stays behind. Pods are never
 //! restarted: capture starts and stops underneath running applications.
+//!
+//! A pod's network namespace and addresses come from the CNI plugin when it reported the pod
+//! ([`crate::cni::registry`]), else from the configuration (the annotation of the directory
+//! source, or the netns found through cgroups and `status.podIPs` in a cluster).
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -21,6 +25,8 @@ use ztunnel_common::{
 
 use super::Capture;
 use crate::{
+    cni::registry::{CniPod, CniPods, CniView},
+    config::pod_netns::NsId,
     identity::SpiffeId,
     netns::{socket_netns_cookie, Netns},
     proxy::{PodContext, Proxy},
@@ -30,16 +36,42 @@ use crate::{
 /// Listen backlog of the per-pod listeners.
 const BACKLOG: i32 = 1024;
 
+/// Where an enrolment's network namespace comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NetnsSource {
+    /// A path of the configuration (annotation, or found through the pod's cgroup).
+    Path(std::path::PathBuf),
+    /// The descriptor the CNI plugin passed for this sandbox.
+    Cni,
+}
+
 /// What identifies one enrolment of a pod: if any of it changes, the pod is enrolled anew.
+/// The namespace is compared by identity, not by how it was reached: the configuration
+/// reporting the netns and addresses the CNI plugin already gave changes nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct EnrolmentKey {
-    netns_path: std::path::PathBuf,
+    netns: NsId,
     ips: Vec<IpAddr>,
+}
+
+/// Whether a pod is enrolled here, for the CNI plugin's answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodStatus {
+    /// Captured, in this network namespace.
+    Enrolled {
+        netns: NsId,
+    },
+    /// It should be captured but is not, for this reason (retried).
+    Failing(String),
+    NotEnrolled,
 }
 
 struct EnrolledPod {
     workload: String,
     key: EnrolmentKey,
+    /// Duplicates of the listening sockets, to stop them listening at once on un-enrolment
+    /// (the tasks that own them are dropped a moment later).
+    listening: Vec<socket2::Socket>,
     cookie: u64,
     listener_keys: Vec<ListenerKey>,
     tasks: Vec<JoinHandle<()>>,
@@ -57,6 +89,8 @@ pub struct Enroller {
     /// Last reported reason per pod that should be captured but is not, to log changes only.
     failures: HashMap<String, String>,
     stale_swept: bool,
+    /// Sandboxes the CNI plugin reported.
+    cni: CniPods,
 }
 
 impl Enroller {
@@ -76,6 +110,38 @@ impl Enroller {
             enrolled: HashMap::new(),
             failures: HashMap::new(),
             stale_swept: false,
+            cni: CniPods::default(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn policy(&self) -> &EnrolmentPolicy {
+        &self.policy
+    }
+
+    /// The node's own network namespace (no pod may be enrolled in it).
+    pub fn home_netns_id(&self) -> std::io::Result<NsId> {
+        self.home.id()
+    }
+
+    /// Sandboxes the CNI plugin reported (its ADDs and DELs change them; the next reconcile
+    /// applies them).
+    pub fn cni_pods(&mut self) -> &mut CniPods {
+        &mut self.cni
+    }
+
+    /// Whether `pod` is enrolled here.
+    pub fn status(&self, pod: &Pod) -> PodStatus {
+        let id = pin_id(pod);
+        if let Some(e) = self.enrolled.get(&id) {
+            return PodStatus::Enrolled { netns: e.key.netns };
+        }
+        match self.failures.get(&id) {
+            Some(reason) => PodStatus::Failing(reason.clone()),
+            None => PodStatus::NotEnrolled,
         }
     }
 
@@ -84,47 +150,122 @@ impl Enroller {
         !self.failures.is_empty()
     }
 
-    /// Brings capture in line with `snapshot`.
+    /// Brings capture in line with `snapshot` (and with what the CNI plugin reported).
     pub fn reconcile(&mut self, snapshot: &Snapshot) {
-        let mut wanted: HashMap<String, Arc<Pod>> = HashMap::new();
+        let mut wanted: HashMap<String, (Arc<Pod>, EnrolmentKey, NetnsSource)> = HashMap::new();
         let mut reported: HashSet<String> = HashSet::new();
+        // An address the CNI just assigned to a new sandbox is that pod's, whatever an older
+        // pod of the configuration still claims.
+        let cni_addresses = self.cni.addresses();
         for pod in snapshot.pods.values() {
             let id = pin_id(pod);
-            match snapshot.enrolment(pod, &self.node, &self.policy) {
-                Enrolment::Enrolled => {
-                    wanted.insert(id, pod.clone());
+            let decision = match self.cni.view(pod) {
+                CniView::Added(cni) => snapshot
+                    .membership(pod, &self.node, &self.policy)
+                    .map(|()| {
+                        let key = EnrolmentKey {
+                            netns: cni.netns_id,
+                            ips: cni.ips.clone(),
+                        };
+                        (key, NetnsSource::Cni)
+                    })
+                    .map_err(|e| e.to_string()),
+                // The sandbox is gone: whatever the configuration still says about it.
+                CniView::Deleted => continue,
+                CniView::Unknown => match snapshot.enrolment(pod, &self.node, &self.policy) {
+                    Enrolment::Enrolled => {
+                        let path = pod.netns_path.clone().unwrap_or_default();
+                        let owner = pod.ips.iter().find_map(|ip| {
+                            cni_addresses
+                                .get(ip)
+                                .filter(|k| **k != (pod.namespace.clone(), pod.name.clone()))
+                        });
+                        match (owner, NsId::of(&path)) {
+                            (Some((ns, name)), _) => {
+                                Err(Enrolment::DuplicateIp(format!("{ns}/{name}")).to_string())
+                            }
+                            (None, Err(e)) => {
+                                Err(format!("opening the pod netns {}: {e}", path.display()))
+                            }
+                            (None, Ok(netns)) => {
+                                let key = EnrolmentKey {
+                                    netns,
+                                    ips: pod.ips.clone(),
+                                };
+                                Ok((key, NetnsSource::Path(path)))
+                            }
+                        }
+                    }
+                    other if other.is_misconfiguration() => Err(other.to_string()),
+                    _ => {
+                        self.cni.mark_seen(&pod.namespace, &pod.name);
+                        continue;
+                    }
+                },
+            };
+            let decision = match decision {
+                Ok(ok) => Ok(ok),
+                Err(reason) => {
+                    let reportable = snapshot.membership(pod, &self.node, &self.policy).is_ok()
+                        || reason == Enrolment::NamespaceUnknown.to_string();
+                    Err((reason, reportable))
                 }
-                reason if reason.is_misconfiguration() => {
-                    self.report_failure(&id, pod, &reason.to_string());
+            };
+            self.cni.mark_seen(&pod.namespace, &pod.name);
+            match decision {
+                Ok((key, source)) => {
+                    wanted.insert(id, (pod.clone(), key, source));
+                }
+                Err((reason, true)) => {
+                    self.report_failure(&id, pod, &reason);
                     reported.insert(id);
                 }
-                _ => {}
+                Err((_, false)) => {}
             }
         }
+        // Sandboxes of pods deleted from the configuration are forgotten.
+        self.cni.retain_present(|ns, name, uid| {
+            snapshot
+                .pods
+                .get(&(ns.to_owned(), name.to_owned()))
+                .is_some_and(|p| uid.is_empty() || p.uid.is_empty() || p.uid == uid)
+        });
 
         let gone: Vec<String> = self
             .enrolled
-            .keys()
-            .filter(|id| !wanted.contains_key(*id))
-            .cloned()
+            .iter()
+            .filter(|(id, e)| wanted.get(*id).is_none_or(|(_, key, _)| *key != e.key))
+            .map(|(id, _)| id.clone())
             .collect();
+        // Un-enrol first: a re-created pod (new netns or addresses) and a pod whose address
+        // passed to another must release their listener entries before anything takes them.
         for id in gone {
             self.unenrol(&id);
         }
 
-        for (id, pod) in &wanted {
-            let key = EnrolmentKey {
-                netns_path: pod.netns_path.clone().unwrap_or_default(),
-                ips: pod.ips.clone(),
-            };
-            if let Some(current) = self.enrolled.get(id) {
-                if current.key == key {
-                    continue;
-                }
-                // The pod was re-created under the same name (new netns or addresses).
-                self.unenrol(id);
+        for (id, (pod, key, source)) in &wanted {
+            if self.enrolled.contains_key(id) {
+                continue;
             }
-            match self.enrol(id, pod, key) {
+            let netns = match source {
+                NetnsSource::Path(path) => Netns::open(path)
+                    .with_context(|| format!("opening the pod netns {}", path.display())),
+                NetnsSource::Cni => self
+                    .cni
+                    .get(&pod.namespace, &pod.name)
+                    .map(|c: &CniPod| c.netns.try_clone())
+                    .transpose()
+                    .context("duplicating the CNI netns descriptor")
+                    .and_then(|n| n.ok_or_else(|| anyhow::anyhow!("the CNI sandbox is gone"))),
+            };
+            let opened = netns.and_then(|netns| {
+                // The path may lead elsewhere by now (a process exited, its PID reused).
+                if netns.id()? != key.netns {
+                    anyhow::bail!("{} changed namespace meanwhile", netns.path().display());
+                }
+                Ok(netns)
+            });
+            match opened.and_then(|netns| self.enrol(id, pod, key.clone(), source, netns)) {
                 Ok(()) => {
                     self.failures.remove(id);
                 }
@@ -140,7 +281,12 @@ impl Enroller {
             // After a restart, forget what the previous process enrolled and nobody wants now.
             let ids: HashSet<String> = self.enrolled.keys().cloned().collect();
             let cookies: HashSet<u64> = self.enrolled.values().map(|p| p.cookie).collect();
-            self.capture.remove_stale(&ids, &cookies);
+            let listeners: HashSet<ListenerKey> = self
+                .enrolled
+                .values()
+                .flat_map(|p| p.listener_keys.iter().copied())
+                .collect();
+            self.capture.remove_stale(&ids, &cookies, &listeners);
             self.stale_swept = true;
         }
     }
@@ -152,11 +298,17 @@ impl Enroller {
         }
     }
 
-    fn enrol(&mut self, id: &str, pod: &Arc<Pod>, key: EnrolmentKey) -> Result<()> {
-        let netns = Netns::open(&key.netns_path)
-            .with_context(|| format!("opening the pod netns {}", key.netns_path.display()))?;
-        let has_v4 = pod.ips.iter().any(IpAddr::is_ipv4);
-        let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
+    fn enrol(
+        &mut self,
+        id: &str,
+        pod: &Arc<Pod>,
+        key: EnrolmentKey,
+        source: &NetnsSource,
+        netns: Netns,
+    ) -> Result<()> {
+        let ips = key.ips.clone();
+        let has_v4 = ips.iter().any(IpAddr::is_ipv4);
+        let has_v6 = ips.iter().any(IpAddr::is_ipv6);
 
         let identity = SpiffeId::new(
             self.proxy.trust_domain(),
@@ -194,7 +346,7 @@ impl Enroller {
         let cookie = socket_netns_cookie(&outbound[0]).context("reading the netns cookie")?;
 
         let mut listeners = Vec::new();
-        for ip in &pod.ips {
+        for ip in &ips {
             let (addr, family, plain, hbone) = match ip {
                 IpAddr::V4(v4) => (
                     [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
@@ -229,11 +381,20 @@ impl Enroller {
             name: pod.name.clone(),
             workload: pod.workload(),
             identity,
-            ips: pod.ips.clone(),
+            ips: ips.clone(),
             netns,
             netns_cookie: cookie,
         });
         let mut tasks = Vec::new();
+        let listening = outbound
+            .iter()
+            .chain(inbound_v4.iter())
+            .chain(inbound_v6.iter())
+            .chain(hbone_v4.iter())
+            .chain(hbone_v6.iter())
+            .map(socket2::Socket::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("duplicating the listeners")?;
         for l in outbound {
             let l = TcpListener::from_std(l.into()).context("registering a listener")?;
             tasks.push(tokio::spawn(
@@ -253,13 +414,18 @@ impl Enroller {
             ));
         }
         self.proxy.add_local_pod(ctx.clone());
-        info!(pod = %ctx.workload, netns = %key.netns_path.display(), netns_cookie = cookie,
-            ips = ?pod.ips, "pod enrolled");
+        let source = match source {
+            NetnsSource::Path(_) => "configuration",
+            NetnsSource::Cni => "cni",
+        };
+        info!(pod = %ctx.workload, netns = %ctx.netns.path().display(), netns_cookie = cookie,
+            ips = ?ips, source, "pod enrolled");
         self.enrolled.insert(
             id.to_owned(),
             EnrolledPod {
                 workload: pod.workload(),
                 key,
+                listening,
                 cookie,
                 listener_keys,
                 tasks,
@@ -275,9 +441,7 @@ impl Enroller {
     /// fail closed until the next proxy listens. Connections already proxied go on.
     pub fn hand_over(self) {
         for pod in self.enrolled.into_values() {
-            for t in pod.tasks {
-                t.abort();
-            }
+            stop_listening(&pod);
         }
         match self.capture.release() {
             Ok(true) => info!("listeners closed; no pod enrolled, so the pins were removed"),
@@ -294,11 +458,22 @@ impl Enroller {
             warn!(pod = %pod.workload, error = %format!("{e:#}"), "un-enrolment left state behind");
         }
         self.proxy.remove_local_pod(&pod.context);
-        // Aborting the accept loops drops the listeners; connections already proxied go on.
-        for t in pod.tasks {
-            t.abort();
-        }
+        stop_listening(&pod);
         info!(pod = %pod.workload, "pod un-enrolled");
+    }
+}
+
+/// Ends a pod's accept loops and closes its listening sockets now, not when the runtime gets
+/// to drop the aborted tasks: a new enrolment of the same netns binds the same ports right
+/// away. Connections already proxied go on.
+fn stop_listening(pod: &EnrolledPod) {
+    for t in &pod.tasks {
+        t.abort();
+    }
+    for l in &pod.listening {
+        // shutdown(2) on a listening TCP socket stops it listening and releases its port
+        // (the aborted task drops its descriptor later).
+        let _ = l.shutdown(std::net::Shutdown::Both);
     }
 }
 

@@ -3,8 +3,11 @@
 //! Layout of the pin directory (default `/sys/fs/bpf/ztunnel`):
 //! ```text
 //! prog_connect4  prog_connect6  prog_sockops  prog_getpeername4  prog_getpeername6  prog_sk_lookup
+//! prog_node_sockops
 //! link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
+//! link_cgroup_node_sockops                          the node's connections to pods (probes)
 //! enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners          maps
+//! pod_addresses  node_connections
 //! pods/<namespace>_<pod>                            that pod's sk_lookup link
 //! ```
 //! Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
@@ -32,7 +35,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info, warn};
-use ztunnel_common::{maps, programs, EnrolledNetns, ListenerKey, OrigDst, OrigDstKey};
+use ztunnel_common::{
+    maps, programs, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey,
+    PodAddr, NODE_CONN_ESTABLISHED,
+};
 
 use crate::netns::Netns;
 
@@ -49,6 +55,12 @@ pub struct CaptureOptions {
     /// cgroup v2 directory the connect/sock_ops/getpeername programs attach to: the root in
     /// production (every pod lives below it), a per-node directory in the virtual cluster.
     pub cgroup: PathBuf,
+    /// cgroup v2 directory `zt_node_sockops` attaches to: where the node's own processes (the
+    /// kubelet) live. Usually the same as `cgroup`.
+    pub node_cgroup: PathBuf,
+    /// The netns cookie of the node's own network namespace: its sockets' connections to
+    /// enrolled pods are recorded (kubelet probes).
+    pub node_netns_cookie: u64,
     /// How long to wait for another proxy to release the pin directory (a restart: the old
     /// process hands over at SIGTERM). `None`: refuse at once.
     pub takeover_wait: Option<std::time::Duration>,
@@ -69,16 +81,30 @@ pub struct Capture {
     ebpf: Ebpf,
     enrolled: BpfHashMap<MapData, u64, EnrolledNetns>,
     listeners: SockHash<MapData, ListenerKey>,
+    pod_addresses: BpfHashMap<MapData, PodAddr, u8>,
     orig_dst: Arc<OrigDstTable>,
+    node_connections: Arc<NodeConnections>,
     _cgroup_links: Vec<PinnedLink>,
     /// Exclusive `flock` on the pin directory: one proxy per directory.
     _lock: File,
 }
 
-impl Capture {
-    /// Loads the programs (re-using pinned maps of a previous run), attaches the cgroup
-    /// programs and pins everything under `opts.bpf_dir`.
-    pub fn install(opts: &CaptureOptions) -> Result<Self> {
+/// Every precondition of [`Capture`] checked, the pin directory locked, nothing pinned yet:
+/// a start that fails from here on (a busy port, a configuration that does not load) leaves
+/// no kernel state behind. Dropping it removes the pin directory if it was created for it.
+pub struct PreparedCapture {
+    opts: CaptureOptions,
+    cgroup: File,
+    node_cgroup: File,
+    lock: Option<File>,
+    /// The pin directory did not exist: nothing of an earlier run is in it.
+    created: bool,
+}
+
+impl PreparedCapture {
+    /// Checks the bpffs, both cgroup v2 directories and the embedded eBPF object, then takes
+    /// the pin directory (waiting up to `takeover_wait` for a proxy that is handing over).
+    pub fn new(opts: &CaptureOptions) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this ztunnel binary was built without its eBPF object (AYA_BUILD_SKIP)");
         }
@@ -93,17 +119,83 @@ impl Capture {
                 parent.display()
             );
         }
-        if fs_magic(&opts.cgroup).with_context(|| format!("checking {}", opts.cgroup.display()))?
-            != CGROUP2_SUPER_MAGIC
-        {
-            bail!("{} is not a cgroup v2 directory", opts.cgroup.display());
-        }
+        let cgroup = open_cgroup2(&opts.cgroup, "--cgroup")?;
+        let node_cgroup = open_cgroup2(&opts.node_cgroup, "--node-cgroup")?;
+        let created = !bpf_dir.exists();
         std::fs::create_dir_all(bpf_dir.join("pods"))
             .with_context(|| format!("creating {}", bpf_dir.display()))?;
-        let lock = lock_dir(bpf_dir, opts.takeover_wait)?;
+        let mut prepared = Self {
+            opts: opts.clone(),
+            cgroup,
+            node_cgroup,
+            lock: None,
+            created,
+        };
+        prepared.lock = Some(lock_dir(bpf_dir, opts.takeover_wait)?);
+        Ok(prepared)
+    }
 
+    /// Loads the programs (re-using pinned maps of a previous run), attaches them and pins
+    /// everything. If this fails in a pin directory this start created, the directory is
+    /// removed again; one that held a previous run's pins keeps them (capture stays closed).
+    pub fn install(mut self) -> Result<Capture> {
+        let lock = self.lock.take().expect("locked in new()");
+        match Capture::install(&self.opts, &self.cgroup, &self.node_cgroup, lock) {
+            Ok(capture) => {
+                self.created = false; // the directory now belongs to the capture
+                Ok(capture)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for PreparedCapture {
+    fn drop(&mut self) {
+        if self.created {
+            if let Err(e) = std::fs::remove_dir_all(&self.opts.bpf_dir) {
+                warn!(dir = %self.opts.bpf_dir.display(), error = %e,
+                    "cannot remove the pin directory of a failed start");
+            }
+        }
+    }
+}
+
+/// Opens `dir` after checking it is a cgroup v2 directory (on hybrid hosts `/sys/fs/cgroup`
+/// is the v1 tmpfs: the unified hierarchy is `/sys/fs/cgroup/unified`).
+fn open_cgroup2(dir: &Path, flag: &str) -> Result<File> {
+    let magic = fs_magic(dir).with_context(|| format!("checking {flag} {}", dir.display()))?;
+    if magic != CGROUP2_SUPER_MAGIC {
+        let hint = match cgroup2_root() {
+            Ok(root) => format!(
+                " (the cgroup v2 hierarchy of this machine is {})",
+                root.display()
+            ),
+            Err(_) => String::new(),
+        };
+        bail!(
+            "{flag} {} is not a cgroup v2 directory{hint}",
+            dir.display()
+        );
+    }
+    File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))
+}
+
+impl Capture {
+    fn install(
+        opts: &CaptureOptions,
+        cgroup: &File,
+        node_cgroup: &File,
+        lock: File,
+    ) -> Result<Self> {
+        let bpf_dir = &opts.bpf_dir;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpf_dir)
+            .override_global(
+                ztunnel_common::NODE_NETNS_COOKIE_GLOBAL,
+                &opts.node_netns_cookie,
+                true,
+            )
             .load(EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -113,32 +205,36 @@ impl Capture {
                 )
             })?;
 
-        let cgroup = File::open(&opts.cgroup)
-            .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
         let mut cgroup_links = Vec::new();
         // These attachments are bpf_links, which always coexist with other programs on the
         // cgroup (a CNI's included) as if BPF_F_ALLOW_MULTI were set; `link_create` itself
         // rejects that flag with EINVAL, so no flag is passed.
         const CGROUP_LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
-        for (name, pin) in CGROUP_PROGRAMS {
+        let node_program = (programs::NODE_SOCK_OPS, "node_sockops");
+        for (name, pin) in CGROUP_PROGRAMS.into_iter().chain([node_program]) {
+            let (target, target_path) = if name == programs::NODE_SOCK_OPS {
+                (node_cgroup, &opts.node_cgroup)
+            } else {
+                (cgroup, &opts.cgroup)
+            };
             let program = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-            let link: FdLink = if name == programs::SOCK_OPS {
+            let link: FdLink = if name == programs::SOCK_OPS || name == programs::NODE_SOCK_OPS {
                 let p: &mut SockOps = program.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
                 repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
                 let id = p
-                    .attach(&cgroup, CGROUP_LINK_MODE)
-                    .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
+                    .attach(target, CGROUP_LINK_MODE)
+                    .with_context(|| format!("attaching {name} to {}", target_path.display()))?;
                 p.take_link(id)?.try_into()?
             } else {
                 let p: &mut CgroupSockAddr = program.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
                 repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
                 let id = p
-                    .attach(&cgroup, CGROUP_LINK_MODE)
-                    .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
+                    .attach(target, CGROUP_LINK_MODE)
+                    .with_context(|| format!("attaching {name} to {}", target_path.display()))?;
                 p.take_link(id)?.try_into()?
             };
             // The new link is attached before the old one (from a previous run) is unpinned, so
@@ -162,20 +258,32 @@ impl Capture {
 
         let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, maps::POD_LISTENERS)?)?;
+        let pod_addresses = BpfHashMap::try_from(take_map(&mut ebpf, maps::POD_ADDRESSES)?)?;
         let orig_dst = Arc::new(OrigDstTable(Mutex::new(BpfHashMap::try_from(take_map(
             &mut ebpf,
             maps::ORIG_DST_BY_PEER,
         )?)?)));
-        info!(bpf_dir = %bpf_dir.display(), cgroup = %opts.cgroup.display(), "capture programs attached");
+        let node_connections = Arc::new(NodeConnections(Mutex::new(BpfHashMap::try_from(
+            take_map(&mut ebpf, maps::NODE_CONNECTIONS)?,
+        )?)));
+        info!(bpf_dir = %bpf_dir.display(), cgroup = %opts.cgroup.display(),
+            node_cgroup = %opts.node_cgroup.display(), "capture programs attached");
         Ok(Self {
             bpf_dir: bpf_dir.clone(),
             ebpf,
             enrolled,
             listeners,
+            pod_addresses,
             orig_dst,
+            node_connections,
             _cgroup_links: cgroup_links,
             _lock: lock,
         })
+    }
+
+    /// The node's own connections to enrolled pods, shared with the inbound proxy.
+    pub fn node_connections(&self) -> Arc<NodeConnections> {
+        self.node_connections.clone()
     }
 
     pub fn bpf_dir(&self) -> &Path {
@@ -222,6 +330,11 @@ impl Capture {
             self.listeners.insert(key, *fd, 0).with_context(|| {
                 format!("adding the listener of {id} to {}", maps::POD_LISTENERS)
             })?;
+            self.pod_addresses
+                .insert(pod_addr(key), 1, 0)
+                .with_context(|| {
+                    format!("adding the address of {id} to {}", maps::POD_ADDRESSES)
+                })?;
         }
         let path = self.pod_pin(id);
         let p: &mut SkLookup = self
@@ -258,23 +371,37 @@ impl Capture {
             first_error.get_or_insert(e);
         }
         for key in keys {
+            if let Err(e) = absent_ok(self.pod_addresses.remove(&pod_addr(key))) {
+                first_error
+                    .get_or_insert(anyhow!(e).context(format!("removing an address of {id}")));
+            }
             // Entries vanish by themselves when the listener closes; remove them now anyway so
             // the map never points at a socket the pod no longer owns.
-            match self.listeners.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    first_error
-                        .get_or_insert(anyhow!(e).context(format!("removing a listener of {id}")));
-                }
+            if let Err(e) = absent_ok(self.listeners.remove(key)) {
+                first_error
+                    .get_or_insert(anyhow!(e).context(format!("removing a listener of {id}")));
             }
         }
         first_error.map_or(Ok(()), Err)
     }
 
     /// Removes enrolment state left by a previous run for pods that are not enrolled now.
-    pub fn remove_stale(&mut self, live_ids: &HashSet<String>, live_cookies: &HashSet<u64>) {
+    pub fn remove_stale(
+        &mut self,
+        live_ids: &HashSet<String>,
+        live_cookies: &HashSet<u64>,
+        live_listeners: &HashSet<ListenerKey>,
+    ) {
+        let live_addrs: HashSet<PodAddr> = live_listeners.iter().map(pod_addr).collect();
+        let stale: Vec<PodAddr> = self
+            .pod_addresses
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live_addrs.contains(k))
+            .collect();
+        for addr in stale {
+            let _ = self.pod_addresses.remove(&addr);
+        }
         let stale: Vec<u64> = self
             .enrolled
             .keys()
@@ -315,6 +442,85 @@ impl OrigDstTable {
         let _ = map.remove(key);
         Some(dst)
     }
+}
+
+/// A map removal that found nothing to remove succeeded.
+fn absent_ok(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The pod-address entry for a listener's pod address.
+fn pod_addr(key: &ListenerKey) -> PodAddr {
+    PodAddr {
+        addr: key.addr,
+        family: key.family,
+        _pad: 0,
+    }
+}
+
+/// Connections the node's own sockets made to enrolled pods, recorded by `zt_node_sockops`.
+pub struct NodeConnections(Mutex<BpfHashMap<MapData, NodeConnKey, NodeConn>>);
+
+impl NodeConnections {
+    /// Whether the connection the pod accepted from `peer` at `local` is one a socket of the
+    /// node's own network namespace made and completed (see `zt_node_sockops`). The record is
+    /// consumed: one record admits one connection.
+    pub fn take_established(
+        &self,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) -> bool {
+        let Some(key) = node_conn_key(peer, local) else {
+            return false;
+        };
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(conn) = map.get(&key, 0) else {
+            return false;
+        };
+        let _ = map.remove(&key);
+        conn.state == NODE_CONN_ESTABLISHED
+    }
+}
+
+/// The key `zt_node_sockops` writes for a connection from `node` to `pod`.
+pub fn node_conn_key(node: std::net::SocketAddr, pod: std::net::SocketAddr) -> Option<NodeConnKey> {
+    use std::net::IpAddr;
+    let words = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => (
+            [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            ztunnel_common::AF_INET,
+        ),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], ztunnel_common::AF_INET6)
+        }
+    };
+    let canonical = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let (node_addr, family) = words(canonical(node.ip()));
+    let (pod_addr, pod_family) = words(canonical(pod.ip()));
+    (family == pod_family).then_some(NodeConnKey {
+        node_addr,
+        pod_addr,
+        node_port: node.port(),
+        pod_port: pod.port(),
+        family,
+        _pad: 0,
+    })
 }
 
 /// Removes every pin (programs, links, maps, pod links) of a node proxy, which detaches capture.

@@ -53,7 +53,7 @@ use super::{
     pod_netns::{NotFound, PodNetns, PodNetnsFinder},
     WatchHandle,
 };
-use crate::state::{MeshSettings, Objects, Origin, Snapshot};
+use crate::state::{EnrolmentPolicy, MeshSettings, Namespace, Objects, Origin, Snapshot};
 
 /// What the Kubernetes source needs.
 #[derive(Clone, Debug)]
@@ -69,6 +69,9 @@ pub struct KubernetesOptions {
     pub netns: PodNetnsFinder,
     /// How often this node's pods whose netns was not found are looked for again.
     pub netns_retry: Duration,
+    /// Which pods are captured: only theirs are looked up (a pod outside the mesh needs no
+    /// netns, and host-network pods have none of their own).
+    pub enrolment: EnrolmentPolicy,
 }
 
 impl KubernetesOptions {
@@ -81,6 +84,7 @@ impl KubernetesOptions {
             retry_max: Duration::from_secs(30),
             netns,
             netns_retry: Duration::from_secs(1),
+            enrolment: EnrolmentPolicy::default(),
         }
     }
 }
@@ -163,6 +167,8 @@ fn watch_specs(node: &str, root_namespace: &str) -> Vec<WatchSpec> {
 
 /// The index of [`watch_specs`] whose objects are this node's pods.
 const LOCAL_PODS: usize = 0;
+/// The index of [`watch_specs`] whose objects are the namespaces.
+const NAMESPACES: usize = 2;
 
 /// An object's name within its watch.
 type Key = (String, String);
@@ -362,20 +368,34 @@ fn absorb(into: &mut Objects, from: &Objects) {
 /// This node's pods' network namespaces, found once and checked before every reuse.
 struct NetnsCache {
     finder: PodNetnsFinder,
+    policy: EnrolmentPolicy,
     found: HashMap<String, PodNetns>,
     /// Pods whose netns is not known, by UID, with the reason last logged.
     missing: BTreeMap<String, NotFound>,
 }
 
 impl NetnsCache {
-    /// Sets `netns_path` of this node's pods in `objects`; returns whether any pod's path
-    /// differs from what the previous call found.
-    fn assign(&mut self, objects: &mut Objects, node: &str) -> bool {
+    /// Whether `pod` could be captured here: on this node, not host-network, in a namespace
+    /// labelled for capture and not opted out. Only those are looked up.
+    fn wanted(&self, pod: &crate::state::Pod, node: &str, namespaces: &[&Namespace]) -> bool {
+        let (ns_key, ns_value) = &self.policy.namespace_label;
+        let (opt_key, opt_value) = &self.policy.pod_opt_out_label;
+        pod.node_name.as_deref() == Some(node)
+            && !pod.host_network
+            && pod.labels.get(opt_key) != Some(opt_value)
+            && namespaces
+                .iter()
+                .any(|ns| ns.name == pod.namespace && ns.labels.get(ns_key) == Some(ns_value))
+    }
+
+    /// Sets `netns_path` of this node's pods in `objects` (namespaces in `namespaces`);
+    /// returns whether any pod's path differs from what the previous call found.
+    fn assign(&mut self, objects: &mut Objects, node: &str, namespaces: &[&Namespace]) -> bool {
         let mut index = None;
         let mut found = HashMap::new();
         let mut missing = BTreeMap::new();
         for pod in objects.pods.iter_mut() {
-            if pod.node_name.as_deref() != Some(node) || pod.host_network {
+            if !self.wanted(pod, node, namespaces) {
                 continue;
             }
             let cached = self
@@ -433,6 +453,7 @@ async fn aggregate(
     let mut store = Store::new(specs);
     let mut netns = NetnsCache {
         finder: opts.netns.clone(),
+        policy: opts.enrolment.clone(),
         found: HashMap::new(),
         missing: BTreeMap::new(),
     };
@@ -460,7 +481,9 @@ async fn aggregate(
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() && store.all_synced() => {
                 due = None;
                 let mut objects = store.objects();
-                netns.assign(&mut objects, &opts.node);
+                let namespaces = objects.namespaces.clone();
+                let namespaces: Vec<&Namespace> = namespaces.iter().collect();
+                netns.assign(&mut objects, &opts.node, &namespaces);
                 generation += 1;
                 let snapshot = Snapshot::build(generation, objects, &opts.settings);
                 log_snapshot(&snapshot, &mut problems);
@@ -485,7 +508,11 @@ async fn aggregate(
                 for objects in store.objects[LOCAL_PODS].values() {
                     absorb(&mut local, objects);
                 }
-                if netns.assign(&mut local, &opts.node) {
+                let namespaces: Vec<&Namespace> = store.objects[NAMESPACES]
+                    .values()
+                    .flat_map(|o| &o.namespaces)
+                    .collect();
+                if netns.assign(&mut local, &opts.node, &namespaces) {
                     due = Some(Instant::now());
                 }
             }

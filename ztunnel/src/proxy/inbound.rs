@@ -54,6 +54,10 @@ impl Proxy {
         let Ok(dst) = stream.local_addr() else {
             return;
         };
+        // The kubelet's probes: exempt from the pod's policies (see `from_node`).
+        if self.made_by_node(peer, dst) {
+            return self.inbound_from_node(pod, stream, peer, dst).await;
+        }
         // This connection's own view of the configuration: the decision below and every later
         // re-check read it, so none of them is skipped.
         let config = self.config.clone();

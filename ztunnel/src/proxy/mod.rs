@@ -7,6 +7,7 @@
 //!
 //! Every upstream socket is created inside the network namespace of the pod it serves and
 //! carries [`PROXY_MARK`], so it leaves with the pod's own address and is never captured again.
+mod from_node;
 pub mod inbound;
 mod inbound_hbone;
 mod inbound_http;
@@ -14,6 +15,7 @@ mod inbound_policy;
 pub mod outbound;
 mod relay;
 
+pub use from_node::NODE_SOURCE;
 pub use relay::{reset, Relayed};
 
 use std::{
@@ -31,7 +33,7 @@ use ztunnel_common::PROXY_MARK;
 use crate::{
     admin::metrics::Metrics,
     authz::MtlsDecision,
-    capture::OrigDstTable,
+    capture::{NodeConnections, OrigDstTable},
     hbone::{Connector, Io, Pool, PoolKey},
     identity::{CertificateCache, SpiffeId},
     netns::Netns,
@@ -124,6 +126,8 @@ impl Mesh {
 pub struct ProxyOptions {
     pub home: Arc<Netns>,
     pub orig_dst: Arc<OrigDstTable>,
+    /// The node's own connections to enrolled pods (kubelet probes), recorded by the kernel.
+    pub node_connections: Arc<NodeConnections>,
     pub config: watch::Receiver<Arc<Snapshot>>,
     pub node: String,
     pub policy: EnrolmentPolicy,
@@ -135,6 +139,7 @@ pub struct ProxyOptions {
 pub struct Proxy {
     home: Arc<Netns>,
     orig_dst: Arc<OrigDstTable>,
+    node_connections: Arc<NodeConnections>,
     config: watch::Receiver<Arc<Snapshot>>,
     node: String,
     policy: EnrolmentPolicy,
@@ -154,6 +159,7 @@ impl Proxy {
         Arc::new(Self {
             home: o.home,
             orig_dst: o.orig_dst,
+            node_connections: o.node_connections,
             config: o.config,
             node: o.node,
             policy: o.policy,

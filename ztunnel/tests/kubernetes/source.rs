@@ -172,12 +172,24 @@ async fn labelled_namespace_enrols_its_pods_and_policies_are_enforced() {
         "objects name their API origin"
     );
 
-    // The pod's sandbox starts: its netns is found without any API change.
+    // The pod's sandbox starts. Its namespace is not in the mesh, so its netns is not
+    // looked for (nothing would use it).
     let sandbox = NetnsProcess::start();
     kubelet_cgroup(cgroups.path(), WEB_UID, sandbox.pid());
+    let s = source.new_namespace(&server, "later").await;
+    let web = &s.pods[&("shop".into(), "web".into())];
+    assert_eq!(web.netns_path, None);
+    assert_eq!(
+        enrolment(&s, "shop", "web"),
+        Enrolment::NamespaceNotLabelled
+    );
+
+    // Labelling the namespace finds the netns and enrols the pod on this node, without any
+    // change of the pod; the remote one joins the mesh.
+    server.apply(namespace("shop", json!({AMBIENT: "ambient"})));
     let s = source
-        .until("web's netns", |s| {
-            s.pods[&("shop".into(), "web".into())].netns_path.is_some()
+        .until("shop enrolled", |s| {
+            enrolment(s, "shop", "web") == Enrolment::Enrolled
         })
         .await;
     let web = &s.pods[&("shop".into(), "web".into())];
@@ -185,18 +197,6 @@ async fn labelled_namespace_enrols_its_pods_and_policies_are_enforced() {
         web.netns_path.as_deref(),
         Some(sandbox.netns_path().as_path())
     );
-    assert_eq!(
-        enrolment(&s, "shop", "web"),
-        Enrolment::NamespaceNotLabelled
-    );
-
-    // Labelling the namespace enrols its pod on this node; the remote one joins the mesh.
-    server.apply(namespace("shop", json!({AMBIENT: "ambient"})));
-    let s = source
-        .until("shop enrolled", |s| {
-            enrolment(s, "shop", "web") == Enrolment::Enrolled
-        })
-        .await;
     let api = &s.pods[&("shop".into(), "api".into())];
     assert!(s.in_mesh(api, &EnrolmentPolicy::default()));
     assert_eq!(
@@ -241,6 +241,92 @@ async fn labelled_namespace_enrols_its_pods_and_policies_are_enforced() {
         })
         .await;
     assert!(matches!(call_from_api(&s), Admission::Allowed(_)));
+}
+
+/// Only this node's pods that could be captured are looked up: not host-network pods (they
+/// have no netns of their own; issue 13 saw the CA pod looked up forever), not pods outside
+/// the mesh, not opted-out pods.
+#[test]
+fn only_pods_that_could_be_captured_are_looked_up_for_a_netns() {
+    const HOST_UID: &str = "0a1b2c3d-0000-4000-8000-00000000c003";
+    const PLAIN_UID: &str = "0a1b2c3d-0000-4000-8000-00000000d004";
+    const OUT_UID: &str = "0a1b2c3d-0000-4000-8000-00000000e005";
+    let logs = Logs::default();
+    let _guard = logs.capture();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cgroups = TempDir::new("cgroups");
+    let sandbox = NetnsProcess::start();
+    rt.block_on(async {
+        let server = ApiServer::start().await;
+        server.register_defaults();
+        server.apply(namespace("shop", json!({AMBIENT: "ambient"})));
+        server.apply(namespace("plain", json!({})));
+        let mut host = pod("shop", "ca", HOST_UID, "n1", "10.255.0.1", "ca", json!({}));
+        host["spec"]["hostNetwork"] = json!(true);
+        server.apply(host);
+        server.apply(pod(
+            "plain",
+            "app",
+            PLAIN_UID,
+            "n1",
+            "10.1.0.7",
+            "app",
+            json!({}),
+        ));
+        server.apply(pod(
+            "shop",
+            "out",
+            OUT_UID,
+            "n1",
+            "10.1.0.8",
+            "out",
+            json!({AMBIENT: "none"}),
+        ));
+        // web is in the mesh and its sandbox has not started: looked for, and reported once.
+        server.apply(pod(
+            "shop",
+            "web",
+            WEB_UID,
+            "n1",
+            "10.1.0.2",
+            "web",
+            json!({}),
+        ));
+        // The host-network pod's processes are the node's: a kubelet cgroup holding one of ours.
+        kubelet_cgroup(cgroups.path(), HOST_UID, std::process::id());
+        kubelet_cgroup(cgroups.path(), PLAIN_UID, sandbox.pid());
+        kubelet_cgroup(cgroups.path(), OUT_UID, sandbox.pid());
+        let mut source = start(&server, cgroups.path()).await;
+        let s = source.until("the pods", |s| s.pods.len() == 4).await;
+        // Several retry rounds of the netns lookup (every 50 ms here).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let s2 = source.new_namespace(&server, "later").await;
+        for s in [&s, &s2] {
+            for name in [
+                ("shop", "ca"),
+                ("plain", "app"),
+                ("shop", "out"),
+                ("shop", "web"),
+            ] {
+                let p = &s.pods[&(name.0.to_owned(), name.1.to_owned())];
+                assert_eq!(p.netns_path, None, "{name:?}");
+            }
+        }
+    });
+    let text = logs.text();
+    let lookups: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("pod network namespace not found yet"))
+        .collect();
+    assert_eq!(
+        lookups.len(),
+        1,
+        "only shop/web is looked for, once: {lookups:#?}"
+    );
+    assert!(lookups[0].contains("shop/web"), "{lookups:#?}");
 }
 
 #[test]
