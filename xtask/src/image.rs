@@ -2,7 +2,7 @@
 //! `skopeo copy oci-archive:` read) without Docker, written with the `tar` crate:
 //!
 //! * the node proxy, `docker.io/library/ztunnel:<appVersion>` (the chart's default image):
-//!   the release binary, the shared libraries `ldd` lists for it (glibc, libm, libgcc_s, the
+//!   the release binaries `ztunnel` and `ztunnel-cni`, the shared libraries `ldd` lists (glibc, libm, libgcc_s, the
 //!   loader), `/etc/passwd` and `/etc/group` with root and nonroot (65532), the CA bundle,
 //!   `/tmp`; nothing else (no shell, no package manager: distroless-like);
 //! * `ztk.local/pause:1`, the local cluster's sandbox image: a static C program that sleeps and
@@ -250,7 +250,13 @@ pub fn parse_ldd(out: &str) -> Vec<PathBuf> {
 fn ztunnel(binary: &Path) -> Result<Image> {
     let mut img = Image::new(&ztunnel_image()?, &["/usr/local/bin/ztunnel"]);
     img.add_host_file("usr/local/bin/ztunnel", binary, 0o755)?;
-    for lib in shared_libraries(binary)? {
+    // The CNI plugin `ztunnel cni install` copies from next to the binary onto the node.
+    let plugin = binary.with_file_name("ztunnel-cni");
+    img.add_host_file("usr/local/bin/ztunnel-cni", &plugin, 0o755)?;
+    for lib in shared_libraries(binary)?
+        .into_iter()
+        .chain(shared_libraries(&plugin)?)
+    {
         img.add_host_file(&lib.to_string_lossy(), &lib, 0o755)?;
     }
     // JWKS over https and any TLS to names outside the mesh.

@@ -213,6 +213,14 @@ fn real_cluster_suite() -> Result<()> {
     t.step("STRICT PeerAuthentication applies live", || {
         strict_mtls(web)
     })?;
+    t.step(
+        "a new pod is captured from its first instruction (CNI plugin)",
+        || first_instruction(web),
+    )?;
+    t.step(
+        "kubelet probes pass STRICT; another process on the node does not",
+        probes_under_strict,
+    )?;
     t.step("L7 AuthorizationPolicy applies live", || {
         l7_authorization(web)
     })?;
@@ -592,6 +600,102 @@ fn strict_mtls(web: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
+/// Finding: new pods started uncaptured (enrolment waited for `status.podIPs`; 4 of 20 early
+/// connections bypassed the mesh). With `ztunnel-cni` chained into each node's CNI
+/// configuration, a pod that connects 20 times from its very first instruction sends nothing
+/// outside HBONE, and every request is served.
+fn first_instruction(web: Ipv4Addr) -> Result<()> {
+    for node in kube::NODES {
+        let conflist = Path::new(kube::RUN_DIR).join(format!("{node}/cni/net.d/10-ztk.conflist"));
+        let text = std::fs::read_to_string(&conflist)?;
+        ensure!(
+            text.contains("ztunnel-cni"),
+            "{}: not chained: {text}",
+            conflist.display()
+        );
+    }
+    let cap = Capture::start("first-instruction", &format!("tcp and host {web}"))?;
+    apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: early, namespace: shop}}\nspec:\n  \
+         nodeName: ztk-node1\n  serviceAccountName: frontend\n  restartPolicy: Never\n  \
+         containers:\n  - name: c\n    image: ztk.local/busybox:1\n    \
+         imagePullPolicy: Never\n    command: [sh, -c, 'for i in $(seq 1 20); do timeout 2 \
+         wget -q -O- http://{web}:8080/early-$i; done']\n"
+    ))?;
+    wait_for("the early pod to finish", WAIT, || {
+        let p = kubectl_json(&["-n", "shop", "get", "pod", "early"])?;
+        Ok(p["status"]["phase"]
+            .as_str()
+            .filter(|s| *s == "Succeeded" || *s == "Failed")
+            .map(str::to_owned))
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let packets = cap.stop()?;
+    check_only_hbone(&packets, web)?;
+    let out = kubectl(&["-n", "shop", "logs", "early"])?;
+    ensure!(
+        out.matches("web GET /early-").count() == 20,
+        "not every early request was served: {out}"
+    );
+    let log = proxy_log("ztk-node1")?;
+    ensure!(
+        log.iter()
+            .any(|l| l["message"] == "CNI: pod captured before it starts"
+                && l["pod"] == "shop/early"),
+        "node 1's proxy did not capture the early pod through the CNI plugin"
+    );
+    kubectl(&["-n", "shop", "delete", "pod", "early", "--wait=false"])?;
+    Ok(())
+}
+
+/// Finding: under mesh-wide STRICT the kubelet's HTTP probes of enrolled pods were refused, so
+/// they never became Ready. The probes now pass (the proxy recognises sockets of the kubelet's
+/// cgroup, `nodeProxy.nodeCgroupPath`), while a host-network pod on the same node, whose
+/// connections carry the very same node address, is still refused.
+fn probes_under_strict() -> Result<()> {
+    apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: probed, namespace: shop, labels: {app: probed}}\n\
+         spec:\n  nodeName: ztk-node2\n  terminationGracePeriodSeconds: 0\n  containers:\n  - name: c\n    \
+         image: ztk.local/busybox:1\n    imagePullPolicy: Never\n    \
+         command: [nc, -ll, -p, \"8080\", -e, /bin/sh, /srv/http.sh]\n    \
+         env: [{name: NAME, value: probed}]\n    \
+         readinessProbe: {httpGet: {path: /ready, port: 8080}, periodSeconds: 1}\n    \
+         volumeMounts: [{name: http, mountPath: /srv}]\n  \
+         volumes: [{name: http, configMap: {name: http}}]\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: on-node, namespace: outside}\nspec:\n  \
+         nodeName: ztk-node2\n  hostNetwork: true\n  terminationGracePeriodSeconds: 0\n  \
+         containers:\n  - {name: c, image: ztk.local/busybox:1, imagePullPolicy: Never, \
+         command: [sleep, \"100000\"]}\n",
+    )?;
+    wait_ready("shop", &["probed"])?;
+    wait_ready("outside", &["on-node"])?;
+    let log = proxy_log("ztk-node2")?;
+    ensure!(
+        log.iter().any(|l| l["transport"] == "node"
+            && l["dst_workload"] == "shop/probed"
+            && l["outcome"] == "ok"),
+        "no kubelet probe of shop/probed logged as a node connection"
+    );
+    let url = format!("http://{}:8080/not-the-kubelet", pod_ip("shop", "probed")?);
+    ensure!(
+        http("outside", "on-node", &url, &[])?.0 == 0,
+        "a host-network pod got through STRICT with the node's address"
+    );
+    // The same connection is fine where the port is PERMISSIVE: the refusal was STRICT's.
+    apply(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: \
+         {name: probed, namespace: shop}\nspec:\n  selector: {matchLabels: {app: probed}}\n  \
+         mtls: {mode: PERMISSIVE}\n",
+    )?;
+    wait_for("PERMISSIVE to admit the host-network pod", WAIT, || {
+        Ok((http("outside", "on-node", &url, &[])?.0 == 200).then_some(()))
+    })?;
+    kubectl(&["-n", "shop", "delete", "peerauthentication", "probed"])?;
+    kubectl(&["-n", "shop", "delete", "pod", "probed", "--wait=false"])?;
+    kubectl(&["-n", "outside", "delete", "pod", "on-node", "--wait=false"])?;
+    Ok(())
+}
+
 /// deploy/examples/l7-authorization.yaml, applied live: the frontend may GET /api/*, /admin is
 /// denied, anything else has no ALLOW rule.
 fn l7_authorization(web: Ipv4Addr) -> Result<()> {
@@ -879,8 +983,9 @@ fn rollout_restart(web: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// Removal as the README says: unlabel (the proxies un-enrol the pods), then helm uninstall.
-/// Nothing is left: no pin, no cgroup program, no pod link; traffic flows unmeshed again.
+/// Removal as the README says: unlabel (the proxies un-enrol the pods), take the CNI plugin
+/// out of each node's chain, then helm uninstall. Nothing is left: no pin, no cgroup program,
+/// no pod link, no plugin; traffic flows unmeshed again.
 fn uninstall(web: Ipv4Addr) -> Result<()> {
     kubectl(&["label", "namespace", "shop", "istio.io/dataplane-mode-"])?;
     for node in kube::NODES {
@@ -891,6 +996,34 @@ fn uninstall(web: Ipv4Addr) -> Result<()> {
                 .unwrap_or(true)
                 .then_some(()))
         })?;
+    }
+    for node in kube::NODES {
+        let pod = kube::proxy_pod(node)?;
+        let d = format!("{}/{node}", kube::RUN_DIR);
+        kubectl(&[
+            "-n",
+            "istio-system",
+            "exec",
+            &pod,
+            "-c",
+            "ztunnel",
+            "--",
+            "ztunnel",
+            "cni",
+            "uninstall",
+            &format!("--bin-dir={d}/cni/bin"),
+            &format!("--conf-dir={d}/cni/net.d"),
+            &format!("--socket={d}/ztunnel/cni.sock"),
+        ])?;
+        let conflist = std::fs::read_to_string(format!("{d}/cni/net.d/10-ztk.conflist"))?;
+        ensure!(
+            !conflist.contains("ztunnel-cni"),
+            "{node}: still chained: {conflist}"
+        );
+        ensure!(
+            !Path::new(&format!("{d}/cni/bin/ztunnel-cni")).exists(),
+            "{node}: plugin left"
+        );
     }
     helm(&[
         "uninstall",
@@ -925,98 +1058,5 @@ fn uninstall(web: Ipv4Addr) -> Result<()> {
     if code != 200 || !body.contains("web GET /after") {
         bail!("traffic after removal: {code} {body}");
     }
-    Ok(())
-}
-
-/// Waits for helper "capture" (issue 13): the chained CNI plugin (`ztunnel-cni`, put into each
-/// node's CNI chain by `ztunnel cni install --bin-dir DIR --conf-dir DIR` from the DaemonSet)
-/// and the kubelet-probe exemption under STRICT. Written against that interface; the chart
-/// value `nodeProxy.cni.enabled` and its hostPath mounts of the local cluster's per-node CNI
-/// directories (`/tmp/ztk/<node>/cni/{bin,net.d}`) are wired when it lands. Run it with
-/// `cargo test --release -p ztunnel-tests --test real_cluster -- --ignored`.
-#[test]
-#[ignore = "waits for the chained CNI plugin and the probe exemption (helper `capture`, issue 13)"]
-fn real_cluster_capture_from_the_first_instruction() -> Result<()> {
-    let _cluster = LocalCluster::up()?;
-    helm(&[
-        "upgrade",
-        "ztunnel",
-        "deploy/helm/ztunnel",
-        "-n",
-        "istio-system",
-        "--reuse-values",
-        "--set",
-        "nodeProxy.cni.enabled=true",
-        "--wait",
-    ])?;
-    apply(WORKLOADS)?;
-    wait_ready("outside", &["stranger"])?;
-    kubectl(&[
-        "label",
-        "namespace",
-        "shop",
-        "istio.io/dataplane-mode=ambient",
-    ])?;
-    wait_ready("shop", &["web"])?;
-    let web = pod_ip("shop", "web")?;
-    apply(&example("strict-mtls.yaml")?)?;
-
-    // A new pod of the enrolled namespace that connects in its very first millisecond, 20
-    // times: with the plugin its netns is enrolled before its first instruction, so nothing of
-    // it may cross the underlay outside HBONE (before, 4 of 20 went out in plaintext).
-    let cap = Capture::start("first-ms", &format!("tcp and host {web}"))?;
-    apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: early, namespace: shop}}\nspec:\n  \
-         nodeName: ztk-node1\n  serviceAccountName: frontend\n  restartPolicy: Never\n  \
-         containers:\n  - name: c\n    image: ztk.local/busybox:1\n    imagePullPolicy: Never\n    \
-         command: [sh, -c, 'for i in $(seq 1 20); do timeout 2 wget -q -O- http://{web}:8080/early-$i; done']\n"
-    ))?;
-    wait_for("the early pod to finish", WAIT, || {
-        let p = kubectl_json(&["-n", "shop", "get", "pod", "early"])?;
-        Ok(p["status"]["phase"]
-            .as_str()
-            .filter(|s| *s == "Succeeded" || *s == "Failed")
-            .map(str::to_owned))
-    })?;
-    std::thread::sleep(Duration::from_millis(300));
-    let packets = cap.stop()?;
-    check_only_hbone(&packets, web)?;
-    let out = kubectl(&["-n", "shop", "logs", "early"])?;
-    ensure!(
-        out.matches("web GET /early-").count() == 20,
-        "not all 20 requests served: {out}"
-    );
-
-    // STRICT with kubelet probes: an enrolled pod with an HTTP readiness probe becomes Ready.
-    apply(
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: probed, namespace: shop, labels: {app: probed}}\n\
-         spec:\n  nodeName: ztk-node2\n  containers:\n  - name: c\n    image: ztk.local/busybox:1\n    \
-         imagePullPolicy: Never\n    command: [nc, -ll, -p, \"8080\", -e, /bin/sh, /srv/http.sh]\n    \
-         env: [{name: NAME, value: probed}]\n    readinessProbe: {httpGet: {path: /ready, port: 8080}, periodSeconds: 1}\n    \
-         volumeMounts: [{name: http, mountPath: /srv}]\n  volumes: [{name: http, configMap: {name: http}}]\n"
-    )?;
-    wait_ready("shop", &["probed"])?;
-    // A pod that takes the node's address as its source is not the kubelet: still refused.
-    let probed = pod_ip("shop", "probed")?;
-    apply(
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: spoofer, namespace: outside}\nspec:\n  \
-         nodeName: ztk-node2\n  containers:\n  - name: c\n    image: ztk.local/busybox:1\n    \
-         imagePullPolicy: Never\n    command: [sleep, \"100000\"]\n    securityContext: {capabilities: {add: [NET_ADMIN]}}\n",
-    )?;
-    wait_ready("outside", &["spoofer"])?;
-    exec(
-        "outside",
-        "spoofer",
-        &["ip", "addr", "add", "10.99.0.2/32", "dev", "eth0"],
-    )?;
-    let spoof = exec(
-        "outside",
-        "spoofer",
-        &["sh", "-c", &format!("printf 'GET /ready HTTP/1.0\\r\\n\\r\\n' | timeout 3 nc -s 10.99.0.2 {probed} 8080")],
-    )?;
-    ensure!(
-        !String::from_utf8_lossy(&spoof.stdout).contains("200 OK"),
-        "a pod spoofing the node's address got through STRICT"
-    );
     Ok(())
 }

@@ -316,6 +316,11 @@ fn network_and_cgroups() -> Result<()> {
         saved.push_str(&format!("{name} {}\n", host::read_sysctl(name)?));
     }
     std::fs::write(layout::state_dir().join("sysctls"), saved)?;
+    // The node proxies mount the run directory (CNI directories, pods' netns mounts below the
+    // containerd state): a shared mount of its own, so later mounts propagate into them.
+    let run = layout::run_dir();
+    output(Command::new("mount").arg("--bind").arg(&run).arg(&run))?;
+    output(Command::new("mount").arg("--make-shared").arg(&run))?;
     // HostToContainer propagation (the chart's bpffs mount) needs a shared mount; without
     // systemd every mount here is private.
     if !host::mount_is_shared(layout::BPFFS) {
