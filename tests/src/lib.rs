@@ -7,6 +7,9 @@
 //! it is dropped, even on panic; leftovers of crashed runs are swept when the first cluster of a
 //! test process starts. Needs root, a cgroup v2 mount and bpffs at `/sys/fs/bpf`.
 //!
+//! A node can run Istio's own ztunnel instead of ours ([`ClusterBuilder::peer_node`], see
+//! [`peer`] and [`zds`]), for the interoperability tests and `cargo xtask bench --peer`.
+//!
 //! ```no_run
 //! use ztunnel_tests::{pod, service, Cluster};
 //! let c = Cluster::builder()
@@ -25,13 +28,17 @@ pub mod cleanup;
 pub mod cluster;
 pub mod cni;
 pub mod config;
+pub mod hbone_client;
 pub mod metrics;
+pub mod peer;
 pub mod process;
+pub mod zds;
 
 use std::path::{Path, PathBuf};
 
 pub use cluster::{
-    pod, service, Cluster, ClusterBuilder, NodeRef, PodRef, PodSpec, ProbeOutput, ServiceSpec,
+    pod, service, underlay_not_only_mtls, Cluster, ClusterBuilder, NodeProxy, NodeRef, PodRef,
+    PodSpec, ProbeOutput, ServiceSpec,
 };
 pub use process::{wait_until, Proc};
 

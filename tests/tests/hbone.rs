@@ -88,31 +88,20 @@ fn cross_node_traffic_is_mutual_tls_with_the_source_identity() -> Result<()> {
         "the capture saw the traffic ({} bytes)",
         bytes.len()
     );
-    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    assert!(
-        !contains(b"secret-path-7f3a"),
-        "the request path crossed the underlay in plaintext"
-    );
-    assert!(
-        !contains(b"HTTP/1.1"),
-        "HTTP crossed the underlay in plaintext"
-    );
-    assert!(
-        !text.is_empty() && text.lines().all(|l| l.contains(".15008")),
-        "only the tunnel port crosses the underlay:\n{text}"
-    );
+    let problem = ztunnel_tests::underlay_not_only_mtls(&bytes, &text, &[b"secret-path-7f3a"]);
+    assert_eq!(problem, None);
     Ok(())
 }
 
 #[test]
-fn one_tls_connection_per_source_identity() -> Result<()> {
+fn one_tls_connection_per_source_pod_and_identity() -> Result<()> {
     let c = mesh().start()?;
     enrolled(&c)?;
     let _server = c.pod("shop", "web").http_server(8080, "web")?;
     let web = format!("{}:8080", c.pod("shop", "web").ip());
     let mut ids = Vec::new();
     for client in ["client-a", "client-b", "client-a", "other"] {
-        let m1 = c.log_mark(1);
+        let (m1, m2) = (c.log_mark(1), c.log_mark(2));
         ok(c.pod("shop", client).get(&web)?)?;
         let conn = c.wait_for_connection(1, m1, WAIT, |l| l["direction"] == "outbound")?;
         assert_eq!(conn["hbone"], true, "{conn}");
@@ -122,12 +111,21 @@ fn one_tls_connection_per_source_identity() -> Result<()> {
             "{conn}"
         );
         ids.push(conn["hbone_connection"].clone());
+        // Dialled from inside the source pod, from its own address (as Istio's ztunnel does).
+        let inbound = c.wait_for_connection(2, m2, WAIT, |l| l["direction"] == "inbound")?;
+        let src = c.pod("shop", client).ip().to_string();
+        assert!(
+            inbound["src_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{src}:"))),
+            "the tunnel comes from {src}: {inbound}"
+        );
     }
-    assert_eq!(
+    assert_eq!(ids[0], ids[2], "a pod reuses its connection");
+    assert_ne!(
         ids[0], ids[1],
-        "two pods with one service account share a connection"
+        "another pod of the same service account has its own connection"
     );
-    assert_eq!(ids[0], ids[2]);
     assert_ne!(
         ids[0], ids[3],
         "another service account has its own connection"
@@ -137,7 +135,7 @@ fn one_tls_connection_per_source_identity() -> Result<()> {
         .into_iter()
         .filter(|l| l["message"] == "HBONE connection opened")
         .collect();
-    assert_eq!(opened.len(), 2, "{opened:?}");
+    assert_eq!(opened.len(), 3, "{opened:?}");
     Ok(())
 }
 
@@ -307,59 +305,22 @@ fn a_ca_down_at_start_fails_clearly_and_recovers_without_restarts() -> Result<()
     Ok(())
 }
 
-/// Opens an mTLS HBONE connection from node 1 to `hbone` as `spiffe://…/ns/shop/sa/client`
-/// (a certificate from the cluster's CA, made the way the proxy makes its own) and sends one
-/// CONNECT per authority, returning the statuses.
+/// One CONNECT per authority from node 1 to `hbone` as `spiffe://…/ns/shop/sa/client`,
+/// expecting the server to be `shop/<server_sa>`: the statuses.
 fn connect_statuses(
     c: &Cluster,
     hbone: &str,
     server_sa: &str,
     authorities: &[String],
 ) -> Result<Vec<u16>> {
-    use ztunnel::{
-        identity::{CaFiles, CacheOptions, CertificateCache, SpiffeId},
-        netns::Netns,
-        tls,
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let ca = CaFiles::load(&c.ca_dir())?;
-        let roots = ca.roots();
-        let certs = CertificateCache::new(
-            std::sync::Arc::new(ca),
-            roots.clone(),
-            CacheOptions::default(),
-        );
-        let client_id = SpiffeId::new("cluster.local", "shop", "client")?;
-        let cert = certs.get(&client_id).await?;
-        let server_id = SpiffeId::new("cluster.local", "shop", server_sa)?;
-        let config = tls::client_config(&cert, &roots, vec![server_id]);
-        // The socket is made inside node 1's netns and keeps it.
-        let home = Netns::current()?;
-        let addr: std::net::SocketAddr = hbone.parse()?;
-        let tcp = Netns::open(&c.node(1).netns_path())?
-            .run(&home, || std::net::TcpStream::connect_timeout(&addr, WAIT))??;
-        tcp.set_nonblocking(true)?;
-        let tcp = tokio::net::TcpStream::from_std(tcp)?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(tls::server_name(addr.ip()), tcp)
-            .await?;
-        let (send, conn) = h2::client::handshake(tls).await?;
-        tokio::spawn(conn);
-        let mut statuses = Vec::new();
-        for authority in authorities {
-            let request = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri(authority.as_str())
-                .body(())?;
-            let mut ready = send.clone().ready().await?;
-            let (response, _stream) = ready.send_request(request, false)?;
-            statuses.push(response.await?.status().as_u16());
-        }
-        anyhow::Ok(statuses)
-    })
+    ztunnel_tests::hbone_client::connect_statuses(
+        c,
+        1,
+        hbone,
+        ("shop", "client"),
+        ("shop", server_sa),
+        authorities,
+    )
 }
 
 #[test]

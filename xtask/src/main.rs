@@ -53,6 +53,13 @@ enum Task {
     },
     /// Set up, build, and measure direct pod-to-pod against the mesh (docs/benchmarks.md).
     Bench {
+        /// Also measure Istio's ztunnel as both node proxies, round by round with ours; its
+        /// binary: PATH, else $ZTUNNEL_PEER_BIN, else ../shared/peers/istio-ztunnel.xz.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+        peer: Option<String>,
+        /// Rounds of every measurement (default 1; 5 with --peer).
+        #[arg(long)]
+        rounds: Option<u64>,
         /// Passed on to the bench: `cargo xtask bench -- --hold 500` (`-- --help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
@@ -309,9 +316,22 @@ fn main() -> ExitCode {
         Task::Image => setup::setup()
             .and_then(|()| build())
             .and_then(|()| image::image()),
-        Task::Bench { args } => setup::setup()
-            .and_then(|()| build())
-            .and_then(|()| bench(&args)),
+        Task::Bench {
+            peer,
+            rounds,
+            mut args,
+        } => {
+            if let Some(rounds) = rounds {
+                args.splice(0..0, ["--rounds".to_owned(), rounds.to_string()]);
+            }
+            if let Some(path) = peer {
+                let given = (!path.is_empty()).then_some(path);
+                args.splice(0..0, std::iter::once("--peer".to_owned()).chain(given));
+            }
+            setup::setup()
+                .and_then(|()| build())
+                .and_then(|()| bench(&args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,9 +13,10 @@ use crate::{output, run};
 
 /// Debian packages the demo and the tests use (bpftool for inspection, the rest as traffic
 /// generators, packet capture and for the firewall check; python3-venv for the manifest
-/// validator's venv; etcd-server, containerd, runc, the CNI plugins and busybox-static for the
-/// local Kubernetes cluster and its test images, xz-utils to unpack its binaries, openssl for
-/// its certificates, gcc for its pause image).
+/// validator's venv; xz-utils to unpack Istio's ztunnel for the interoperability tests, whose
+/// in-pod redirection also uses iptables, and the local Kubernetes cluster's binaries;
+/// etcd-server, containerd, runc, the CNI plugins and busybox-static for that cluster and its
+/// test images, openssl for its certificates, gcc for its pause image).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",

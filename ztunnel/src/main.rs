@@ -345,6 +345,17 @@ enum CaCommand {
         ca_dir: PathBuf,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: std::net::SocketAddr,
+        /// A DNS name the service's certificate carries (repeat for more), for clients that
+        /// verify the CA by the name they dial, as Istio's ztunnel does. Default: ztunnel-ca,
+        /// ztunnel-ca.istio-system, ztunnel-ca.istio-system.svc and
+        /// ztunnel-ca.istio-system.svc.cluster.local.
+        #[arg(long = "dns-san", value_name = "NAME")]
+        dns_sans: Vec<String>,
+        /// An IP the service's certificate carries (repeat for more), for clients that dial it
+        /// by address (e.g. its Service's ClusterIP). Default: the --listen IP unless it is
+        /// 0.0.0.0 or [::].
+        #[arg(long = "ip-san", value_name = "IP")]
+        ip_sans: Vec<std::net::IpAddr>,
         /// Bearer token clients must present. Without it (or --kubernetes) every client is
         /// served: local use only.
         #[arg(long, conflicts_with = "kubernetes")]
@@ -633,6 +644,8 @@ fn main() -> ExitCode {
                 CaCommand::Serve {
                     ca_dir,
                     listen,
+                    dns_sans,
+                    ip_sans,
                     token_file,
                     kubernetes,
                     kubeconfig,
@@ -657,6 +670,7 @@ fn main() -> ExitCode {
                         ca_dir,
                         listen,
                         callers,
+                        names: serving_names(listen, dns_sans, ip_sans),
                     }))
                 })
         }
@@ -668,6 +682,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The CA service's certificate names: each list given replaces its default.
+fn serving_names(
+    listen: std::net::SocketAddr,
+    dns: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+) -> istio_ca::ServingNames {
+    let defaults = istio_ca::ServingNames::defaults(listen);
+    istio_ca::ServingNames {
+        dns: if dns.is_empty() { defaults.dns } else { dns },
+        ips: if ips.is_empty() { defaults.ips } else { ips },
     }
 }
 
@@ -873,7 +900,7 @@ fn run(args: RunArgs, (log_level, set_log_level): (String, admin::SetLogLevel)) 
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
-                mesh: Mesh::new(args.trust_domain.clone(), certs, metrics.clone()),
+                mesh: Mesh::new(args.trust_domain.clone(), certs, metrics.clone(), home.clone()),
                 metrics: metrics.clone(),
             });
             let ready = Arc::new(AtomicBool::new(false));
@@ -979,6 +1006,7 @@ mod tests {
             "ztunnel ca serve --ca-dir d --kubernetes",
             "ztunnel ca serve --ca-dir d --kubernetes --kubeconfig k --node-proxy-service-account ns/sa --token-audience a",
             "ztunnel ca serve --ca-dir d --token-file t",
+            "ztunnel ca serve --ca-dir d --dns-san ca.example --dns-san ca --ip-san 10.96.0.5",
         ] {
             assert!(parse(ok).is_ok(), "{ok}: {:?}", parse(ok).err());
         }
@@ -989,9 +1017,20 @@ mod tests {
             "ztunnel ca serve --ca-dir d --kubernetes --token-file t",
             "ztunnel ca serve --ca-dir d --kubeconfig k",
             "ztunnel ca serve --ca-dir d --kubernetes --node-proxy-service-account ztunnel",
+            "ztunnel ca serve --ca-dir d --ip-san not-an-ip",
         ] {
             assert!(parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn ca_service_names_replace_their_defaults_one_list_at_a_time() {
+        let listen = "10.0.0.7:15012".parse().unwrap();
+        let defaults = serving_names(listen, vec![], vec![]);
+        assert_eq!(defaults, istio_ca::ServingNames::defaults(listen));
+        let dns_only = serving_names(listen, vec!["ca.example".into()], vec![]);
+        assert_eq!(dns_only.dns, ["ca.example"]);
+        assert_eq!(dns_only.ips, defaults.ips);
     }
 
     /// Every `ztunnel` command line of the rendered manifests parses.

@@ -1,11 +1,14 @@
-//! `cargo xtask bench`: what the mesh costs, measured on a virtual two-node cluster.
+//! `cargo xtask bench`: what the mesh costs, measured on a virtual cluster.
 //!
-//! Every figure is measured twice in the same run, on the same topology (client pod on node1,
-//! server pod on node2): once between the pods of namespace `direct` (not enrolled: no proxy
-//! on the path) and once between those of namespace `mesh` (ambient: both node proxies on the
-//! path), and reported as mesh/direct. Measurements run one after another, never together.
-//! The run is bounded: about a minute with the defaults. See docs/benchmarks.md.
+//! Every figure is measured on the same topology (client pod on one node, server pod on
+//! another) for each path, in the same run: `direct` (namespace not enrolled: no proxy on the
+//! path), `mesh` (ambient, both of our node proxies on the path) and, with `--peer`, `peer`
+//! (ambient, Istio's ztunnel as both node proxies). Measurements run one after another, never
+//! together, in rounds: every round measures every path, the mesh paths in alternating order,
+//! and the table shows the medians and the spread between rounds. Bounded: about a minute with
+//! the defaults, about four with `--peer`. See docs/benchmarks.md.
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -17,7 +20,6 @@ use serde_json::{json, Value};
 use ztunnel_tests::{pod, wait_until, Cluster, PodRef, Proc};
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
-const PATHS: [&str; 2] = ["direct", "mesh"];
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
 const IPERF_PORT: u16 = 5201;
@@ -25,17 +27,23 @@ const WAIT: Duration = Duration::from_secs(15);
 
 const USAGE: &str = "\
 usage: bench [options]           (normally run as `cargo xtask bench [-- options]`)
-  --iperf-seconds N   length of each iperf3 run (default 5, at most 30)
+  --peer [PATH]       also measure Istio's ztunnel as both node proxies (a third path), round
+                      by round with ours; its binary: PATH, else $ZTUNNEL_PEER_BIN, else
+                      ../shared/peers/istio-ztunnel.xz beside the checkout
+  --rounds N          rounds of every measurement (default 1; 5 with --peer; at most 20)
+  --iperf-seconds N   length of each iperf3 run (default 5; 3 with --peer; at most 30)
   --rate R            requests per second of the latency test (default 500, at most 20000)
-  --latency-ms D      length of the latency test (default 5000, at most 30000)
+  --latency-ms D      length of the latency test (default 5000; 4000 with --peer; at most 30000)
   --connections C     keep-alive connections of the latency test (default 4, at most 64)
-  --conn-ms D         length of the connections-per-second test (default 3000, at most 30000)
+  --conn-ms D         length of the connections-per-second test (default 3000; 2000 with
+                      --peer; at most 30000)
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
   --out DIR           where the JSON goes (default <workspace>/target/bench)";
 
 /// What to run; every knob has an upper bound so a run stays bounded.
 struct Params {
+    rounds: u64,
     iperf_seconds: u64,
     rate: u64,
     latency_ms: u64,
@@ -44,60 +52,120 @@ struct Params {
     concurrency: u64,
     hold: u64,
     out: PathBuf,
+    /// `--peer`: the peer binary (explicit, or found the harness's way).
+    peer: Option<PathBuf>,
 }
 
 impl Params {
     fn parse(args: &[String]) -> Result<Self> {
-        let mut p = Self {
-            iperf_seconds: 5,
-            rate: 500,
-            latency_ms: 5000,
-            connections: 4,
-            conn_ms: 3000,
-            concurrency: 8,
-            hold: 1000,
-            out: ztunnel_tests::workspace_root().join("target/bench"),
-        };
-        let mut it = args.iter();
+        let mut set: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut out = ztunnel_tests::workspace_root().join("target/bench");
+        let mut peer: Option<Option<PathBuf>> = None;
+        let mut it = args.iter().peekable();
         while let Some(flag) = it.next() {
             if flag == "-h" || flag == "--help" {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
+            if flag == "--peer" {
+                let path = it.next_if(|a| !a.starts_with("--")).map(PathBuf::from);
+                peer = Some(path);
+                continue;
+            }
             let value = it
                 .next()
                 .ok_or_else(|| anyhow!("{flag} needs a value\n{USAGE}"))?;
-            let num = |lo: u64, hi: u64| -> Result<u64> {
-                let n: u64 = value
-                    .parse()
-                    .with_context(|| format!("{flag} {value}: not a number"))?;
-                ensure!(
-                    (lo..=hi).contains(&n),
-                    "{flag} must be between {lo} and {hi}"
-                );
-                Ok(n)
-            };
-            match flag.as_str() {
-                "--iperf-seconds" => p.iperf_seconds = num(1, 30)?,
-                "--rate" => p.rate = num(1, 20_000)?,
-                "--latency-ms" => p.latency_ms = num(100, 30_000)?,
-                "--connections" => p.connections = num(1, 64)?,
-                "--conn-ms" => p.conn_ms = num(100, 30_000)?,
-                "--concurrency" => p.concurrency = num(1, 64)?,
-                "--hold" => p.hold = num(1, 10_000)?,
-                "--out" => p.out = PathBuf::from(value),
+            let (key, lo, hi) = match flag.as_str() {
+                "--rounds" => ("rounds", 1, 20),
+                "--iperf-seconds" => ("iperf_seconds", 1, 30),
+                "--rate" => ("rate", 1, 20_000),
+                "--latency-ms" => ("latency_ms", 100, 30_000),
+                "--connections" => ("connections", 1, 64),
+                "--conn-ms" => ("conn_ms", 100, 30_000),
+                "--concurrency" => ("concurrency", 1, 64),
+                "--hold" => ("hold", 1, 10_000),
+                "--out" => {
+                    out = PathBuf::from(value);
+                    continue;
+                }
                 other => bail!("unknown option {other}\n{USAGE}"),
-            }
+            };
+            let n: u64 = value
+                .parse()
+                .with_context(|| format!("{flag} {value}: not a number"))?;
+            ensure!(
+                (lo..=hi).contains(&n),
+                "{flag} must be between {lo} and {hi}"
+            );
+            set.insert(key, n);
         }
-        Ok(p)
+        // With --peer every measurement runs at least five times per path: shorter runs keep
+        // the whole invocation within a few minutes.
+        let with_peer = peer.is_some();
+        let get = |key: &str, alone: u64, peer: u64| {
+            set.get(key)
+                .copied()
+                .unwrap_or(if with_peer { peer } else { alone })
+        };
+        let peer = match peer {
+            None => None,
+            Some(explicit) => Some(ztunnel_tests::peer::peer_bin_from(
+                explicit.or_else(|| std::env::var_os("ZTUNNEL_PEER_BIN").map(PathBuf::from)),
+            )?),
+        };
+        Ok(Self {
+            rounds: get("rounds", 1, 5),
+            iperf_seconds: get("iperf_seconds", 5, 3),
+            rate: get("rate", 500, 500),
+            latency_ms: get("latency_ms", 5000, 4000),
+            connections: get("connections", 4, 4),
+            conn_ms: get("conn_ms", 3000, 2000),
+            concurrency: get("concurrency", 8, 8),
+            hold: get("hold", 1000, 1000),
+            out,
+            peer,
+        })
     }
 
     fn to_json(&self) -> Value {
         json!({
-            "iperf_seconds": self.iperf_seconds, "rate": self.rate, "latency_ms": self.latency_ms,
-            "connections": self.connections, "conn_ms": self.conn_ms,
-            "concurrency": self.concurrency, "hold": self.hold,
+            "rounds": self.rounds, "iperf_seconds": self.iperf_seconds, "rate": self.rate,
+            "latency_ms": self.latency_ms, "connections": self.connections,
+            "conn_ms": self.conn_ms, "concurrency": self.concurrency, "hold": self.hold,
+            "peer": self.peer.as_ref().map(|p| p.display().to_string()),
         })
+    }
+}
+
+/// A path between the client and the server pod: its namespace, and the nodes whose proxies
+/// carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Way {
+    /// No proxy: the baseline.
+    Direct,
+    /// Our node proxies.
+    Mesh,
+    /// Istio's ztunnel as both node proxies.
+    Peer,
+}
+
+impl Way {
+    /// The namespace (and JSON key) of the path.
+    fn ns(self) -> &'static str {
+        match self {
+            Way::Direct => "direct",
+            Way::Mesh => "mesh",
+            Way::Peer => "peer",
+        }
+    }
+
+    /// Client node and server node. The direct path runs where ours does; its proxies are a
+    /// control (they carry nothing).
+    fn nodes(self) -> [usize; 2] {
+        match self {
+            Way::Direct | Way::Mesh => [1, 2],
+            Way::Peer => [3, 4],
+        }
     }
 }
 
@@ -108,52 +176,156 @@ enum Better {
     Lower,
 }
 
-/// One line of the table: the same figure for both paths.
+impl Better {
+    fn as_str(self) -> &'static str {
+        match self {
+            Better::Higher => "higher",
+            Better::Lower => "lower",
+        }
+    }
+}
+
+/// One line of the table: the same figure for every path, one value per round.
 struct Row {
-    key: String,
+    key: &'static str,
     label: String,
     unit: &'static str,
     better: Better,
-    direct: Option<f64>,
-    mesh: Option<f64>,
+    values: BTreeMap<Way, Vec<f64>>,
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    Some(if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    })
 }
 
 impl Row {
-    fn ratio(&self) -> Option<f64> {
-        match (self.direct, self.mesh) {
-            (Some(d), Some(m)) if d > 0.0 => Some(m / d),
+    fn median(&self, way: Way) -> Option<f64> {
+        self.values.get(&way).and_then(|v| median(v))
+    }
+
+    /// (max − min) / median of the rounds: 0.10 = the rounds spread over 10 % of the median.
+    fn spread(&self, way: Way) -> Option<f64> {
+        let v = self.values.get(&way)?;
+        let m = self.median(way)?;
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        (v.len() > 1 && m != 0.0).then(|| (hi - lo) / m.abs())
+    }
+
+    fn ratio(&self, a: Way, b: Way) -> Option<f64> {
+        match (self.median(a), self.median(b)) {
+            (Some(x), Some(y)) if y != 0.0 => Some(x / y),
             _ => None,
         }
     }
 }
 
+/// The rows, in reading order: (key, label, unit, better).
+const ROWS: [(&str, &str, &str, Better); 12] = [
+    (
+        "throughput_p1",
+        "throughput, 1 stream",
+        "Gbit/s",
+        Better::Higher,
+    ),
+    (
+        "throughput_p8",
+        "throughput, 8 streams",
+        "Gbit/s",
+        Better::Higher,
+    ),
+    ("latency_p50", "HTTP latency p50", "µs", Better::Lower),
+    ("latency_p99", "HTTP latency p99", "µs", Better::Lower),
+    (
+        "added_p50",
+        "added latency p50 (path − direct)",
+        "µs",
+        Better::Lower,
+    ),
+    (
+        "added_p99",
+        "added latency p99 (path − direct)",
+        "µs",
+        Better::Lower,
+    ),
+    (
+        "cpu_per_1k",
+        "CPU-s per 1000 requests, both proxies",
+        "s",
+        Better::Lower,
+    ),
+    ("conn_rate", "new connections/s", "1/s", Better::Higher),
+    ("rss_idle", "idle RSS, both proxies", "MiB", Better::Lower),
+    (
+        "rss_held",
+        "RSS holding the connections, both",
+        "MiB",
+        Better::Lower,
+    ),
+    (
+        "rss_per_conn",
+        "RSS per held connection, both",
+        "KiB",
+        Better::Lower,
+    ),
+    (
+        "fds_per_conn",
+        "descriptors per held connection, both",
+        "",
+        Better::Lower,
+    ),
+];
+
 /// Everything measured, and what went wrong.
 struct Report {
     rows: Vec<Row>,
-    details: serde_json::Map<String, Value>,
+    /// Per step, per path: one raw result per round.
+    details: BTreeMap<String, BTreeMap<String, Vec<Value>>>,
     problems: Vec<String>,
 }
 
 impl Report {
-    fn row(&mut self, key: &str, label: String, unit: &'static str, better: Better) -> &mut Row {
-        self.rows.push(Row {
-            key: key.to_owned(),
-            label,
-            unit,
-            better,
-            direct: None,
-            mesh: None,
-        });
-        self.rows.last_mut().expect("just pushed")
+    fn new() -> Self {
+        Self {
+            rows: ROWS
+                .iter()
+                .map(|(key, label, unit, better)| Row {
+                    key,
+                    label: (*label).to_owned(),
+                    unit,
+                    better: *better,
+                    values: BTreeMap::new(),
+                })
+                .collect(),
+            details: BTreeMap::new(),
+            problems: Vec::new(),
+        }
     }
 
-    fn set(&mut self, key: &str, path: &str, value: f64) {
+    fn add(&mut self, key: &str, way: Way, value: f64) {
         if let Some(r) = self.rows.iter_mut().find(|r| r.key == key) {
-            match path {
-                "direct" => r.direct = Some(value),
-                _ => r.mesh = Some(value),
-            }
+            r.values.entry(way).or_default().push(value);
         }
+    }
+
+    fn detail(&mut self, step: &str, what: String, v: Value) {
+        self.details
+            .entry(step.to_owned())
+            .or_default()
+            .entry(what)
+            .or_default()
+            .push(v);
     }
 
     /// Records a failed measurement; the run goes on with the next one.
@@ -187,6 +359,33 @@ fn heading(title: &str) {
     println!("\n\x1b[1m{title}\x1b[0m");
 }
 
+/// The cluster: direct and mesh pairs on nodes 1 → 2 (ours), and with the peer a peer pair on
+/// nodes 3 → 4 (Istio's ztunnel on both).
+fn cluster(p: &Params) -> Result<Cluster> {
+    if let Some(bin) = &p.peer {
+        // The harness finds the peer through the environment.
+        std::env::set_var("ZTUNNEL_PEER_BIN", bin);
+    }
+    let mut b = Cluster::builder()
+        .namespace("direct", &[])
+        .namespace("mesh", &[AMBIENT])
+        .pod(pod("direct", "client").node(1))
+        .pod(pod("direct", "server").node(2))
+        .pod(pod("mesh", "client").node(1))
+        .pod(pod("mesh", "server").node(2));
+    b = match p.peer {
+        None => b.nodes(2),
+        Some(_) => b
+            .nodes(4)
+            .peer_node(3)
+            .peer_node(4)
+            .namespace("peer", &[AMBIENT])
+            .pod(pod("peer", "client").node(3))
+            .pod(pod("peer", "server").node(4)),
+    };
+    b.start()
+}
+
 /// Runs the whole benchmark; true if every measurement succeeded.
 fn run(p: &Params) -> Result<bool> {
     let began = Instant::now();
@@ -197,87 +396,124 @@ fn run(p: &Params) -> Result<bool> {
         iperf.is_ok_and(|o| o.status.success()),
         "iperf3 is not installed (`cargo xtask setup` installs it)"
     );
-
     let git = git_state();
     println!(
         "bench at {} ({} changed files in the work tree)",
         git["head"].as_str().unwrap_or("an unknown commit"),
         git["changed_files"]
     );
-    heading("Virtual cluster: 2 nodes; client pods on node1, server pods on node2");
-    let c = Cluster::builder()
-        .nodes(2)
-        .namespace("direct", &[])
-        .namespace("mesh", &[AMBIENT])
-        .pod(pod("direct", "client").node(1))
-        .pod(pod("direct", "server").node(2))
-        .pod(pod("mesh", "client").node(1))
-        .pod(pod("mesh", "server").node(2))
-        .start()?;
+    let ways: Vec<Way> = match p.peer {
+        None => vec![Way::Direct, Way::Mesh],
+        Some(_) => vec![Way::Direct, Way::Mesh, Way::Peer],
+    };
+    heading(&match &p.peer {
+        None => "Virtual cluster: 2 nodes; client pods on node1, server pods on node2".to_owned(),
+        Some(bin) => format!(
+            "Virtual cluster: 4 nodes; ours on node1 → node2, Istio's ztunnel ({}) on node3 → \
+             node4",
+            bin.display()
+        ),
+    });
+    let c = cluster(p)?;
     c.wait_enrolled(1, 0, "mesh/client", WAIT)?;
     c.wait_enrolled(2, 0, "mesh/server", WAIT)?;
-    let pids = [proxy_pid(&c, 1)?, proxy_pid(&c, 2)?];
-    let started = sample(&pids)?;
-    for path in PATHS {
-        let (client, server) = (c.pod(path, "client"), c.pod(path, "server"));
+    let pids: BTreeMap<Way, [u32; 2]> = ways
+        .iter()
+        .map(|w| Ok((*w, proxy_pids(&c, *w)?)))
+        .collect::<Result<_>>()?;
+    let started: BTreeMap<Way, Sample> = pids
+        .iter()
+        .map(|(w, pids)| Ok((*w, sample(pids)?)))
+        .collect::<Result<_>>()?;
+    for way in &ways {
+        let (client, server) = (c.pod(way.ns(), "client"), c.pod(way.ns(), "server"));
         println!(
-            "   {path:<6}  {} ({}) → {} ({}){}",
+            "   {:<6}  {} ({}, node{}) → {} ({}, node{})  {}",
+            way.ns(),
             client.workload(),
             client.ip(),
+            client.node(),
             server.workload(),
             server.ip(),
-            if path == "mesh" {
-                "  namespace labelled istio.io/dataplane-mode=ambient"
-            } else {
-                "  namespace not enrolled: no proxy on the path"
+            server.node(),
+            match way {
+                Way::Direct => "namespace not enrolled: no proxy on the path",
+                Way::Mesh => "ambient: our proxies",
+                Way::Peer => "ambient: Istio's ztunnel",
             }
         );
     }
     let mut servers = Vec::new();
-    for path in PATHS {
-        let server = c.pod(path, "server");
+    for way in &ways {
+        let server = c.pod(way.ns(), "server");
         let port = HTTP_PORT.to_string();
         let mut http = server.spawn_probe(&["http-server-ka", "--port", &port])?;
         http.wait_for_json(0, WAIT, |v| v["event"] == "listening")?;
         servers.push(http);
         servers.push(server.tcp_echo(ECHO_PORT)?);
     }
-    let transport = check_paths(&c)?;
-    println!("   checked: direct traffic bypasses both proxies; mesh traffic goes through both ({transport} between nodes)");
-    std::thread::sleep(Duration::from_millis(500));
-    let warm = sample(&pids)?;
-
-    let mut report = Report {
-        rows: Vec::new(),
-        details: serde_json::Map::new(),
-        problems: Vec::new(),
-    };
-    report.details.insert(
-        "proxies".into(),
-        json!({"started": started.to_json(), "warm_idle": warm.to_json()}),
+    let transport = check_paths(&c, &ways)?;
+    println!(
+        "   checked: direct traffic bypasses every proxy; each mesh path goes through both of its \
+         proxies ({})",
+        transport
+            .iter()
+            .map(|(w, t)| format!("{}: {t}", w.ns()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-
-    memory(&c, p, &pids, &mut report);
-    throughput(&c, p, &mut report);
-    latency(&c, p, &mut report);
-    connection_rate(&c, p, &mut report);
-
-    let end = match sample(&pids) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            report.problem("sampling the proxies at the end", &e);
-            None
+    std::thread::sleep(Duration::from_millis(500));
+    let mut report = Report::new();
+    let mut warm = BTreeMap::new();
+    for (way, pids) in &pids {
+        let s = sample(pids)?;
+        if *way != Way::Direct {
+            report.add(
+                "rss_idle",
+                *way,
+                s.rss_kib.iter().sum::<u64>() as f64 / 1024.0,
+            );
         }
-    };
-    report.details["proxies"]["after_all"] = end.map_or(Value::Null, Sample::to_json);
-    for i in 1..=2 {
+        warm.insert(*way, s);
+    }
+
+    for round in 0..p.rounds {
+        // Alternate which mesh path goes first, so a drift over the run favours neither.
+        let mut order = ways.clone();
+        if round % 2 == 1 {
+            order[1..].reverse();
+        }
+        heading(&format!(
+            "Round {} of {} ({})",
+            round + 1,
+            p.rounds,
+            order.iter().map(|w| w.ns()).collect::<Vec<_>>().join(", ")
+        ));
+        memory(&c, p, &order, &pids, &mut report);
+        throughput(&c, p, &order, &mut report);
+        latency(&c, p, &order, &pids, &mut report);
+        connection_rate(&c, p, &order, &mut report);
+    }
+
+    let mut end = BTreeMap::new();
+    for (way, pids) in &pids {
+        match sample(pids) {
+            Ok(s) => {
+                end.insert(*way, s);
+            }
+            Err(e) => report.problem("sampling the proxies at the end", &e),
+        }
+    }
+    for i in 1..=c.node_count() {
         if !c.proxy_running(i) {
             report
                 .problems
                 .push(format!("the proxy of node{i} is no longer running"));
         }
     }
-    let emfile: usize = (1..=2).map(|i| count_emfile(&c.log_text(i))).sum();
+    let emfile: usize = (1..=c.node_count())
+        .map(|i| count_emfile(&c.log_text(i)))
+        .sum();
     if emfile > 0 {
         report.problems.push(format!(
             "the proxies logged {emfile} \"too many open files\" (EMFILE) errors during the run"
@@ -286,23 +522,47 @@ fn run(p: &Params) -> Result<bool> {
     drop(servers);
     drop(c);
 
-    print_table(p, &report, &started, &warm, end.as_ref(), &transport);
-    let out = json!({
+    print_table(p, &ways, &report, &started, &warm, &end, &transport);
+    let proxies: BTreeMap<&str, Value> = ways
+        .iter()
+        .map(|w| {
+            let s = |m: &BTreeMap<Way, Sample>| m.get(w).map_or(Value::Null, |s| s.to_json());
+            (
+                w.ns(),
+                json!({"started": s(&started), "warm_idle": s(&warm), "after_all": s(&end)}),
+            )
+        })
+        .collect();
+    let mut details = serde_json::to_value(&report.details)?;
+    details["proxies"] = json!(proxies);
+    let mut out = json!({
         "unix_time": unix_time,
         "git": git,
         "host": {"cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
                  "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned())},
-        "mesh_transport": transport,
+        "mesh_transport": transport.get(&Way::Mesh),
         "params": p.to_json(),
-        "rows": report.rows.iter().map(|r| json!({
-            "key": r.key, "metric": r.label, "unit": r.unit,
-            "better": match r.better { Better::Higher => "higher", Better::Lower => "lower" },
-            "direct": r.direct, "mesh": r.mesh, "mesh_over_direct": r.ratio(),
-        })).collect::<Vec<_>>(),
-        "details": report.details,
+        "rows": report.rows.iter().map(|r| {
+            let mut row = json!({
+                "key": r.key, "metric": r.label, "unit": r.unit, "better": r.better.as_str(),
+                "direct": r.median(Way::Direct), "mesh": r.median(Way::Mesh),
+                "mesh_over_direct": r.ratio(Way::Mesh, Way::Direct),
+                "rounds": r.values.iter().map(|(w, v)| (w.ns().to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            });
+            if p.peer.is_some() {
+                row["peer"] = json!(r.median(Way::Peer));
+                row["peer_over_direct"] = json!(r.ratio(Way::Peer, Way::Direct));
+            }
+            row
+        }).collect::<Vec<_>>(),
+        "details": details,
         "problems": report.problems,
         "elapsed_s": began.elapsed().as_secs_f64(),
     });
+    if p.peer.is_some() {
+        out["peer_transport"] = json!(transport.get(&Way::Peer));
+        out["versus_peer"] = versus_peer(&report);
+    }
     let written = write_json(&p.out, unix_time, &out)?;
     println!(
         "\nwrote {} (and latest.json beside it) in {:.0} s",
@@ -318,75 +578,140 @@ fn run(p: &Params) -> Result<bool> {
     Ok(report.problems.is_empty())
 }
 
-fn proxy_pid(c: &Cluster, i: usize) -> Result<u32> {
-    c.proxy_pid(i)
-        .ok_or_else(|| anyhow!("the proxy of node {i} is not running"))
+/// `versus_peer`: per metric, our median, the peer's, ours ÷ peer and which way is better.
+fn versus_peer(report: &Report) -> Value {
+    let mut v = serde_json::Map::new();
+    for r in &report.rows {
+        let (Some(ours), Some(peer)) = (r.median(Way::Mesh), r.median(Way::Peer)) else {
+            continue;
+        };
+        let rounds = r.values.get(&Way::Mesh).map_or(0, Vec::len);
+        v.insert(
+            r.key.to_owned(),
+            json!({
+                "ours": ours, "peer": peer,
+                "ratio": (peer != 0.0).then(|| ours / peer),
+                "better": r.better.as_str(), "rounds": rounds, "unit": r.unit,
+                "ours_spread": r.spread(Way::Mesh), "peer_spread": r.spread(Way::Peer),
+                "ours_over_direct": r.ratio(Way::Mesh, Way::Direct),
+                "peer_over_direct": r.ratio(Way::Peer, Way::Direct),
+            }),
+        );
+    }
+    Value::Object(v)
+}
+
+fn proxy_pids(c: &Cluster, way: Way) -> Result<[u32; 2]> {
+    let pid = |i: usize| {
+        c.proxy_pid(i)
+            .ok_or_else(|| anyhow!("the proxy of node {i} is not running"))
+    };
+    let [a, b] = way.nodes();
+    Ok([pid(a)?, pid(b)?])
+}
+
+/// True if node `i`'s proxy logged a connection in `direction` after `mark` (our log schema,
+/// or the peer's access log).
+fn logged(c: &Cluster, i: usize, mark: usize, direction: &str) -> Option<Value> {
+    c.logs_since(i, mark).into_iter().find(|l| {
+        l["direction"] == direction
+            && (l["message"] == "connection closed" || l["message"] == "connection complete")
+    })
 }
 
 /// Sends one request on each path and checks, in the proxies' logs, that `direct` bypassed
-/// them and `mesh` went through both. Returns how the mesh crossed between the nodes.
-fn check_paths(c: &Cluster) -> Result<String> {
-    let logged = |i: usize, mark: usize, direction: &str| {
-        c.logs_since(i, mark)
-            .into_iter()
-            .find(|l| l["direction"] == direction)
-    };
-    for path in PATHS {
-        let (marks, server) = ([c.log_mark(1), c.log_mark(2)], c.pod(path, "server"));
+/// every proxy and each mesh path went through both of its proxies. Returns how each mesh path
+/// crossed between its nodes.
+fn check_paths(c: &Cluster, ways: &[Way]) -> Result<BTreeMap<Way, String>> {
+    let mut transport = BTreeMap::new();
+    for way in ways {
+        let nodes: Vec<usize> = (1..=c.node_count()).collect();
+        let marks: Vec<usize> = nodes.iter().map(|i| c.log_mark(*i)).collect();
+        let server = c.pod(way.ns(), "server");
         let addr = format!("{}:{HTTP_PORT}", server.ip());
-        let out = c.pod(path, "client").probe(&["get", "--addr", &addr])?;
+        let out = c.pod(way.ns(), "client").probe(&["get", "--addr", &addr])?;
         ensure!(
             out.code == Some(0),
-            "{path}: GET {addr} failed: {}{}",
+            "{}: GET {addr} failed: {}{}",
+            way.ns(),
             out.stdout,
             out.stderr
         );
-        if path == "direct" {
+        if *way == Way::Direct {
             std::thread::sleep(Duration::from_millis(500));
-            for i in 1..=2 {
+            for (i, mark) in nodes.iter().zip(&marks) {
                 ensure!(
-                    logged(i, marks[i - 1], "outbound").is_none()
-                        && logged(i, marks[i - 1], "inbound").is_none(),
+                    logged(c, *i, *mark, "outbound").is_none()
+                        && logged(c, *i, *mark, "inbound").is_none(),
                     "direct traffic went through node{i}'s proxy: the baseline would be wrong"
                 );
             }
-        } else {
-            wait_until(WAIT, "node1's proxy to log the mesh request", || {
-                logged(1, marks[0], "outbound")
-            })?;
-            let inbound = wait_until(WAIT, "node2's proxy to log the mesh request", || {
-                logged(2, marks[1], "inbound")
-            })?;
-            return Ok(if inbound["hbone"] == true {
-                "HBONE (mTLS)".into()
-            } else {
-                "plaintext".into()
-            });
+            continue;
         }
+        let [from, to] = way.nodes();
+        wait_until(WAIT, "the client node's proxy to log the request", || {
+            logged(c, from, marks[from - 1], "outbound")
+        })?;
+        let inbound = wait_until(WAIT, "the server node's proxy to log the request", || {
+            logged(c, to, marks[to - 1], "inbound")
+        })?;
+        let hbone = inbound["hbone"] == true
+            || inbound["dst.addr"]
+                .as_str()
+                .is_some_and(|a| a.ends_with(":15008"));
+        transport.insert(
+            *way,
+            if hbone { "HBONE (mTLS)" } else { "plaintext" }.to_owned(),
+        );
     }
-    unreachable!("PATHS ends with mesh")
+    Ok(transport)
 }
 
-// ---- proxy memory -----------------------------------------------------------------------
+// ---- proxy memory and CPU ---------------------------------------------------------------
 
-/// RSS and open descriptors of both proxies at one moment.
+/// RSS, open descriptors and CPU time of a path's two proxies at one moment.
 #[derive(Clone, Copy)]
 struct Sample {
     rss_kib: [u64; 2],
     fds: [u64; 2],
+    /// utime + stime, seconds.
+    cpu_s: [f64; 2],
 }
 
 impl Sample {
     fn to_json(self) -> Value {
-        json!({"node1": {"rss_kib": self.rss_kib[0], "fds": self.fds[0]},
-               "node2": {"rss_kib": self.rss_kib[1], "fds": self.fds[1]}})
+        json!({"client_node": {"rss_kib": self.rss_kib[0], "fds": self.fds[0], "cpu_s": self.cpu_s[0]},
+               "server_node": {"rss_kib": self.rss_kib[1], "fds": self.fds[1], "cpu_s": self.cpu_s[1]}})
     }
+}
+
+/// utime + stime of every thread of `pid`, in seconds (/proc/<pid>/stat fields 14 and 15).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state): utime is field 14, stime field 15.
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("no field {i} in /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(14)? + ticks(15)?) / hz)
 }
 
 fn sample(pids: &[u32; 2]) -> Result<Sample> {
     let mut s = Sample {
         rss_kib: [0; 2],
         fds: [0; 2],
+        cpu_s: [0.0; 2],
     };
     for (i, pid) in pids.iter().enumerate() {
         let status = fs::read_to_string(format!("/proc/{pid}/status"))
@@ -397,6 +722,7 @@ fn sample(pids: &[u32; 2]) -> Result<Sample> {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
         s.fds[i] = fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+        s.cpu_s[i] = cpu_seconds(*pid)?;
     }
     Ok(s)
 }
@@ -407,33 +733,36 @@ fn count_emfile(log: &str) -> usize {
         .count()
 }
 
-/// Proxy memory while the client pod holds `p.hold` idle connections to the echo server: first
-/// on the direct path (the proxies are not involved: a control), then on the mesh path.
-fn memory(c: &Cluster, p: &Params, pids: &[u32; 2], report: &mut Report) {
-    heading(&format!(
-        "Proxy memory: {} idle connections held open, client → server",
+/// Proxy memory while the client pod holds `p.hold` idle connections to the echo server, on
+/// every path (on the direct path the proxies are not involved: a control).
+fn memory(
+    c: &Cluster,
+    p: &Params,
+    order: &[Way],
+    pids: &BTreeMap<Way, [u32; 2]>,
+    report: &mut Report,
+) {
+    println!(
+        "   memory: {} idle connections held open, client → server",
         p.hold
-    ));
-    let key = "rss_held";
-    report.row(
-        key,
-        format!("proxies' RSS, {} conns held (MiB)", p.hold),
-        "MiB",
-        Better::Lower,
     );
-    let mut held = serde_json::Map::new();
-    for path in PATHS {
-        match hold_once(c, p, pids, path) {
+    for way in order {
+        match hold_once(c, p, &pids[way], *way) {
             Ok(v) => {
-                let rss: u64 = (0..2)
-                    .map(|i| v["held"]["rss_kib"][i].as_u64().unwrap_or(0))
-                    .sum();
+                let sum =
+                    |key: &str| -> f64 { (0..2).map(|i| v[key][i].as_f64().unwrap_or(0.0)).sum() };
                 let opened = v["opened"].as_u64().unwrap_or(0);
                 if opened == p.hold {
-                    report.set(key, path, rss as f64 / 1024.0);
+                    let held: u64 = (0..2)
+                        .map(|i| v["held"]["rss_kib"][i].as_u64().unwrap_or(0))
+                        .sum();
+                    report.add("rss_held", *way, held as f64 / 1024.0);
+                    report.add("rss_per_conn", *way, sum("rss_kib_per_conn"));
+                    report.add("fds_per_conn", *way, sum("fds_per_conn"));
                 } else {
                     report.problems.push(format!(
-                        "{path}: only {opened} of {} connections opened (first error: {}){}",
+                        "{}: only {opened} of {} connections opened (first error: {}){}",
+                        way.ns(),
                         p.hold,
                         v["first_error"],
                         if v["emfile_logged"].as_u64().unwrap_or(0) > 0 {
@@ -443,21 +772,22 @@ fn memory(c: &Cluster, p: &Params, pids: &[u32; 2], report: &mut Report) {
                         }
                     ));
                 }
-                held.insert(path.into(), v);
+                report.detail("hold", way.ns().to_owned(), v);
             }
-            Err(e) => report.problem(&format!("{path} hold"), &e),
+            Err(e) => report.problem(&format!("{} hold", way.ns()), &e),
         }
     }
-    report.details.insert("hold".into(), Value::Object(held));
 }
 
-fn hold_once(c: &Cluster, p: &Params, pids: &[u32; 2], path: &str) -> Result<Value> {
-    let emfile_before: usize = (1..=2).map(|i| count_emfile(&c.log_text(i))).sum();
+fn hold_once(c: &Cluster, p: &Params, pids: &[u32; 2], way: Way) -> Result<Value> {
+    let nodes = way.nodes();
+    let emfile = || -> usize { nodes.iter().map(|i| count_emfile(&c.log_text(*i))).sum() };
+    let emfile_before = emfile();
     let before = sample(pids)?;
-    let addr = format!("{}:{ECHO_PORT}", c.pod(path, "server").ip());
+    let addr = format!("{}:{ECHO_PORT}", c.pod(way.ns(), "server").ip());
     let count = p.hold.to_string();
     // Held until this function kills it; the hold time is only a bound.
-    let mut client = c.pod(path, "client").spawn_probe(&[
+    let mut client = c.pod(way.ns(), "client").spawn_probe(&[
         "hold",
         "--addr",
         &addr,
@@ -472,8 +802,7 @@ fn hold_once(c: &Cluster, p: &Params, pids: &[u32; 2], path: &str) -> Result<Val
     client.kill();
     drop(client);
     let settled = settle(pids, &before);
-    let emfile: usize =
-        (1..=2).map(|i| count_emfile(&c.log_text(i))).sum::<usize>() - emfile_before;
+    let emfile = emfile() - emfile_before;
     let n = opened["opened"].as_u64().unwrap_or(0);
     let per_conn = |i: usize| -> Value {
         if n == 0 {
@@ -499,7 +828,8 @@ fn hold_once(c: &Cluster, p: &Params, pids: &[u32; 2], path: &str) -> Result<Val
         "emfile_logged": emfile,
     });
     println!(
-        "   {path:<6}  {n} opened in {} ms; RSS node1 {} → {} KiB, node2 {} → {} KiB; fds node1 {} → {}, node2 {} → {}",
+        "   {:<6}  {n} opened in {} ms; RSS {} → {} KiB, {} → {} KiB; fds {} → {}, {} → {}",
+        way.ns(),
         opened["open_ms"],
         before.rss_kib[0],
         held.rss_kib[0],
@@ -528,44 +858,37 @@ fn settle(pids: &[u32; 2], before: &Sample) -> bool {
 
 // ---- throughput -------------------------------------------------------------------------
 
-fn throughput(c: &Cluster, p: &Params, report: &mut Report) {
-    heading(&format!(
-        "Bulk throughput: iperf3, {} s per run",
-        p.iperf_seconds
-    ));
+fn throughput(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
+    println!("   throughput: iperf3, {} s per run", p.iperf_seconds);
     let mut servers: Vec<Proc> = Vec::new();
-    for path in PATHS {
-        match iperf_server(&c.pod(path, "server")) {
+    for way in order {
+        match iperf_server(&c.pod(way.ns(), "server")) {
             Ok(s) => servers.push(s),
-            Err(e) => return report.problem(&format!("{path}: starting iperf3 -s"), &e),
+            Err(e) => return report.problem(&format!("{}: starting iperf3 -s", way.ns()), &e),
         }
     }
-    let mut details = serde_json::Map::new();
     for streams in [1u32, 8] {
-        let key = format!("throughput_p{streams}");
-        let label = match streams {
-            1 => "throughput, 1 stream (Gbit/s)".to_owned(),
-            n => format!("throughput, {n} streams (Gbit/s)"),
+        let key = if streams == 1 {
+            "throughput_p1"
+        } else {
+            "throughput_p8"
         };
-        report.row(&key, label, "Gbit/s", Better::Higher);
-        for path in PATHS {
-            match iperf_client(c, p, path, streams) {
+        for way in order {
+            match iperf_client(c, p, *way, streams) {
                 Ok(v) => {
                     let gbps = v["received_bps"].as_f64().unwrap_or(0.0) / 1e9;
                     println!(
-                        "   {path:<6}  -P {streams}: {gbps:.2} Gbit/s received, {} retransmits",
+                        "   {:<6}  -P {streams}: {gbps:.2} Gbit/s received, {} retransmits",
+                        way.ns(),
                         v["retransmits"]
                     );
-                    report.set(&key, path, gbps);
-                    details.insert(format!("{path}_p{streams}"), v);
+                    report.add(key, *way, gbps);
+                    report.detail("throughput", format!("{}_p{streams}", way.ns()), v);
                 }
-                Err(e) => report.problem(&format!("{path} iperf3 -P {streams}"), &e),
+                Err(e) => report.problem(&format!("{} iperf3 -P {streams}", way.ns()), &e),
             }
         }
     }
-    report
-        .details
-        .insert("throughput".into(), Value::Object(details));
 }
 
 fn iperf_server(server: &PodRef<'_>) -> Result<Proc> {
@@ -581,14 +904,14 @@ fn iperf_server(server: &PodRef<'_>) -> Result<Proc> {
     Ok(iperf)
 }
 
-fn iperf_client(c: &Cluster, p: &Params, path: &str, streams: u32) -> Result<Value> {
-    let ip = c.pod(path, "server").ip().to_string();
+fn iperf_client(c: &Cluster, p: &Params, way: Way, streams: u32) -> Result<Value> {
+    let ip = c.pod(way.ns(), "server").ip().to_string();
     let (port, secs, streams_s) = (
         IPERF_PORT.to_string(),
         p.iperf_seconds.to_string(),
         streams.to_string(),
     );
-    let out = c.pod(path, "client").run(
+    let out = c.pod(way.ns(), "client").run(
         &[
             "iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-P", &streams_s, "-J",
         ],
@@ -615,7 +938,7 @@ fn iperf_client(c: &Cluster, p: &Params, path: &str, streams: u32) -> Result<Val
     }))
 }
 
-// ---- latency and connection rate ----------------------------------------------------------
+// ---- latency, CPU and connection rate ---------------------------------------------------
 
 /// Runs `vc-probe <args>` in a pod and returns its last JSON line (whatever its exit code).
 fn probe_json(pod: &PodRef<'_>, args: &[&str], timeout: Duration) -> Result<Value> {
@@ -639,17 +962,23 @@ fn probe_json(pod: &PodRef<'_>, args: &[&str], timeout: Duration) -> Result<Valu
         })
 }
 
-fn latency(c: &Cluster, p: &Params, report: &mut Report) {
-    heading(&format!(
-        "Request latency: small HTTP/1.1 GETs, {} req/s for {} ms over {} keep-alive connections (open loop)",
+/// Latency of small HTTP/1.1 GETs at a fixed rate, and what the path's proxies spent on them
+/// (utime + stime of both, read from /proc before and after).
+fn latency(
+    c: &Cluster,
+    p: &Params,
+    order: &[Way],
+    pids: &BTreeMap<Way, [u32; 2]>,
+    report: &mut Report,
+) {
+    println!(
+        "   latency: small HTTP/1.1 GETs, {} req/s for {} ms over {} keep-alive connections (open loop)",
         p.rate, p.latency_ms, p.connections
-    ));
-    let (k50, k99) = ("latency_p50", "latency_p99");
-    report.row(k50, "HTTP latency p50 (µs)".into(), "µs", Better::Lower);
-    report.row(k99, "HTTP latency p99 (µs)".into(), "µs", Better::Lower);
-    let mut details = serde_json::Map::new();
-    for path in PATHS {
-        let addr = format!("{}:{HTTP_PORT}", c.pod(path, "server").ip());
+    );
+    let mut direct: Option<(f64, f64)> = None;
+    // The direct figures of this round come first in `order`.
+    for way in order {
+        let addr = format!("{}:{HTTP_PORT}", c.pod(way.ns(), "server").ip());
         let (rate, ms, conns) = (
             p.rate.to_string(),
             p.latency_ms.to_string(),
@@ -667,47 +996,62 @@ fn latency(c: &Cluster, p: &Params, report: &mut Report) {
             &conns,
         ];
         let timeout = Duration::from_millis(p.latency_ms + 20_000);
-        match probe_json(&c.pod(path, "client"), &args, timeout) {
-            Ok(v) => {
+        let cpu_before = sample(&pids[way]).map(|s| s.cpu_s);
+        let result = probe_json(&c.pod(way.ns(), "client"), &args, timeout);
+        let cpu_after = sample(&pids[way]).map(|s| s.cpu_s);
+        match result {
+            Ok(mut v) => {
+                let cpu = match (cpu_before, cpu_after) {
+                    (Ok(b), Ok(a)) => Some((a[0] - b[0]) + (a[1] - b[1])),
+                    _ => None,
+                };
+                let requests = v["requests"].as_u64().unwrap_or(0);
+                let per_1k = cpu
+                    .filter(|_| requests > 0)
+                    .map(|s| s / requests as f64 * 1000.0);
+                v["proxies_cpu_s"] = json!(cpu);
                 println!(
-                    "   {path:<6}  {} requests, {} errors: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs",
-                    v["requests"], v["errors"], v["p50_us"], v["p90_us"], v["p99_us"], v["max_us"]
+                    "   {:<6}  {} requests, {} errors: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; proxies' CPU {}",
+                    way.ns(), v["requests"], v["errors"], v["p50_us"], v["p90_us"], v["p99_us"], v["max_us"],
+                    per_1k.map_or("—".to_owned(), |x| format!("{x:.3} s per 1000 requests")),
                 );
-                if v["errors"].as_u64() != Some(0) || v["requests"].as_u64() == Some(0) {
+                if v["errors"].as_u64() != Some(0) || requests == 0 {
                     report.problems.push(format!(
-                        "{path} latency: {} errors (first: {})",
-                        v["errors"], v["first_error"]
+                        "{} latency: {} errors (first: {})",
+                        way.ns(),
+                        v["errors"],
+                        v["first_error"]
                     ));
                 }
-                if let (Some(p50), Some(p99)) = (v["p50_us"].as_f64(), v["p99_us"].as_f64()) {
-                    report.set(k50, path, p50);
-                    report.set(k99, path, p99);
+                if let Some(x) = per_1k {
+                    report.add("cpu_per_1k", *way, x);
                 }
-                details.insert(path.into(), v);
+                if let (Some(p50), Some(p99)) = (v["p50_us"].as_f64(), v["p99_us"].as_f64()) {
+                    report.add("latency_p50", *way, p50);
+                    report.add("latency_p99", *way, p99);
+                    match (way, direct) {
+                        (Way::Direct, _) => direct = Some((p50, p99)),
+                        (_, Some((d50, d99))) => {
+                            report.add("added_p50", *way, p50 - d50);
+                            report.add("added_p99", *way, p99 - d99);
+                        }
+                        (_, None) => {}
+                    }
+                }
+                report.detail("latency", way.ns().to_owned(), v);
             }
-            Err(e) => report.problem(&format!("{path} http-load"), &e),
+            Err(e) => report.problem(&format!("{} http-load", way.ns()), &e),
         }
     }
-    report
-        .details
-        .insert("latency".into(), Value::Object(details));
 }
 
-fn connection_rate(c: &Cluster, p: &Params, report: &mut Report) {
-    heading(&format!(
-        "New connections: connect, GET, read to EOF, close; {} loops for {} ms",
+fn connection_rate(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
+    println!(
+        "   new connections: connect, GET, read to EOF, close; {} loops for {} ms",
         p.concurrency, p.conn_ms
-    ));
-    let key = "conn_rate";
-    report.row(
-        key,
-        format!("new connections/s ({} parallel)", p.concurrency),
-        "1/s",
-        Better::Higher,
     );
-    let mut details = serde_json::Map::new();
-    for path in PATHS {
-        let addr = format!("{}:{HTTP_PORT}", c.pod(path, "server").ip());
+    for way in order {
+        let addr = format!("{}:{HTTP_PORT}", c.pod(way.ns(), "server").ip());
         let (ms, n) = (p.conn_ms.to_string(), p.concurrency.to_string());
         let args = [
             "conn-rate",
@@ -719,10 +1063,11 @@ fn connection_rate(c: &Cluster, p: &Params, report: &mut Report) {
             &n,
         ];
         let timeout = Duration::from_millis(p.conn_ms + 20_000);
-        match probe_json(&c.pod(path, "client"), &args, timeout) {
+        match probe_json(&c.pod(way.ns(), "client"), &args, timeout) {
             Ok(v) => {
                 println!(
-                    "   {path:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs)",
+                    "   {:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs)",
+                    way.ns(),
                     v["connections"],
                     v["errors"],
                     v["per_second"].as_f64().unwrap_or(0.0),
@@ -731,138 +1076,148 @@ fn connection_rate(c: &Cluster, p: &Params, report: &mut Report) {
                 );
                 if v["errors"].as_u64() != Some(0) {
                     report.problems.push(format!(
-                        "{path} connection rate: {} errors (first: {})",
-                        v["errors"], v["first_error"]
+                        "{} connection rate: {} errors (first: {})",
+                        way.ns(),
+                        v["errors"],
+                        v["first_error"]
                     ));
                 }
                 if let Some(rate) = v["per_second"].as_f64() {
-                    report.set(key, path, rate);
+                    report.add("conn_rate", *way, rate);
                 }
-                details.insert(path.into(), v);
+                report.detail("conn_rate", way.ns().to_owned(), v);
             }
-            Err(e) => report.problem(&format!("{path} conn-rate"), &e),
+            Err(e) => report.problem(&format!("{} conn-rate", way.ns()), &e),
         }
         // Let the proxies log and release the closed connections before the next run.
         std::thread::sleep(Duration::from_millis(500));
     }
-    report
-        .details
-        .insert("conn_rate".into(), Value::Object(details));
 }
 
 // ---- output -------------------------------------------------------------------------------
-
-const ROW_ORDER: [&str; 6] = [
-    "throughput_p1",
-    "throughput_p8",
-    "latency_p50",
-    "latency_p99",
-    "conn_rate",
-    "rss_held",
-];
 
 fn fmt_value(v: Option<f64>, unit: &str) -> String {
     match v {
         None => "—".into(),
         Some(x) if unit == "Gbit/s" => format!("{x:.2}"),
-        Some(x) if unit == "MiB" => format!("{x:.1}"),
+        Some(x) if unit == "MiB" || unit == "KiB" => format!("{x:.1}"),
+        Some(x) if unit == "s" || unit.is_empty() => format!("{x:.3}"),
         Some(x) => format!("{x:.0}"),
     }
 }
 
+fn fmt_ratio(v: Option<f64>) -> String {
+    v.map_or("—".into(), |x| format!("{x:.2}"))
+}
+
+fn fmt_spread(v: Option<f64>) -> String {
+    v.map_or("—".into(), |x| format!("{:.0}%", x * 100.0))
+}
+
 fn print_table(
     p: &Params,
+    ways: &[Way],
     report: &Report,
-    started: &Sample,
-    warm: &Sample,
-    end: Option<&Sample>,
-    transport: &str,
+    started: &BTreeMap<Way, Sample>,
+    warm: &BTreeMap<Way, Sample>,
+    end: &BTreeMap<Way, Sample>,
+    transport: &BTreeMap<Way, String>,
 ) {
+    let peer = ways.contains(&Way::Peer);
     heading(&format!(
-        "Results (mesh = both node proxies on the path, {transport} between nodes)"
-    ));
-    println!(
-        "   {:<40} {:>10} {:>10} {:>12}",
-        "metric", "direct", "mesh", "mesh/direct"
-    );
-    println!("   {}", "─".repeat(75));
-    // In reading order, whatever order they were measured in.
-    let order = |r: &&Row| {
-        ROW_ORDER
+        "Results: medians of {} round{} (mesh: {})",
+        p.rounds,
+        if p.rounds == 1 { "" } else { "s" },
+        transport
             .iter()
-            .position(|k| *k == r.key)
-            .unwrap_or(usize::MAX)
-    };
-    let mut rows: Vec<&Row> = report.rows.iter().collect();
-    rows.sort_by_key(order);
-    for r in rows {
-        let ratio = r.ratio().map_or("—".into(), |x| format!("{x:.2}"));
+            .map(|(w, t)| format!("{} {t}", w.ns()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    if peer {
+        println!(
+            "   {:<46} {:>8} {:>8} {:>8} {:>11} {:>11} {:>9} {:>13}",
+            "metric",
+            "direct",
+            "ours",
+            "peer",
+            "ours/direct",
+            "peer/direct",
+            "ours/peer",
+            "spread o/p"
+        );
+        println!("   {}", "─".repeat(122));
+    } else {
+        println!(
+            "   {:<46} {:>9} {:>9} {:>12} {:>8}",
+            "metric", "direct", "mesh", "mesh/direct", "spread"
+        );
+        println!("   {}", "─".repeat(88));
+    }
+    for r in &report.rows {
+        let label = if r.unit.is_empty() {
+            r.label.clone()
+        } else {
+            format!("{} ({})", r.label, r.unit)
+        };
         let hint = match r.better {
             Better::Higher => "higher is better",
             Better::Lower => "lower is better",
         };
-        println!(
-            "   {:<40} {:>10} {:>10} {:>12}   ({hint})",
-            r.label,
-            fmt_value(r.direct, r.unit),
-            fmt_value(r.mesh, r.unit),
-            ratio
-        );
+        let direct = r.median(Way::Direct);
+        if peer {
+            println!(
+                "   {:<46} {:>8} {:>8} {:>8} {:>11} {:>11} {:>9} {:>13}   ({hint})",
+                label,
+                fmt_value(direct, r.unit),
+                fmt_value(r.median(Way::Mesh), r.unit),
+                fmt_value(r.median(Way::Peer), r.unit),
+                fmt_ratio(r.ratio(Way::Mesh, Way::Direct)),
+                fmt_ratio(r.ratio(Way::Peer, Way::Direct)),
+                fmt_ratio(r.ratio(Way::Mesh, Way::Peer)),
+                format!(
+                    "{}/{}",
+                    fmt_spread(r.spread(Way::Mesh)),
+                    fmt_spread(r.spread(Way::Peer))
+                ),
+            );
+        } else {
+            println!(
+                "   {:<46} {:>9} {:>9} {:>12} {:>8}   ({hint})",
+                label,
+                fmt_value(direct, r.unit),
+                fmt_value(r.median(Way::Mesh), r.unit),
+                fmt_ratio(r.ratio(Way::Mesh, Way::Direct)),
+                fmt_spread(r.spread(Way::Mesh)),
+            );
+        }
     }
-    println!("\n   proxy memory (VmRSS)                            node1        node2");
+    println!("\n   proxy memory (VmRSS)                        client node  server node");
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
-    let line = |label: &str, s: &Sample| {
-        println!(
-            "   {label:<44} {:>12} {:>12}",
-            mib(s.rss_kib[0]),
-            mib(s.rss_kib[1])
-        );
-    };
-    line("after start", started);
-    line("idle, after one request each way", warm);
-    if let Some(mesh) = report.details.get("hold").and_then(|h| h.get("mesh")) {
-        let rss = |i: usize| mib(mesh["held"]["rss_kib"][i].as_u64().unwrap_or(0));
-        println!(
-            "   {:<44} {:>12} {:>12}",
-            format!("holding {} mesh connections", mesh["opened"]),
-            rss(0),
-            rss(1)
-        );
-        let per = |key: &str, i: usize, unit: &str| match mesh[key][i].as_f64() {
-            Some(x) => format!("{x:.1}{unit}"),
-            None => "—".into(),
+    for way in ways.iter().filter(|w| **w != Way::Direct) {
+        let line = |label: &str, s: Option<&Sample>| {
+            if let Some(s) = s {
+                println!(
+                    "   {:<44} {:>12} {:>12}",
+                    format!("{} {label}", way.ns()),
+                    mib(s.rss_kib[0]),
+                    mib(s.rss_kib[1])
+                );
+            }
         };
-        println!(
-            "   {:<44} {:>12} {:>12}",
-            "per mesh connection",
-            per("rss_kib_per_conn", 0, " KiB"),
-            per("rss_kib_per_conn", 1, " KiB")
-        );
-        println!(
-            "   {:<44} {:>12} {:>12}",
-            "open descriptors per mesh connection",
-            per("fds_per_conn", 0, ""),
-            per("fds_per_conn", 1, "")
-        );
-    }
-    if let Some(direct) = report.details.get("hold").and_then(|h| h.get("direct")) {
-        let per = |i: usize| match direct["rss_kib_per_conn"][i].as_f64() {
-            Some(x) => format!("{x:.1} KiB"),
-            None => "—".into(),
-        };
-        println!(
-            "   {:<44} {:>12} {:>12}",
-            "per direct connection (control: expect ~0)",
-            per(0),
-            per(1)
-        );
-    }
-    if let Some(end) = end {
-        line("after every test", end);
+        line("after start", started.get(way));
+        line("idle, after one request each way", warm.get(way));
+        line("after every test", end.get(way));
     }
     println!(
-        "\n   ratios are mesh/direct from this run: throughput and connections/s below 1 are the \
-         mesh's cost; latency and memory above 1 are. {} held connections; see docs/benchmarks.md.",
+        "\n   ratios divide medians of this run: throughput and connections/s below 1 are the \
+         mesh's cost, latency, CPU and memory above 1 are{}. Spread = (max − min) / median over \
+         the rounds. {} held connections; see docs/benchmarks.md.",
+        if peer {
+            "; ours/peer is better for us above 1 on higher-is-better rows, below 1 on the others"
+        } else {
+            ""
+        },
         p.hold
     );
 }

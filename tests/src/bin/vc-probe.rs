@@ -13,6 +13,11 @@
 //!                                               with no messages, holds the idle connection
 //! vc-probe repl [--timeout-ms N]                reads `get ADDR [PATH]` / `connect ADDR [TEXT]`
 //!                                               lines from stdin, one JSON result line each
+//! vc-probe transfer --addr IP:PORT --bytes N [--streams S] [--timeout-ms N]
+//!                                               S parallel connections to a tcp-echo server:
+//!                                               each sends N bytes of its own pseudo-random
+//!                                               stream, half-closes, reads the echo to EOF and
+//!                                               checks every byte against the stream
 //!
 //! For the benchmark (`cargo xtask bench`, docs/benchmarks.md):
 //! vc-probe http-server-ka --port P [--name N]  HTTP/1.1 keep-alive server (closes only when the
@@ -58,8 +63,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: vc-probe http-server|h2-server|tcp-echo|get|connect|repl|http-server-ka|\
-             http-load|conn-rate|hold [options]"
+            "usage: vc-probe http-server|h2-server|tcp-echo|get|connect|repl|transfer|\
+             http-server-ka|http-load|conn-rate|hold [options]"
         );
         return ExitCode::from(2);
     };
@@ -144,6 +149,13 @@ fn main() -> ExitCode {
             emit(&out);
             ExitCode::from(code)
         }
+        "transfer" => match transfer::run(&opts, timeout) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("vc-probe: {e}");
+                ExitCode::from(2)
+            }
+        },
         "http-server-ka" | "http-load" | "conn-rate" | "hold" => match bench::run(cmd, &opts) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -1031,4 +1043,142 @@ fn ext_authz(port: u16) -> io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Bulk transfers that must arrive intact: every byte echoed back is compared with what was
+/// sent, so a lost, duplicated, reordered or altered byte anywhere on the path is caught.
+mod transfer {
+    use std::{
+        io::{self, Read as _, Write as _},
+        net::{Shutdown, SocketAddr, TcpStream},
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use serde_json::{json, Value};
+
+    use super::{emit, error_json, Opts};
+
+    /// The stream is made of blocks of this size, each generated from (seed, block index).
+    const BLOCK: usize = 64 * 1024;
+
+    /// Block `index` of stream `seed` (xorshift64*, seeded per block, so any block can be made
+    /// without the ones before it).
+    fn block(seed: u64, index: u64, out: &mut [u8; BLOCK]) {
+        let mut x = (seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        for word in out.chunks_exact_mut(8) {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            word.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+    }
+
+    pub fn run(opts: &Opts, timeout: Duration) -> Result<u8, String> {
+        let addr: SocketAddr = opts
+            .get("addr")
+            .ok_or("--addr IP:PORT is required")?
+            .parse()
+            .map_err(|e| format!("bad --addr: {e}"))?;
+        let bytes = opts.num("bytes").ok_or("--bytes N is required")?;
+        let streams = opts.num("streams").unwrap_or(1);
+        if !(1..=1024).contains(&streams) {
+            return Err("--streams must be between 1 and 1024".into());
+        }
+        let start = Instant::now();
+        let handles: Vec<_> = (0..streams)
+            .map(|i| thread::spawn(move || one(addr, 0x5eed_0000 + i, bytes, timeout)))
+            .collect();
+        let results: Vec<Value> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| json!({"error": "the stream's thread panicked"}))
+            })
+            .collect();
+        let elapsed = start.elapsed();
+        let intact = results.iter().filter(|r| r["intact"] == true).count();
+        let first_error = results.iter().find(|r| r["intact"] != true).cloned();
+        let moved = 2.0 * bytes as f64 * streams as f64;
+        emit(&json!({
+            "streams": streams, "bytes_each": bytes, "intact": intact,
+            "failed": streams as usize - intact, "first_error": first_error,
+            "elapsed_ms": elapsed.as_millis() as u64,
+            "gbit_per_s": moved * 8.0 / elapsed.as_secs_f64().max(1e-9) / 1e9,
+        }));
+        Ok(if intact == streams as usize { 0 } else { 1 })
+    }
+
+    /// One connection: a writer thread sends the stream and half-closes; this thread reads the
+    /// echo to EOF and compares.
+    fn one(addr: SocketAddr, seed: u64, bytes: u64, timeout: Duration) -> Value {
+        let stream = match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => s,
+            Err(e) => return error_json("connect", &e),
+        };
+        let _ = stream.set_read_timeout(Some(timeout));
+        let _ = stream.set_write_timeout(Some(timeout));
+        let local = stream
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut writer = match stream.try_clone() {
+            Ok(w) => w,
+            Err(e) => return error_json("clone", &e),
+        };
+        let sender = thread::spawn(move || -> io::Result<()> {
+            let mut buf = Box::new([0u8; BLOCK]);
+            let mut sent = 0u64;
+            let mut index = 0;
+            while sent < bytes {
+                block(seed, index, &mut buf);
+                let n = (bytes - sent).min(BLOCK as u64) as usize;
+                writer.write_all(&buf[..n])?;
+                sent += n as u64;
+                index += 1;
+            }
+            writer.shutdown(Shutdown::Write)
+        });
+        let mut reader = stream;
+        let (mut expected, mut got) = (Box::new([0u8; BLOCK]), vec![0u8; BLOCK]);
+        let (mut received, mut index, mut fill) = (0u64, 0u64, 0usize);
+        let mut mismatch: Option<u64> = None;
+        let read_error = loop {
+            match reader.read(&mut got[fill..]) {
+                Ok(0) => break None,
+                Ok(n) => {
+                    fill += n;
+                    received += n as u64;
+                    let end_of_stream = received >= bytes;
+                    if fill == BLOCK || end_of_stream {
+                        block(seed, index, &mut expected);
+                        if mismatch.is_none() {
+                            if let Some(at) = (0..fill).find(|&i| got[i] != expected[i]) {
+                                mismatch = Some(index * BLOCK as u64 + at as u64);
+                            }
+                        }
+                        index += 1;
+                        fill = 0;
+                    }
+                    if received > bytes {
+                        break None;
+                    }
+                }
+                Err(e) => break Some(e),
+            }
+        };
+        let sent = sender.join();
+        let send_error = match sent {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("the sender panicked".to_owned()),
+        };
+        let intact =
+            mismatch.is_none() && received == bytes && read_error.is_none() && send_error.is_none();
+        json!({
+            "local": local, "intact": intact, "received": received, "expected": bytes,
+            "first_mismatch_at": mismatch, "read_error": read_error.map(|e| e.to_string()),
+            "send_error": send_error,
+        })
+    }
 }

@@ -527,10 +527,13 @@ fn mtls_on_the_wire(web: Ipv4Addr) -> Result<()> {
         "the first bytes to 15008 are not a TLS handshake: {:02x?}",
         &first.payload[..first.payload.len().min(8)]
     );
-    let node1 = Ipv4Addr::new(10, 99, 0, 1);
+    // The tunnel leaves from inside the client pod's netns, from its address.
+    let client = pod_ip("shop", "client")?;
     ensure!(
-        packets.iter().all(|p| p.src.0 == node1 || p.dst.0 == node1),
-        "traffic to the web pod from elsewhere than node 1's address"
+        packets
+            .iter()
+            .all(|p| p.src.0 == client || p.dst.0 == client),
+        "traffic to the web pod from elsewhere than the client pod ({client})"
     );
     for (node, direction) in [("ztk-node1", "outbound"), ("ztk-node2", "inbound")] {
         let log = proxy_log(node)?;

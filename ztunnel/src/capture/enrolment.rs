@@ -382,7 +382,7 @@ impl Enroller {
             workload: pod.workload(),
             identity,
             ips: ips.clone(),
-            netns,
+            netns: Arc::new(netns),
             netns_cookie: cookie,
         });
         let mut tasks = Vec::new();

@@ -5,5 +5,5 @@ pub mod pool;
 pub mod server;
 pub mod stream;
 
-pub use pool::{Connector, HboneError, Io, Pool, PoolKey, PoolStats, Stream};
+pub use pool::{Connector, HboneError, Io, Origin, Pool, PoolKey, PoolStats, Stream};
 pub use server::{ConnectRequest, Handler, Tunnel};

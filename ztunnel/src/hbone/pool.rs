@@ -1,9 +1,10 @@
-//! The HBONE client: a pool with one HTTP/2 connection per (source identity, destination
-//! identity, destination address), many CONNECT streams over each, closed when idle.
+//! The HBONE client: a pool with one HTTP/2 connection per (source pod, source identity,
+//! destination identity, destination address), many CONNECT streams over each, closed when idle.
 use std::{
     collections::HashMap,
+    hash::{Hash, Hasher},
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -18,15 +19,44 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use super::stream::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
-use crate::identity::{BoxFuture, SpiffeId};
+use crate::{
+    identity::{BoxFuture, SpiffeId},
+    netns::Netns,
+};
 
-/// Who talks to whom, where: connections are shared only within one key, so a TLS session
-/// never carries another identity's traffic.
+/// Who talks to whom, where, and from which pod: connections are shared only within one key,
+/// so a TLS session never carries another identity's or another pod's traffic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src: SpiffeId,
     pub dst: SpiffeId,
     pub addr: SocketAddr,
+    pub origin: Origin,
+}
+
+/// Where a tunnel is dialled from: the source pod's network namespace and its address there,
+/// as Istio's ztunnel dials it, so the destination (a peer proxy, its policies, Kubernetes
+/// NetworkPolicies) sees the pod and not the node. Keys compare by netns cookie and address.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub netns: Arc<Netns>,
+    pub netns_cookie: u64,
+    /// The pod's address of the destination's family (none: the kernel picks).
+    pub ip: Option<IpAddr>,
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        (self.netns_cookie, self.ip) == (other.netns_cookie, other.ip)
+    }
+}
+
+impl Eq for Origin {}
+
+impl Hash for Origin {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.netns_cookie, self.ip).hash(state);
+    }
 }
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -230,8 +260,9 @@ impl Pool {
             debug!(connection = id, %src, %dst, %addr, error = ?result.err(), "HBONE connection ended");
         });
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
-        info!(connection = id, src = %key.src, dst = %key.dst, addr = %key.addr,
-            "HBONE connection opened");
+        info!(connection = id, src = %key.src,
+            src_ip = key.origin.ip.map(|ip| ip.to_string()).as_deref(), dst = %key.dst,
+            addr = %key.addr, "HBONE connection opened");
         Ok(Conn {
             id,
             send,
@@ -360,10 +391,20 @@ mod tests {
     }
 
     fn key(sa: &str, addr: SocketAddr) -> PoolKey {
+        key_from(sa, addr, Ipv4Addr::LOCALHOST)
+    }
+
+    /// A key for a source pod known by its address (the plain connector does not dial from it).
+    fn key_from(sa: &str, addr: SocketAddr, pod: Ipv4Addr) -> PoolKey {
         PoolKey {
             src: SpiffeId::new("td", "ns", sa).unwrap(),
             dst: SpiffeId::new("td", "ns", "server").unwrap(),
             addr,
+            origin: Origin {
+                netns: Arc::new(Netns::current().unwrap()),
+                netns_cookie: u64::from(pod.to_bits()),
+                ip: Some(pod.into()),
+            },
         }
     }
 
@@ -409,8 +450,14 @@ mod tests {
         assert_eq!(id1, id2, "the same key reuses its connection");
         let (id3, _) = echo_through(&pool, &key("other-sa", server), echo, b"x").await;
         assert_ne!(id1, id3, "another source identity gets its own connection");
-        assert_eq!(pool.connections_opened.load(Ordering::Relaxed), 2);
-        assert_eq!(pool.streams_opened.load(Ordering::Relaxed), 3);
+        let other_pod = key_from("client", server, Ipv4Addr::new(10, 1, 0, 9));
+        let (id4, _) = echo_through(&pool, &other_pod, echo, b"y").await;
+        assert_ne!(
+            id1, id4,
+            "another pod of the same identity gets its own connection"
+        );
+        assert_eq!(pool.connections_opened.load(Ordering::Relaxed), 3);
+        assert_eq!(pool.streams_opened.load(Ordering::Relaxed), 4);
     }
 
     #[tokio::test]

@@ -85,17 +85,21 @@ fn parse(req: &Request<RecvStream>) -> Result<ConnectRequest, (StatusCode, Strin
     })
 }
 
-/// The address in a `Forwarded: for=…` header (RFC 7239: IPv6 quoted and bracketed).
+/// The address in a `Forwarded: for=…` header. RFC 7239 allows a port after the address
+/// (IPv6 then bracketed, and quoted either way): Istio's ztunnel sends `for="10.1.0.2:40512"`.
 fn forwarded_for(value: &str) -> Option<IpAddr> {
-    value
+    let node = value
         .split([';', ','])
-        .find_map(|kv| kv.trim().strip_prefix("for="))
-        .map(|v| {
-            v.trim_matches('"')
-                .trim_start_matches('[')
-                .trim_end_matches(']')
+        .find_map(|kv| kv.trim().strip_prefix("for="))?
+        .trim_matches('"');
+    node.parse::<IpAddr>()
+        .ok()
+        .or_else(|| node.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            node.strip_prefix('[')
+                .and_then(|n| n.strip_suffix(']'))
+                .and_then(|n| n.parse().ok())
         })
-        .and_then(|v| v.parse().ok())
 }
 
 /// Serves HTTP/2 on `io` until the peer goes away, handing each valid CONNECT to `handler`.
@@ -204,6 +208,9 @@ mod tests {
         for (value, want) in [
             ("for=10.1.0.2", Some("10.1.0.2")),
             ("for=\"[fd00::2]\"", Some("fd00::2")),
+            // With a port, as Istio's ztunnel sends it.
+            ("for=\"10.2.0.2:40512\"", Some("10.2.0.2")),
+            ("for=\"[fd00::2]:40512\";host=web.shop.svc", Some("fd00::2")),
             ("proto=https; for=10.1.0.2", Some("10.1.0.2")),
             ("for=unknown", None),
             ("by=10.0.0.1", None),

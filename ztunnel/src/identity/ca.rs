@@ -454,7 +454,40 @@ impl EmbeddedCa {
         if let Some(authorize) = &self.authorizer {
             authorize(&id).map_err(|reason| refuse(format!("{id} is not allowed: {reason}")))?;
         }
+        self.issue(&id, Vec::new(), &csr.public_key, validity)
+    }
 
+    /// The CA service's own serving certificate for `public_key`: its SPIFFE `id` plus the DNS
+    /// names and IPs its clients dial it by (Istio's ztunnel and istiod's clients verify the CA
+    /// by that name). Never reachable through a CSR, which may only ask for one SPIFFE id.
+    pub fn sign_serving_certificate(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        public_key: &impl PublicKeyData,
+        validity: Duration,
+    ) -> Result<Vec<String>, ProviderError> {
+        let mut names = Vec::with_capacity(dns_names.len() + ips.len());
+        for name in dns_names {
+            let ia5 = Ia5String::try_from(name.as_str())
+                .map_err(|e| ProviderError::Refused(format!("DNS name {name:?}: {e}")))?;
+            names.push(SanType::DnsName(ia5));
+        }
+        names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.issue(id, names, public_key, validity)
+    }
+
+    /// Issues a leaf for `id` (plus `extra_sans`) and `public_key`, for at most `validity`
+    /// (0: the maximum) and never beyond the root. Returns the PEM chain, leaf then root.
+    fn issue(
+        &self,
+        id: &SpiffeId,
+        extra_sans: Vec<SanType>,
+        public_key: &impl PublicKeyData,
+        validity: Duration,
+    ) -> Result<Vec<String>, ProviderError> {
+        let refuse = |reason: String| ProviderError::Refused(reason);
         let validity = if validity.is_zero() {
             self.max_validity
         } else {
@@ -468,12 +501,12 @@ impl EmbeddedCa {
                 "the CA's root certificate has expired".into(),
             ));
         }
-        let mut params =
-            leaf_params(&id).map_err(|e| refuse(format!("cannot encode {id}: {e}")))?;
+        let mut params = leaf_params(id).map_err(|e| refuse(format!("cannot encode {id}: {e}")))?;
+        params.subject_alt_names.extend(extra_sans);
         set_validity(&mut params, now - CLOCK_SKEW, not_after)
             .map_err(|e| ProviderError::Unavailable(format!("cannot set the validity: {e}")))?;
         let leaf = self
-            .issue_with(params, &csr.public_key)
+            .issue_with(params, public_key)
             .map_err(|e| ProviderError::Unavailable(format!("signing failed: {e}")))?;
         tracing::debug!(identity = %id, validity_s = validity.as_secs(), "issued a certificate");
         Ok(vec![leaf, self.root_pem.clone()])

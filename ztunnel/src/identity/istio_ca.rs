@@ -24,7 +24,8 @@ pub mod token_review;
 pub use client::IstioCaClient;
 pub use server::{
     issue_server_tls, run_ca_service, run_ca_service_until, serve, AllowAll, AuthError,
-    Authenticator, CaServiceOptions, CallerAuth, ServerTls, StaticToken,
+    Authenticator, CaServiceOptions, CallerAuth, ServerTls, ServingNames, StaticToken,
+    DEFAULT_SERVICE_NAMES,
 };
 
 /// The gRPC method path of `CreateCertificate`.

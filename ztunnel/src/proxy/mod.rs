@@ -53,7 +53,8 @@ pub struct PodContext {
     pub workload: String,
     pub identity: SpiffeId,
     pub ips: Vec<IpAddr>,
-    pub netns: Netns,
+    /// Shared with the HBONE pool keys of the tunnels dialled from this pod.
+    pub netns: Arc<Netns>,
     pub netns_cookie: u64,
 }
 
@@ -80,19 +81,32 @@ const HBONE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Mesh {
     /// Must be called inside the runtime (the pool runs an expiry task). Tunnel connections are
-    /// made from the node's network namespace (the proxy's own), so one TLS session can carry
-    /// the streams of every pod of an identity on this node.
-    pub fn new(trust_domain: String, certs: Arc<CertificateCache>, metrics: Arc<Metrics>) -> Self {
+    /// dialled from inside the source pod's network namespace, from the pod's own address (as
+    /// Istio's ztunnel does, so the destination sees the pod), and marked so they are never
+    /// captured; `home` is the node's netns the dialling thread returns to.
+    pub fn new(
+        trust_domain: String,
+        certs: Arc<CertificateCache>,
+        metrics: Arc<Metrics>,
+        home: Arc<Netns>,
+    ) -> Self {
         let roots = certs.roots().to_vec();
         let (c, r) = (certs.clone(), roots.clone());
         let connector: Connector = Arc::new(move |key: PoolKey| {
-            let (certs, roots, metrics) = (c.clone(), r.clone(), metrics.clone());
+            let (certs, roots, metrics, home) =
+                (c.clone(), r.clone(), metrics.clone(), home.clone());
             Box::pin(async move {
                 let cert = certs.get(&key.src).await.map_err(|e| {
                     io::Error::other(format!("no certificate for {}: {e}", key.src))
                 })?;
                 let config = tls::client_config(&cert, &roots, vec![key.dst.clone()]);
-                let socket = new_marked_socket(key.addr)?;
+                let socket = key
+                    .origin
+                    .netns
+                    .run(&home, || new_marked_socket(key.addr))??;
+                if let Some(ip) = key.origin.ip {
+                    bind_address_only(&socket, ip)?;
+                }
                 let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
                     .connect(key.addr)
                     .await?;
@@ -120,6 +134,27 @@ impl Mesh {
             pool: Pool::new(connector, HBONE_IDLE_TIMEOUT),
         }
     }
+}
+
+/// Binds `socket` to `ip` without reserving a port yet (`IP_BIND_ADDRESS_NO_PORT`): the port
+/// is picked at connect time, per destination, so a busy pod does not run out of ports.
+fn bind_address_only(socket: &socket2::Socket, ip: IpAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int option value on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.bind(&SocketAddr::new(ip, 0).into())
 }
 
 /// What the proxy needs to know about its node and mesh.
@@ -264,4 +299,43 @@ pub fn is_proxy_port(port: u16) -> bool {
         ADMIN_PORT,
     ]
     .contains(&port)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
+
+    use super::*;
+
+    /// The tunnel's socket leaves from the address it was bound to, on either family, with the
+    /// port chosen at connect time.
+    #[tokio::test]
+    async fn tunnel_sockets_leave_from_the_bound_address() {
+        for (bind, listen) in [
+            (
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ),
+            (
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ),
+        ] {
+            let Ok(listener) = TcpListener::bind((listen, 0)) else {
+                continue; // no IPv6 on this host
+            };
+            let dst = listener.local_addr().unwrap();
+            let socket = new_marked_socket(dst).unwrap();
+            bind_address_only(&socket, bind).unwrap();
+            let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
+                .connect(dst)
+                .await
+                .unwrap();
+            let local = tcp.local_addr().unwrap();
+            assert_eq!(local.ip(), bind);
+            assert_ne!(local.port(), 0);
+            let (_, peer) = listener.accept().unwrap();
+            assert_eq!(peer, local);
+        }
+    }
 }

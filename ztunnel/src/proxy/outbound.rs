@@ -133,6 +133,15 @@ impl Proxy {
             // A service account that is not a valid SPIFFE segment cannot have been enrolled.
             dst: SpiffeId::new(self.trust_domain(), &dst.namespace, &dst.service_account).ok()?,
             addr: SocketAddr::new(route.upstream.ip(), HBONE_PORT),
+            origin: hbone::Origin {
+                netns: pod.netns.clone(),
+                netns_cookie: pod.netns_cookie,
+                ip: pod
+                    .ips
+                    .iter()
+                    .copied()
+                    .find(|ip| ip.is_ipv4() == route.upstream.is_ipv4()),
+            },
         })
     }
 

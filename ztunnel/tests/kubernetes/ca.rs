@@ -9,7 +9,7 @@ use ztunnel::{
     identity::{
         istio_ca::{
             ca_service_identity, run_ca_service_until, token_review::ISTIO_CA_AUDIENCE,
-            CaServiceOptions, CallerAuth, IstioCaClient,
+            CaServiceOptions, CallerAuth, IstioCaClient, ServingNames,
         },
         CaFiles, CertificateProvider, ProviderError,
     },
@@ -153,6 +153,7 @@ async fn start_ca(server: &ApiServer) -> Ca {
             node_proxy: "istio-system/ztunnel".parse().unwrap(),
             audience: ISTIO_CA_AUDIENCE.into(),
         },
+        names: ServingNames::defaults(addr),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(run_ca_service_until(opts, async {

@@ -4,7 +4,7 @@ use std::{
     fmt,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     pin::Pin,
     sync::Arc,
@@ -36,7 +36,7 @@ use super::{
     ca_service_identity, certificate_spiffe_id, csr_spiffe_id, IstioCertificateRequest,
     IstioCertificateResponse, CREATE_CERTIFICATE_PATH, IMPERSONATED_IDENTITY,
 };
-use crate::identity::{BoxFuture, CertificateProvider, ProviderError, SpiffeId};
+use crate::identity::{ca::EmbeddedCa, BoxFuture, CertificateProvider, ProviderError, SpiffeId};
 
 /// What a request with `validity_duration: 0` gets (Istio's default workload certificate TTL).
 const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
@@ -227,28 +227,51 @@ impl ServerTls {
     }
 }
 
+/// The names the CA service's certificate carries besides its SPIFFE id. Clients that verify
+/// a CA by the host they dial (Istio's ztunnel with `CA_ADDRESS`, or `ALT_CA_HOSTNAME`) accept
+/// it only if that name is among them; our own clients verify the SPIFFE id and ignore them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServingNames {
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The DNS names of the CA's Service (`ztunnel-ca` in `istio-system`, as the chart installs
+/// it), short to fully qualified: what `ca serve` puts in its certificate by default.
+pub const DEFAULT_SERVICE_NAMES: [&str; 4] = [
+    "ztunnel-ca",
+    "ztunnel-ca.istio-system",
+    "ztunnel-ca.istio-system.svc",
+    "ztunnel-ca.istio-system.svc.cluster.local",
+];
+
+impl ServingNames {
+    /// The defaults for a service listening on `listen`: [`DEFAULT_SERVICE_NAMES`], and the
+    /// listening IP unless it is the wildcard (then clients dial a name, or an IP that must be
+    /// given).
+    pub fn defaults(listen: SocketAddr) -> Self {
+        Self {
+            dns: DEFAULT_SERVICE_NAMES.map(str::to_owned).to_vec(),
+            ips: (!listen.ip().is_unspecified())
+                .then_some(listen.ip())
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
 /// Issues the CA service's own serving certificate from `signer`: a fresh key (kept in memory
-/// only) and an SVID for `identity`. Returns it with the time left until it expires.
+/// only) and an SVID for `identity` that also carries `names`. Returns it with the time left
+/// until it expires.
 pub async fn issue_server_tls(
-    signer: &dyn CertificateProvider,
+    signer: &EmbeddedCa,
     identity: &SpiffeId,
+    names: &ServingNames,
     validity: Duration,
 ) -> anyhow::Result<(ServerTls, Duration)> {
     let key = rcgen::KeyPair::generate().context("generating the CA service's key")?;
-    let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        identity
-            .to_string()
-            .try_into()
-            .context("SPIFFE id as a URI SAN")?,
-    ));
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|csr| csr.pem())
-        .context("building the CA service's CSR")?;
     let chain_pem = signer
-        .create_certificate(csr, validity)
-        .await
+        .sign_serving_certificate(identity, &names.dns, &names.ips, &key, validity)
         .context("issuing the CA service's own certificate")?;
     let chain = chain_pem
         .iter()
@@ -554,6 +577,8 @@ pub struct CaServiceOptions {
     pub listen: SocketAddr,
     /// Who may have which certificate.
     pub callers: CallerAuth,
+    /// The DNS names and IPs its serving certificate carries ([`ServingNames::defaults`]).
+    pub names: ServingNames,
 }
 
 /// How `ztunnel ca serve` authenticates its callers.
@@ -576,8 +601,9 @@ pub enum CallerAuth {
 /// retries every 30 s while the signer fails.
 async fn renew_server_tls(
     tls: ServerTls,
-    signer: Arc<dyn CertificateProvider>,
+    signer: Arc<EmbeddedCa>,
     identity: SpiffeId,
+    names: ServingNames,
     remaining: Duration,
 ) {
     // The floor keeps a signer that caps lifetimes to almost nothing from making this spin.
@@ -585,7 +611,7 @@ async fn renew_server_tls(
     let mut wait = half(remaining);
     loop {
         tokio::time::sleep(wait).await;
-        match issue_server_tls(&*signer, &identity, SERVER_CERT_VALIDITY).await {
+        match issue_server_tls(&signer, &identity, &names, SERVER_CERT_VALIDITY).await {
             Ok((fresh, left)) => {
                 tls.update(&fresh);
                 info!(%identity, valid_for = ?left, "CA service: renewed its own certificate");
@@ -639,7 +665,7 @@ async fn shutdown_signal() {
 
 async fn run_with_signer(
     opts: CaServiceOptions,
-    signer: Arc<dyn CertificateProvider>,
+    signer: Arc<EmbeddedCa>,
     identity: SpiffeId,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -666,19 +692,23 @@ async fn run_with_signer(
             Arc::new(AllowAll)
         }
     };
-    let (tls, remaining) = issue_server_tls(&*signer, &identity, SERVER_CERT_VALIDITY).await?;
+    let (tls, remaining) =
+        issue_server_tls(&signer, &identity, &opts.names, SERVER_CERT_VALIDITY).await?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     info!(
         listen = %listener.local_addr()?,
         %identity,
+        dns_names = ?opts.names.dns,
+        ips = ?opts.names.ips,
         "CA service: serving istio.v1.auth.IstioCertificateService"
     );
     let renew = tokio::spawn(renew_server_tls(
         tls.clone(),
         signer.clone(),
         identity,
+        opts.names.clone(),
         remaining,
     ));
     let result = serve(listener, signer, tls, auth, shutdown).await;

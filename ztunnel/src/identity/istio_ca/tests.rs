@@ -82,8 +82,11 @@ impl Running {
     }
 }
 
+/// The service's SVID without DNS or IP names.
 async fn svid_tls(ca: &EmbeddedCa) -> ServerTls {
-    let (tls, left) = issue_server_tls(ca, &ca_id(), ONE_HOUR).await.unwrap();
+    let (tls, left) = issue_server_tls(ca, &ca_id(), &ServingNames::default(), ONE_HOUR)
+        .await
+        .unwrap();
     assert!(
         left > ONE_HOUR - Duration::from_secs(60),
         "lifetime {left:?}"
@@ -386,6 +389,65 @@ async fn server_not_from_the_configured_root_is_rejected() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn the_service_certificate_carries_its_names_for_clients_that_check_them() {
+    let ca = embedded_ca();
+    let names = ServingNames {
+        dns: vec!["ztunnel-ca.istio-system.svc".to_owned()],
+        ips: vec!["127.0.0.1".parse().unwrap()],
+    };
+    let (tls, _) = issue_server_tls(&ca, &ca_id(), &names, ONE_HOUR)
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = spawn_server(listener, tls, ca.clone(), Arc::new(AllowAll));
+    let by_name = |name: Option<&str>| {
+        let client =
+            IstioCaClient::new(&server.addr.to_string(), ca.root_pem(), None, TIMEOUT).unwrap();
+        match name {
+            Some(n) => client.with_server_name(n).unwrap(),
+            None => client,
+        }
+    };
+    // As Istio's ztunnel checks it: the IP dialled, or ALT_CA_HOSTNAME's DNS name.
+    for client in [by_name(None), by_name(Some("ztunnel-ca.istio-system.svc"))] {
+        let chain = client
+            .create_certificate(csr(&[ALICE]), ONE_HOUR)
+            .await
+            .unwrap();
+        assert_eq!(leaf_id(&chain[0]), ALICE);
+    }
+    let reason = unavailable(
+        by_name(Some("istiod.istio-system.svc"))
+            .create_certificate(csr(&[ALICE]), ONE_HOUR)
+            .await,
+    );
+    assert!(reason.contains("not valid for name"), "{reason}");
+    // Our own clients still verify the SPIFFE id, which the names do not replace.
+    let chain = client(server.addr, ca.root_pem(), None)
+        .create_certificate(csr(&[ALICE]), ONE_HOUR)
+        .await
+        .unwrap();
+    assert_eq!(leaf_id(&chain[0]), ALICE);
+    server.stop().await;
+}
+
+#[test]
+fn default_names_are_the_service_names_and_a_specific_listen_ip() {
+    let specific = ServingNames::defaults("10.0.0.7:15012".parse().unwrap());
+    assert_eq!(specific.dns, DEFAULT_SERVICE_NAMES.map(str::to_owned));
+    assert_eq!(
+        specific.ips,
+        ["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert!(ServingNames::defaults("0.0.0.0:15012".parse().unwrap())
+        .ips
+        .is_empty());
+    assert!(ServingNames::defaults("[::]:15012".parse().unwrap())
+        .ips
+        .is_empty());
+}
+
 /// A serving certificate like istiod's: DNS and IP SANs, from its own root.
 fn istiod_like_tls() -> (ServerTls, String) {
     let root_key = rcgen::KeyPair::generate().unwrap();
@@ -508,6 +570,7 @@ async fn ca_service_from_a_ca_directory() {
         ca_dir: dir.0.clone(),
         listen: addr,
         callers: CallerAuth::TokenFile(server_token.path()),
+        names: ServingNames::defaults(addr),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(run_ca_service_until(opts, async {
@@ -535,6 +598,7 @@ async fn ca_service_from_a_ca_directory() {
             ca_dir: dir.0.join("missing"),
             listen: addr,
             callers: CallerAuth::Anyone,
+            names: ServingNames::defaults(addr),
         },
         std::future::pending(),
     )
