@@ -9,6 +9,8 @@ mod deploy_check;
 mod deploy_tools;
 mod fuzz;
 mod image;
+#[cfg(test)]
+mod layers;
 mod setup;
 
 use std::{
