@@ -3,8 +3,10 @@
 //! 1. `$ZT_K8S_BIN_DIR` (plain or `.xz`-compressed binaries);
 //! 2. `../shared/k8s` next to the checkout (this environment's builds of the pinned version,
 //!    `.xz`-compressed);
-//! 3. the official release binaries of [`K8S_VERSION`] from dl.k8s.io, each checked against the
-//!    SHA-256 pinned in [`RELEASE_SHA256`] before it is used.
+//! 3. the official release binaries of [`K8S_VERSION`] from dl.k8s.io, each checked before it is
+//!    used against the SHA-256 pinned in [`RELEASE_SHA256`], or, where none is pinned, against
+//!    the SHA-256 the release publishes next to the binary (`<name>.sha256`, fetched over HTTPS
+//!    from the same host, as the Kubernetes install docs verify it).
 //!
 //! Compressed binaries are unpacked once into the xtask cache (`~/.cache/ztunnel-xtask`), keyed
 //! by the compressed file's size and modification time, so a second `cluster up` starts at once.
@@ -30,7 +32,7 @@ pub const NAMES: [&str; 5] = [
 
 /// SHA-256 of the linux/amd64 release binaries of [`K8S_VERSION`], as dl.k8s.io publishes them
 /// next to each binary (`<name>.sha256`). `None`: not pinned yet (this environment cannot reach
-/// dl.k8s.io to read it); such a binary is refused rather than trusted on first use.
+/// dl.k8s.io to read it); such a binary is checked against the published `.sha256` instead.
 const RELEASE_SHA256: [(&str, Option<&str>); 5] = [
     ("kube-apiserver", None),
     ("kube-controller-manager", None),
@@ -173,22 +175,21 @@ fn make_executable(p: &Path) -> Result<()> {
         .with_context(|| format!("chmod {}", p.display()))
 }
 
-/// The release binaries from dl.k8s.io, each verified against its pinned SHA-256.
+/// The release binaries from dl.k8s.io, each verified against its pinned SHA-256, or the one the
+/// release publishes beside it where none is pinned.
 fn download() -> Result<Binaries> {
     let dir = cache_dir().join("release");
     std::fs::create_dir_all(&dir)?;
     for (name, pinned) in RELEASE_SHA256 {
         let dest = dir.join(name);
-        let Some(pinned) = pinned else {
-            bail!(
-                "no SHA-256 of the release {name} {K8S_VERSION} is pinned in \
-                 xtask/src/cluster/binaries.rs (refusing an unverified download)"
-            );
+        let url = format!("https://dl.k8s.io/release/{K8S_VERSION}/bin/linux/amd64/{name}");
+        let (want, source) = match pinned {
+            Some(sum) => (sum.to_owned(), "pinned"),
+            None => (published_sha256(&url)?, "published"),
         };
-        if dest.is_file() && sha256_of(&dest)? == pinned {
+        if dest.is_file() && sha256_of(&dest)? == want {
             continue;
         }
-        let url = format!("https://dl.k8s.io/release/{K8S_VERSION}/bin/linux/amd64/{name}");
         let tmp = dest.with_extension("partial");
         println!("cluster: downloading {url}");
         output(
@@ -198,17 +199,57 @@ fn download() -> Result<Binaries> {
                 .arg(&url),
         )?;
         let sum = sha256_of(&tmp)?;
-        if sum != pinned {
+        if sum != want {
             let _ = std::fs::remove_file(&tmp);
-            bail!("{url} has SHA-256 {sum}, not the pinned {pinned}: refusing it");
+            bail!("{url} has SHA-256 {sum}, not the {source} {want}: refusing it");
         }
+        println!("cluster: {name} matches the {source} SHA-256");
         make_executable(&tmp)?;
         std::fs::rename(&tmp, &dest)?;
     }
     Ok(Binaries { dir })
 }
 
+/// The SHA-256 the release publishes at `<url>.sha256` (64 hex digits, nothing else).
+fn published_sha256(url: &str) -> Result<String> {
+    let text = output(
+        Command::new("curl")
+            .args(["-fsSL", "--max-time", "60"])
+            .arg(format!("{url}.sha256")),
+    )
+    .with_context(|| format!("reading the published SHA-256 of {url}"))?;
+    parse_sha256(&text).with_context(|| format!("{url}.sha256 does not hold a SHA-256: {text:?}"))
+}
+
+fn parse_sha256(text: &str) -> Option<String> {
+    let sum = text.split_whitespace().next()?;
+    (sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| sum.to_ascii_lowercase())
+}
+
 fn sha256_of(p: &Path) -> Result<String> {
     let out = output(Command::new("sha256sum").arg(p))?;
     Ok(out.split_whitespace().next().unwrap_or_default().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_sha256;
+
+    #[test]
+    fn a_published_sha256_is_64_hex_digits() {
+        let sum = "db2ae479a63f3665d7f704ab18c0d4d4050144237980763221835b7305703c4c";
+        assert_eq!(parse_sha256(&format!("{sum}\n")).as_deref(), Some(sum));
+        assert_eq!(
+            parse_sha256(&format!("{sum}  kubectl\n")).as_deref(),
+            Some(sum)
+        );
+        assert_eq!(
+            parse_sha256(&sum.to_ascii_uppercase()).as_deref(),
+            Some(sum)
+        );
+        assert_eq!(parse_sha256(""), None);
+        assert_eq!(parse_sha256("<html>Not Found</html>"), None);
+        assert_eq!(parse_sha256(&sum[..63]), None);
+    }
 }
