@@ -14,7 +14,9 @@ use crate::{output, run};
 /// Debian packages the demo and the tests use (bpftool for inspection, the rest as traffic
 /// generators, packet capture and for the firewall check; python3-venv for the manifest
 /// validator's venv; xz-utils to unpack Istio's ztunnel for the interoperability tests, whose
-/// in-pod redirection also uses iptables).
+/// in-pod redirection also uses iptables, and the local Kubernetes cluster's binaries;
+/// etcd-server, containerd, runc, the CNI plugins and busybox-static for that cluster and its
+/// test images, openssl for its certificates, gcc for its pause image).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -27,7 +29,15 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "python3-venv",
+    "etcd-server",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
     "xz-utils",
+    "openssl",
+    "gcc",
+    "libc6-dev",
 ];
 
 /// Where the capture programs expect bpffs.
@@ -87,14 +97,30 @@ fn apt_packages() -> Result<()> {
     apt_install(&missing)
 }
 
-/// Installs Debian packages (after refreshing the package lists).
+/// Installs Debian packages (after refreshing the package lists). Packages' services are kept
+/// from starting (a `policy-rc.d` that refuses, for the duration only): etcd and containerd
+/// run only as the local cluster's daemons, with their own configuration.
 pub fn apt_install(missing: &[&str]) -> Result<()> {
     println!("setup: installing Debian packages: {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let placed = !policy.exists();
+    if placed {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let result = run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(missing))
+        .args(missing));
+    if placed {
+        std::fs::remove_file(policy).context("removing /usr/sbin/policy-rc.d")?;
+    }
+    result
 }
 
 /// Names of the packages `dpkg-query -f='${Package} ${Status}\n'` reports fully installed.
