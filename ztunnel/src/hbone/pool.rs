@@ -32,6 +32,7 @@ use super::{
 };
 use crate::{
     identity::{BoxFuture, SpiffeId},
+    memory::Live,
     metrics::{HboneClosing, Metrics, PoolRefusal, Side},
     netns::Netns,
 };
@@ -466,6 +467,7 @@ impl Pool {
         let pings = connection.ping_pong().expect("taken once, here");
         let (keepalive, metrics) = (self.limits.keepalive, self.metrics.clone());
         tokio::spawn(async move {
+            let _live = Live::new();
             tokio::select! {
                 result = &mut connection => {
                     if let Err(e) = &result {

@@ -49,6 +49,7 @@ use crate::{
     capture::NodeConnections,
     hbone::{self, Handler, StreamIo, Tunnel},
     identity::SpiffeId,
+    memory::Live,
     metrics::{
         Carrier, ConnectionLabels, HboneClosing, MtlsModeLabels, NodeConnectionLabels, NodeOutcome,
         Outcome, Reporter, Side,
@@ -201,6 +202,7 @@ impl Inbound {
         peer: SocketAddr,
     ) {
         let accepted = tokio::time::Instant::now();
+        let _live = Live::new();
         let (mesh, metrics) = (&self.shared.mesh, self.shared.metrics.clone());
         let limits = &mesh.server;
         let refused_at_accept = |reason: &str, error: &dyn std::fmt::Display| {
