@@ -520,9 +520,10 @@ impl Inbound {
                 .clone()
                 .revoked(config, pod.clone(), call.clone(), per_request);
             match per_request {
+                // Boxed: the HTTP server's state is much larger than a relay's and would
+                // otherwise size every connection's task, relayed or not.
                 true => {
-                    self.serve_per_request(pod, call, downstream, upstream, revoke)
-                        .await
+                    Box::pin(self.serve_per_request(pod, call, downstream, upstream, revoke)).await
                 }
                 false => relay_until(downstream, upstream, revoke).await,
             }
