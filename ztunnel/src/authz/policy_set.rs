@@ -107,9 +107,10 @@ fn rank(action: Action) -> u8 {
     }
 }
 
-/// Where a source is filed: the first that applies of a required attribute with no `*`
-/// among its values, a required IP block, a required attribute with `*`, an attribute the
-/// source only excludes values of (a string one first); else nowhere (the rule is open).
+/// Where a source is filed: the first that applies of a required string attribute without
+/// the bare `*` among its values (which every mTLS peer matches), a required IP block, a
+/// required string attribute with `*`, an attribute the source only excludes values of (a
+/// string one first); else nowhere (the rule is open).
 enum Filing<'s> {
     RequiredStr(StrAttr, &'s [StrMatch]),
     RequiredIp(IpAttr, &'s [IpBlock]),
