@@ -23,8 +23,19 @@ use tokio::{
 const BUFFER_STEPS: [(u64, usize); 3] = [
     (10 * 1024 * 1024, 256 * 1024),
     (128 * 1024, 16 * 1024),
-    (0, 1024),
+    (0, FIRST_BUFFER),
 ];
+const FIRST_BUFFER: usize = 1024;
+
+/// A read that waits for the socket to be readable.
+fn try_read(socket: &TcpStream, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    loop {
+        match socket.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(socket.poll_read_ready(cx))?,
+            result => return Poll::Ready(result),
+        }
+    }
+}
 
 fn buffer_for(carried: u64) -> usize {
     BUFFER_STEPS
@@ -70,25 +81,27 @@ impl AsyncBufRead for SocketReader {
         let this = self.get_mut();
         if this.start == this.end {
             let socket: &TcpStream = this.read.as_ref();
-            // Only a socket with data gets a buffer (or a bigger one, between reads).
             let size = buffer_for(this.carried);
+            if this.buf.is_empty() {
+                // The first data is read onto the stack: a connection that stays idle (or a
+                // wake-up without data) allocates nothing.
+                let mut first = [0u8; FIRST_BUFFER];
+                let n = ready!(try_read(socket, cx, &mut first))?;
+                if n > 0 {
+                    let mut buf = vec![0; size].into_boxed_slice();
+                    buf[..n].copy_from_slice(&first[..n]);
+                    this.buf = buf;
+                }
+                (this.start, this.end) = (0, n);
+                this.carried += n as u64;
+                return Poll::Ready(Ok(&this.buf[..n]));
+            }
             if this.buf.len() < size {
-                ready!(socket.poll_read_ready(cx))?;
                 this.buf = vec![0; size].into_boxed_slice();
             }
-            loop {
-                match socket.try_read(&mut this.buf) {
-                    Ok(n) => {
-                        (this.start, this.end) = (0, n);
-                        this.carried += n as u64;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(socket.poll_read_ready(cx))?
-                    }
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
+            let n = ready!(try_read(socket, cx, &mut this.buf))?;
+            (this.start, this.end) = (0, n);
+            this.carried += n as u64;
         }
         Poll::Ready(Ok(&this.buf[this.start..this.end]))
     }
