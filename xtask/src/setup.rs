@@ -14,7 +14,8 @@ use crate::{output, run};
 /// Debian packages the demo and the tests use (bpftool for inspection, the rest as traffic
 /// generators, packet capture and for the firewall check; python3-venv for the manifest
 /// validator's venv; xz-utils to unpack Istio's ztunnel for the interoperability tests, whose
-/// in-pod redirection also uses iptables).
+/// in-pod redirection also uses iptables; prometheus for the server the telemetry tests scrape
+/// the node proxies with, and its promtool, which checks the dashboards' PromQL).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -28,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "python3-venv",
     "xz-utils",
+    "prometheus",
 ];
 
 /// Where the capture programs expect bpffs.
@@ -87,14 +89,51 @@ fn apt_packages() -> Result<()> {
     apt_install(&missing)
 }
 
-/// Installs Debian packages (after refreshing the package lists).
+/// Installs Debian packages (after refreshing the package lists). No service they ship is
+/// started: the tests start the programs they need (prometheus, for one) in their own network
+/// namespaces and stop them, so a package's daemon must not stay behind listening on the host.
 pub fn apt_install(missing: &[&str]) -> Result<()> {
     println!("setup: installing Debian packages: {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
+    let _no_services = NoServiceStarts::hold()?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(missing))
+}
+
+/// Debian's `policy-rc.d` hook: while the file exists and answers 101, maintainer scripts
+/// (`invoke-rc.d`) start no service. Made only if the machine has none of its own, and removed
+/// on drop.
+struct NoServiceStarts(Option<PathBuf>);
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl NoServiceStarts {
+    fn hold() -> Result<Self> {
+        let path = Path::new(POLICY_RC_D);
+        if path.symlink_metadata().is_ok() {
+            // The machine's own policy decides.
+            return Ok(Self(None));
+        }
+        std::fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask setup: start no service while it installs\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self(Some(path.to_owned())))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Names of the packages `dpkg-query -f='${Package} ${Status}\n'` reports fully installed.
