@@ -28,6 +28,7 @@ pub mod cleanup;
 pub mod cluster;
 pub mod cni;
 pub mod config;
+pub mod dashboards;
 pub mod hbone_client;
 pub mod metrics;
 pub mod peer;
