@@ -30,6 +30,7 @@ pub mod cni;
 pub mod config;
 pub mod dashboards;
 pub mod hbone_client;
+pub mod jwt;
 pub mod metrics;
 pub mod peer;
 pub mod process;
