@@ -4,7 +4,10 @@
 //! vc-probe http-server --port P [--name N]     one JSON reply per request, Connection: close
 //! vc-probe tcp-echo --port P                    echoes every byte back
 //! vc-probe h2-server --port P [--name N]       HTTP/2 with prior knowledge (h2c): one JSON
-//!                                               reply per request stream
+//!                                               reply per request stream; a gRPC request
+//!                                               (content-type application/grpc) gets an empty
+//!                                               message and the trailer grpc-status its
+//!                                               x-grpc-status header asks for (default 0)
 //! vc-probe get --addr IP:PORT [--path /x] [--timeout-ms N]
 //! vc-probe connect --addr IP:PORT [--send TEXT] [--timeout-ms N]
 //! vc-probe chat --addr IP:PORT [--messages a,b] [--gap-ms N]
@@ -237,6 +240,10 @@ fn h2_server(port: u16, name: String) -> io::Result<()> {
                     return;
                 };
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if is_grpc(req.headers()) {
+                        answer_grpc(req.headers(), &mut respond);
+                        continue;
+                    }
                     let body = json!({
                         "server": name,
                         "method": req.method().as_str(),
@@ -256,6 +263,36 @@ fn h2_server(port: u16, name: String) -> io::Result<()> {
             });
         }
     })
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A gRPC answer: one empty message, then the trailers `grpc-status` (from the request's
+/// `x-grpc-status`, default 0) and `grpc-message`.
+fn answer_grpc(h: &http::HeaderMap, respond: &mut h2::server::SendResponse<bytes::Bytes>) {
+    let status = h
+        .get("x-grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u8>().ok())
+        .unwrap_or(0);
+    let response = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("static response parts");
+    let Ok(mut send) = respond.send_response(response, false) else {
+        return;
+    };
+    // A message frame: not compressed, length 0.
+    let _ = send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(u16::from(status)));
+    trailers.insert("grpc-message", http::HeaderValue::from_static("vc-probe"));
+    let _ = send.send_trailers(trailers);
 }
 
 fn bind_v6_only(port: u16) -> io::Result<TcpListener> {
