@@ -1,10 +1,13 @@
 //! The contract between the eBPF programs (`ebpf/`) and the node proxy (`ztunnel/`).
 //!
-//! Everything both sides must agree on lives here and only here: ports, the socket mark, map
-//! names, and the `#[repr(C)]` layout of map keys and values. Addresses are kept exactly as the
-//! kernel hands them to BPF programs (network byte order, IPv4 in the first word); ports are kept
-//! in host byte order.
-#![no_std]
+//! Everything both sides must agree on lives here and only here: the ports the programs steer
+//! to, the socket mark, map and program names, the pin layout, the `#[repr(C)]` layout of map
+//! keys and values (with their sizes asserted), and the user side's codecs for them, so no
+//! other place builds or decodes a key. Addresses are kept exactly as the kernel hands them to
+//! BPF programs (network byte order, IPv4 in the first word); ports are kept in host byte order.
+#![cfg_attr(not(test), no_std)]
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Outbound capture listener, bound to 127.0.0.1 and ::1 inside each enrolled pod's netns.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -12,12 +15,6 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// HBONE (HTTP/2 CONNECT over mTLS) listener inside each enrolled pod's netns.
 pub const HBONE_PORT: u16 = 15008;
-/// Prometheus metrics, on the node.
-pub const METRICS_PORT: u16 = 15020;
-/// Readiness probe, on the node.
-pub const READINESS_PORT: u16 = 15021;
-/// Admin API, on the node's loopback only.
-pub const ADMIN_PORT: u16 = 15000;
 
 /// `SO_MARK` carried by every socket the proxy opens; the capture programs never touch them.
 /// Same value Istio uses for its own proxy traffic.
@@ -44,6 +41,15 @@ pub mod maps {
     /// [`super::NodeConnKey`] → [`super::NodeConn`]: TCP connections that sockets of the node's
     /// own network namespace opened to enrolled pods (kubelet probes).
     pub const NODE_CONNECTIONS: &str = "node_connections";
+    /// Every map the object must define.
+    pub const ALL: [&str; 6] = [
+        ENROLLED_NETNS,
+        ORIG_DST_BY_SOCKET,
+        ORIG_DST_BY_PEER,
+        POD_LISTENERS,
+        POD_ADDRESSES,
+        NODE_CONNECTIONS,
+    ];
 }
 
 /// Program function names as they appear in the object file (and `bpftool prog show`).
@@ -55,11 +61,100 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "zt_getpeername6";
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
     pub const NODE_SOCK_OPS: &str = "zt_node_sockops";
+    /// Every program the object must define.
+    pub const ALL: [&str; 7] = [
+        CONNECT4,
+        CONNECT6,
+        SOCK_OPS,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SK_LOOKUP,
+        NODE_SOCK_OPS,
+    ];
 }
 
 /// Global of the eBPF object the proxy sets at load time: the netns cookie of the node's own
 /// network namespace (the one the proxy runs in), whose sockets `zt_node_sockops` records.
 pub const NODE_NETNS_COOKIE_GLOBAL: &str = "NODE_NETNS_COOKIE";
+
+/// The layout of a node proxy's pin directory on bpffs (default `/sys/fs/bpf/ztunnel`), which
+/// `bpftool … pinned` and `ztunnel bpf status` read:
+/// ```text
+/// prog_connect4  prog_connect6  prog_sockops  prog_getpeername4  prog_getpeername6  prog_sk_lookup
+/// prog_node_sockops
+/// link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
+/// link_cgroup_node_sockops                          the node's connections to pods (probes)
+/// enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners    maps, by their names
+/// pod_addresses  node_connections
+/// pods/<namespace>_<pod>                            that pod's sk_lookup link
+/// ```
+pub mod pins {
+    use super::programs;
+
+    /// Programs are pinned as `prog_<name>`.
+    pub const PROGRAM_PREFIX: &str = "prog_";
+    /// Links (attachments) are pinned as `link_…`; the cgroup ones as `link_cgroup_<name>`.
+    pub const LINK_PREFIX: &str = "link_";
+    /// The directory of the pods' `sk_lookup` links, one per enrolled pod.
+    pub const PODS_DIR: &str = "pods";
+
+    /// A program and where it is pinned.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Program {
+        /// Its function name in the object ([`programs`]).
+        pub name: &'static str,
+        /// Its pin, relative to the pin directory.
+        pub pin: &'static str,
+    }
+
+    /// A program attached to the cgroup, and where that attachment (link) is pinned.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct CgroupProgram {
+        pub program: Program,
+        pub link: &'static str,
+    }
+
+    const fn cgroup(name: &'static str, pin: &'static str, link: &'static str) -> CgroupProgram {
+        CgroupProgram {
+            program: Program { name, pin },
+            link,
+        }
+    }
+
+    pub const CONNECT4: CgroupProgram =
+        cgroup(programs::CONNECT4, "prog_connect4", "link_cgroup_connect4");
+    pub const CONNECT6: CgroupProgram =
+        cgroup(programs::CONNECT6, "prog_connect6", "link_cgroup_connect6");
+    pub const GETPEERNAME4: CgroupProgram = cgroup(
+        programs::GETPEERNAME4,
+        "prog_getpeername4",
+        "link_cgroup_getpeername4",
+    );
+    pub const GETPEERNAME6: CgroupProgram = cgroup(
+        programs::GETPEERNAME6,
+        "prog_getpeername6",
+        "link_cgroup_getpeername6",
+    );
+    pub const SOCK_OPS: CgroupProgram =
+        cgroup(programs::SOCK_OPS, "prog_sockops", "link_cgroup_sockops");
+    /// Attached per pod netns; each link is pinned as `pods/<namespace>_<pod>`.
+    pub const SK_LOOKUP: Program = Program {
+        name: programs::SK_LOOKUP,
+        pin: "prog_sk_lookup",
+    };
+
+    /// Attached to the node's cgroup (`--node-cgroup`): it records the node's own connections
+    /// to enrolled pods (kubelet probes).
+    pub const NODE_SOCK_OPS: CgroupProgram = cgroup(
+        programs::NODE_SOCK_OPS,
+        "prog_node_sockops",
+        "link_cgroup_node_sockops",
+    );
+
+    /// The programs attached to the pods' cgroup, in the order they are attached.
+    pub const CGROUP_PROGRAMS: [CgroupProgram; 5] =
+        [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS];
+}
 
 /// Value of the enrolled-netns map. Present = captured.
 #[repr(C)]
@@ -162,6 +257,130 @@ pub struct NodeConn {
     pub _pad: u32,
 }
 
+// The layouts both sides compile: a field added, reordered or resized changes these, and the
+// kernel and the proxy must then be rebuilt together.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<EnrolledNetns>() == 4);
+    assert!(size_of::<OrigDst>() == 32);
+    assert!(size_of::<OrigDstKey>() == 16);
+    assert!(size_of::<ListenerKey>() == 24);
+    assert!(size_of::<PodAddr>() == 20);
+    assert!(size_of::<NodeConnKey>() == 40);
+    assert!(size_of::<NodeConn>() == 16);
+};
+
+/// `ip` as the kernel hands it to BPF programs: its family and its address in network byte
+/// order, IPv4 in word 0 and the rest zero.
+pub fn addr_words(ip: IpAddr) -> (u16, [u32; 4]) {
+    match ip {
+        IpAddr::V4(v4) => (AF_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (AF_INET6, [w(0), w(4), w(8), w(12)])
+        }
+    }
+}
+
+/// The address of kernel words (the reverse of [`addr_words`]); `None` for an unknown family.
+pub fn addr_from_words(family: u16, words: &[u32; 4]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))),
+        AF_INET6 => {
+            let mut b = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+impl OrigDst {
+    /// Where the application dialled.
+    pub fn destination(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            addr_from_words(self.family, &self.addr)?,
+            self.port,
+        ))
+    }
+}
+
+impl OrigDstKey {
+    /// The key of a connection the outbound listener of netns `netns_cookie` accepted from
+    /// `peer` (the application socket's own address).
+    pub fn of_peer(netns_cookie: u64, peer: SocketAddr) -> Self {
+        Self {
+            netns_cookie,
+            port: peer.port(),
+            family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
+            _pad: 0,
+        }
+    }
+}
+
+impl ListenerKey {
+    /// The key selecting the `kind` listener (`LISTENER_*`) for pod address `ip`.
+    pub fn new(ip: IpAddr, kind: u32) -> Self {
+        let (family, addr) = addr_words(ip);
+        Self {
+            addr,
+            family,
+            _pad: 0,
+            kind,
+        }
+    }
+}
+
+impl PodAddr {
+    /// The entry for pod address `ip`.
+    pub fn new(ip: IpAddr) -> Self {
+        let (family, addr) = addr_words(ip);
+        Self {
+            addr,
+            family,
+            _pad: 0,
+        }
+    }
+}
+
+impl From<&ListenerKey> for PodAddr {
+    /// The pod address a listener entry is for.
+    fn from(key: &ListenerKey) -> Self {
+        Self {
+            addr: key.addr,
+            family: key.family,
+            _pad: 0,
+        }
+    }
+}
+
+impl NodeConnKey {
+    /// The key `zt_node_sockops` writes for a connection from `node` to `pod`; `None` when
+    /// the two are of different families. A v4-mapped IPv6 address is keyed as IPv4.
+    pub fn new(node: SocketAddr, pod: SocketAddr) -> Option<Self> {
+        let canonical = |ip: IpAddr| match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let (family, node_addr) = addr_words(canonical(node.ip()));
+        let (pod_family, pod_addr) = addr_words(canonical(pod.ip()));
+        (family == pod_family).then_some(Self {
+            node_addr,
+            pod_addr,
+            node_port: node.port(),
+            pod_port: pod.port(),
+            family,
+            _pad: 0,
+        })
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding is explicit.
@@ -172,4 +391,78 @@ mod user {
     unsafe impl aya::Pod for super::PodAddr {}
     unsafe impl aya::Pod for super::NodeConnKey {}
     unsafe impl aya::Pod for super::NodeConn {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_destinations_decode_from_kernel_byte_order() {
+        let v4 = OrigDst {
+            addr: [u32::from_ne_bytes([10, 2, 0, 3]), 0, 0, 0],
+            port: 8080,
+            family: AF_INET,
+            ..Default::default()
+        };
+        assert_eq!(v4.destination(), Some("10.2.0.3:8080".parse().unwrap()));
+        let ip: Ipv6Addr = "fd00::1:2".parse().unwrap();
+        let o = ip.octets();
+        let words =
+            [0, 1, 2, 3].map(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()));
+        let v6 = OrigDst {
+            addr: words,
+            port: 443,
+            family: AF_INET6,
+            ..Default::default()
+        };
+        assert_eq!(v6.destination(), Some("[fd00::1:2]:443".parse().unwrap()));
+        let bad = OrigDst {
+            family: 99,
+            ..Default::default()
+        };
+        assert_eq!(bad.destination(), None);
+    }
+
+    #[test]
+    fn keys_encode_as_the_kernel_reads_them() {
+        for ip in ["10.1.0.2", "fd00::1:2"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (family, words) = addr_words(ip);
+            assert_eq!(addr_from_words(family, &words), Some(ip));
+            let key = ListenerKey::new(ip, LISTENER_HBONE);
+            assert_eq!(
+                (key.family, key.addr, key.kind),
+                (family, words, LISTENER_HBONE)
+            );
+        }
+        let (_, v4) = addr_words("10.1.0.2".parse().unwrap());
+        assert_eq!(v4, [u32::from_ne_bytes([10, 1, 0, 2]), 0, 0, 0]);
+        let key = OrigDstKey::of_peer(7, "[::1]:40000".parse().unwrap());
+        assert_eq!(
+            (key.netns_cookie, key.port, key.family),
+            (7, 40000, AF_INET6)
+        );
+    }
+
+    #[test]
+    fn every_program_has_its_pins() {
+        let cgroup: [pins::CgroupProgram; 6] = [
+            pins::CONNECT4,
+            pins::CONNECT6,
+            pins::GETPEERNAME4,
+            pins::GETPEERNAME6,
+            pins::SOCK_OPS,
+            pins::NODE_SOCK_OPS,
+        ];
+        for c in cgroup {
+            assert!(c.link.starts_with(pins::LINK_PREFIX));
+        }
+        let cgroup = cgroup.map(|c| c.program);
+        for p in cgroup.iter().chain([&pins::SK_LOOKUP]) {
+            assert!(programs::ALL.contains(&p.name));
+            assert!(p.pin.starts_with(pins::PROGRAM_PREFIX));
+        }
+        assert_eq!(cgroup.len() + 1, programs::ALL.len());
+    }
 }

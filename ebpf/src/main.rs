@@ -1,4 +1,4 @@
-//! Traffic capture for enrolled pods, without iptables (DESIGN §3).
+//! Traffic capture for enrolled pods, without iptables (docs/capture.md).
 //!
 //! * `zt_connect4/6` (cgroup, attached once per node): a TCP connect from an enrolled pod netns is
 //!   sent to the proxy's outbound listener in that same netns; the original destination is

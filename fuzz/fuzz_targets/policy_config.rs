@@ -21,12 +21,13 @@ use ztunnel::{
     authz::{
         admit,
         authorization_policy::StrMatch,
-        check::{check, Caller, CheckRequest},
-        evaluate::{evaluate, RequestAuth},
-        Admission, Attributes, HttpRequest, InboundCall, PolicySet, Transport, Unknowns, Verdict,
+        evaluate, Admission, Attributes, HttpRequest, InboundCall, PolicySet, RequestAuth,
+        Transport, Unknowns, Verdict,
     },
     identity::SpiffeId,
-    state::{EnrolmentPolicy, MeshSettings, Objects, Pod, Snapshot},
+    model::Pod,
+    policy_check::{check, Caller, CheckRequest},
+    state::{EnrolmentPolicy, MeshSettings, Objects, Snapshot},
 };
 
 /// Bounds per input, so one large file cannot make a slow unit.

@@ -13,7 +13,8 @@ use ring::{
 };
 use ztunnel::{
     authz::request_authentication::{JwtRule, Keys, TokenLocation},
-    state::{MeshSettings, Objects, Pod, Snapshot},
+    model::Pod,
+    state::{MeshSettings, Objects, Snapshot},
 };
 
 /// A P-256 key (PKCS#8), the identity provider of issuer [`ES_ISSUER`] (kid `k1`).

@@ -1,4 +1,5 @@
-//! The virtual-cluster harness for ztunnel's end-to-end tests (DESIGN §9).
+//! The virtual-cluster harness for ztunnel's end-to-end tests (README.md, "Architecture" and
+//! `cargo xtask test`).
 //!
 //! A [`Cluster`] is a set of network namespaces on this machine wired like a small routed CNI
 //! (an underlay bridge, N nodes, pods behind veths), each pod process in its own cgroup v2

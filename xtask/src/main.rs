@@ -6,6 +6,8 @@ mod checks;
 mod deploy_check;
 mod deploy_tools;
 mod fuzz;
+#[cfg(test)]
+mod layers;
 mod setup;
 
 use std::{

@@ -1,7 +1,7 @@
-//! The operator's endpoints (DESIGN §8): Prometheus metrics on 15020, readiness on 15021, and
+//! The operator's endpoints (docs/operations.md): Prometheus metrics on 15020, readiness on 15021, and
 //! the admin API on 127.0.0.1:15000 — configuration dump, certificates (never keys), the
 //! pinned BPF state, and the log level, changeable at run time.
-pub mod metrics;
+pub mod scrape;
 
 use std::{
     convert::Infallible,
@@ -25,10 +25,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{identity::CertificateCache, proxy::Proxy};
-
-/// Sets the log filter (an `EnvFilter` directive such as `debug` or `info,ztunnel=trace`).
-pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+use crate::{identity::CertificateCache, logging::SetLogLevel, proxy::Proxy};
 
 /// The running proxy as the endpoints and the scrape-time metrics see it.
 pub struct ProxyView {
@@ -178,7 +175,7 @@ fn route(endpoint: Endpoint, state: &AdminState, req: Request<Incoming>) -> Resp
         ),
         (Endpoint::Admin, &Method::GET, "/config_dump") => json_response(&config_dump(state)),
         (Endpoint::Admin, &Method::GET, "/certs") => {
-            json_response(&certs(&state.view.proxy.mesh.certs))
+            json_response(&certs(&state.view.proxy.mesh().certs))
         }
         (Endpoint::Admin, &Method::GET, "/bpf") => {
             let mut inventory = crate::capture::inventory::inventory(&state.view.bpf_dir);
@@ -339,6 +336,6 @@ fn config_dump(state: &AdminState) -> Value {
         "authorization_policies": authorization,
         "request_authentications": request,
         "problems": s.problems,
-        "certificates": certs(&proxy.mesh.certs)["certificates"],
+        "certificates": certs(&proxy.mesh().certs)["certificates"],
     })
 }

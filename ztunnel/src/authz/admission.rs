@@ -1,13 +1,26 @@
-//! The inbound admission decision, as a pure function of the configuration: PeerAuthentication
-//! for plaintext callers, then the destination's AuthorizationPolicies. The proxy runs it for
-//! every connection and request; `ztunnel policy check` runs the very same code.
-use std::net::{IpAddr, SocketAddr};
-
-use super::{evaluate, Attributes, Decision, Unknowns, Verdict};
-use crate::{
-    identity::SpiffeId,
-    state::{Pod, Snapshot},
+//! The inbound admission decision, as a pure function of the policies in force:
+//! PeerAuthentication for plaintext callers, then the destination's AuthorizationPolicies. The
+//! proxy runs it for every connection and request; `ztunnel policy check` runs the very same
+//! code.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
+
+use super::{evaluate, Attributes, Decision, MtlsDecision, PolicySet, Unknowns, Verdict};
+use crate::{identity::SpiffeId, model::Pod};
+
+/// The policies in force for destination workloads, as admission reads them. The
+/// configuration snapshot ([`crate::state::Snapshot`]) provides them, compiled and cached;
+/// admission itself never sees the rest of the configuration.
+pub trait Policies {
+    /// The mutual-TLS mode in force for plaintext to `pod`'s (target) `port`.
+    fn mtls_mode(&self, pod: &Pod, port: u16) -> MtlsDecision;
+    /// The AuthorizationPolicies that apply to `pod`, compiled for deciding.
+    fn authorization_for(&self, pod: &Pod) -> Arc<PolicySet>;
+    /// Whether a RequestAuthentication applies to `pod`: its HTTP requests' tokens are checked.
+    fn authenticates(&self, pod: &Pod) -> bool;
+}
 
 /// How a connection entered the pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,10 +89,15 @@ pub struct CustomCheck {
 /// Decides `call` to `pod`. `unknowns` says how to treat rules that need HTTP attributes the
 /// call does not carry: defer (the connection is then decided per request) or settle them as
 /// for traffic that is not HTTP.
-pub fn admit(snapshot: &Snapshot, pod: &Pod, call: &InboundCall, unknowns: Unknowns) -> Admission {
+pub fn admit(
+    policies: &(impl Policies + ?Sized),
+    pod: &Pod,
+    call: &InboundCall,
+    unknowns: Unknowns,
+) -> Admission {
     if call.transport == Transport::Plaintext {
         let port = call.attributes.destination_port.unwrap_or_default();
-        let mtls = snapshot.mtls_mode(pod, port);
+        let mtls = policies.mtls_mode(pod, port);
         if !mtls.mode.accepts_plaintext() {
             return Admission::MtlsRequired(Decision {
                 allowed: false,
@@ -91,13 +109,13 @@ pub fn admit(snapshot: &Snapshot, pod: &Pod, call: &InboundCall, unknowns: Unkno
             });
         }
     }
-    let policies = snapshot.authorization_for(pod);
+    let authorization = policies.authorization_for(pod);
     // Tokens are checked on every HTTP request of a workload with RequestAuthentication (a bad
     // one is a 401 even where no AuthorizationPolicy applies).
     let authenticates = call.attributes.http.is_none()
         && unknowns == Unknowns::Defer
-        && !snapshot.request_authentications_for(pod).is_empty();
-    match evaluate(&policies, &call.attributes, unknowns) {
+        && policies.authenticates(pod);
+    match evaluate(&authorization, &call.attributes, unknowns) {
         Verdict::Decided(d) if d.allowed && authenticates => Admission::PerRequest,
         Verdict::Decided(d) if d.allowed => Admission::Allowed(d),
         Verdict::Decided(d) => Admission::Denied(d),

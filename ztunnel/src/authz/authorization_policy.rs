@@ -8,7 +8,7 @@ use std::{fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Labels, Origin};
+use crate::model::{Labels, Origin};
 
 /// `spec.action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]

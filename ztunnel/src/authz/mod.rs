@@ -1,30 +1,33 @@
-//! Istio's security policies, decided in the node proxy (DESIGN §6).
+//! Istio's security policies, decided in the node proxy (docs/policy.md).
 //!
 //! * [`peer_authentication`]: `PeerAuthentication`, the mutual-TLS mode of a workload's inbound
 //!   side (STRICT refuses plaintext).
 //! * [`authorization_policy`]: `AuthorizationPolicy` as written, validated and compiled.
+//! * [`matching`]: what a call is matched on, and whether one rule matches it.
+//! * [`policy_set`]: one workload's policies, indexed by the principals their rules name.
 //! * [`evaluate`]: deciding a connection or a request against the policies of its destination.
 //! * [`admission`]: the whole inbound decision (PeerAuthentication, then authorization).
 pub mod admission;
 pub mod authorization_policy;
-pub mod check;
 pub mod evaluate;
 pub mod ext_authz;
 pub mod jwks;
+pub mod matching;
 pub mod peer_authentication;
 pub mod policy_set;
 pub mod request_authentication;
 
 use std::{cmp::Ordering, collections::BTreeMap, sync::Arc};
 
-pub use admission::{admit, Admission, CustomCheck, InboundCall, Transport};
+pub use admission::{admit, Admission, CustomCheck, InboundCall, Policies, Transport};
 pub use authorization_policy::{Action, AuthorizationPolicy, Target};
-pub use evaluate::{evaluate, Attributes, Decision, HttpRequest, Unknowns, Verdict};
+pub use evaluate::{evaluate, Decision, Unknowns, Verdict};
+pub use matching::{Attributes, HttpRequest, RequestAuth};
 pub use peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
 pub use policy_set::PolicySet;
 pub use request_authentication::RequestAuthentication;
 
-use crate::state::{Pod, Service};
+use crate::model::{Labels, Pod, Service};
 
 /// The namespaces whose policies may apply to `pod`: the root namespace (mesh-wide) and its own.
 fn workload_namespaces<'a>(pod: &'a Pod, root_namespace: &'a str) -> Vec<&'a str> {
@@ -44,8 +47,7 @@ fn applies<'a>(
     pod: &Pod,
     services: &impl Fn(&str) -> Option<&'a Service>,
 ) -> bool {
-    let selects =
-        |labels: &crate::state::Labels| labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+    let selects = |labels: &Labels| labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
     match target {
         Target::Selector(labels) => selects(labels),
         Target::Services(names) => {
@@ -211,7 +213,7 @@ impl AuthorizationPolicies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Labels, Origin};
+    use crate::model::Origin;
 
     fn labels(l: &[(&str, &str)]) -> Labels {
         l.iter()

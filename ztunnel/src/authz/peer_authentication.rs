@@ -17,7 +17,7 @@ use serde::{de, Deserialize, Deserializer};
 use time::OffsetDateTime;
 
 use super::{Namespaced, PolicyIndex};
-use crate::state::{Labels, Origin, Pod};
+use crate::model::{Labels, Origin, Pod};
 
 /// `spec.mtls.mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -19,8 +19,8 @@ use jsonwebtoken::{
 };
 use serde::Deserialize;
 
-use super::{authorization_policy::Target, evaluate::RequestAuth};
-use crate::state::Origin;
+use super::{authorization_policy::Target, matching::RequestAuth};
+use crate::model::Origin;
 
 /// Where a token may be.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,7 +273,70 @@ pub enum JwtOutcome {
     NoToken,
     Valid(RequestAuth, HeaderEdits),
     /// Answer 401.
-    Invalid(String),
+    Invalid(JwtError),
+}
+
+/// What is wrong with a refused token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwtFailure {
+    /// Not a JWT at all (no readable issuer).
+    Malformed,
+    /// No rule of the workload names its issuer.
+    UnknownIssuer,
+    /// The issuer's key set could not be had (a `jwksUri` that could not be fetched).
+    JwksUnavailable,
+    /// No key of the set has the token's `kid` and algorithm: a key that rotated in since
+    /// the set was fetched, which is worth one refetch.
+    UnknownKey,
+    Expired,
+    NotYetValid,
+    Audience,
+    Signature,
+    /// Anything else about its header, signature or claims.
+    Invalid,
+}
+
+impl JwtFailure {
+    /// The `reason` label of `ztunnel_jwt_failures_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JwtFailure::Expired => "expired",
+            JwtFailure::NotYetValid => "not_yet_valid",
+            JwtFailure::Audience => "audience",
+            JwtFailure::UnknownIssuer => "unknown_issuer",
+            JwtFailure::JwksUnavailable => "jwks_unavailable",
+            JwtFailure::Signature => "signature",
+            JwtFailure::Malformed | JwtFailure::UnknownKey | JwtFailure::Invalid => "invalid",
+        }
+    }
+
+    fn of(e: &jsonwebtoken::errors::Error) -> Self {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match e.kind() {
+            K::ExpiredSignature => JwtFailure::Expired,
+            K::ImmatureSignature => JwtFailure::NotYetValid,
+            K::InvalidAudience => JwtFailure::Audience,
+            K::InvalidSignature => JwtFailure::Signature,
+            _ => JwtFailure::Invalid,
+        }
+    }
+}
+
+/// A refused token: what is wrong with it, and the message for logs and the caller.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct JwtError {
+    pub kind: JwtFailure,
+    message: String,
+}
+
+impl JwtError {
+    fn new(kind: JwtFailure, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
 }
 
 /// The `iss` of a token, read before it is verified (to pick the rule).
@@ -310,9 +373,9 @@ fn key_family(jwk: &Jwk) -> u8 {
 const LEEWAY_SECS: u64 = 60;
 
 /// Verifies `token` with the keys of `rule`.
-fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<serde_json::Value, String> {
-    let header =
-        jsonwebtoken::decode_header(token).map_err(|e| format!("Jwt header is not valid: {e}"))?;
+fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<serde_json::Value, JwtError> {
+    let header = jsonwebtoken::decode_header(token)
+        .map_err(|e| JwtError::new(JwtFailure::Invalid, format!("Jwt header is not valid: {e}")))?;
     let mut validation = Validation::new(header.alg);
     validation.leeway = LEEWAY_SECS;
     validation.required_spec_claims = HashSet::new();
@@ -335,45 +398,58 @@ fn verify(token: &str, rule: &JwtRule, keys: &JwkSet) -> Result<serde_json::Valu
         })
         .collect();
     if candidates.is_empty() {
-        return Err(format!(
-            "Jwt verification fails: no key for kid {:?} and algorithm {:?}",
-            header.kid, header.alg
+        return Err(JwtError::new(
+            JwtFailure::UnknownKey,
+            format!(
+                "Jwt verification fails: no key for kid {:?} and algorithm {:?}",
+                header.kid, header.alg
+            ),
         ));
     }
-    let mut last = String::new();
+    let mut last = JwtError::new(JwtFailure::Invalid, "");
     for jwk in candidates {
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| JwtError::new(JwtFailure::Invalid, format!("unusable key: {e}")))?;
         match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
             Ok(data) => return registered_claims(&data.claims, rule).map(|()| data.claims),
-            Err(e) => last = e.to_string(),
+            Err(e) => {
+                last = JwtError::new(JwtFailure::of(&e), format!("Jwt verification fails: {e}"))
+            }
         }
     }
-    Err(format!("Jwt verification fails: {last}"))
+    Err(last)
 }
 
 /// What jsonwebtoken leaves unchecked: it skips an `exp` or `nbf` that is not a number or is
 /// beyond `u64` (an `nbf` of 1e100 would not hold a token back) and an `aud` that is absent or
 /// not a string or list of strings, which would let a token never expire, be used too early or
 /// pass a rule that names audiences. Istio refuses such tokens, and so does this.
-fn registered_claims(claims: &serde_json::Value, rule: &JwtRule) -> Result<(), String> {
+fn registered_claims(claims: &serde_json::Value, rule: &JwtRule) -> Result<(), JwtError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let leeway = LEEWAY_SECS as f64;
     for name in ["exp", "nbf"] {
         let Some(t) = claims.get(name) else { continue };
-        let t = t
-            .as_f64()
-            .filter(|t| *t >= 0.0)
-            .ok_or_else(|| format!("Jwt {name} is not a NumericDate"))?;
+        let t = t.as_f64().filter(|t| *t >= 0.0).ok_or_else(|| {
+            JwtError::new(
+                JwtFailure::Invalid,
+                format!("Jwt {name} is not a NumericDate"),
+            )
+        })?;
         if name == "exp" && t < now - leeway {
-            return Err("Jwt verification fails: ExpiredSignature".into());
+            let message = "Jwt verification fails: ExpiredSignature";
+            return Err(JwtError::new(JwtFailure::Expired, message));
         }
         if name == "nbf" && t > now + leeway {
-            return Err("Jwt verification fails: ImmatureSignature".into());
+            let message = "Jwt verification fails: ImmatureSignature";
+            return Err(JwtError::new(JwtFailure::NotYetValid, message));
         }
     }
-    let malformed = || "Jwt aud is not a string or a list of strings".to_owned();
+    let malformed = || {
+        let message = "Jwt aud is not a string or a list of strings";
+        JwtError::new(JwtFailure::Invalid, message)
+    };
     let audiences: Vec<&str> = match claims.get("aud") {
         None => Vec::new(),
         Some(serde_json::Value::String(a)) => vec![a.as_str()],
@@ -389,7 +465,8 @@ fn registered_claims(claims: &serde_json::Value, rule: &JwtRule) -> Result<(), S
             .iter()
             .any(|a| rule.audiences.iter().any(|r| r == a))
     {
-        return Err("Jwt verification fails: InvalidAudience".into());
+        let message = "Jwt verification fails: InvalidAudience";
+        return Err(JwtError::new(JwtFailure::Audience, message));
     }
     Ok(())
 }
@@ -416,19 +493,22 @@ pub fn authenticate<'a>(
         return JwtOutcome::NoToken;
     };
     let Some(issuer) = unverified_issuer(&token) else {
-        return JwtOutcome::Invalid("Jwt is not in a valid format".into());
+        let message = "Jwt is not in a valid format";
+        return JwtOutcome::Invalid(JwtError::new(JwtFailure::Malformed, message));
     };
     let mut candidates = rules
         .iter()
         .filter(|r| r.issuer == issuer && r.locations.contains(&location))
         .peekable();
     if candidates.peek().is_none() {
-        return JwtOutcome::Invalid(format!("Jwt issuer {issuer:?} is not configured"));
+        let message = format!("Jwt issuer {issuer:?} is not configured");
+        return JwtOutcome::Invalid(JwtError::new(JwtFailure::UnknownIssuer, message));
     }
-    let mut last = String::new();
+    let mut last = JwtError::new(JwtFailure::Invalid, "");
     for rule in candidates {
         let Some(set) = keys(rule) else {
-            last = format!("Jwks for issuer {issuer:?} is not available");
+            let message = format!("Jwks for issuer {issuer:?} is not available");
+            last = JwtError::new(JwtFailure::JwksUnavailable, message);
             continue;
         };
         match verify(&token, rule, &set) {
@@ -623,11 +703,14 @@ pub(crate) mod tests {
         let other = issuer();
         let r = rule(&i, "  audiences: [webapp]\n");
         let bearer = |t: &str| format!("Bearer {t}");
-        let invalid = |t: String| match run(&r, &[("authorization", &bearer(&t))], None) {
-            JwtOutcome::Invalid(reason) => reason,
+        let refused = |t: String| match run(&r, &[("authorization", &bearer(&t))], None) {
+            JwtOutcome::Invalid(e) => e,
             o => panic!("accepted: {o:?}"),
         };
+        let invalid = |t: String| refused(t).to_string();
+        let kind = |t: String| refused(t).kind;
         assert!(invalid(token(&i, claims(-3600))).contains("Expired"));
+        assert_eq!(kind(token(&i, claims(-3600))), JwtFailure::Expired);
         let mut future = claims(600);
         future["nbf"] = json!(now() + 3600);
         assert!(invalid(token(&i, future)).contains("Immature"));
@@ -636,7 +719,8 @@ pub(crate) mod tests {
         assert!(invalid(token(&i, aud)).contains("Audience"));
         let mut iss = claims(600);
         iss["iss"] = json!("evil");
-        assert!(invalid(token(&i, iss)).contains("not configured"));
+        assert!(invalid(token(&i, iss.clone())).contains("not configured"));
+        assert_eq!(kind(token(&i, iss)), JwtFailure::UnknownIssuer);
         // Signed by another key with the same kid.
         assert!(invalid(token(&other, claims(600))).contains("InvalidSignature"));
         // Tampered payload.
@@ -659,7 +743,8 @@ pub(crate) mod tests {
         let forged =
             jsonwebtoken::encode(&h, &claims(600), &EncodingKey::from_secret(&i.public_der))
                 .unwrap();
-        assert!(invalid(forged).contains("no key"));
+        assert!(invalid(forged.clone()).contains("no key"));
+        assert_eq!(kind(forged), JwtFailure::UnknownKey);
         assert!(invalid("not.a.jwt".into()).contains("format"));
     }
 
@@ -702,7 +787,7 @@ pub(crate) mod tests {
         c.as_object_mut().unwrap().remove("aud");
         assert!(matches!(outcome(&any_aud, &c), JwtOutcome::Valid(..)));
         assert!(
-            matches!(outcome(&with_aud, &c), JwtOutcome::Invalid(r) if r.contains("InvalidAudience"))
+            matches!(outcome(&with_aud, &c), JwtOutcome::Invalid(r) if r.to_string().contains("InvalidAudience") && r.kind == JwtFailure::Audience)
         );
         // Fractional times are NumericDates too.
         let mut c = base();

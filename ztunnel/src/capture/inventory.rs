@@ -12,6 +12,7 @@ use std::{
 
 use aya::{maps::MapInfo, programs::ProgramInfo};
 use serde::Serialize;
+use ztunnel_common::pins;
 
 /// A pinned program and the kernel's statistics for it.
 #[derive(Clone, Debug, Serialize)]
@@ -72,7 +73,7 @@ pub fn stats_enabled() -> bool {
 /// Pins of `dir` (and `dir/pods`), relative paths, sorted.
 fn pins(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    for sub in ["", "pods"] {
+    for sub in ["", pins::PODS_DIR] {
         let Ok(entries) = fs::read_dir(dir.join(sub)) else {
             continue;
         };
@@ -91,11 +92,16 @@ fn pins(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The pod (`namespace_pod`) whose sk_lookup link `pin` is, if it is one.
+pub fn pod_link(pin: &str) -> Option<&str> {
+    pin.strip_prefix(pins::PODS_DIR)?.strip_prefix('/')
+}
+
 /// The pinned programs of `dir`, with their statistics.
 pub fn programs(dir: &Path) -> Vec<PinnedProgram> {
     pins(dir)
         .into_iter()
-        .filter(|p| p.starts_with("prog_"))
+        .filter(|p| p.starts_with(pins::PROGRAM_PREFIX))
         .filter_map(|pin| program(dir, pin).ok())
         .collect()
 }
@@ -120,9 +126,9 @@ pub fn inventory(dir: &Path) -> Inventory {
         ..Default::default()
     };
     for pin in pins(dir) {
-        let result = if pin.starts_with("prog_") {
+        let result = if pin.starts_with(pins::PROGRAM_PREFIX) {
             program(dir, pin).map(|p| inv.programs.push(p))
-        } else if pin.starts_with("link_") || pin.starts_with("pods/") {
+        } else if pin.starts_with(pins::LINK_PREFIX) || pod_link(&pin).is_some() {
             link(dir, pin).map(|l| inv.links.push(l))
         } else {
             map(dir, pin).map(|m| inv.maps.push(m))

@@ -1,19 +1,10 @@
-//! Loading, attaching and pinning the capture programs (DESIGN §3), and per-pod enrolment.
+//! Loading, attaching and pinning the capture programs (docs/capture.md), and the per-pod kernel
+//! state that enrolment ([`crate::enrolment`]) asks for.
 //!
-//! Layout of the pin directory (default `/sys/fs/bpf/ztunnel`):
-//! ```text
-//! prog_connect4  prog_connect6  prog_sockops  prog_getpeername4  prog_getpeername6  prog_sk_lookup
-//! prog_node_sockops
-//! link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
-//! link_cgroup_node_sockops                          the node's connections to pods (probes)
-//! enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners          maps
-//! pod_addresses  node_connections
-//! pods/<namespace>_<pod>                            that pod's sk_lookup link
-//! ```
-//! Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
+//! The pin directory (default `/sys/fs/bpf/ztunnel`) is laid out as [`ztunnel_common::pins`]
+//! says. Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
 //! their connects redirected to a listener that no longer exists, and their inbound traffic
 //! finds no proxy socket and is dropped: capture fails closed.
-pub mod enrolment;
 pub mod inventory;
 
 use std::{
@@ -36,7 +27,7 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 use ztunnel_common::{
-    maps, programs, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey,
+    maps, pins, programs, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey,
     PodAddr, NODE_CONN_ESTABLISHED,
 };
 
@@ -65,15 +56,6 @@ pub struct CaptureOptions {
     /// process hands over at SIGTERM). `None`: refuse at once.
     pub takeover_wait: Option<std::time::Duration>,
 }
-
-/// The cgroup-attached programs: (program name in the object, pin suffix).
-const CGROUP_PROGRAMS: [(&str, &str); 5] = [
-    (programs::CONNECT4, "connect4"),
-    (programs::CONNECT6, "connect6"),
-    (programs::GETPEERNAME4, "getpeername4"),
-    (programs::GETPEERNAME6, "getpeername6"),
-    (programs::SOCK_OPS, "sockops"),
-];
 
 /// The loaded and attached capture programs of this node proxy.
 pub struct Capture {
@@ -122,7 +104,7 @@ impl PreparedCapture {
         let cgroup = open_cgroup2(&opts.cgroup, "--cgroup")?;
         let node_cgroup = open_cgroup2(&opts.node_cgroup, "--node-cgroup")?;
         let created = !bpf_dir.exists();
-        std::fs::create_dir_all(bpf_dir.join("pods"))
+        std::fs::create_dir_all(bpf_dir.join(pins::PODS_DIR))
             .with_context(|| format!("creating {}", bpf_dir.display()))?;
         let mut prepared = Self {
             opts: opts.clone(),
@@ -210,8 +192,13 @@ impl Capture {
         // cgroup (a CNI's included) as if BPF_F_ALLOW_MULTI were set; `link_create` itself
         // rejects that flag with EINVAL, so no flag is passed.
         const CGROUP_LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
-        let node_program = (programs::NODE_SOCK_OPS, "node_sockops");
-        for (name, pin) in CGROUP_PROGRAMS.into_iter().chain([node_program]) {
+        for pins::CgroupProgram {
+            program: pins::Program { name, pin },
+            link: link_pin,
+        } in pins::CGROUP_PROGRAMS
+            .into_iter()
+            .chain([pins::NODE_SOCK_OPS])
+        {
             let (target, target_path) = if name == programs::NODE_SOCK_OPS {
                 (node_cgroup, &opts.node_cgroup)
             } else {
@@ -223,7 +210,7 @@ impl Capture {
             let link: FdLink = if name == programs::SOCK_OPS || name == programs::NODE_SOCK_OPS {
                 let p: &mut SockOps = program.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
-                repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
+                repin_program(|path| p.pin(path), &bpf_dir.join(pin))?;
                 let id = p
                     .attach(target, CGROUP_LINK_MODE)
                     .with_context(|| format!("attaching {name} to {}", target_path.display()))?;
@@ -231,7 +218,7 @@ impl Capture {
             } else {
                 let p: &mut CgroupSockAddr = program.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
-                repin_program(|path| p.pin(path), &bpf_dir.join(format!("prog_{pin}")))?;
+                repin_program(|path| p.pin(path), &bpf_dir.join(pin))?;
                 let id = p
                     .attach(target, CGROUP_LINK_MODE)
                     .with_context(|| format!("attaching {name} to {}", target_path.display()))?;
@@ -240,7 +227,7 @@ impl Capture {
             // The new link is attached before the old one (from a previous run) is unpinned, so
             // there is no instant without capture. Both redirect to the same listener, and the
             // second program skips what the first already redirected (it is loopback by then).
-            let path = bpf_dir.join(format!("link_cgroup_{pin}"));
+            let path = bpf_dir.join(link_pin);
             remove_pin(&path)?;
             cgroup_links.push(
                 link.pin(&path)
@@ -253,7 +240,7 @@ impl Capture {
                 .ok_or_else(|| anyhow!("program {} missing", programs::SK_LOOKUP))?
                 .try_into()?;
             p.load().context("loading the sk_lookup program")?;
-            repin_program(|path| p.pin(path), &bpf_dir.join("prog_sk_lookup"))?;
+            repin_program(|path| p.pin(path), &bpf_dir.join(pins::SK_LOOKUP.pin))?;
         }
 
         let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)?;
@@ -310,7 +297,7 @@ impl Capture {
                 format!("adding the listener of {id} to {}", maps::POD_LISTENERS)
             })?;
             self.pod_addresses
-                .insert(pod_addr(key), 1, 0)
+                .insert(PodAddr::from(key), 1, 0)
                 .with_context(|| {
                     format!("adding the address of {id} to {}", maps::POD_ADDRESSES)
                 })?;
@@ -350,7 +337,7 @@ impl Capture {
             first_error.get_or_insert(e);
         }
         for key in keys {
-            if let Err(e) = absent_ok(self.pod_addresses.remove(&pod_addr(key))) {
+            if let Err(e) = absent_ok(self.pod_addresses.remove(&PodAddr::from(key))) {
                 first_error
                     .get_or_insert(anyhow!(e).context(format!("removing an address of {id}")));
             }
@@ -371,7 +358,7 @@ impl Capture {
         live_cookies: &HashSet<u64>,
         live_listeners: &HashSet<ListenerKey>,
     ) {
-        let live_addrs: HashSet<PodAddr> = live_listeners.iter().map(pod_addr).collect();
+        let live_addrs: HashSet<PodAddr> = live_listeners.iter().map(PodAddr::from).collect();
         let stale: Vec<PodAddr> = self
             .pod_addresses
             .keys()
@@ -391,7 +378,7 @@ impl Capture {
             debug!(cookie, "removing stale enrolled netns");
             let _ = self.enrolled.remove(&cookie);
         }
-        let Ok(entries) = std::fs::read_dir(self.bpf_dir.join("pods")) else {
+        let Ok(entries) = std::fs::read_dir(self.bpf_dir.join(pins::PODS_DIR)) else {
             return;
         };
         for entry in entries.flatten() {
@@ -406,7 +393,7 @@ impl Capture {
     }
 
     fn pod_pin(&self, id: &str) -> PathBuf {
-        self.bpf_dir.join("pods").join(id)
+        self.bpf_dir.join(pins::PODS_DIR).join(id)
     }
 }
 
@@ -436,15 +423,6 @@ fn absent_ok(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapErr
     }
 }
 
-/// The pod-address entry for a listener's pod address.
-fn pod_addr(key: &ListenerKey) -> PodAddr {
-    PodAddr {
-        addr: key.addr,
-        family: key.family,
-        _pad: 0,
-    }
-}
-
 /// Connections the node's own sockets made to enrolled pods, recorded by `zt_node_sockops`.
 pub struct NodeConnections(Mutex<BpfHashMap<MapData, NodeConnKey, NodeConn>>);
 
@@ -457,7 +435,7 @@ impl NodeConnections {
         peer: std::net::SocketAddr,
         local: std::net::SocketAddr,
     ) -> bool {
-        let Some(key) = node_conn_key(peer, local) else {
+        let Some(key) = NodeConnKey::new(peer, local) else {
             return false;
         };
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -467,39 +445,6 @@ impl NodeConnections {
         let _ = map.remove(&key);
         conn.state == NODE_CONN_ESTABLISHED
     }
-}
-
-/// The key `zt_node_sockops` writes for a connection from `node` to `pod`.
-pub fn node_conn_key(node: std::net::SocketAddr, pod: std::net::SocketAddr) -> Option<NodeConnKey> {
-    use std::net::IpAddr;
-    let words = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => (
-            [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-            ztunnel_common::AF_INET,
-        ),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ([w(0), w(4), w(8), w(12)], ztunnel_common::AF_INET6)
-        }
-    };
-    let canonical = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    let (node_addr, family) = words(canonical(node.ip()));
-    let (pod_addr, pod_family) = words(canonical(pod.ip()));
-    (family == pod_family).then_some(NodeConnKey {
-        node_addr,
-        pod_addr,
-        node_port: node.port(),
-        pod_port: pod.port(),
-        family,
-        _pad: 0,
-    })
 }
 
 /// Removes every pin (programs, links, maps, pod links) of a node proxy, which detaches capture.
@@ -588,4 +533,36 @@ fn repin_program(
 ) -> Result<()> {
     remove_pin(path)?;
     pin(path).with_context(|| format!("pinning {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel side names its maps and programs with literals (`#[map(name = …)]`, function
+    /// names); each must be one `common` declares, or loading fails at run time.
+    #[test]
+    fn the_ebpf_object_defines_every_map_and_program_common_declares() {
+        assert!(
+            !EBPF_OBJECT.is_empty(),
+            "built without the eBPF object (AYA_BUILD_SKIP)"
+        );
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the eBPF object parses");
+        let mut found: Vec<&str> = object.maps.keys().map(String::as_str).collect();
+        found.sort();
+        for map in maps::ALL {
+            assert!(
+                found.contains(&map),
+                "map {map} missing; the object has {found:?}"
+            );
+        }
+        let mut found: Vec<&str> = object.programs.keys().map(String::as_str).collect();
+        found.sort();
+        for program in programs::ALL {
+            assert!(
+                found.contains(&program),
+                "program {program} missing; the object has {found:?}"
+            );
+        }
+    }
 }

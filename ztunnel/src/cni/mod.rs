@@ -1,5 +1,5 @@
 //! Capture from a pod's first instruction: the chained CNI plugin `ztunnel-cni` and the node
-//! proxy's side of it (DESIGN §3, "Capture before the first byte").
+//! proxy's side of it (docs/capture.md, "New pods: the CNI plugin").
 //!
 //! The container runtime runs the node's CNI plugin chain when it creates a pod's sandbox,
 //! before any container of the pod starts. `ztunnel-cni`, last in the chain, hands the pod to
@@ -12,13 +12,14 @@
 //!   `SOCK_SEQPACKET` datagram, the netns descriptor passed with `SCM_RIGHTS`.
 //! * [`plugin`]: the plugin itself (CNI spec 1.0.0: ADD, DEL, CHECK, VERSION).
 //! * [`server`]: the proxy's socket (`ztunnel run --cni-socket`).
-//! * [`dispatch`]: the proxy's answers, decided on its main loop with the enroller.
 //! * [`registry`]: pods as the CNI reported them; they win over the configuration's netns and
 //!   addresses.
 //! * [`node_state`]: the file the plugin reads when the proxy cannot be reached, so pods of
 //!   captured namespaces fail closed while the others still start.
 //! * [`install`]: `ztunnel cni install|uninstall`, the plugin binary and the conflist entry.
-pub mod dispatch;
+//!
+//! The proxy's answers, decided on its main loop with the enroller, are enrolment's
+//! ([`crate::enrolment::cni`]).
 pub mod install;
 pub mod node_state;
 pub mod plugin;

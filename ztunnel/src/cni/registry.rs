@@ -19,7 +19,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::{config::pod_netns::NsId, netns::Netns, state::Pod};
+use crate::{config::pod_netns::NsId, model::Pod, netns::Netns};
 
 /// The store directory that belongs to a CNI socket path.
 pub fn store_for_socket(socket: &Path) -> PathBuf {

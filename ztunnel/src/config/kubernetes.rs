@@ -1,5 +1,5 @@
 //! The Kubernetes configuration source: watches of the API server, fed through the same parser
-//! as the local source ([`super::parse_value`]) into the same [`Snapshot`], published on the
+//! as the local source ([`super::parse`]) into the same [`Snapshot`], published on the
 //! same kind of watch channel.
 //!
 //! Watched (each a list followed by a watch, relisted after `410 Gone`, retried with backoff
@@ -50,10 +50,15 @@ use tokio_stream::StreamExt as _;
 use tracing::{debug, error, info, warn};
 
 use super::{
+    parse::parse_value,
     pod_netns::{NotFound, PodNetns, PodNetnsFinder},
     WatchHandle,
 };
-use crate::state::{EnrolmentPolicy, MeshSettings, Namespace, Objects, Origin, Snapshot};
+use crate::{
+    metrics::Metrics,
+    model::{Namespace, Origin},
+    state::{EnrolmentPolicy, MeshSettings, Objects, Snapshot},
+};
 
 /// What the Kubernetes source needs.
 #[derive(Clone, Debug)]
@@ -192,12 +197,14 @@ enum Update {
 /// Starts watching and returns once every watch has listed, with the first snapshot in the
 /// channel. Must be called inside a tokio runtime. Waits for as long as that takes (an API
 /// server that is down, missing RBAC permissions): the reasons are logged as they happen.
+/// Every rejected object counts in `metrics.config_rejected`.
 pub async fn watch(
     client: Client,
     opts: KubernetesOptions,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle)> {
     let (first_tx, first_rx) = oneshot::channel();
-    let task = tokio::spawn(aggregate(client, opts, first_tx));
+    let task = tokio::spawn(aggregate(client, opts, metrics, first_tx));
     let rx = first_rx
         .await
         .map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before its first snapshot"))?;
@@ -217,12 +224,14 @@ struct Store {
     objects: Vec<BTreeMap<Key, Objects>>,
     /// The reason each currently rejected object was rejected (to log each reason once).
     rejected: Vec<BTreeMap<Key, String>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
-    fn new(specs: Vec<WatchSpec>) -> Self {
+    fn new(specs: Vec<WatchSpec>, metrics: Arc<Metrics>) -> Self {
         let n = specs.len();
         Self {
+            metrics,
             specs,
             synced: vec![false; n],
             objects: (0..n).map(|_| BTreeMap::new()).collect(),
@@ -307,7 +316,9 @@ impl Store {
         true
     }
 
+    /// Logs and counts a rejection (each bad version of an object once).
     fn report(&self, w: usize, key: &Key, reason: &str, kept: bool) {
+        self.metrics.config_rejected.inc();
         let spec = &self.specs[w];
         error!(kind = %spec.resource.kind, namespace = %key.0, name = %key.1, reason = %reason,
         "Kubernetes object rejected; {}",
@@ -377,7 +388,7 @@ struct NetnsCache {
 impl NetnsCache {
     /// Whether `pod` could be captured here: on this node, not host-network, in a namespace
     /// labelled for capture and not opted out. Only those are looked up.
-    fn wanted(&self, pod: &crate::state::Pod, node: &str, namespaces: &[&Namespace]) -> bool {
+    fn wanted(&self, pod: &crate::model::Pod, node: &str, namespaces: &[&Namespace]) -> bool {
         let (ns_key, ns_value) = &self.policy.namespace_label;
         let (opt_key, opt_value) = &self.policy.pod_opt_out_label;
         pod.node_name.as_deref() == Some(node)
@@ -435,6 +446,7 @@ impl NetnsCache {
 async fn aggregate(
     client: Client,
     opts: KubernetesOptions,
+    metrics: Arc<Metrics>,
     first: oneshot::Sender<watch::Receiver<Arc<Snapshot>>>,
 ) {
     let specs = watch_specs(&opts.node, &opts.settings.root_namespace);
@@ -450,7 +462,7 @@ async fn aggregate(
         ));
     }
     drop(tx);
-    let mut store = Store::new(specs);
+    let mut store = Store::new(specs, metrics);
     let mut netns = NetnsCache {
         finder: opts.netns.clone(),
         policy: opts.enrolment.clone(),
@@ -589,7 +601,7 @@ fn parse(mut obj: DynamicObject, resource: &ApiResource) -> Parsed {
         .map_err(|e| format!("cannot convert the object: {e}"))
         .and_then(|value| {
             let mut objects = Objects::default();
-            super::parse_value(value, &origin, &mut objects)?;
+            parse_value(value, &origin, &mut objects)?;
             // Only discovery says where a pod's netns is (see the module comment).
             for pod in &mut objects.pods {
                 pod.netns_path = None;

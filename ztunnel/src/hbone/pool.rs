@@ -13,12 +13,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{client::SendRequest, RecvStream, SendStream};
+use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
-use super::stream::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::stream::{
+    StreamIo, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
+};
 use crate::{
     identity::{BoxFuture, SpiffeId},
     netns::Netns,
@@ -107,12 +109,12 @@ pub struct Pool {
     pub streams_opened: AtomicU64,
 }
 
-/// A CONNECT stream; keeps its connection counted as busy until dropped.
+/// A CONNECT stream; keeps its connection counted as busy until dropped (a relay that takes
+/// `io` leaves the rest to drop when it ends).
 pub struct Stream {
     /// Which pooled connection carries it (for logs: streams with one id share a TLS session).
     pub connection_id: u64,
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
+    pub io: StreamIo,
     _active: ActiveGuard,
 }
 
@@ -318,8 +320,7 @@ impl Pool {
         self.streams_opened.fetch_add(1, Ordering::Relaxed);
         Ok(Stream {
             connection_id: conn.id,
-            send: stream,
-            recv: response.into_body(),
+            io: StreamIo::new(stream, response.into_body()),
             _active: guard,
         })
     }
@@ -336,9 +337,9 @@ mod tests {
     };
 
     use super::*;
-    use crate::hbone::{
-        server::{self, Handler},
-        stream,
+    use crate::{
+        hbone::server::{self, Handler},
+        relay,
     };
 
     /// An h2c (no TLS) tunnel server on loopback whose handler connects to the CONNECT target,
@@ -352,8 +353,7 @@ mod tests {
                     return tunnel.refuse(StatusCode::FORBIDDEN);
                 }
                 let tcp = TcpStream::connect(req.target).await.unwrap();
-                let (send, recv) = tunnel.accept().unwrap();
-                stream::relay(tcp, send, recv).await;
+                relay::relay(tunnel.accept().unwrap(), tcp).await;
             })
         });
         tokio::spawn(async move {
@@ -422,7 +422,7 @@ mod tests {
         };
         let tunnel = pool.connect(key, echo, HeaderMap::new()).await.unwrap();
         let id = tunnel.connection_id;
-        let relay = tokio::spawn(stream::relay(proxied, tunnel.send, tunnel.recv));
+        let relay = tokio::spawn(relay::relay(proxied, tunnel.io));
         let (mut r, mut w) = client.into_split();
         let data = data.to_vec();
         let writer = tokio::spawn(async move {

@@ -1,18 +1,93 @@
-//! The HBONE server side: HTTP/2 over an established (mTLS) connection, one CONNECT stream per
-//! tunnelled TCP connection. What to do with a tunnel is the caller's decision (a handler).
+//! The HBONE server side: the mTLS handshake as the destination workload ([`accept`]), then
+//! HTTP/2 over it, one CONNECT stream per tunnelled TCP connection ([`serve`]). What to do with
+//! a tunnel is the caller's decision (a handler).
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use bytes::Bytes;
-use h2::{server::SendResponse, RecvStream, SendStream};
+use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite};
+use rustls::pki_types::CertificateDer;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
-use super::stream::{h2_io, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
-use crate::identity::BoxFuture;
+use super::{
+    stream::{
+        h2_io, StreamIo, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
+    },
+    Authenticated,
+};
+use crate::{
+    identity::{trust::TlsError, BoxFuture, CertError, CertificateCache, SpiffeId},
+    relay::reset,
+    tls,
+};
+
+/// Why an HBONE connection was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("{0}")]
+    NoCertificate(CertError),
+    /// `reason` is the metric label ([`tls::classify`]).
+    #[error("{source}")]
+    Handshake {
+        reason: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")]
+    Timeout,
+    #[error("{0}")]
+    Identity(TlsError),
+}
+
+impl AcceptError {
+    /// A short, stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AcceptError::NoCertificate(_) => "no_certificate",
+            AcceptError::Handshake { reason, .. } => reason,
+            AcceptError::Timeout => "handshake_timeout",
+            AcceptError::Identity(_) => "bad_san",
+        }
+    }
+}
+
+/// The mTLS handshake of a connection to a pod running as `identity`: presents its
+/// certificate, requires one from the client and returns the client's verified SPIFFE id.
+pub async fn accept(
+    tcp: TcpStream,
+    certs: &CertificateCache,
+    identity: &SpiffeId,
+    roots: &[CertificateDer<'static>],
+) -> Result<Authenticated<TlsStream<TcpStream>>, AcceptError> {
+    let cert = match certs.get(identity).await {
+        Ok(c) => c,
+        Err(e) => {
+            reset(tcp);
+            return Err(AcceptError::NoCertificate(e));
+        }
+    };
+    let config = tls::server_config(&cert, roots);
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => {
+            return Err(AcceptError::Handshake {
+                reason: tls::classify_io(&source),
+                source,
+            })
+        }
+        Err(_) => return Err(AcceptError::Timeout),
+    };
+    let peer = tls::peer_identity(stream.get_ref().1).map_err(AcceptError::Identity)?;
+    Ok(Authenticated { peer, stream })
+}
 
 /// Streams one peer may have open at once on one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1_000;
@@ -34,13 +109,13 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Answers 200 and returns both directions of the stream.
-    pub fn accept(mut self) -> std::io::Result<(SendStream<Bytes>, RecvStream)> {
+    /// Answers 200 and returns the stream.
+    pub fn accept(mut self) -> std::io::Result<StreamIo> {
         let send = self
             .respond
             .send_response(Response::new(()), false)
             .map_err(h2_io)?;
-        Ok((send, self.recv))
+        Ok(StreamIo::new(send, self.recv))
     }
 
     /// Answers `status` and ends the stream.

@@ -550,7 +550,7 @@ pub(crate) mod test_support {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
     use super::{leaf_params, set_validity, EmbeddedCa};
-    use crate::identity::{cache::csr_for, SpiffeId, WorkloadCertificate};
+    use crate::identity::{certificate::csr_for, SpiffeId, WorkloadCertificate};
 
     pub fn id(s: &str) -> SpiffeId {
         s.parse().unwrap()
@@ -646,7 +646,7 @@ mod tests {
     use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
     use super::{test_support::*, *};
-    use crate::tls::MeshTrust;
+    use crate::identity::trust::MeshTrust;
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 

@@ -15,17 +15,18 @@ use std::collections::BTreeMap;
 
 use super::{SpiffeId, SpiffeIdError};
 
+mod auth;
 mod client;
 mod server;
 #[cfg(test)]
 mod tests;
 pub mod token_review;
 
+pub use auth::{AllowAll, AuthError, Authenticator, StaticToken};
 pub use client::IstioCaClient;
 pub use server::{
-    issue_server_tls, run_ca_service, run_ca_service_until, serve, AllowAll, AuthError,
-    Authenticator, CaServiceOptions, CallerAuth, ServerTls, ServingNames, StaticToken,
-    DEFAULT_SERVICE_NAMES,
+    issue_server_tls, run_ca_service, run_ca_service_until, serve, CaServiceOptions, CallerAuth,
+    ServerTls, ServingNames, DEFAULT_SERVICE_NAMES,
 };
 
 /// The gRPC method path of `CreateCertificate`.

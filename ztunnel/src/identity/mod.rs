@@ -6,11 +6,14 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 pub mod ca;
 pub mod cache;
+pub mod certificate;
 pub mod istio_ca;
 mod spiffe;
+pub mod trust;
 
 pub use ca::{CaError, CaFiles, EmbeddedCa};
-pub use cache::{CacheOptions, CertError, CertificateCache, WorkloadCertificate};
+pub use cache::{CacheOptions, CertificateCache};
+pub use certificate::{CertError, WorkloadCertificate};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 
 /// A boxed future, so providers can be used as trait objects.

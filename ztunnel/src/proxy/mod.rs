@@ -1,45 +1,49 @@
-//! The proxy paths for captured connections (DESIGN §3, §4).
+//! The proxy paths for captured connections (docs/architecture.md), one pipeline per direction:
 //!
-//! * [`outbound`]: a pod's connect, redirected to its 127.0.0.1:15001 listener; the original
-//!   destination comes from the BPF `orig_dst_by_peer` map.
-//! * [`inbound`]: TCP arriving at a pod from outside, steered by `sk_lookup` to the pod's 15006
-//!   listener; the accepted socket's local address is the original destination.
+//! * [`outbound`]: a pod's connect, redirected to its 127.0.0.1:15001 listener. The original
+//!   destination comes from the BPF `orig_dst_by_peer` map, and one [`outbound::Plan`] made
+//!   from one snapshot says where it goes: directly, through an HBONE tunnel, to a pod of this
+//!   node, or nowhere.
+//! * [`inbound`]: everything that arrives for an enrolled pod (plaintext steered by
+//!   `sk_lookup` to its 15006 listener, HBONE streams on its 15008 listener, same-node mesh
+//!   traffic, and the node's own probes) goes through one pipeline, `deliver`: admit, record,
+//!   connect to the application, then relay or decide each HTTP request.
 //!
-//! Every upstream socket is created inside the network namespace of the pod it serves and
-//! carries [`PROXY_MARK`], so it leaves with the pod's own address and is never captured again.
-mod from_node;
+//! Every connection has one [`record::ConnectionRecord`], which owns its access-log line and
+//! its metrics. Every upstream socket is created inside the network namespace of the pod it
+//! serves and carries the proxy mark ([`crate::socket`]), so it leaves with the pod's own
+//! address and is never captured again.
 pub mod inbound;
-mod inbound_hbone;
-mod inbound_http;
-mod inbound_policy;
 pub mod outbound;
-mod relay;
-
-pub use from_node::NODE_SOURCE;
-pub use relay::{reset, Relayed};
+mod record;
 
 use std::{
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::{net::TcpStream, sync::watch};
-use ztunnel_common::PROXY_MARK;
+use rustls::pki_types::CertificateDer;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::warn;
 
 use crate::{
-    admin::metrics::Metrics,
-    authz::MtlsDecision,
     capture::{NodeConnections, OrigDstTable},
-    hbone::{Connector, Io, Pool, PoolKey},
+    hbone::{self, Pool},
     identity::{CertificateCache, SpiffeId},
+    metrics::Metrics,
+    model::Pod,
     netns::Netns,
+    socket,
     state::{EnrolmentPolicy, Snapshot},
-    tls,
 };
+use inbound::Inbound;
+use outbound::Outbound;
 
 /// How long an upstream connect may take before the client connection is closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,7 +64,7 @@ pub struct PodContext {
 
 impl PodContext {
     /// This pod in `snapshot`, or `None` once it has left the configuration.
-    pub fn in_snapshot<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<crate::state::Pod>> {
+    pub fn in_snapshot<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<Pod>> {
         snapshot
             .pods
             .get(&(self.namespace.clone(), self.name.clone()))
@@ -91,42 +95,7 @@ impl Mesh {
         home: Arc<Netns>,
     ) -> Self {
         let roots = certs.roots().to_vec();
-        let (c, r) = (certs.clone(), roots.clone());
-        let connector: Connector = Arc::new(move |key: PoolKey| {
-            let (certs, roots, metrics, home) =
-                (c.clone(), r.clone(), metrics.clone(), home.clone());
-            Box::pin(async move {
-                let cert = certs.get(&key.src).await.map_err(|e| {
-                    io::Error::other(format!("no certificate for {}: {e}", key.src))
-                })?;
-                let config = tls::client_config(&cert, &roots, vec![key.dst.clone()]);
-                let socket = key
-                    .origin
-                    .netns
-                    .run(&home, || new_marked_socket(key.addr))??;
-                if let Some(ip) = key.origin.ip {
-                    bind_address_only(&socket, ip)?;
-                }
-                let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
-                    .connect(key.addr)
-                    .await?;
-                // Identity is checked on the SPIFFE URI, not on a server name.
-                let name = ServerName::IpAddress(key.addr.ip().into());
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .inspect_err(|e| {
-                        let reason = e
-                            .get_ref()
-                            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                            .map(tls::classify)
-                            .unwrap_or("handshake_failed");
-                        metrics.handshake("outbound", reason);
-                    })?;
-                metrics.handshake("outbound", "ok");
-                Ok(Box::new(tls) as Box<dyn Io>)
-            })
-        });
+        let connector = hbone::client::connector(certs.clone(), roots.clone(), metrics, home);
         Self {
             trust_domain,
             certs,
@@ -134,27 +103,6 @@ impl Mesh {
             pool: Pool::new(connector, HBONE_IDLE_TIMEOUT),
         }
     }
-}
-
-/// Binds `socket` to `ip` without reserving a port yet (`IP_BIND_ADDRESS_NO_PORT`): the port
-/// is picked at connect time, per destination, so a busy pod does not run out of ports.
-fn bind_address_only(socket: &socket2::Socket, ip: IpAddr) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option value on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    socket.bind(&SocketAddr::new(ip, 0).into())
 }
 
 /// What the proxy needs to know about its node and mesh.
@@ -170,45 +118,116 @@ pub struct ProxyOptions {
     pub metrics: Arc<Metrics>,
 }
 
-/// State shared by all proxy paths of this node.
-pub struct Proxy {
+/// The inputs both directions share: the node, its configuration, the mesh, the metrics, and
+/// the pods enrolled here.
+pub struct Shared {
     home: Arc<Netns>,
-    orig_dst: Arc<OrigDstTable>,
-    node_connections: Arc<NodeConnections>,
     config: watch::Receiver<Arc<Snapshot>>,
     node: String,
     policy: EnrolmentPolicy,
     pub mesh: Mesh,
     pub metrics: Arc<Metrics>,
-    /// Round-robin position per (service namespace, name, port).
-    round_robin: Mutex<HashMap<(String, String, u16), usize>>,
     /// Pods enrolled on this node, by address: same-node traffic is delivered to them without
     /// leaving the proxy.
     local_pods: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
-    /// Key sets of RequestAuthentication `jwksUri`s.
-    pub jwks: crate::authz::jwks::JwksCache,
+}
+
+impl Shared {
+    /// The configuration in force right now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.config.borrow().clone()
+    }
+
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        let pods = self.local_pods.read().unwrap_or_else(|p| p.into_inner());
+        pods.get(&ip).cloned()
+    }
+
+    /// Connects to `dst` from inside `pod`'s network namespace with the proxy mark.
+    async fn connect_from(&self, pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = pod.netns.run(&self.home, || socket::marked(dst))??;
+        socket::connect(socket, dst, CONNECT_TIMEOUT).await
+    }
+}
+
+/// Which of a pod's listeners a connection arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// 127.0.0.1:15001 / [::1]:15001: the pod's own connects, captured.
+    Outbound,
+    /// 15006: plaintext from outside the pod, steered by `sk_lookup`.
+    InboundPlaintext,
+    /// 15008: HBONE, steered by `sk_lookup`.
+    Hbone,
+}
+
+/// The node proxy: both directions over their shared inputs.
+pub struct Proxy {
+    pub shared: Arc<Shared>,
+    inbound: Arc<Inbound>,
+    outbound: Arc<Outbound>,
 }
 
 impl Proxy {
     pub fn new(o: ProxyOptions) -> Arc<Self> {
-        Arc::new(Self {
+        let shared = Arc::new(Shared {
             home: o.home,
-            orig_dst: o.orig_dst,
-            node_connections: o.node_connections,
             config: o.config,
             node: o.node,
             policy: o.policy,
             mesh: o.mesh,
             metrics: o.metrics,
-            round_robin: Mutex::default(),
             local_pods: RwLock::default(),
-            jwks: Default::default(),
+        });
+        let inbound = Arc::new(Inbound::new(shared.clone(), o.node_connections));
+        let outbound = Arc::new(Outbound::new(shared.clone(), o.orig_dst, inbound.clone()));
+        Arc::new(Self {
+            shared,
+            inbound,
+            outbound,
         })
+    }
+
+    /// Accepts connections on one of `pod`'s listeners until the task is aborted
+    /// (un-enrolment): the one accept loop of every path.
+    pub async fn serve(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        kind: Listener,
+        listener: TcpListener,
+    ) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let pod = pod.clone();
+                    match kind {
+                        Listener::Outbound => {
+                            tokio::spawn(self.outbound.clone().handle(pod, stream, peer))
+                        }
+                        Listener::InboundPlaintext => {
+                            tokio::spawn(self.inbound.clone().plaintext(pod, stream, peer))
+                        }
+                        Listener::Hbone => {
+                            tokio::spawn(self.inbound.clone().hbone(pod, stream, peer))
+                        }
+                    };
+                }
+                Err(e) => {
+                    warn!(pod = %pod.workload, listener = ?kind, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
 
     /// Registers a pod enrolled on this node (called by enrolment).
     pub fn add_local_pod(&self, pod: Arc<PodContext>) {
-        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        let mut pods = self
+            .shared
+            .local_pods
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         for ip in &pod.ips {
             pods.insert(*ip, pod.clone());
         }
@@ -217,125 +236,42 @@ impl Proxy {
     /// Forgets a pod at un-enrolment; only its own entries (a new enrolment of the same
     /// addresses may already have replaced them).
     pub fn remove_local_pod(&self, pod: &Arc<PodContext>) {
-        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        let mut pods = self
+            .shared
+            .local_pods
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         pods.retain(|_, p| !Arc::ptr_eq(p, pod));
     }
 
     /// `namespace/name` of the pods enrolled here, sorted.
     pub fn local_workloads(&self) -> Vec<String> {
-        let pods = self.local_pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = self
+            .shared
+            .local_pods
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let mut names: Vec<String> = pods.values().map(|p| p.workload.clone()).collect();
         names.sort();
         names.dedup();
         names
     }
 
-    fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
-        let pods = self.local_pods.read().unwrap_or_else(|p| p.into_inner());
-        pods.get(&ip).cloned()
-    }
-
-    /// The mTLS mode that decides plaintext to `pod`'s `port`, or `None` if the pod has left
-    /// the configuration (it is being un-enrolled).
-    fn mtls_mode(&self, snapshot: &Snapshot, pod: &PodContext, port: u16) -> Option<MtlsDecision> {
-        Some(snapshot.mtls_mode(pod.in_snapshot(snapshot)?, port))
+    pub fn mesh(&self) -> &Mesh {
+        &self.shared.mesh
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.mesh.trust_domain
+        &self.shared.mesh.trust_domain
     }
 
     /// The node this proxy serves.
     pub fn node(&self) -> &str {
-        &self.node
+        &self.shared.node
     }
 
     /// The configuration in force right now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.config.borrow().clone()
-    }
-
-    /// Next index (modulo `n`) for a service port's round-robin.
-    fn next_endpoint(&self, key: (String, String, u16), n: usize) -> usize {
-        let mut rr = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = rr.entry(key).or_default();
-        let i = *slot % n;
-        *slot = slot.wrapping_add(1);
-        i
-    }
-
-    /// Connects to `dst` from inside `pod`'s network namespace with the proxy mark.
-    async fn connect_from(&self, pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = pod.netns.run(&self.home, || new_marked_socket(dst))??;
-        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-        }
-    }
-}
-
-pub(crate) fn new_marked_socket(dst: SocketAddr) -> io::Result<socket2::Socket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(dst),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_mark(PROXY_MARK)?;
-    socket.set_nonblocking(true)?;
-    socket.set_nodelay(true)?;
-    Ok(socket)
-}
-
-/// Ports of the proxy itself; traffic addressed to them is never forwarded (it would loop).
-pub fn is_proxy_port(port: u16) -> bool {
-    use ztunnel_common::*;
-    [
-        OUTBOUND_PORT,
-        INBOUND_PLAINTEXT_PORT,
-        HBONE_PORT,
-        METRICS_PORT,
-        READINESS_PORT,
-        ADMIN_PORT,
-    ]
-    .contains(&port)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
-
-    use super::*;
-
-    /// The tunnel's socket leaves from the address it was bound to, on either family, with the
-    /// port chosen at connect time.
-    #[tokio::test]
-    async fn tunnel_sockets_leave_from_the_bound_address() {
-        for (bind, listen) in [
-            (
-                IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-            ),
-            (
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ),
-        ] {
-            let Ok(listener) = TcpListener::bind((listen, 0)) else {
-                continue; // no IPv6 on this host
-            };
-            let dst = listener.local_addr().unwrap();
-            let socket = new_marked_socket(dst).unwrap();
-            bind_address_only(&socket, bind).unwrap();
-            let tcp = tokio::net::TcpSocket::from_std_stream(socket.into())
-                .connect(dst)
-                .await
-                .unwrap();
-            let local = tcp.local_addr().unwrap();
-            assert_eq!(local.ip(), bind);
-            assert_ne!(local.port(), 0);
-            let (_, peer) = listener.accept().unwrap();
-            assert_eq!(peer, local);
-        }
+        self.shared.snapshot()
     }
 }

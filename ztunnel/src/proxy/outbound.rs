@@ -1,25 +1,30 @@
-//! Outbound: connections an enrolled pod makes, captured by `zt_connect4/6`.
+//! The outbound side: connections an enrolled pod makes, captured by `zt_connect4/6`. Each is
+//! routed by one [`Plan`], made once from one snapshot, and carried by it: directly from the
+//! pod's netns, through an HBONE tunnel to the destination pod's node proxy, or to this node's
+//! inbound side for a pod that runs here.
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-    time::Instant,
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
 };
 
 use http::{HeaderMap, HeaderValue};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
-use ztunnel_common::{OrigDst, OrigDstKey, AF_INET, AF_INET6, HBONE_PORT};
+use tokio::net::TcpStream;
+use tracing::warn;
+use ztunnel_common::{OrigDstKey, HBONE_PORT};
 
 use super::{
-    inbound_policy::{Admission, CustomCheck, InboundCall, Transport},
-    relay::{relay, relay_until, reset},
-    PodContext, Proxy, Relayed,
+    inbound::{Arrival, Inbound},
+    record::{ConnectionRecord, Direction, Ending},
+    PodContext, Shared,
 };
 use crate::{
-    admin::metrics::ConnectionLabels,
-    authz::Unknowns,
-    hbone::{self, PoolKey},
+    capture::OrigDstTable,
+    hbone::{Origin, PoolKey},
     identity::SpiffeId,
+    metrics::{Carrier, ConnectionLabels, Reporter},
+    relay::{relay, reset},
     state::Snapshot,
 };
 
@@ -33,87 +38,176 @@ pub struct Route {
     pub workload: Option<String>,
 }
 
-impl Proxy {
-    /// Accepts captured connections of `pod` until the task is aborted (un-enrolment).
-    pub async fn serve_outbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    // Small writes (TLS records, HTTP/2 frames, request/response exchanges)
-                    // must not wait for Nagle: latency is the product.
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(self.clone().outbound(pod.clone(), stream, peer));
-                }
-                Err(e) => {
-                    warn!(pod = %pod.workload, error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+/// Why an original destination has nowhere to go.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoRoute {
+    /// A Service VIP dialled on a port the Service does not have.
+    NoServicePort { service: String, port: u16 },
+    /// A Service port without endpoints (of the address family dialled).
+    NoEndpoints { service: String, port: u16 },
+}
+
+impl fmt::Display for NoRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoRoute::NoServicePort { service, port } => {
+                write!(f, "service {service} has no port {port}")
+            }
+            NoRoute::NoEndpoints { service, port } => {
+                write!(f, "service {service} has no endpoints for port {port}")
             }
         }
     }
+}
 
-    async fn outbound(self: Arc<Self>, pod: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
-        let start = Instant::now();
-        let key = OrigDstKey {
-            netns_cookie: pod.netns_cookie,
-            port: peer.port(),
-            family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
-            _pad: 0,
-        };
-        let Some(orig) = self.orig_dst.take(&key).and_then(|d| orig_dst_addr(&d)) else {
+/// How a captured connection is carried, decided once.
+#[derive(Debug)]
+pub enum Plan {
+    /// Outside the mesh (or a mesh pod of unknown identity): connected directly from the pod.
+    Direct(Route),
+    /// An enrolled workload on another node: HBONE to its pod's port 15008, over the pooled
+    /// connection of this key (boxed: it is most of the plan's size).
+    Tunnel(Route, Box<PoolKey>),
+    /// A pod enrolled on this node: handed to this proxy's inbound side, no TLS.
+    SameNode(Route, Arc<PodContext>),
+    Refuse(NoRoute),
+}
+
+/// The outbound side of this node's proxy.
+pub struct Outbound {
+    shared: Arc<Shared>,
+    orig_dst: Arc<OrigDstTable>,
+    /// Round-robin position per (service namespace, name, port).
+    round_robin: Mutex<HashMap<(String, String, u16), usize>>,
+    /// Where same-node connections are delivered.
+    inbound: Arc<Inbound>,
+}
+
+impl Outbound {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        orig_dst: Arc<OrigDstTable>,
+        inbound: Arc<Inbound>,
+    ) -> Self {
+        Self {
+            shared,
+            orig_dst,
+            round_robin: Mutex::default(),
+            inbound,
+        }
+    }
+
+    /// A connection accepted on `pod`'s outbound listener.
+    pub(super) async fn handle(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let key = OrigDstKey::of_peer(pod.netns_cookie, peer);
+        let Some(orig) = self.orig_dst.take(&key).and_then(|d| d.destination()) else {
             // Something connected to the listener without going through capture (e.g. the app
             // dialled 127.0.0.1:15001 itself): there is nowhere legitimate to send it.
             warn!(src_workload = %pod.workload, src_addr = %peer,
                 "outbound connection without a recorded original destination; closing it");
             return reset(stream);
         };
-        let snapshot = self.snapshot();
-        let route = match self.route(&snapshot, orig) {
+        let mut record = ConnectionRecord::new(Direction::Outbound, self.shared.metrics.clone());
+        record.line.src_workload = Some(pod.workload.clone());
+        record.line.dst_addr = Some(orig);
+        let snapshot = self.shared.snapshot();
+        let plan = self.plan(&pod, &snapshot, orig);
+        if let Plan::Direct(route) | Plan::Tunnel(route, _) | Plan::SameNode(route, _) = &plan {
+            record.line.dst_service = route.service.clone();
+            record.line.dst_workload = route.workload.clone();
+            record.line.upstream = Some(route.upstream);
+        }
+        match plan {
+            Plan::Refuse(why) => {
+                reset(stream);
+                record.refuse(Ending::Refused, why.to_string());
+            }
+            Plan::Direct(route) => self.direct(pod, stream, route, record).await,
+            Plan::Tunnel(route, key) => self.tunnel(pod, stream, route, *key, record).await,
+            Plan::SameNode(route, dst) => {
+                record.line.same_node = true;
+                record.line.src_identity = Some(pod.identity.to_string());
+                record.line.dst_workload = Some(dst.workload.clone());
+                record.line.dst_identity = Some(dst.identity.to_string());
+                let arrival = Arrival::SameNode { src: pod };
+                let inbound = self.inbound.clone();
+                inbound
+                    .deliver(
+                        dst,
+                        arrival,
+                        route.upstream,
+                        stream,
+                        snapshot,
+                        Some(&mut record),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Where a connection of `pod` to `orig` goes, from `snapshot` alone.
+    pub fn plan(&self, pod: &PodContext, snapshot: &Snapshot, orig: SocketAddr) -> Plan {
+        let route = match self.route(snapshot, orig) {
             Ok(route) => route,
-            Err(reason) => {
-                info!(direction = "outbound", src_workload = %pod.workload, dst_addr = %orig,
-                    duration_ms = start.elapsed().as_millis() as u64, outcome = "refused",
-                    error = %reason, "connection closed");
-                return reset(stream);
-            }
+            Err(why) => return Plan::Refuse(why),
         };
-        if let Some(key) = self.tunnel_for(&pod, &snapshot, &route) {
-            return self
-                .outbound_hbone(pod, stream, orig, route, key, start)
-                .await;
+        if let Some(key) = self.tunnel_for(pod, snapshot, &route) {
+            return Plan::Tunnel(route, Box::new(key));
         }
-        if let Some(dst) = self.local_pod(route.upstream.ip()) {
-            return self
-                .outbound_same_node(pod, dst, stream, orig, route, start)
-                .await;
+        match self.shared.local_pod(route.upstream.ip()) {
+            Some(dst) => Plan::SameNode(route, dst),
+            None => Plan::Direct(route),
         }
-        let upstream = match self.connect_from(&pod, route.upstream).await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(direction = "outbound", src_workload = %pod.workload, dst_addr = %orig,
-                    dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
-                    upstream = %route.upstream, duration_ms = start.elapsed().as_millis() as u64,
-                    outcome = "connect_failed", error = %e, "connection closed");
-                return reset(stream);
+    }
+
+    /// Resolves an original destination: a Service VIP goes to one of its endpoints
+    /// (round-robin), anything else goes where it was addressed.
+    pub fn route(&self, snapshot: &Snapshot, orig: SocketAddr) -> Result<Route, NoRoute> {
+        if let Some(svc) = snapshot.service_by_vip(orig.ip()) {
+            let service = format!("{}/{}", svc.namespace, svc.name);
+            let port = orig.port();
+            if snapshot.service_port(svc, port).is_none() {
+                return Err(NoRoute::NoServicePort { service, port });
             }
-        };
-        let src_addr = upstream.local_addr().ok();
-        let mut counted = self.metrics.open(ConnectionLabels::new(
-            "source",
-            "passthrough",
-            (Some(&pod.workload), Some(pod.identity.to_string())),
-            (route.workload.as_deref(), None),
-            false,
-        ));
-        let r = relay(stream, upstream).await;
-        counted.bytes(r.sent, r.received);
-        info!(direction = "outbound", src_workload = %pod.workload,
-            src_addr = src_addr.map(|a| a.to_string()).as_deref(), dst_addr = %orig,
-            dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
-            upstream = %route.upstream, bytes_sent = r.sent, bytes_received = r.received,
-            duration_ms = start.elapsed().as_millis() as u64,
-            outcome = if r.error.is_some() { "error" } else { "ok" },
-            error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
+            let endpoints: Vec<_> = snapshot
+                .endpoints(svc, port)
+                .into_iter()
+                .filter(|e| e.addr.is_ipv4() == orig.is_ipv4())
+                .collect();
+            if endpoints.is_empty() {
+                return Err(NoRoute::NoEndpoints { service, port });
+            }
+            let i = self.next_endpoint(
+                (svc.namespace.clone(), svc.name.clone(), port),
+                endpoints.len(),
+            );
+            let ep = &endpoints[i];
+            return Ok(Route {
+                upstream: ep.addr,
+                service: Some(service),
+                workload: Some(ep.pod.workload()),
+            });
+        }
+        let workload = snapshot.pod_by_ip(orig.ip()).map(|p| p.workload());
+        Ok(Route {
+            upstream: orig,
+            service: None,
+            workload,
+        })
+    }
+
+    /// Next index (modulo `n`) for a service port's round-robin.
+    fn next_endpoint(&self, key: (String, String, u16), n: usize) -> usize {
+        let mut rr = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = rr.entry(key).or_default();
+        let i = *slot % n;
+        *slot = slot.wrapping_add(1);
+        i
     }
 
     /// The tunnel to use for `route`, if any: destinations that are enrolled workloads on
@@ -123,17 +217,22 @@ impl Proxy {
         let dst = snapshot.pod_by_ip(route.upstream.ip())?;
         // A mesh pod whose node is unknown is still tunnelled: only a pod known to run here
         // may be reached without TLS.
-        if dst.node_name.as_deref() == Some(self.node.as_str())
-            || !snapshot.in_mesh(dst, &self.policy)
+        if dst.node_name.as_deref() == Some(self.shared.node.as_str())
+            || !snapshot.in_mesh(dst, &self.shared.policy)
         {
             return None;
         }
         Some(PoolKey {
             src: pod.identity.clone(),
             // A service account that is not a valid SPIFFE segment cannot have been enrolled.
-            dst: SpiffeId::new(self.trust_domain(), &dst.namespace, &dst.service_account).ok()?,
+            dst: SpiffeId::new(
+                &self.shared.mesh.trust_domain,
+                &dst.namespace,
+                &dst.service_account,
+            )
+            .ok()?,
             addr: SocketAddr::new(route.upstream.ip(), HBONE_PORT),
-            origin: hbone::Origin {
+            origin: Origin {
                 netns: pod.netns.clone(),
                 netns_cookie: pod.netns_cookie,
                 ip: pod
@@ -145,253 +244,90 @@ impl Proxy {
         })
     }
 
-    /// Carries a captured connection through an HBONE tunnel (mTLS to the destination pod's
-    /// node proxy, which delivers it inside the destination pod).
-    async fn outbound_hbone(
+    /// Connects directly from inside the pod's netns: the destination is not in the mesh.
+    async fn direct(
         &self,
         pod: Arc<PodContext>,
         stream: TcpStream,
-        orig: SocketAddr,
         route: Route,
-        key: PoolKey,
-        start: Instant,
+        mut record: ConnectionRecord,
     ) {
-        let mut headers = HeaderMap::new();
-        if let Some(ip) = pod.ips.first() {
-            let forwarded = match ip {
-                IpAddr::V4(v4) => format!("for={v4}"),
-                IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-            };
-            if let Ok(v) = HeaderValue::from_str(&forwarded) {
-                headers.insert("forwarded", v);
-            }
-        }
-        let (ns, name) = pod.workload.split_once('/').unwrap_or(("", &pod.workload));
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "k8s.namespace.name={ns},k8s.pod.name={name},k8s.serviceaccount.name={}",
-            pod.identity.service_account()
-        )) {
-            headers.insert("baggage", v);
-        }
-        let tunnel = match self.mesh.pool.connect(&key, route.upstream, headers).await {
-            Ok(t) => t,
+        let upstream = match self.shared.connect_from(&pod, route.upstream).await {
+            Ok(s) => s,
             Err(e) => {
-                info!(direction = "outbound", hbone = true, src_workload = %pod.workload,
-                    src_identity = %key.src, dst_addr = %orig, dst_service = route.service.as_deref(),
-                    dst_workload = route.workload.as_deref(), dst_identity = %key.dst,
-                    upstream = %route.upstream, duration_ms = start.elapsed().as_millis() as u64,
-                    outcome = "connect_failed", error = %e, "connection closed");
-                return reset(stream);
+                reset(stream);
+                return record.refuse(Ending::ConnectFailed, e.to_string());
             }
         };
-        let connection = tunnel.connection_id;
-        let mut counted = self.metrics.open(ConnectionLabels::new(
-            "source",
-            "hbone",
+        record.line.src_addr = upstream.local_addr().ok().map(|a| a.to_string());
+        record.count(ConnectionLabels::new(
+            Reporter::Source,
+            Carrier::Passthrough,
+            (Some(&pod.workload), Some(pod.identity.to_string())),
+            (route.workload.as_deref(), None),
+            false,
+        ));
+        record.finish(&relay(stream, upstream).await);
+    }
+
+    /// Carries a captured connection through an HBONE tunnel (mTLS to the destination pod's
+    /// node proxy, which delivers it inside the destination pod).
+    async fn tunnel(
+        &self,
+        pod: Arc<PodContext>,
+        stream: TcpStream,
+        route: Route,
+        key: PoolKey,
+        mut record: ConnectionRecord,
+    ) {
+        record.line.hbone = true;
+        record.line.src_identity = Some(key.src.to_string());
+        record.line.dst_identity = Some(key.dst.to_string());
+        let tunnel = match self
+            .shared
+            .mesh
+            .pool
+            .connect(&key, route.upstream, connect_headers(&pod))
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                reset(stream);
+                return record.refuse(Ending::ConnectFailed, e.to_string());
+            }
+        };
+        record.line.hbone_connection = Some(tunnel.connection_id);
+        record.count(ConnectionLabels::new(
+            Reporter::Source,
+            Carrier::Hbone,
             (Some(&pod.workload), Some(key.src.to_string())),
             (route.workload.as_deref(), Some(key.dst.to_string())),
             true,
         ));
-        let r = hbone::stream::relay(stream, tunnel.send, tunnel.recv).await;
-        counted.bytes(r.sent, r.received);
-        info!(direction = "outbound", hbone = true, hbone_connection = connection,
-            src_workload = %pod.workload, src_identity = %key.src, dst_addr = %orig,
-            dst_service = route.service.as_deref(), dst_workload = route.workload.as_deref(),
-            dst_identity = %key.dst, upstream = %route.upstream, bytes_sent = r.sent,
-            bytes_received = r.received, duration_ms = start.elapsed().as_millis() as u64,
-            outcome = if r.error.is_some() { "error" } else { "ok" },
-            error = r.error.as_ref().map(|e| e.to_string()).as_deref(), "connection closed");
-    }
-
-    /// Same-node mesh traffic: delivered straight into the destination pod, inside its netns.
-    /// No TLS, since the bytes never leave this host, but the destination's inbound side sees
-    /// an authenticated mesh peer: the source is known by the listener that accepted it, not
-    /// by an address, so PeerAuthentication treats it as mutual TLS.
-    async fn outbound_same_node(
-        self: &Arc<Self>,
-        src: Arc<PodContext>,
-        dst: Arc<PodContext>,
-        stream: TcpStream,
-        orig: SocketAddr,
-        route: Route,
-        start: Instant,
-    ) {
-        // The destination's inbound policy, with the source known by its listener.
-        let config = self.config.clone();
-        let snapshot = config.borrow().clone();
-        let source_ip = src
-            .ips
-            .iter()
-            .copied()
-            .find(|ip| ip.is_ipv4() == route.upstream.is_ipv4());
-        let call = InboundCall::new(
-            Transport::Mesh,
-            Some(&src.identity),
-            source_ip,
-            route.upstream,
-        );
-        let decision = match self.admit(&snapshot, &dst, &call, Unknowns::Defer) {
-            Admission::Allowed(d) => {
-                self.record(&dst, &call, &d);
-                Some(d)
-            }
-            Admission::Denied(d)
-            | Admission::MtlsRequired(d)
-            | Admission::Custom(CustomCheck { denied: d, .. }) => {
-                self.record(&dst, &call, &d);
-                reset(stream);
-                for direction in ["outbound", "inbound"] {
-                    info!(direction, same_node = true, src_workload = %src.workload,
-                        src_identity = %src.identity, dst_addr = %orig,
-                        dst_service = route.service.as_deref(), dst_workload = %dst.workload,
-                        dst_identity = %dst.identity, upstream = %route.upstream,
-                        authz_policy = d.policy.as_deref(), authz_rule = d.rule,
-                        duration_ms = start.elapsed().as_millis() as u64, outcome = "denied",
-                        error = %d.reason, "connection closed");
-                }
-                return;
-            }
-            // Decided request by request, once the bytes are read.
-            Admission::PerRequest => None,
-        };
-        let per_request = decision.is_none();
-        let (r, outcome) = match self.connect_from(&dst, route.upstream).await {
-            Ok(upstream) => {
-                // Both sides are this proxy's: counted once as each reporter. No TLS is
-                // involved (the bytes never leave the host), so not `mutual_tls`.
-                let counted = ["source", "destination"].map(|reporter| {
-                    self.metrics.open(ConnectionLabels::new(
-                        reporter,
-                        "same_node",
-                        (Some(&src.workload), Some(src.identity.to_string())),
-                        (Some(&dst.workload), Some(dst.identity.to_string())),
-                        false,
-                    ))
-                });
-                let revoke = self
-                    .clone()
-                    .revoked(config, dst.clone(), call.clone(), per_request);
-                let r = if per_request {
-                    self.serve_per_request(dst.clone(), call, stream, upstream, revoke)
-                        .await
-                } else {
-                    relay_until(stream, upstream, revoke).await
-                };
-                for mut c in counted {
-                    c.bytes(r.sent, r.received);
-                }
-                let outcome = r.outcome();
-                (r, outcome)
-            }
-            Err(e) => {
-                reset(stream);
-                let r = Relayed {
-                    sent: 0,
-                    received: 0,
-                    error: Some(e),
-                    revoked: None,
-                };
-                (r, "connect_failed")
-            }
-        };
-        let error = r.error_text();
-        // One line per side, as for traffic between nodes.
-        info!(direction = "outbound", same_node = true, src_workload = %src.workload,
-            src_identity = %src.identity, dst_addr = %orig, dst_service = route.service.as_deref(),
-            dst_workload = %dst.workload, dst_identity = %dst.identity, upstream = %route.upstream,
-            bytes_sent = r.sent, bytes_received = r.received,
-            duration_ms = start.elapsed().as_millis() as u64, outcome, error = error.as_deref(),
-            "connection closed");
-        info!(direction = "inbound", same_node = true, src_workload = %src.workload,
-            src_identity = %src.identity, src_addr = src.ips.first().map(|ip| ip.to_string()).as_deref(),
-            dst_addr = %route.upstream, dst_workload = %dst.workload, upstream = %route.upstream,
-            bytes_sent = r.sent, bytes_received = r.received,
-            duration_ms = start.elapsed().as_millis() as u64, outcome, error = error.as_deref(),
-            "connection closed");
-    }
-
-    /// Resolves an original destination: a Service VIP goes to one of its endpoints
-    /// (round-robin), anything else goes where it was addressed.
-    pub fn route(&self, snapshot: &Snapshot, orig: SocketAddr) -> Result<Route, String> {
-        if let Some(svc) = snapshot.service_by_vip(orig.ip()) {
-            let name = format!("{}/{}", svc.namespace, svc.name);
-            if snapshot.service_port(svc, orig.port()).is_none() {
-                return Err(format!("service {name} has no port {}", orig.port()));
-            }
-            let endpoints: Vec<_> = snapshot
-                .endpoints(svc, orig.port())
-                .into_iter()
-                .filter(|e| e.addr.is_ipv4() == orig.is_ipv4())
-                .collect();
-            if endpoints.is_empty() {
-                return Err(format!(
-                    "service {name} has no endpoints for port {}",
-                    orig.port()
-                ));
-            }
-            let i = self.next_endpoint(
-                (svc.namespace.clone(), svc.name.clone(), orig.port()),
-                endpoints.len(),
-            );
-            let ep = &endpoints[i];
-            return Ok(Route {
-                upstream: ep.addr,
-                service: Some(name),
-                workload: Some(ep.pod.workload()),
-            });
-        }
-        let workload = snapshot.pod_by_ip(orig.ip()).map(|p| p.workload());
-        Ok(Route {
-            upstream: orig,
-            service: None,
-            workload,
-        })
+        // The stream's connection counts as busy until `tunnel` drops, after the relay.
+        record.finish(&relay(stream, tunnel.io).await);
     }
 }
 
-fn orig_dst_addr(d: &OrigDst) -> Option<SocketAddr> {
-    let ip = match d.family {
-        AF_INET => IpAddr::V4(Ipv4Addr::from(d.addr[0].to_ne_bytes())),
-        AF_INET6 => {
-            let mut b = [0u8; 16];
-            for (i, w) in d.addr.iter().enumerate() {
-                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(b))
+/// The CONNECT request's headers, as Istio's ztunnel sends them: `Forwarded: for=` the source
+/// pod's address, and its workload metadata as `baggage`.
+fn connect_headers(pod: &PodContext) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(ip) = pod.ips.first() {
+        let forwarded = match ip {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            headers.insert("forwarded", v);
         }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, d.port))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn original_destinations_decode_from_kernel_byte_order() {
-        let v4 = OrigDst {
-            addr: [u32::from_ne_bytes([10, 2, 0, 3]), 0, 0, 0],
-            port: 8080,
-            family: AF_INET,
-            ..Default::default()
-        };
-        assert_eq!(orig_dst_addr(&v4), Some("10.2.0.3:8080".parse().unwrap()));
-        let ip: Ipv6Addr = "fd00::1:2".parse().unwrap();
-        let o = ip.octets();
-        let words =
-            [0, 1, 2, 3].map(|i| u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap()));
-        let v6 = OrigDst {
-            addr: words,
-            port: 443,
-            family: AF_INET6,
-            ..Default::default()
-        };
-        assert_eq!(orig_dst_addr(&v6), Some("[fd00::1:2]:443".parse().unwrap()));
-        let bad = OrigDst {
-            family: 99,
-            ..Default::default()
-        };
-        assert_eq!(orig_dst_addr(&bad), None);
     }
+    let (ns, name) = pod.workload.split_once('/').unwrap_or(("", &pod.workload));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "k8s.namespace.name={ns},k8s.pod.name={name},k8s.serviceaccount.name={}",
+        pod.identity.service_account()
+    )) {
+        headers.insert("baggage", v);
+    }
+    headers
 }

@@ -18,6 +18,7 @@ use ztunnel::{
     },
     identity::SpiffeId,
     kubernetes::ApiAccess,
+    metrics::Metrics,
     state::{Enrolment, EnrolmentPolicy, MeshSettings, Snapshot},
 };
 
@@ -33,6 +34,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 struct Source {
     rx: watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
     _handle: WatchHandle,
     _dir: TempDir,
 }
@@ -54,12 +56,14 @@ async fn start(server: &ApiServer, cgroups: &Path) -> Source {
     opts.retry_min = Duration::from_millis(20);
     opts.retry_max = Duration::from_millis(200);
     opts.netns_retry = Duration::from_millis(50);
-    let (rx, handle) = tokio::time::timeout(WAIT, kubernetes::watch(client, opts))
+    let metrics = Arc::new(Metrics::default());
+    let (rx, handle) = tokio::time::timeout(WAIT, kubernetes::watch(client, opts, metrics.clone()))
         .await
         .expect("first snapshot in time")
         .unwrap();
     Source {
         rx,
+        metrics,
         _handle: handle,
         _dir: dir,
     }
@@ -401,6 +405,53 @@ fn bad_objects_are_reported_and_skipped_keeping_their_last_good_version() {
                 && l.contains("last good version stays in force")),
         "{rejected:#?}"
     );
+}
+
+/// `ztunnel_config_rejected_total` counts the objects the Kubernetes source rejects, as it
+/// counts the directory source's rejected versions (it stayed at 0 under `--kubernetes`).
+#[tokio::test]
+async fn rejected_objects_count_in_the_config_rejected_metric() {
+    let server = ApiServer::start().await;
+    two_pods(&server);
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICTLY"}}
+    }));
+    let cgroups = TempDir::new("cgroups");
+    let mut source = start(&server, cgroups.path()).await;
+    let scraped = |metrics: &Metrics| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("ztunnel_config_rejected_total "))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        scraped(&source.metrics).as_deref(),
+        Some("1"),
+        "the bad PeerAuthentication"
+    );
+
+    // A second bad version of the same object counts again; a good one does not.
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICTEST"}}
+    }));
+    source.new_namespace(&server, "later").await;
+    assert_eq!(scraped(&source.metrics).as_deref(), Some("2"));
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICT"}}
+    }));
+    source
+        .until("the fixed policy", |s| s.peer_authentications.len() == 1)
+        .await;
+    assert_eq!(scraped(&source.metrics).as_deref(), Some("2"));
 }
 
 async fn relist_after_gone(gone: Gone) {

@@ -17,7 +17,7 @@ use k8s_openapi::api::{
 };
 use kube::api::{Api, ListParams, PostParams};
 
-use super::server::{AuthError, Authenticator};
+use super::auth::{AuthError, Authenticator};
 use crate::identity::{BoxFuture, SpiffeId};
 
 /// The audience Istio's CA clients request for their tokens.

@@ -1,4 +1,6 @@
-//! Enrolment: keeping the set of captured pods equal to what the configuration says.
+//! Enrolment, the node's reconciler: keeps the set of captured pods equal to what the
+//! configuration (and the CNI plugin) says. It stands above both capture (the kernel state)
+//! and the proxy (the listeners it serves), and is the only place that drives them together.
 //!
 //! Enrolling a pod opens the proxy's listeners inside the pod's netns, registers them for
 //! `sk_lookup`, attaches `sk_lookup` to the netns and marks the netns enrolled for outbound
@@ -8,6 +10,8 @@
 //! A pod's network namespace and addresses come from the CNI plugin when it reported the pod
 //! ([`crate::cni::registry`]), else from the configuration (the annotation of the directory
 //! source, or the netns found through cgroups and `status.podIPs` in a cluster).
+pub mod cni;
+
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -19,22 +23,21 @@ use anyhow::{Context as _, Result};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{error, info, warn};
 use ztunnel_common::{
-    ListenerKey, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LISTENER_HBONE,
-    LISTENER_INBOUND_PLAINTEXT, OUTBOUND_PORT,
+    ListenerKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT,
+    OUTBOUND_PORT,
 };
 
-use super::Capture;
 use crate::{
+    capture::Capture,
     cni::registry::{CniPod, CniPods, CniView},
     config::pod_netns::NsId,
     identity::SpiffeId,
+    model::Pod,
     netns::{socket_netns_cookie, Netns},
-    proxy::{PodContext, Proxy},
-    state::{Enrolment, EnrolmentPolicy, Pod, Snapshot},
+    proxy::{Listener, PodContext, Proxy},
+    socket::listen,
+    state::{Enrolment, EnrolmentPolicy, Snapshot},
 };
-
-/// Listen backlog of the per-pod listeners.
-const BACKLOG: i32 = 1024;
 
 /// Where an enrolment's network namespace comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -347,29 +350,13 @@ impl Enroller {
 
         let mut listeners = Vec::new();
         for ip in &ips {
-            let (addr, family, plain, hbone) = match ip {
-                IpAddr::V4(v4) => (
-                    [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-                    AF_INET,
-                    inbound_v4.as_ref(),
-                    hbone_v4.as_ref(),
-                ),
-                IpAddr::V6(v6) => {
-                    let o = v6.octets();
-                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    let addr = [w(0), w(4), w(8), w(12)];
-                    (addr, AF_INET6, inbound_v6.as_ref(), hbone_v6.as_ref())
-                }
+            let (plain, hbone) = match ip {
+                IpAddr::V4(_) => (inbound_v4.as_ref(), hbone_v4.as_ref()),
+                IpAddr::V6(_) => (inbound_v6.as_ref(), hbone_v6.as_ref()),
             };
             for (kind, sock) in [(LISTENER_INBOUND_PLAINTEXT, plain), (LISTENER_HBONE, hbone)] {
                 if let Some(sock) = sock {
-                    let key = ListenerKey {
-                        addr,
-                        family,
-                        _pad: 0,
-                        kind,
-                    };
-                    listeners.push((key, sock.as_fd()));
+                    listeners.push((ListenerKey::new(*ip, kind), sock.as_fd()));
                 }
             }
         }
@@ -395,23 +382,22 @@ impl Enroller {
             .map(socket2::Socket::try_clone)
             .collect::<std::io::Result<Vec<_>>>()
             .context("duplicating the listeners")?;
-        for l in outbound {
+        let sockets = (outbound.into_iter().map(|l| (Listener::Outbound, l)))
+            .chain(
+                [inbound_v4, inbound_v6]
+                    .into_iter()
+                    .flatten()
+                    .map(|l| (Listener::InboundPlaintext, l)),
+            )
+            .chain(
+                [hbone_v4, hbone_v6]
+                    .into_iter()
+                    .flatten()
+                    .map(|l| (Listener::Hbone, l)),
+            );
+        for (kind, l) in sockets {
             let l = TcpListener::from_std(l.into()).context("registering a listener")?;
-            tasks.push(tokio::spawn(
-                self.proxy.clone().serve_outbound(ctx.clone(), l),
-            ));
-        }
-        for l in [inbound_v4, inbound_v6].into_iter().flatten() {
-            let l = TcpListener::from_std(l.into()).context("registering a listener")?;
-            tasks.push(tokio::spawn(
-                self.proxy.clone().serve_inbound_plaintext(ctx.clone(), l),
-            ));
-        }
-        for l in [hbone_v4, hbone_v6].into_iter().flatten() {
-            let l = TcpListener::from_std(l.into()).context("registering a listener")?;
-            tasks.push(tokio::spawn(
-                self.proxy.clone().serve_inbound_hbone(ctx.clone(), l),
-            ));
+            tasks.push(tokio::spawn(self.proxy.clone().serve(ctx.clone(), kind, l)));
         }
         self.proxy.add_local_pod(ctx.clone());
         let source = match source {
@@ -472,22 +458,6 @@ fn stop_listening(pod: &EnrolledPod) {
         // (the aborted task drops its descriptor later).
         let _ = l.shutdown(std::net::Shutdown::Both);
     }
-}
-
-fn listen(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(BACKLOG)?;
-    Ok(s)
 }
 
 /// Name of a pod's pin under `pods/`: `<namespace>_<pod>`. bpffs refuses names with dots

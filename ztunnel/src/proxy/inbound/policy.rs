@@ -7,16 +7,15 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{PodContext, Proxy};
+use super::Inbound;
+use crate::proxy::PodContext;
 use crate::{
-    admin::metrics::DecisionLabels,
-    authz::{self, Decision, Unknowns},
+    authz::{self, Admission, CustomCheck, Decision, InboundCall, Unknowns},
+    metrics::{DecisionLabels, Layer, Outcome},
     state::Snapshot,
 };
 
-pub use crate::authz::{Admission, CustomCheck, InboundCall, Transport};
-
-impl Proxy {
+impl Inbound {
     /// Decides `call` to `pod` against `snapshot` ([`authz::admit`], which `ztunnel policy
     /// check` runs too).
     pub(super) fn admit(
@@ -40,24 +39,30 @@ impl Proxy {
     }
 
     /// Counts and logs a decision: every denial and every AUDIT match.
-    pub(super) fn record(&self, pod: &PodContext, call: &InboundCall, decision: &Decision) {
+    pub(super) fn record_decision(
+        &self,
+        pod: &PodContext,
+        call: &InboundCall,
+        decision: &Decision,
+    ) {
         let action = decision.action.map(|a| a.as_str()).unwrap_or("none");
         let outcome = if decision.allowed {
-            "allowed"
+            Outcome::Allowed
         } else {
-            "denied"
+            Outcome::Denied
         };
         let a = &call.attributes;
-        self.metrics
+        self.shared
+            .metrics
             .authz_decisions
             .get_or_create(&DecisionLabels {
                 policy: decision.policy.clone().unwrap_or_else(|| "none".into()),
-                action: action.to_owned(),
+                action,
                 decision: outcome,
                 layer: if a.http.is_some() {
-                    "request"
+                    Layer::Request
                 } else {
-                    "connection"
+                    Layer::Connection
                 },
             })
             .inc();
@@ -121,8 +126,8 @@ impl Proxy {
             | Admission::Custom(CustomCheck { denied: d, .. }) =
                 self.admit(&snapshot, &pod, &call, unknowns)
             {
-                self.record(&pod, &call, &d);
-                self.metrics.connections_revoked.inc();
+                self.record_decision(&pod, &call, &d);
+                self.shared.metrics.connections_revoked.inc();
                 return format!("no longer allowed: {}", d.reason);
             }
         }

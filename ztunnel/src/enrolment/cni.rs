@@ -1,7 +1,7 @@
-//! The proxy's answers to the CNI plugin, decided on the main loop (which owns the enroller
-//! and the configuration).
+//! The proxy's answers to the CNI plugin ([`crate::cni`]), decided on the main loop (which
+//! owns the enroller and the configuration).
 //!
-//! * ADD: the sandbox is registered ([`super::registry`]) and the enroller reconciles; the
+//! * ADD: the sandbox is registered ([`crate::cni::registry`]) and the enroller reconciles; the
 //!   answer is "enrolled" once its listeners are open, `sk_lookup` is attached and its netns is
 //!   in the enrolled map, "not captured" when the configuration says so (namespace not
 //!   labelled, pod opted out), and a failure otherwise. A pod (or its namespace) the
@@ -19,14 +19,14 @@ use std::{
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{info, warn};
 
-use super::{
-    node_state::NodeState,
-    protocol::{Command, Reply, Request},
-    registry::CniPod,
-    server::CniCall,
-};
+use super::{Enroller, PodStatus};
 use crate::{
-    capture::enrolment::{Enroller, PodStatus},
+    cni::{
+        node_state::NodeState,
+        protocol::{Command, Reply, Request},
+        registry::CniPod,
+        server::CniCall,
+    },
     netns::Netns,
     state::{Enrolment, EnrolmentPolicy, Snapshot},
 };
@@ -268,7 +268,7 @@ fn unusable(ip: &IpAddr) -> bool {
 }
 
 /// Whether the configuration knows the pod of `request` (same UID).
-fn pod_of<'a>(request: &Request, snapshot: &'a Snapshot) -> Result<&'a crate::state::Pod, String> {
+fn pod_of<'a>(request: &Request, snapshot: &'a Snapshot) -> Result<&'a crate::model::Pod, String> {
     let workload = format!("{}/{}", request.namespace, request.name);
     match snapshot
         .pods

@@ -1,52 +1,114 @@
-//! Prometheus metrics, served on 15020 (`/metrics`, OpenMetrics text).
+//! The proxy's counters, on a floor of their own: the configuration sources, the proxy paths
+//! and HBONE bump them, and the admin endpoint serves them on 15020 (`/metrics`, OpenMetrics
+//! text) with what it samples at scrape time ([`crate::admin`]).
 //!
 //! Connection metrics use Istio's names and labels (`istio_tcp_*`, `reporter`,
 //! `source_workload`, `destination_principal`...) so existing dashboards work; everything
-//! specific to this proxy is `ztunnel_*`. Counters that the proxy paths bump live here;
-//! values owned elsewhere (the HBONE pool, certificates, the configuration, the kernel's BPF
-//! program statistics) are read when scraped.
-use std::{
-    sync::{atomic::AtomicU64, Arc},
-    time::UNIX_EPOCH,
-};
+//! specific to this proxy is `ztunnel_*`.
+use std::sync::Arc;
 
 use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{
-        counter::{ConstCounter, Counter},
-        family::Family,
-        gauge::{ConstGauge, Gauge},
-    },
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use super::ProxyView;
+/// Label values this proxy decides: each has a fixed set of values, never text built at run
+/// time (an error message as a label value would make a new series per message).
+macro_rules! label_values {
+    ($($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $value:literal,)* })*) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value,)*
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+                std::fmt::Write::write_str(e, self.as_str())
+            }
+        }
+    )*};
+}
+
+label_values! {
+    /// Which proxy counted a connection.
+    Reporter {
+        /// The caller's proxy.
+        Source => "source",
+        Destination => "destination",
+    }
+    /// How a connection was carried.
+    Carrier {
+        Hbone => "hbone",
+        /// Inbound from outside the mesh.
+        Plaintext => "plaintext",
+        SameNode => "same_node",
+        /// Outbound to something that is not a mesh workload.
+        Passthrough => "passthrough",
+        /// From the node itself (kubelet probes; `source_workload` is `node`).
+        Node => "node",
+    }
+    /// Whether a connection was mutual TLS.
+    SecurityPolicy {
+        MutualTls => "mutual_tls",
+        None => "none",
+    }
+    /// Which side of a TLS handshake this proxy was.
+    Side {
+        /// The server (a peer connected to us).
+        Inbound => "inbound",
+        Outbound => "outbound",
+    }
+    /// What became of a call or request.
+    Outcome {
+        Allowed => "allowed",
+        Denied => "denied",
+        Refused => "refused",
+    }
+    /// What became of a connection from the node itself (a kubelet probe).
+    NodeOutcome {
+        Admitted => "admitted",
+        /// The application did not accept it.
+        ConnectFailed => "connect_failed",
+        Refused => "refused",
+    }
+    /// At which layer an authorization decision was made.
+    Layer {
+        /// When the connection arrived (L4).
+        Connection => "connection",
+        /// An HTTP request.
+        Request => "request",
+    }
+}
 
 /// Who a connection was between, as Istio labels it. Unknown values are `unknown`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
-    /// `source` (counted by the caller's proxy) or `destination`.
-    pub reporter: &'static str,
-    /// `hbone`, `plaintext` (inbound from outside the mesh), `same_node`, `passthrough`
-    /// (outbound to something that is not a mesh workload), or `node` (from the node itself:
-    /// kubelet probes; `source_workload` is `node`).
-    pub transport: &'static str,
+    pub reporter: Reporter,
+    pub transport: Carrier,
     pub source_workload: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
-    /// `mutual_tls` or `none`.
-    pub connection_security_policy: &'static str,
+    pub connection_security_policy: SecurityPolicy,
 }
 
 impl ConnectionLabels {
     /// `src` and `dst` are `(namespace/name, principal)`, each part unknown if `None`.
     pub fn new(
-        reporter: &'static str,
-        transport: &'static str,
+        reporter: Reporter,
+        transport: Carrier,
         src: (Option<&str>, Option<String>),
         dst: (Option<&str>, Option<String>),
         mutual_tls: bool,
@@ -66,7 +128,11 @@ impl ConnectionLabels {
             destination_workload: dw,
             destination_workload_namespace: dns,
             destination_principal: dst.1.unwrap_or_else(unknown),
-            connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" },
+            connection_security_policy: if mutual_tls {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::None
+            },
         }
     }
 }
@@ -102,30 +168,31 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// A reason: one of a fixed set, named by the type that decides it (`HboneRefusal`,
+/// `JwtFailure`, ...), as its `as_str`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
-    /// `inbound` (we are the server) or `outbound`.
-    pub direction: &'static str,
-    /// `ok`, or why it failed.
-    pub outcome: String,
+    pub direction: Side,
+    /// `ok`, or why it failed (`tls::classify`).
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MtlsModeLabels {
-    pub mode: String,
+    /// The PeerAuthentication mode (`STRICT`, `PERMISSIVE`, `DISABLE`).
+    pub mode: &'static str,
     /// `allowed` or `refused`.
-    pub outcome: &'static str,
+    pub outcome: Outcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeConnectionLabels {
-    /// `admitted`, `connect_failed` (the application did not accept) or `refused`.
-    pub outcome: &'static str,
+    pub outcome: NodeOutcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,11 +200,10 @@ pub struct DecisionLabels {
     /// `namespace/name` of the deciding policy, or `none`.
     pub policy: String,
     /// `ALLOW`, `DENY`, `CUSTOM`, or `none` when no policy applied.
-    pub action: String,
+    pub action: &'static str,
     /// `allowed` or `denied`.
-    pub decision: &'static str,
-    /// `connection` (decided at L4) or `request` (an HTTP request).
-    pub layer: &'static str,
+    pub decision: Outcome,
+    pub layer: Layer,
 }
 
 /// A counter by reason.
@@ -145,12 +211,8 @@ pub struct DecisionLabels {
 pub struct ByReason(Family<ReasonLabels, Counter>);
 
 impl ByReason {
-    pub fn add(&self, reason: &str) {
-        self.0
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
-            .inc();
+    pub fn add(&self, reason: &'static str) {
+        self.0.get_or_create(&ReasonLabels { reason }).inc();
     }
 }
 
@@ -178,6 +240,9 @@ pub struct Metrics {
     pub ext_authz_checks: ByReason,
     /// Connections open now (both reporters of a same-node connection count).
     pub active_connections: Gauge,
+    /// Configuration versions (a directory source) or objects (the Kubernetes source)
+    /// rejected; the last good one stayed in force. Applied ones show as the generation.
+    pub config_rejected: Counter,
 }
 
 impl Metrics {
@@ -257,6 +322,11 @@ impl Metrics {
                 "CUSTOM (ext-authz) checks by outcome",
                 m.ext_authz_checks.0.clone()
             ),
+            (
+                "ztunnel_config_rejected",
+                "Configuration versions rejected (the last good one stayed in force)",
+                m.config_rejected.clone()
+            ),
         );
     }
 
@@ -272,179 +342,9 @@ impl Metrics {
         }
     }
 
-    pub fn handshake(&self, direction: &'static str, outcome: &str) {
+    pub fn handshake(&self, direction: Side, outcome: &'static str) {
         self.tls_handshakes
-            .get_or_create(&HandshakeLabels {
-                direction,
-                outcome: outcome.to_owned(),
-            })
+            .get_or_create(&HandshakeLabels { direction, outcome })
             .inc();
     }
-}
-
-/// Configuration versions rejected (a bad file or object); applied ones show as the
-/// generation.
-pub static CONFIG_REJECTED: AtomicU64 = AtomicU64::new(0);
-
-/// Values owned by other parts (the pool, certificates, configuration, pins), read at scrape
-/// time.
-#[derive(Debug)]
-pub struct Sampled(pub Arc<ProxyView>);
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IdentityLabels {
-    identity: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ProgramLabels {
-    program: String,
-}
-
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
-    let c = ConstCounter::new(v);
-    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
-}
-
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
-    let g = ConstGauge::new(v);
-    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-impl Collector for Sampled {
-    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        use std::sync::atomic::Ordering::Relaxed;
-        let view = &self.0;
-        let proxy = &view.proxy;
-        let pool = proxy.mesh.pool.stats();
-        gauge(
-            &mut e,
-            "ztunnel_hbone_pool_connections",
-            "HBONE connections in the pool",
-            pool.connections as i64,
-        )?;
-        gauge(
-            &mut e,
-            "ztunnel_hbone_active_streams",
-            "CONNECT streams open on pooled HBONE connections",
-            pool.active_streams as i64,
-        )?;
-        counter(
-            &mut e,
-            "ztunnel_hbone_connections_opened",
-            "HBONE connections opened by the pool",
-            pool.connections_opened,
-        )?;
-        counter(
-            &mut e,
-            "ztunnel_hbone_streams_opened",
-            "CONNECT streams opened on pooled HBONE connections",
-            pool.streams_opened,
-        )?;
-
-        let certs = proxy.mesh.certs.current();
-        let expiry = ConstGauge::new(0i64);
-        let mut m = e.encode_descriptor(
-            "ztunnel_certificate_expiry_timestamp_seconds",
-            "When each workload certificate expires (Unix time)",
-            None,
-            expiry.metric_type(),
-        )?;
-        for cert in &certs {
-            let at = cert
-                .not_after
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
-            ConstGauge::new(at).encode(m.encode_family(&IdentityLabels {
-                identity: cert.id.to_string(),
-            })?)?;
-        }
-        counter(
-            &mut e,
-            "ztunnel_certificates_issued",
-            "Certificates obtained from the CA (first issues and rotations)",
-            proxy.mesh.certs.issued(),
-        )?;
-        counter(
-            &mut e,
-            "ztunnel_certificate_rotation_failures",
-            "Failed background certificate renewals",
-            proxy.mesh.certs.rotation_failures(),
-        )?;
-
-        let snapshot = proxy.snapshot();
-        gauge(
-            &mut e,
-            "ztunnel_config_generation",
-            "Generation of the configuration in force (1 = the first load)",
-            snapshot.generation as i64,
-        )?;
-        counter(
-            &mut e,
-            "ztunnel_config_reloads",
-            "Configuration versions applied after the first load",
-            snapshot.generation.saturating_sub(1),
-        )?;
-        counter(
-            &mut e,
-            "ztunnel_config_rejected",
-            "Configuration versions rejected (the last good one stayed in force)",
-            CONFIG_REJECTED.load(Relaxed),
-        )?;
-        gauge(
-            &mut e,
-            "ztunnel_config_problems",
-            "Problems found in the configuration in force (see the logs)",
-            snapshot.problems.len() as i64,
-        )?;
-        gauge(
-            &mut e,
-            "ztunnel_enrolled_pods",
-            "Pods whose traffic this proxy captures",
-            proxy.local_workloads().len() as i64,
-        )?;
-
-        // Per pinned program, as the kernel counts it (only while BPF statistics are on).
-        let programs = crate::capture::inventory::programs(&view.bpf_dir);
-        let runs = ConstCounter::new(0u64);
-        let mut m = e.encode_descriptor(
-            "ztunnel_bpf_program_runs",
-            "Runs of each pinned eBPF program (needs kernel.bpf_stats_enabled=1)",
-            None,
-            runs.metric_type(),
-        )?;
-        for p in &programs {
-            ConstCounter::new(p.run_count).encode(m.encode_family(&ProgramLabels {
-                program: p.pin.clone(),
-            })?)?;
-        }
-        let mut m = e.encode_descriptor(
-            "ztunnel_bpf_program_run_time_seconds",
-            "Time spent in each pinned eBPF program (needs kernel.bpf_stats_enabled=1)",
-            None,
-            runs.metric_type(),
-        )?;
-        for p in &programs {
-            ConstCounter::new(p.run_time.as_secs_f64()).encode(m.encode_family(
-                &ProgramLabels {
-                    program: p.pin.clone(),
-                },
-            )?)?;
-        }
-        gauge(
-            &mut e,
-            "ztunnel_bpf_stats_enabled",
-            "Whether the kernel collects eBPF run statistics (kernel.bpf_stats_enabled)",
-            (view.bpf_stats_held || crate::capture::inventory::stats_enabled()) as i64,
-        )
-    }
-}
-
-/// The registry with every metric, ready to serve.
-pub fn registry(metrics: &Metrics, sampled: Sampled) -> Registry {
-    let mut registry = Registry::default();
-    metrics.register(&mut registry);
-    registry.register_collector(Box::new(sampled));
-    registry
 }

@@ -1,6 +1,8 @@
 //! `ztunnel policy check`: would this call be allowed, and why? It builds the call the proxy
-//! would see and runs the proxy's own decision ([`admit`]) on it.
+//! would see and runs the proxy's own decision ([`admit`]) on it, over the same snapshot a
+//! configuration directory gives the proxy.
 use std::{
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -9,15 +11,17 @@ use jsonwebtoken::jwk::JwkSet;
 
 use serde::Serialize;
 
-use super::{
-    admit,
-    evaluate::RequestAuth,
-    request_authentication::{authenticate, JwtOutcome, JwtRule, Keys, TokenLocation, TokenSource},
-    Admission, CustomCheck, Decision, HttpRequest, InboundCall, Transport, Unknowns,
+use crate::authz::{
+    admit, jwks,
+    request_authentication::{
+        authenticate, JwtError, JwtOutcome, JwtRule, Keys, TokenLocation, TokenSource,
+    },
+    Admission, CustomCheck, Decision, HttpRequest, InboundCall, RequestAuth, Transport, Unknowns,
 };
 use crate::{
     identity::SpiffeId,
-    state::{EnrolmentPolicy, Pod, Snapshot},
+    model::Pod,
+    state::{EnrolmentPolicy, Snapshot},
 };
 
 /// Who calls.
@@ -51,11 +55,28 @@ pub struct CheckRequest {
     pub enrolment: EnrolmentPolicy,
 }
 
+/// Whether the call would be let through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Allow => "ALLOW",
+            Verdict::Deny => "DENY",
+        })
+    }
+}
+
 /// The answer, as printed with `--output json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckResult {
     /// `ALLOW` or `DENY`.
-    pub decision: &'static str,
+    pub decision: Verdict,
     /// 200, or 403 for a denial.
     pub status: u16,
     pub policy: Option<String>,
@@ -250,7 +271,11 @@ fn result(
     http: bool,
 ) -> CheckResult {
     CheckResult {
-        decision: if d.allowed { "ALLOW" } else { "DENY" },
+        decision: if d.allowed {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        },
         status,
         policy: d.policy.clone(),
         rule: d.rule,
@@ -268,6 +293,36 @@ fn result(
     }
 }
 
+/// Fetches every key set a RequestAuthentication of `snapshot` names by `jwksUri`, once, as
+/// the proxy would. One that cannot be fetched is reported (on stderr) and left out, so tokens
+/// of its issuer are refused as the proxy would refuse them; `Err` only if no runtime starts.
+pub fn fetch_key_sets(snapshot: &Snapshot) -> Result<HashMap<String, Arc<JwkSet>>, String> {
+    let uris: BTreeSet<String> = snapshot
+        .request_authentications
+        .iter()
+        .flat_map(|ra| &ra.rules)
+        .filter_map(|r| match &r.keys {
+            Keys::Uri(uri) => Some(uri.clone()),
+            Keys::Inline(_) => None,
+        })
+        .collect();
+    let mut fetched = HashMap::new();
+    if uris.is_empty() {
+        return Ok(fetched);
+    }
+    let rt = tokio::runtime::Runtime::new().map_err(|e| format!("starting the runtime: {e}"))?;
+    for uri in uris {
+        match rt.block_on(tokio::time::timeout(jwks::TIMEOUT, jwks::fetch(&uri))) {
+            Ok(Ok(set)) => {
+                fetched.insert(uri, Arc::new(set));
+            }
+            Ok(Err(e)) => eprintln!("warning: fetching {uri}: {e}"),
+            Err(_) => eprintln!("warning: fetching {uri}: timed out"),
+        }
+    }
+    Ok(fetched)
+}
+
 /// Validates `token` as the workload's RequestAuthentications would, wherever they look for
 /// tokens. `Ok(None)` when none applies (the token is then ignored, as in Istio).
 fn authenticate_token(
@@ -275,7 +330,7 @@ fn authenticate_token(
     pod: &Pod,
     token: &str,
     jwks: &dyn Fn(&str) -> Option<Arc<JwkSet>>,
-) -> Result<Option<RequestAuth>, String> {
+) -> Result<Option<RequestAuth>, JwtError> {
     let rules: Vec<&JwtRule> = snapshot
         .request_authentications_for(pod)
         .into_iter()
@@ -416,7 +471,7 @@ spec: {action: AUDIT, rules: [{}]}
         r.method = Some("GET".into());
         r.path = Some("/api/items?x=1".into());
         let a = check(&s, &r, &|_| None).unwrap();
-        assert_eq!((a.decision, a.status), ("ALLOW", 200), "{a:?}");
+        assert_eq!((a.decision, a.status), (Verdict::Allow, 200), "{a:?}");
         assert_eq!(a.policy.as_deref(), Some("istioinaction/webapp-get"));
         assert_eq!(a.rule, Some(0));
         assert!(a.audit, "the mesh-wide AUDIT marks it");
@@ -425,7 +480,7 @@ spec: {action: AUDIT, rules: [{}]}
 
         r.method = Some("POST".into());
         let a = check(&s, &r, &|_| None).unwrap();
-        assert_eq!((a.decision, a.status), ("DENY", 403));
+        assert_eq!((a.decision, a.status), (Verdict::Deny, 403));
         assert!(
             a.reason.contains("none of their rules matched"),
             "{}",
@@ -437,7 +492,7 @@ spec: {action: AUDIT, rules: [{}]}
         r.method = Some("GET".into());
         r.path = Some("/api/items".into());
         let a = check(&s, &r, &|_| None).unwrap();
-        assert_eq!((a.decision, a.transport), ("DENY", "plaintext"));
+        assert_eq!((a.decision, a.transport), (Verdict::Deny, "plaintext"));
         assert_eq!(a.source_ip, Some("10.1.0.4".parse().unwrap()));
 
         // A connection only: it depends on the request, and is denied as opaque traffic.
@@ -449,7 +504,7 @@ spec: {action: AUDIT, rules: [{}]}
             &|_| None,
         )
         .unwrap();
-        assert_eq!((a.decision, a.evaluated_as), ("DENY", "tcp"));
+        assert_eq!((a.decision, a.evaluated_as), (Verdict::Deny, "tcp"));
         assert!(
             a.reason.contains("depends on the HTTP request"),
             "{}",
@@ -478,13 +533,13 @@ spec: {action: AUDIT, rules: [{}]}
         let mut r = request(Caller::Plaintext);
         r.jwt = Some(token(&idp, claims("admin", 600)));
         let a = check(&s, &r, &|_| None).unwrap();
-        assert_eq!((a.decision, a.status), ("ALLOW", 200), "{a:?}");
+        assert_eq!((a.decision, a.status), (Verdict::Allow, 200), "{a:?}");
         assert_eq!(a.policy.as_deref(), Some("istioinaction/admins"));
         r.jwt = Some(token(&idp, claims("user", 600)));
         assert_eq!(check(&s, &r, &|_| None).unwrap().status, 403);
         r.jwt = Some(token(&idp, claims("admin", -3600)));
         let a = check(&s, &r, &|_| None).unwrap();
-        assert_eq!((a.decision, a.status), ("DENY", 401));
+        assert_eq!((a.decision, a.status), (Verdict::Deny, 401));
         assert!(a.reason.contains("Expired"), "{}", a.reason);
     }
 

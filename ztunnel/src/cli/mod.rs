@@ -1,0 +1,490 @@
+//! The `ztunnel` command line: the daemon (`run`, carried out by [`crate::app`]) and the
+//! operator's commands (`policy check`, `bpf status|uninstall`, `ca init|serve`).
+mod bpf;
+mod cni;
+mod policy;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub use self::{
+    bpf::status as bpf_status, cni::command as cni_command, policy::check as policy_check,
+};
+use crate::{
+    cni as cni_plugin,
+    identity::{istio_ca, CaFiles, SpiffeId},
+    kubernetes::ApiAccess,
+    logging::{self, LogFormat},
+    ports,
+    state::EnrolmentPolicy,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "eBPF-accelerated node proxy for ambient meshes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the node proxy.
+    Run(Box<RunArgs>),
+    /// Inspect or remove the pinned BPF state.
+    Bpf {
+        #[command(subcommand)]
+        command: BpfCommand,
+    },
+    /// Manage the embedded certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Ask the policies of a configuration directory.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Install or remove the chained CNI plugin (`ztunnel-cni`) that captures new pods before
+    /// they start.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CniCommand {
+    /// Copy `ztunnel-cni` into the CNI bin directory and add it at the end of the plugin chain
+    /// of the node's network (the first .conflist of the conf directory). Idempotent.
+    Install {
+        /// The CNI plugin directory of the node (containerd's `bin_dir`, e.g. /opt/cni/bin).
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// The CNI configuration directory of the node (e.g. /etc/cni/net.d).
+        #[arg(long)]
+        conf_dir: PathBuf,
+        /// The node proxy's CNI socket (`run --cni-socket`), written into the plugin's entry.
+        #[arg(long, default_value = cni_plugin::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The plugin binary to install [default: `ztunnel-cni` next to this binary].
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
+    /// Remove the plugin's entry from every conflist of the conf directory, then the binary
+    /// and the node state file next to the socket.
+    Uninstall {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = cni_plugin::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Would this call be allowed, and why? Runs the proxy's own decision. Exit status: 0
+    /// allowed, 1 denied, 2 bad input or configuration.
+    Check(Box<CheckArgs>),
+}
+
+#[derive(Parser)]
+#[command(group(clap::ArgGroup::new("caller").required(true).args(["from", "from_principal", "from_plaintext"])))]
+pub struct CheckArgs {
+    /// Directory of Kubernetes-shaped YAML, as for `run`.
+    #[arg(long)]
+    pub config_dir: PathBuf,
+    /// The destination pod, namespace/name.
+    #[arg(long)]
+    pub to: String,
+    /// The destination (target) port [default: the pod's first container port].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The calling pod, namespace/name: mTLS as its identity if it is in the mesh, else plaintext.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// An mTLS caller with this SPIFFE id (spiffe:// optional).
+    #[arg(long)]
+    pub from_principal: Option<String>,
+    /// A plaintext caller from outside the mesh.
+    #[arg(long)]
+    pub from_plaintext: bool,
+    /// The caller's address.
+    #[arg(long)]
+    pub from_ip: Option<std::net::IpAddr>,
+    /// HTTP method (describing any HTTP attribute makes it an HTTP request; GET by default).
+    #[arg(long)]
+    pub method: Option<String>,
+    #[arg(long)]
+    pub path: Option<String>,
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A request header, 'name: value' (repeatable).
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+    /// A JWT for RequestAuthentication.
+    #[arg(long)]
+    pub jwt: Option<String>,
+    #[arg(long)]
+    pub sni: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    #[arg(long, default_value = "istio.io/dataplane-mode=ambient", value_parser = EnrolmentPolicy::parse_label)]
+    pub ambient_label: (String, String),
+    #[arg(long, default_value = "istio.io/dataplane-mode=none", value_parser = EnrolmentPolicy::parse_label)]
+    pub opt_out_label: (String, String),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA (root-cert.pem, root-key.pem) in a directory, for `run --ca-dir`.
+    Init {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Lifetime of the root certificate.
+        #[arg(long, default_value = "3650d", value_parser = parse_duration)]
+        validity: Duration,
+        /// Replace an existing CA (every certificate it issued stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve Istio's CSR API (istio.v1.auth.IstioCertificateService) from an embedded CA, for
+    /// proxies started with `run --ca-address`.
+    Serve {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// A DNS name the service's certificate carries (repeat for more), for clients that
+        /// verify the CA by the name they dial, as Istio's ztunnel does. Default: ztunnel-ca,
+        /// ztunnel-ca.istio-system, ztunnel-ca.istio-system.svc and
+        /// ztunnel-ca.istio-system.svc.cluster.local.
+        #[arg(long = "dns-san", value_name = "NAME")]
+        dns_sans: Vec<String>,
+        /// An IP the service's certificate carries (repeat for more), for clients that dial it
+        /// by address (e.g. its Service's ClusterIP). Default: the --listen IP unless it is
+        /// 0.0.0.0 or [::].
+        #[arg(long = "ip-san", value_name = "IP")]
+        ip_sans: Vec<std::net::IpAddr>,
+        /// Bearer token clients must present. Without it (or --kubernetes) every client is
+        /// served: local use only.
+        #[arg(long, conflicts_with = "kubernetes")]
+        token_file: Option<PathBuf>,
+        /// Authenticate node proxies by their service account tokens (TokenReview) and sign
+        /// only identities of pods on the caller's node. In-cluster API access.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: reach the API through this kubeconfig instead (outside a cluster).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// With --kubernetes: the node proxies' service account, namespace/name.
+        #[arg(long, default_value = "istio-system/ztunnel", requires = "kubernetes")]
+        node_proxy_service_account: istio_ca::token_review::ServiceAccount,
+        /// With --kubernetes: the audience node proxies' tokens must be issued for.
+        #[arg(long, default_value = istio_ca::token_review::ISTIO_CA_AUDIENCE, requires = "kubernetes")]
+        token_audience: String,
+    },
+}
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Parses `90s`, `15m`, `24h`, `30d` (or plain seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like 90s, 15m, 24h or 30d, got {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!(
+                "unknown duration unit {unit:?} in {s:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    if secs == 0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[derive(Subcommand)]
+pub enum BpfCommand {
+    /// What is pinned where (programs with run statistics, links, maps), which pods are
+    /// enrolled, and the bpftool commands to dig deeper. Works whether or not the proxy runs.
+    Status {
+        #[arg(long, default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Remove every pinned program, link and map of a node proxy (detaches capture).
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+    },
+}
+
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/ztunnel";
+
+#[derive(Parser)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config_dir", "kubernetes"])))]
+pub struct RunArgs {
+    /// Directory of Kubernetes-shaped YAML (Namespaces, Pods, Services, Istio policies).
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster service account) instead of a directory.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// With --kubernetes: reach the API through this kubeconfig's current context instead
+    /// (outside a cluster).
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name: only pods with this `spec.nodeName` are captured here.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Pin directory on bpffs (one per node proxy).
+    #[arg(long, default_value = DEFAULT_BPF_DIR)]
+    pub bpf_dir: PathBuf,
+    /// cgroup v2 directory to attach the connect programs to [default: the cgroup2 root].
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// cgroup v2 directory the node's own processes (the kubelet) live below, where the
+    /// program that recognises their connections to pods (probes) attaches [default: --cgroup].
+    #[arg(long)]
+    pub node_cgroup: Option<PathBuf>,
+    /// Serve the `ztunnel-cni` plugin on this unix socket, so new pods are captured before
+    /// they start (`ztunnel cni install` points the plugin here; conventionally
+    /// /var/run/ztunnel/cni.sock). The node state file the plugin falls back on is written
+    /// next to it. Without it, pods are enrolled when the configuration reports them.
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
+    /// How long a CNI ADD waits for a pod the configuration does not show yet before it fails
+    /// (the kubelet then retries the sandbox).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub cni_pod_wait: Duration,
+    /// Namespace label that enrols a namespace's pods, as key=value.
+    #[arg(long, default_value = "istio.io/dataplane-mode=ambient", value_parser = EnrolmentPolicy::parse_label)]
+    pub ambient_label: (String, String),
+    /// Pod label that opts a pod out of capture, as key=value.
+    #[arg(long, default_value = "istio.io/dataplane-mode=none", value_parser = EnrolmentPolicy::parse_label)]
+    pub opt_out_label: (String, String),
+    /// Istio's root namespace: PeerAuthentications there without a selector apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Directory of the embedded CA (see `ztunnel ca init`): workload certificates are issued
+    /// in-process from its root. One of --ca-dir and --ca-address is required: there is no
+    /// plaintext mode between nodes.
+    #[arg(
+        long,
+        required_unless_present = "ca_address",
+        conflicts_with = "ca_address"
+    )]
+    pub ca_dir: Option<PathBuf>,
+    /// Address of an Istio-compatible CA (istiod, or `ztunnel ca serve`): host:port.
+    #[arg(long, requires = "ca_root")]
+    pub ca_address: Option<String>,
+    /// The mesh root certificate (PEM): verifies the CA service and every peer.
+    #[arg(long)]
+    pub ca_root: Option<PathBuf>,
+    /// File holding the bearer token sent to the CA (re-read on every request).
+    #[arg(long)]
+    pub ca_token_file: Option<PathBuf>,
+    /// Verify the CA service by this SPIFFE id instead of the host name dialled (`ztunnel ca
+    /// serve` runs as spiffe://<trust-domain>/ns/istio-system/sa/ztunnel-ca).
+    #[arg(long)]
+    pub ca_identity: Option<SpiffeId>,
+    /// Lifetime requested for workload certificates; they are renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_validity: Duration,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::METRICS_PORT)))]
+    pub metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::READINESS_PORT)))]
+    pub readiness_addr: SocketAddr,
+    /// Admin API (config dump, certificates, BPF state, log level). Keep it on loopback: it
+    /// shows the whole configuration and changes the log level.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN_PORT)))]
+    pub admin_addr: SocketAddr,
+    /// On SIGTERM, how long open connections may go on (after the listeners close and a new
+    /// proxy can take over) before they are reset.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Wait this long for a proxy that is shutting down to release the pin directory (the
+    /// next proxy of a rolling restart). Without it, a busy directory is an error at once.
+    #[arg(long, value_parser = parse_duration)]
+    pub takeover_wait: Option<Duration>,
+    /// Turn on the kernel's eBPF run statistics while the proxy runs (as
+    /// `sysctl kernel.bpf_stats_enabled=1` does; costs a few ns per program run).
+    #[arg(long)]
+    pub bpf_stats: bool,
+}
+
+/// `ca init` (a root CA in a directory) and `ca serve` (Istio's CSR API from it, until the
+/// process is stopped).
+pub fn ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init {
+            ca_dir,
+            trust_domain,
+            validity,
+            force,
+        } => CaFiles::init(&ca_dir, &trust_domain, validity, force)
+            .map(|_| {
+                println!(
+                    "created a root CA for {trust_domain} in {}",
+                    ca_dir.display()
+                )
+            })
+            .with_context(|| format!("creating a CA in {}", ca_dir.display())),
+        CaCommand::Serve {
+            ca_dir,
+            listen,
+            dns_sans,
+            ip_sans,
+            token_file,
+            kubernetes,
+            kubeconfig,
+            node_proxy_service_account,
+            token_audience,
+        } => {
+            let _ = logging::init(LogFormat::Text);
+            let callers = match (kubernetes, token_file) {
+                (true, _) => istio_ca::CallerAuth::Kubernetes {
+                    access: ApiAccess::new(kubeconfig),
+                    node_proxy: node_proxy_service_account,
+                    audience: token_audience,
+                },
+                (false, Some(file)) => istio_ca::CallerAuth::TokenFile(file),
+                (false, None) => istio_ca::CallerAuth::Anyone,
+            };
+            tokio::runtime::Runtime::new()
+                .context("starting the runtime")
+                .and_then(|rt| {
+                    rt.block_on(istio_ca::run_ca_service(istio_ca::CaServiceOptions {
+                        ca_dir,
+                        listen,
+                        callers,
+                        names: serving_names(listen, dns_sans, ip_sans),
+                    }))
+                })
+        }
+    }
+}
+
+/// The CA service's certificate names: each list given replaces its default.
+fn serving_names(
+    listen: std::net::SocketAddr,
+    dns: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+) -> istio_ca::ServingNames {
+    let defaults = istio_ca::ServingNames::defaults(listen);
+    istio_ca::ServingNames {
+        dns: if dns.is_empty() { defaults.dns } else { dns },
+        ips: if ips.is_empty() { defaults.ips } else { ips },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags the Kubernetes manifests rely on.
+    #[test]
+    fn configuration_source_and_ca_authentication_flags() {
+        let parse = |args: &str| Cli::try_parse_from(args.split_whitespace());
+        for ok in [
+            "ztunnel run --kubernetes --node-name n --ca-dir d",
+            "ztunnel run --kubernetes --kubeconfig k --node-name n --ca-dir d",
+            "ztunnel run --config-dir c --node-name n --ca-dir d",
+            "ztunnel ca serve --ca-dir d --kubernetes",
+            "ztunnel ca serve --ca-dir d --kubernetes --kubeconfig k --node-proxy-service-account ns/sa --token-audience a",
+            "ztunnel ca serve --ca-dir d --token-file t",
+            "ztunnel ca serve --ca-dir d --dns-san ca.example --dns-san ca --ip-san 10.96.0.5",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}: {:?}", parse(ok).err());
+        }
+        for bad in [
+            "ztunnel run --node-name n --ca-dir d",
+            "ztunnel run --config-dir c --kubernetes --node-name n --ca-dir d",
+            "ztunnel run --kubeconfig k --node-name n --ca-dir d",
+            "ztunnel ca serve --ca-dir d --kubernetes --token-file t",
+            "ztunnel ca serve --ca-dir d --kubeconfig k",
+            "ztunnel ca serve --ca-dir d --kubernetes --node-proxy-service-account ztunnel",
+            "ztunnel ca serve --ca-dir d --ip-san not-an-ip",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn ca_service_names_replace_their_defaults_one_list_at_a_time() {
+        let listen = "10.0.0.7:15012".parse().unwrap();
+        let defaults = serving_names(listen, vec![], vec![]);
+        assert_eq!(defaults, istio_ca::ServingNames::defaults(listen));
+        let dns_only = serving_names(listen, vec!["ca.example".into()], vec![]);
+        assert_eq!(dns_only.dns, ["ca.example"]);
+        assert_eq!(dns_only.ips, defaults.ips);
+    }
+
+    /// Every `ztunnel` command line of the rendered manifests parses.
+    #[test]
+    fn the_manifests_command_lines_parse() {
+        use serde::Deserialize as _;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ztunnel.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut checked = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let doc = serde_yaml::Value::deserialize(doc).unwrap();
+            let containers = &doc["spec"]["template"]["spec"]["containers"];
+            for c in containers.as_sequence().into_iter().flatten() {
+                if c["command"][0].as_str() != Some("ztunnel") {
+                    continue;
+                }
+                let args: Vec<&str> = c["args"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap())
+                    .collect();
+                let line = std::iter::once("ztunnel").chain(args.iter().copied());
+                if let Err(e) = Cli::try_parse_from(line) {
+                    panic!("{args:?}: {e}");
+                }
+                checked.push(args[0].to_owned());
+            }
+        }
+        checked.sort();
+        assert_eq!(checked, ["ca", "run"], "the node proxy and the CA");
+    }
+}

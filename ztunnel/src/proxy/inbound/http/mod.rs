@@ -1,0 +1,325 @@
+//! Per-request authorization (L7). A connection to a workload whose policies need HTTP
+//! attributes (methods, paths, hosts, headers) is parsed as HTTP/1.1 or HTTP/2 with hyper, and
+//! each request is decided on its own with the very same evaluator as connections: allowed
+//! requests are forwarded to the application over one upstream connection of the same HTTP
+//! version, denied ones are answered `403 RBAC: access denied` without reaching it.
+//!
+//! What is not HTTP is decided once, as Istio settles HTTP rules for opaque traffic (a DENY
+//! rule matches, an ALLOW rule does not). A client that sends nothing within
+//! [`sniff::SNIFF_TIMEOUT`] (a server-speaks-first protocol) is treated as opaque too.
+//!
+//! * [`sniff`]: HTTP/1.1, HTTP/2 or opaque, from the first bytes;
+//! * [`jwt`]: RequestAuthentication of each request;
+//! * [`ext_authz`]: the CUSTOM provider's answer;
+//! * here: the request loop, which decides each request and forwards the allowed ones.
+mod ext_authz;
+mod jwt;
+mod sniff;
+
+use std::{
+    future::Future,
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use tracing::{info, warn};
+
+use self::{
+    ext_authz::ProviderAnswer,
+    sniff::{sniff, Protocol, Replay},
+};
+use super::Inbound;
+use crate::{
+    authz::{Admission, CustomCheck, HttpRequest, InboundCall, Unknowns},
+    proxy::PodContext,
+    relay::{relay_until, Duplex, Relayed},
+};
+
+pub(super) type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The upstream connection to the application, in the client's HTTP version.
+enum Upstream {
+    /// HTTP/1.1 carries one request at a time; the server side is sequential too.
+    H1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl Upstream {
+    async fn send(&self, req: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Upstream::H1(s) => {
+                let mut s = s.lock().await;
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Upstream::H2(s) => s.clone().send_request(req).await,
+        }
+    }
+}
+
+pub(super) fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// The request's host: HTTP/2's `:authority`, or HTTP/1.1's `Host`.
+pub(super) fn request_host(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+/// The HTTP attributes policies see.
+fn http_attributes(req: &Request<Incoming>) -> HttpRequest {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (name, value) in req.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        match headers.iter_mut().find(|(n, _)| n == name.as_str()) {
+            Some((_, v)) => {
+                v.push(',');
+                v.push_str(&value);
+            }
+            None => headers.push((name.as_str().to_owned(), value.into_owned())),
+        }
+    }
+    let host = request_host(req);
+    HttpRequest {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        host,
+        headers,
+        auth: None,
+    }
+}
+
+pub(super) type Headers = Vec<(header::HeaderName, header::HeaderValue)>;
+
+/// Sets (replacing) each header.
+pub(super) fn set_headers(h: &mut http::HeaderMap, headers: Headers) {
+    for (name, value) in headers {
+        h.insert(name, value);
+    }
+}
+
+impl Inbound {
+    /// Carries a connection whose requests must be decided one by one, until it ends or
+    /// `revoke` yields. `upstream` is the application's socket.
+    pub(super) async fn serve_per_request<D>(
+        self: &Arc<Self>,
+        pod: Arc<PodContext>,
+        call: InboundCall,
+        mut downstream: D,
+        upstream: TcpStream,
+        revoke: impl Future<Output = String>,
+    ) -> Relayed
+    where
+        D: Duplex + AsyncRead + AsyncWrite + Unpin,
+    {
+        let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let done = |error: Option<io::Error>, revoked: Option<String>| Relayed {
+            sent: read.load(Ordering::Relaxed),
+            received: written.load(Ordering::Relaxed),
+            error,
+            revoked,
+        };
+        let (protocol, prefix) = match sniff(&mut downstream).await {
+            Ok(x) => x,
+            Err(e) => return done(Some(e), None),
+        };
+        if protocol == Protocol::Opaque {
+            let snapshot = self.shared.snapshot();
+            let mut upstream = upstream;
+            return match self.admit(&snapshot, &pod, &call, Unknowns::Conservative) {
+                Admission::Allowed(d) => {
+                    self.record_decision(&pod, &call, &d);
+                    // What was read to sniff goes first, then the engine carries the rest.
+                    if let Err(e) = upstream.write_all(&prefix).await {
+                        return done(Some(e), None);
+                    }
+                    let mut r = relay_until(downstream, upstream, revoke).await;
+                    r.sent += prefix.len() as u64;
+                    r
+                }
+                Admission::Denied(d)
+                | Admission::MtlsRequired(d)
+                | Admission::Custom(CustomCheck { denied: d, .. }) => {
+                    self.record_decision(&pod, &call, &d);
+                    let reason = format!("traffic is not HTTP: {}", d.reason);
+                    done(
+                        Some(io::Error::new(io::ErrorKind::PermissionDenied, reason)),
+                        None,
+                    )
+                }
+                Admission::PerRequest => unreachable!("conservative decisions are final"),
+            };
+        }
+        let downstream = Replay {
+            prefix: Bytes::from(prefix),
+            inner: downstream,
+            read: read.clone(),
+            written: written.clone(),
+        };
+
+        let io = TokioIo::new(upstream);
+        let sender = if protocol == Protocol::Http2 {
+            match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
+                Ok((sender, conn)) => {
+                    tokio::spawn(conn);
+                    Upstream::H2(sender)
+                }
+                Err(e) => return done(Some(io::Error::other(e)), None),
+            }
+        } else {
+            match hyper::client::conn::http1::handshake(io).await {
+                Ok((sender, conn)) => {
+                    tokio::spawn(conn);
+                    Upstream::H1(tokio::sync::Mutex::new(sender))
+                }
+                Err(e) => return done(Some(io::Error::other(e)), None),
+            }
+        };
+        let sender = Arc::new(sender);
+        let proxy = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (proxy, pod, sender) = (proxy.clone(), pod.clone(), sender.clone());
+            let mut call = call.clone();
+            async move {
+                let start = Instant::now();
+                let snapshot = proxy.shared.snapshot();
+                let mut req = req;
+                let auth = match proxy.authenticate(&snapshot, &pod, &mut req).await {
+                    Ok(auth) => auth,
+                    Err(reason) => {
+                        proxy.shared.metrics.jwt_failures.add(reason.kind.as_str());
+                        warn!(dst_workload = %pod.workload,
+                            src_principal = call.attributes.source_principal.as_deref(),
+                            src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
+                            method = %req.method(), path = req.uri().path(), reason = %reason,
+                            "authentication failed");
+                        info!(direction = "inbound", dst_workload = %pod.workload,
+                            src_principal = call.attributes.source_principal.as_deref(),
+                            method = %req.method(), path = req.uri().path(), status = 401,
+                            error = %reason, duration_ms = start.elapsed().as_millis() as u64,
+                            "http request");
+                        let mut r =
+                            text_response(StatusCode::UNAUTHORIZED, "Jwt verification fails");
+                        r.headers_mut().insert(
+                            header::WWW_AUTHENTICATE,
+                            header::HeaderValue::from_static(
+                                "Bearer realm=\"ztunnel\", error=\"invalid_token\"",
+                            ),
+                        );
+                        return Ok(r);
+                    }
+                };
+                let mut custom_response = None;
+                let mut attributes = http_attributes(&req);
+                attributes.auth = auth;
+                call.attributes.http = Some(attributes);
+                let mut admission = proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative);
+                let mut to_client = Vec::new();
+                if let Admission::Custom(check) = &admission {
+                    match proxy.ask_provider(&snapshot, check, &req).await {
+                        ProviderAnswer::Allow {
+                            to_app,
+                            to_client: headers_to_client,
+                        } => {
+                            set_headers(req.headers_mut(), to_app);
+                            to_client = headers_to_client;
+                            // The provider allowed: DENY and ALLOW policies decide now.
+                            call.attributes.custom_allowed = true;
+                            admission = proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative);
+                        }
+                        ProviderAnswer::Deny { response, reason } => {
+                            let mut d = check.denied.clone();
+                            d.reason = format!("{}: {reason}", d.reason);
+                            proxy.record_decision(&pod, &call, &d);
+                            admission = Admission::Denied(d);
+                            custom_response = Some(response);
+                        }
+                    }
+                }
+                let (response, decision) = match admission {
+                    Admission::Allowed(d) => {
+                        proxy.record_decision(&pod, &call, &d);
+                        let response = match sender.send(req).await {
+                            Ok(r) => {
+                                let mut r = r.map(BodyExt::boxed);
+                                set_headers(r.headers_mut(), to_client);
+                                r
+                            }
+                            Err(e) => {
+                                info!(dst_workload = %pod.workload, error = %e,
+                                        "forwarding a request to the application failed");
+                                text_response(StatusCode::BAD_GATEWAY, "upstream failed\n")
+                            }
+                        };
+                        (response, d)
+                    }
+                    Admission::Denied(d)
+                    | Admission::MtlsRequired(d)
+                    | Admission::Custom(CustomCheck { denied: d, .. }) => {
+                        let response = match custom_response.take() {
+                            // Recorded above, with the provider's reason.
+                            Some(r) => r,
+                            None => {
+                                proxy.record_decision(&pod, &call, &d);
+                                text_response(StatusCode::FORBIDDEN, "RBAC: access denied")
+                            }
+                        };
+                        (response, d)
+                    }
+                    Admission::PerRequest => unreachable!("conservative decisions are final"),
+                };
+                let http = call.attributes.http.as_ref();
+                info!(direction = "inbound", dst_workload = %pod.workload,
+                    src_principal = call.attributes.source_principal.as_deref(),
+                    src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
+                    src_request_principal = http.and_then(|h| h.auth.as_ref()).map(|a| a.principal.as_str()),
+                    method = http.map(|h| h.method.as_str()), path = http.map(|h| h.path.as_str()),
+                    host = http.map(|h| h.host.as_str()), status = response.status().as_u16(),
+                    authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,
+                    audit = decision.audit.is_some(),
+                    duration_ms = start.elapsed().as_millis() as u64, "http request");
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // The tunnel or socket below already has its own windows; defaults suffice here.
+        builder.http1().keep_alive(true);
+        let serve = builder.serve_connection(TokioIo::new(downstream), service);
+        tokio::select! {
+            r = serve => done(r.err().map(io::Error::other), None),
+            reason = revoke => done(None, Some(reason)),
+        }
+    }
+}
