@@ -19,10 +19,8 @@ use std::{
 use libfuzzer_sys::fuzz_target;
 use ztunnel::{
     authz::{
-        admit,
-        authorization_policy::StrMatch,
-        evaluate, Admission, Attributes, HttpRequest, InboundCall, PolicySet, RequestAuth,
-        Transport, Unknowns, Verdict,
+        admit, authorization_policy::StrMatch, evaluate, Admission, Attributes, HttpRequest,
+        InboundCall, PolicySet, RequestAuth, Transport, Unknowns, Verdict,
     },
     identity::SpiffeId,
     model::Pod,

@@ -1,5 +1,6 @@
 //! Checks around the test run: the host firewall is unchanged (capture is eBPF only, so nothing
-//! may add an iptables or nftables rule) and nothing the tests create outlives them.
+//! may add an iptables or nftables rule) and nothing the tests create outlives them (the
+//! harness's `ztt-` objects and every object of the local Kubernetes cluster).
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
@@ -195,6 +196,9 @@ pub fn leftovers() -> Vec<String> {
         }
     }
     found.extend(leftover_processes());
+    // The local Kubernetes cluster (`cargo xtask cluster`, run by the real-cluster suite): its
+    // daemons, mounts, netns, links, routes, cgroups, pins and run directory.
+    found.extend(crate::cluster::leftovers());
     found
 }
 

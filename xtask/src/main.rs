@@ -1,11 +1,14 @@
-//! Project tasks: `cargo xtask setup | build | build-ebpf | demo | test | bench | fuzz | check-deploy`.
+//! Project tasks: `cargo xtask setup | build | build-ebpf | demo | test | bench | fuzz |
+//! check-deploy | image | cluster up|down|status`.
 //!
 //! `demo` and `test` are the README's two commands: each runs `setup` first, so a fresh
 //! Debian 12 machine needs nothing else.
 mod checks;
+mod cluster;
 mod deploy_check;
 mod deploy_tools;
 mod fuzz;
+mod image;
 #[cfg(test)]
 mod layers;
 mod setup;
@@ -63,6 +66,15 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// A real two-node Kubernetes on this machine, with the chart installed (docs/kubernetes.md,
+    /// "The local cluster").
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Build the OCI images (node proxy, the local cluster's pause and test images) into
+    /// target/images, without Docker.
+    Image,
     /// Set up, and run each fuzz target of fuzz/ (cargo-fuzz) for a while (docs/fuzzing.md).
     Fuzz {
         /// Seconds per target.
@@ -70,6 +82,26 @@ enum Task {
         seconds: u64,
         /// Targets to run (default: all).
         targets: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Set up, build, and start the cluster; ends with `export KUBECONFIG=...`.
+    Up {
+        /// Use the release binaries as they are (the real-cluster suite, run after the build).
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Remove every process, mount, netns, cgroup, link, route, file and sysctl change of it.
+    Down,
+    /// The cluster's daemons and each node's readiness.
+    Status,
+    /// The cluster's Service plumbing (cluster DNS, ClusterIP relays); run by `up`.
+    #[command(hide = true)]
+    Services {
+        #[arg(long)]
+        kubectl: PathBuf,
     },
 }
 
@@ -204,10 +236,13 @@ fn test(args: &[String]) -> Result<()> {
         );
     }
     let firewall_before = checks::firewall_snapshot().context("snapshotting the firewall")?;
+    // The real-cluster suite brings its cluster up and down with this very xtask.
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
     let tests = run(with_binaries(
         cargo()
             .args(["test", "--workspace", "--release"])
-            .args(args),
+            .args(args)
+            .env("ZT_XTASK_BIN", xtask),
     ));
     let firewall_after = checks::firewall_snapshot().context("snapshotting the firewall")?;
     let firewall_diff = checks::firewall_diff(&firewall_before, &firewall_after);
@@ -247,7 +282,9 @@ fn summarise(tests: &Result<()>, firewall_diff: Option<&str>, leftovers: &[Strin
         Some(_) => println!("  firewall   CHANGED (diff above)"),
     }
     match leftovers.len() {
-        0 => println!("  leftovers  none (netns, bpffs, cgroups, /tmp, processes)"),
+        0 => println!(
+            "  leftovers  none (netns, bpffs, cgroups, /tmp, processes, the local cluster)"
+        ),
         n => println!("  leftovers  {n} FOUND (listed above)"),
     }
     if tests.is_err() || firewall_diff.is_some() || !leftovers.is_empty() {
@@ -269,6 +306,18 @@ fn main() -> ExitCode {
         Task::Fuzz { seconds, targets } => {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, &targets))
         }
+        Task::Cluster { action } => match action {
+            ClusterAction::Up { no_build: true } => cluster::up(),
+            ClusterAction::Up { no_build: false } => setup::setup()
+                .and_then(|()| build())
+                .and_then(|()| cluster::up()),
+            ClusterAction::Down => cluster::down(),
+            ClusterAction::Status => cluster::status(),
+            ClusterAction::Services { kubectl } => cluster::run_services(&kubectl),
+        },
+        Task::Image => setup::setup()
+            .and_then(|()| build())
+            .and_then(|()| image::image()),
         Task::Bench {
             peer,
             rounds,

@@ -14,8 +14,11 @@ use crate::{output, run};
 /// Debian packages the demo and the tests use (bpftool for inspection, the rest as traffic
 /// generators, packet capture and for the firewall check; python3-venv for the manifest
 /// validator's venv; xz-utils to unpack Istio's ztunnel for the interoperability tests, whose
-/// in-pod redirection also uses iptables; prometheus for the server the telemetry tests scrape
-/// the node proxies with, and its promtool, which checks the dashboards' PromQL).
+/// in-pod redirection also uses iptables, and the local Kubernetes cluster's binaries;
+/// etcd-server, containerd, runc, the CNI plugins and busybox-static for that cluster and its
+/// test images, openssl for its certificates, gcc for its pause image; prometheus for the server
+/// the telemetry tests scrape the node proxies with, and its promtool, which checks the
+/// dashboards' PromQL).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -28,7 +31,15 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "python3-venv",
+    "etcd-server",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
     "xz-utils",
+    "openssl",
+    "gcc",
+    "libc6-dev",
     "prometheus",
 ];
 
@@ -89,51 +100,30 @@ fn apt_packages() -> Result<()> {
     apt_install(&missing)
 }
 
-/// Installs Debian packages (after refreshing the package lists). No service they ship is
-/// started: the tests start the programs they need (prometheus, for one) in their own network
-/// namespaces and stop them, so a package's daemon must not stay behind listening on the host.
+/// Installs Debian packages (after refreshing the package lists). Packages' services are kept
+/// from starting (a `policy-rc.d` that refuses, for the duration only): etcd and containerd
+/// run only as the local cluster's daemons, with their own configuration.
 pub fn apt_install(missing: &[&str]) -> Result<()> {
     println!("setup: installing Debian packages: {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    let _no_services = NoServiceStarts::hold()?;
-    run(Command::new("apt-get")
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let placed = !policy.exists();
+    if placed {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let result = run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(missing))
-}
-
-/// Debian's `policy-rc.d` hook: while the file exists and answers 101, maintainer scripts
-/// (`invoke-rc.d`) start no service. Made only if the machine has none of its own, and removed
-/// on drop.
-struct NoServiceStarts(Option<PathBuf>);
-
-const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
-
-impl NoServiceStarts {
-    fn hold() -> Result<Self> {
-        let path = Path::new(POLICY_RC_D);
-        if path.symlink_metadata().is_ok() {
-            // The machine's own policy decides.
-            return Ok(Self(None));
-        }
-        std::fs::write(
-            path,
-            "#!/bin/sh\n# cargo xtask setup: start no service while it installs\nexit 101\n",
-        )
-        .with_context(|| format!("writing {POLICY_RC_D}"))?;
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
-        Ok(Self(Some(path.to_owned())))
+        .args(missing));
+    if placed {
+        std::fs::remove_file(policy).context("removing /usr/sbin/policy-rc.d")?;
     }
-}
-
-impl Drop for NoServiceStarts {
-    fn drop(&mut self) {
-        if let Some(path) = &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    result
 }
 
 /// Names of the packages `dpkg-query -f='${Package} ${Status}\n'` reports fully installed.

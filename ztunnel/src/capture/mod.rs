@@ -277,6 +277,27 @@ impl Capture {
         &self.bpf_dir
     }
 
+    /// Gives up the pin directory at shutdown. While a pod is enrolled the pins stay (its new
+    /// connections fail closed until a proxy listens again); with none enrolled nothing depends
+    /// on them, so they are removed (the directory stays, for a proxy waiting to take over): a
+    /// proxy uninstalled after its namespaces were unlabelled leaves no program, link or map.
+    /// Returns whether the pins were removed.
+    pub fn release(self) -> Result<bool> {
+        if self.enrolled.keys().next().is_some() {
+            return Ok(false);
+        }
+        for entry in std::fs::read_dir(&self.bpf_dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(true)
+    }
+
     /// Lookup of original destinations, shared with the outbound proxy.
     pub fn orig_dst_table(&self) -> Arc<OrigDstTable> {
         self.orig_dst.clone()

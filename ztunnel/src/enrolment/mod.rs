@@ -429,8 +429,11 @@ impl Enroller {
         for pod in self.enrolled.into_values() {
             stop_listening(&pod);
         }
-        drop(self.capture);
-        info!("listeners closed and pin directory released for the next proxy");
+        match self.capture.release() {
+            Ok(true) => info!("listeners closed; no pod enrolled, so the pins were removed"),
+            Ok(false) => info!("listeners closed and pin directory released for the next proxy"),
+            Err(e) => warn!(error = %format!("{e:#}"), "removing the unused pins failed"),
+        }
     }
 
     fn unenrol(&mut self, id: &str) {

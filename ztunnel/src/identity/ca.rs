@@ -99,17 +99,14 @@ impl CaFiles {
         EmbeddedCa::from_pem(&cert_pem, &key_pem)
     }
 
-    /// Loads the CA in `dir`. The key must not be readable by group or others.
+    /// Loads the CA in `dir`. The key must be private to the CA (see [`key_file_problem`]).
     pub fn load(dir: &Path) -> Result<EmbeddedCa, CaError> {
         let (cert_path, key_path) = (Self::cert_path(dir), Self::key_path(dir));
         let meta = fs::metadata(&key_path).map_err(io_error(&key_path))?;
-        if meta.mode() & 0o077 != 0 {
+        if let Some(reason) = key_file_problem(&meta, &KeyReader::current()) {
             return Err(CaError::Invalid {
                 what: key_path.display().to_string(),
-                reason: format!(
-                    "the CA key is accessible to group or others (mode {:o}); chmod 600 it",
-                    meta.mode() & 0o777
-                ),
+                reason,
             });
         }
         let key_pem = fs::read_to_string(&key_path).map_err(io_error(&key_path))?;
@@ -123,6 +120,62 @@ impl CaFiles {
             e => e,
         })
     }
+}
+
+/// Who reads the CA key: the process's effective uid and all its groups.
+pub struct KeyReader {
+    pub uid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl KeyReader {
+    pub fn current() -> KeyReader {
+        // SAFETY: plain getters; getgroups fills at most `n` entries of a buffer of that size.
+        unsafe {
+            let mut groups = vec![libc::getegid()];
+            let n = libc::getgroups(0, std::ptr::null_mut());
+            if n > 0 {
+                let mut more = vec![0 as libc::gid_t; n as usize];
+                let got = libc::getgroups(n, more.as_mut_ptr());
+                more.truncate(got.max(0) as usize);
+                groups.extend(more);
+            }
+            KeyReader {
+                uid: libc::geteuid(),
+                groups,
+            }
+        }
+    }
+}
+
+/// Why the CA key file is not private enough, if it is not. Accepted: no access for others and
+/// none for the group (0600, 0400), or, as a Kubernetes Secret volume with `fsGroup` makes it,
+/// read-only for a group the CA itself is in on a file owned by root or by the CA (0440,
+/// 0640): the kubelet adds group read to Secret files whatever `defaultMode` says, and without
+/// `fsGroup` a non-root CA cannot read them at all. Never writable by the group, never any
+/// access for others.
+pub fn key_file_problem(meta: &fs::Metadata, reader: &KeyReader) -> Option<String> {
+    key_mode_problem(meta.mode(), meta.uid(), meta.gid(), reader)
+}
+
+fn key_mode_problem(mode: u32, owner: u32, group: u32, reader: &KeyReader) -> Option<String> {
+    let mode = mode & 0o777;
+    if mode & 0o077 == 0 {
+        return None;
+    }
+    if mode & 0o037 == 0 && (owner == 0 || owner == reader.uid) && reader.groups.contains(&group) {
+        return None;
+    }
+    Some(format!(
+        "the CA key is accessible to {} (mode {mode:o}, owner {owner}, group {group}); chmod \
+         600 it, or (a Kubernetes Secret with fsGroup) make it 0440, owned by root and a group \
+         of the CA's",
+        if mode & 0o007 != 0 {
+            "others"
+        } else {
+            "a group the CA is not in, or writable by its group"
+        }
+    ))
 }
 
 /// Writes a new file created with `mode` (never wider at any moment). With `replace`, writes a
@@ -752,13 +805,40 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_private_to_its_owner_or_to_the_cas_own_group() {
+        // The CA as the chart runs it: uid/gid 65532 (fsGroup 65532 as a supplementary group).
+        let ca = KeyReader {
+            uid: 65532,
+            groups: vec![65532],
+        };
+        let ok = |mode, owner, group| key_mode_problem(mode, owner, group, &ca).is_none();
+        assert!(ok(0o600, 65532, 65532));
+        assert!(ok(0o400, 0, 0));
+        // The kubelet's Secret file with fsGroup: root:65532 0440.
+        assert!(ok(0o440, 0, 65532));
+        assert!(ok(0o640, 65532, 65532));
+        // Others may never read; the group must be the CA's and may not write; a group-readable
+        // file of another user is that user's to change.
+        assert!(!ok(0o444, 0, 65532));
+        assert!(!ok(0o404, 65532, 65532));
+        assert!(!ok(0o440, 0, 100));
+        assert!(!ok(0o460, 0, 65532));
+        assert!(!ok(0o440, 1000, 65532));
+        let msg = key_mode_problem(0o444, 0, 65532, &ca).unwrap();
+        assert!(msg.contains("others") && msg.contains("mode 444"), "{msg}");
+    }
+
+    #[test]
     fn load_refuses_unsafe_or_mismatched_files() {
         let dir = TempDir::new();
         CaFiles::init(dir.path(), "cluster.local", DAY, false).unwrap();
         let key_path = CaFiles::key_path(dir.path());
         fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = CaFiles::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains("chmod") && err.contains("others"), "{err}");
+        // What a Secret volume with fsGroup gives a non-root CA: root-owned, 0440, its group.
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o440)).unwrap();
+        assert!(CaFiles::load(dir.path()).is_ok());
         fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
 
         // Another CA's key next to this certificate.

@@ -37,3 +37,20 @@ ztunnel-ca.{{ .Release.Namespace }}.svc:{{ .Values.ca.service.port }}
 spiffe://{{ .Values.trustDomain }}/ns/{{ .Release.Namespace }}/sa/ztunnel-ca
 {{- end }}
 {{- end }}
+
+{{/* The part of a node path before its first $(VAR) component: what a hostPath can mount. */}}
+{{- define "ztunnel.mountable" -}}
+{{- regexReplaceAll "/[^/]*\\$\\(.*$" . "" | default "/" -}}
+{{- end }}
+
+{{/* The CNI directories' mounts, one per distinct mountable prefix, as a dict: prefix ->
+     propagation ("HostToContainer" where the netns directory is below it). */}}
+{{- define "ztunnel.cniMounts" -}}
+{{- $cni := .Values.nodeProxy.cni }}
+{{- $mounts := dict }}
+{{- range (list $cni.binDir $cni.confDir $cni.runDir) }}
+{{- $_ := set $mounts (include "ztunnel.mountable" .) "None" }}
+{{- end }}
+{{- $_ := set $mounts (include "ztunnel.mountable" $cni.netnsDir) "HostToContainer" }}
+{{- toYaml $mounts }}
+{{- end }}
