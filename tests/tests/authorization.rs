@@ -248,7 +248,7 @@ fn l7_paths_and_methods_are_decided_per_request() -> Result<()> {
             l["message"] == "http request" && l["path"] == "/api/catalog/items"
         })?;
         ensure!(
-            allowed["status"] == 200
+            allowed["response_code"] == 200
                 && allowed["authz_policy"] == "istioinaction/allow-catalog-requests-in-web-app",
             "{allowed}"
         );
@@ -343,7 +343,7 @@ fn l7_http2_streams_are_decided_per_request() -> Result<()> {
             l["message"] == "http request" && l["path"] == "/items/1"
         })?;
         ensure!(
-            allowed["status"] == 200
+            allowed["response_code"] == 200
                 && allowed["authz_policy"] == "istioinaction/catalog-items-only",
             "{allowed}"
         );
@@ -464,8 +464,8 @@ fn jwt_protected_service_users_get_admins_everything() -> Result<()> {
     let logs = c.logs(2);
     ensure!(
         logs.iter().any(|l| l["message"] == "http request"
-            && l["src_request_principal"] == "auth@istioinaction.io/admin"
-            && l["status"] == 200),
+            && l["request_principal"] == "auth@istioinaction.io/admin"
+            && l["response_code"] == 200),
         "no request logged with the admin's request principal"
     );
     ensure!(
