@@ -2,6 +2,7 @@
 //! operator's commands (`policy check`, `bpf status|uninstall`, `ca init|serve`).
 mod bpf;
 mod cni;
+pub mod config;
 mod policy;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -50,6 +51,18 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Show a node proxy's live view: the workloads and Services it knows, the policies in
+    /// force, the certificates it holds (from its admin API, like `istioctl ztunnel-config`).
+    Config {
+        #[arg(value_enum)]
+        section: config::Section,
+        /// Aligned tables, or the lists as JSON or YAML.
+        #[arg(short, long, value_enum, default_value_t = config::Format::Table)]
+        output: config::Format,
+        /// The node proxy's admin API (`run --admin-addr`).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
     },
     /// Install or remove the chained CNI plugin (`ztunnel-cni`) that captures new pods before
     /// they start.
