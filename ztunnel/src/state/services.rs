@@ -24,6 +24,23 @@ impl Snapshot {
         svc.ports.iter().find(|p| p.port == port)
     }
 
+    /// The Services (of `pod`'s namespace, by name) whose selector matches `pod` and one of
+    /// whose ports leads to its `target` port: what a request to that port may have been
+    /// addressed to.
+    pub fn services_of(&self, pod: &Pod, target: u16) -> Vec<Arc<Service>> {
+        self.services
+            .range((pod.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == pod.namespace)
+            .map(|(_, s)| s)
+            .filter(|s| {
+                !s.selector.is_empty()
+                    && s.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                    && s.ports.iter().any(|p| target_of(pod, p) == Some(target))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Endpoints of `svc`'s `port`: every addressed pod of the service's namespace whose labels
     /// match the selector, at the resolved target port. Pods without a matching named port are
     /// skipped, as Kubernetes does.
@@ -48,16 +65,8 @@ impl Snapshot {
             {
                 continue;
             }
-            let target = match &sp.target_port {
-                TargetPort::Number(n) => *n,
-                TargetPort::Name(name) => match pod
-                    .container_ports
-                    .iter()
-                    .find(|c| c.name.as_deref() == Some(name.as_str()))
-                {
-                    Some(c) => c.port,
-                    None => continue,
-                },
+            let Some(target) = target_of(pod, sp) else {
+                continue;
             };
             for ip in &pod.ips {
                 // Only addresses the pod really owns: a pod that lost an IP conflict is not a
@@ -75,5 +84,18 @@ impl Snapshot {
             }
         }
         out
+    }
+}
+
+/// The port of `pod` a Service port leads to: its number, or the pod's container port of its
+/// name (`None` if the pod has none of that name).
+fn target_of(pod: &Pod, sp: &ServicePort) -> Option<u16> {
+    match &sp.target_port {
+        TargetPort::Number(n) => Some(*n),
+        TargetPort::Name(name) => pod
+            .container_ports
+            .iter()
+            .find(|c| c.name.as_deref() == Some(name.as_str()))
+            .map(|c| c.port),
     }
 }
