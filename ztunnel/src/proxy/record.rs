@@ -8,6 +8,7 @@ use tracing::info;
 
 use crate::{
     authz::{Decision, MtlsDecision},
+    memory::Live,
     metrics::{Carrier, ConnectionGuard, ConnectionLabels, Metrics},
     relay::Relayed,
 };
@@ -90,6 +91,7 @@ pub struct ConnectionRecord {
     /// Bytes from and to the caller.
     bytes: Option<(u64, u64)>,
     ending: Option<(Ending, Option<String>)>,
+    _live: Live,
 }
 
 impl ConnectionRecord {
@@ -102,6 +104,7 @@ impl ConnectionRecord {
             counted: None,
             bytes: None,
             ending: None,
+            _live: Live::new(),
         }
     }
 
