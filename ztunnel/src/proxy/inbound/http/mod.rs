@@ -16,15 +16,7 @@ mod ext_authz;
 mod jwt;
 mod sniff;
 
-use std::{
-    future::Future,
-    io,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-};
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -47,11 +39,11 @@ use crate::{
     metrics::{requests::Peer, Reporter, SecurityPolicy},
     model::Pod,
     proxy::{
-        record::{ConnectionRecord, Direction},
+        record::{ConnectionRecord, Direction, OpenConnection},
         request::{CountedBody, LinePeers, RecordedBody, RequestContext, RequestRecord},
         PodContext,
     },
-    relay::{relay_until, Duplex, Relayed},
+    relay::{relay_until, Duplex, Relayed, Tally as _},
     state::Snapshot,
 };
 
@@ -171,7 +163,7 @@ impl Inbound {
             true => SecurityPolicy::MutualTls,
             false => SecurityPolicy::None,
         };
-        let line = &record.line;
+        let line = record.line();
         let peers = LinePeers {
             src_workload: line.src_workload.clone(),
             src_identity: line.src_identity.clone(),
@@ -192,7 +184,8 @@ impl Inbound {
     }
 
     /// Carries a connection whose requests must be decided one by one, until it ends or
-    /// `revoke` yields; each request is recorded by `requests`.
+    /// `revoke` yields; each request is recorded by `requests`, the bytes by `tally`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn serve_per_request<D>(
         self: &Arc<Self>,
         pod: Arc<PodContext>,
@@ -201,16 +194,19 @@ impl Inbound {
         upstream: TcpStream,
         requests: Arc<RequestContext>,
         revoke: impl Future<Output = String>,
+        tally: Arc<OpenConnection>,
     ) -> Relayed
     where
         D: Duplex + AsyncRead + AsyncWrite + Unpin,
     {
-        let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let done = |error: Option<io::Error>, revoked: Option<String>| Relayed {
-            sent: read.load(Ordering::Relaxed),
-            received: written.load(Ordering::Relaxed),
-            error,
-            revoked,
+        let done = |error: Option<io::Error>, revoked: Option<String>| {
+            let (sent, received) = tally.bytes();
+            Relayed {
+                sent,
+                received,
+                error,
+                revoked,
+            }
         };
         let (protocol, prefix) = match sniff(&mut downstream).await {
             Ok(x) => x,
@@ -226,7 +222,8 @@ impl Inbound {
                     if let Err(e) = upstream.write_all(&prefix).await {
                         return done(Some(e), None);
                     }
-                    let mut r = relay_until(downstream, upstream, revoke).await;
+                    tally.sent(prefix.len() as u64);
+                    let mut r = relay_until(downstream, upstream, revoke, &tally).await;
                     r.sent += prefix.len() as u64;
                     r
                 }
@@ -246,8 +243,7 @@ impl Inbound {
         let downstream = Replay {
             prefix: Bytes::from(prefix),
             inner: downstream,
-            read: read.clone(),
-            written: written.clone(),
+            tally: tally.clone(),
         };
 
         let io = TokioIo::new(upstream);

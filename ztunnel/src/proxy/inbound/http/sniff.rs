@@ -3,16 +3,15 @@
 use std::{
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+
+use crate::{proxy::OpenConnection, relay::Tally as _};
 
 /// How long to wait for a client's first bytes before treating the connection as opaque.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
@@ -64,12 +63,11 @@ pub(super) async fn sniff<D: AsyncRead + Unpin>(io: &mut D) -> io::Result<(Proto
     }
 }
 
-/// `inner` with `prefix` read first, counting the bytes each way.
+/// `inner` with `prefix` read first, counting the bytes each way (read: sent by the caller).
 pub(super) struct Replay<D> {
     pub(super) prefix: Bytes,
     pub(super) inner: D,
-    pub(super) read: Arc<AtomicU64>,
-    pub(super) written: Arc<AtomicU64>,
+    pub(super) tally: Arc<OpenConnection>,
 }
 
 impl<D: AsyncRead + Unpin> AsyncRead for Replay<D> {
@@ -82,13 +80,13 @@ impl<D: AsyncRead + Unpin> AsyncRead for Replay<D> {
             let n = self.prefix.len().min(buf.remaining());
             let head = self.prefix.split_to(n);
             buf.put_slice(&head);
-            self.read.fetch_add(n as u64, Ordering::Relaxed);
+            self.tally.sent(n as u64);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        self.tally.sent(n as u64);
         r
     }
 }
@@ -101,7 +99,7 @@ impl<D: AsyncWrite + Unpin> AsyncWrite for Replay<D> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
+            self.tally.received(n as u64);
         }
         r
     }
