@@ -1,12 +1,13 @@
 //! Services as the outbound side routes them: by cluster IP, and to the endpoints their
-//! selectors and target ports give.
+//! selectors and target ports give; and the protocol a pod's port is declared to speak by
+//! the Services that target it.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use super::Snapshot;
-use crate::model::{Pod, Service, ServicePort, TargetPort};
+use crate::model::{AppProtocol, Pod, Service, ServicePort, TargetPort};
 
 /// One endpoint of a service port: a pod and the address to dial.
 #[derive(Clone, Debug)]
@@ -31,33 +32,10 @@ impl Snapshot {
         let Some(sp) = self.service_port(svc, port) else {
             return Vec::new();
         };
-        if svc.selector.is_empty() {
-            return Vec::new();
-        }
         let mut out = Vec::new();
-        for pod in self
-            .pods
-            .range((svc.namespace.clone(), String::new())..)
-            .take_while(|((ns, _), _)| *ns == svc.namespace)
-            .map(|(_, p)| p)
-        {
-            if !svc
-                .selector
-                .iter()
-                .all(|(k, v)| pod.labels.get(k) == Some(v))
-            {
+        for pod in self.selected_pods(svc) {
+            let Some(target) = target_port(sp, pod) else {
                 continue;
-            }
-            let target = match &sp.target_port {
-                TargetPort::Number(n) => *n,
-                TargetPort::Name(name) => match pod
-                    .container_ports
-                    .iter()
-                    .find(|c| c.name.as_deref() == Some(name.as_str()))
-                {
-                    Some(c) => c.port,
-                    None => continue,
-                },
             };
             for ip in &pod.ips {
                 // Only addresses the pod really owns: a pod that lost an IP conflict is not a
@@ -75,5 +53,65 @@ impl Snapshot {
             }
         }
         out
+    }
+
+    /// The protocol `pod`'s `port` is declared to speak: what the Service ports that target
+    /// it declare ([`ServicePort::protocol`]; ports that declare nothing are not counted).
+    /// `None` when none declares one, and when one declares HTTP and another something opaque:
+    /// the port is then sniffed, which tells HTTP from anything else either way.
+    pub fn declared_protocol(&self, pod: &Pod, port: u16) -> Option<AppProtocol> {
+        let mut declared: Option<AppProtocol> = None;
+        for svc in self
+            .services
+            .range((pod.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == pod.namespace)
+            .map(|(_, s)| s)
+            .filter(|s| selects(s, pod))
+        {
+            let targeting = svc
+                .ports
+                .iter()
+                .filter(|sp| target_port(sp, pod) == Some(port));
+            for p in targeting.filter_map(ServicePort::protocol) {
+                match declared {
+                    None => declared = Some(p),
+                    Some(d) if d.is_http() != p.is_http() => return None,
+                    Some(_) => {}
+                }
+            }
+        }
+        declared
+    }
+
+    /// The pods of `svc`'s namespace its selector matches (none without a selector).
+    fn selected_pods<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Arc<Pod>> {
+        self.pods
+            .range((svc.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == svc.namespace)
+            .map(|(_, p)| p)
+            .filter(|p| selects(svc, p))
+    }
+}
+
+/// Whether `svc` selects `pod` (a Service without a selector selects nothing).
+fn selects(svc: &Service, pod: &Pod) -> bool {
+    pod.namespace == svc.namespace
+        && !svc.selector.is_empty()
+        && svc
+            .selector
+            .iter()
+            .all(|(k, v)| pod.labels.get(k) == Some(v))
+}
+
+/// The port of `pod` that `sp` targets; `None` when the pod has no container port of the
+/// name it targets (Kubernetes then leaves the pod out of the endpoints).
+fn target_port(sp: &ServicePort, pod: &Pod) -> Option<u16> {
+    match &sp.target_port {
+        TargetPort::Number(n) => Some(*n),
+        TargetPort::Name(name) => pod
+            .container_ports
+            .iter()
+            .find(|c| c.name.as_deref() == Some(name.as_str()))
+            .map(|c| c.port),
     }
 }
