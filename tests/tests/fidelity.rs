@@ -2,7 +2,8 @@
 //! mesh is what it would see without it. Protocol selection by the Service port's declaration
 //! (a server-first protocol on a declared TCP port does not wait for the client; a declared
 //! HTTP port is read as HTTP however slow the client), and half-close and resets carried end
-//! to end, across nodes (HBONE), on one node and in plaintext.
+//! to end, across nodes (HBONE), on one node and in plaintext; and a captured client's
+//! `getsockname()`.
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
 use ztunnel_tests::{pod, service, Cluster, ProbeOutput};
@@ -252,5 +253,55 @@ fn half_close_and_resets_are_carried_end_to_end() -> Result<()> {
             "{via}: the client's RST should reach the app: {e}"
         );
     }
+    Ok(())
+}
+
+/// `ip` of an `ip:port` or `[ip]:port` text.
+fn ip_of(addr: &Value) -> Option<String> {
+    let sa: std::net::SocketAddr = addr.as_str()?.parse().ok()?;
+    Some(sa.ip().to_string())
+}
+
+#[test]
+fn a_captured_client_sees_its_pod_address_as_its_local_address() -> Result<()> {
+    let c = start()?;
+    let _web = c.pod("shop", "web").http_server(8080, "web")?;
+    let vip = format!("{}:8080", c.service_vip("shop", "web"));
+    let web = addr(&c, "shop", "web", 8080);
+    for (name, via) in [("client", "HBONE"), ("neighbour", "same node")] {
+        let from = c.pod("shop", name);
+        let ip = from.ip().to_string();
+        for dst in [&web, &vip] {
+            let out = ok(from.get(dst)?, via)?;
+            // What getsockname() said right after connect: the pod's address (not 127.0.0.1)
+            // and a real port; getpeername() is what it dialled.
+            ensure!(
+                ip_of(&out["local"]).as_deref() == Some(ip.as_str()),
+                "{via} to {dst}: getsockname() should be the pod address {ip}: {out}"
+            );
+            let port = out["local"].as_str().and_then(|l| l.rsplit_once(':'));
+            ensure!(
+                port.is_some_and(|(_, p)| p != "0"),
+                "{via}: a real local port: {out}"
+            );
+            ensure!(out["peer"] == dst.as_str(), "{via}: {out}");
+        }
+        // An IPv6 socket dialling a v4-mapped address: the v4-mapped pod address.
+        let mapped = format!("[::ffff:{}]:8080", c.pod("shop", "web").ip());
+        let out = ok(from.get(&mapped)?, via)?;
+        ensure!(
+            out["local"]
+                .as_str()
+                .is_some_and(|l| l.starts_with(&format!("[::ffff:{ip}]:"))),
+            "{via}: v4-mapped getsockname() should be [::ffff:{ip}]: {out}"
+        );
+    }
+    // Outside the mesh nothing is rewritten: the legacy pod's own address, as always.
+    let sleep = c.pod("legacy", "sleep");
+    let out = ok(sleep.get(&web)?, "plaintext")?;
+    ensure!(
+        ip_of(&out["local"]).as_deref() == Some(sleep.ip().to_string().as_str()),
+        "{out}"
+    );
     Ok(())
 }
