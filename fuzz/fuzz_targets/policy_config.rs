@@ -2,13 +2,15 @@
 //!
 //! Input: one configuration file (bytes, read as the proxy reads a file, invalid UTF-8
 //! replaced). What parses is indexed into a snapshot as the proxy does, then every pod (up to a
-//! few) is a destination for calls from mTLS peers (the pods' own identities and strings the
-//! policies name) and from plaintext clients, at L4 and as HTTP requests built from the values
-//! the policies match on, through `admit` (the proxy's decision) and `policy check` (the CLI's).
+//! few) is a destination for calls from mTLS peers (the pods' own identities, the principals the
+//! policies name and peers of the namespaces they name) and from plaintext clients, from
+//! addresses inside and just outside the policies' IP blocks, at L4 and as HTTP requests built
+//! from the values the policies match on, through `admit` (the proxy's decision) and
+//! `policy check` (the CLI's).
 //!
 //! Nothing may panic; bad files are errors. A decision made at connection time without the
 //! HTTP request (not deferred to L7) must be the decision for every request on it, and every
-//! decision must equal that of a full scan of the policies (no principal index).
+//! decision must equal that of a full scan of the policies (no caller index).
 #![no_main]
 
 use std::{
@@ -19,8 +21,10 @@ use std::{
 use libfuzzer_sys::fuzz_target;
 use ztunnel::{
     authz::{
-        admit, authorization_policy::StrMatch, evaluate, Admission, Attributes, HttpRequest,
-        InboundCall, PolicySet, RequestAuth, Transport, Unknowns, Verdict,
+        admit,
+        authorization_policy::{IpBlock, StrMatch},
+        evaluate, Admission, Attributes, HttpRequest, InboundCall, PolicySet, RequestAuth,
+        Transport, Unknowns, Verdict,
     },
     identity::SpiffeId,
     model::Pod,
@@ -45,10 +49,35 @@ fn sample(m: &StrMatch, miss: bool) -> String {
     }
 }
 
+/// An address just outside `block` (its first bit past the prefix flipped), or beside it for a
+/// single address.
+fn outside(block: &IpBlock) -> IpAddr {
+    let flip = |octets: &mut [u8]| {
+        let bit = (block.prefix as usize).min(octets.len() * 8 - 1);
+        octets[bit / 8] ^= 0x80 >> (bit % 8);
+    };
+    match block.addr {
+        IpAddr::V4(a) => {
+            let mut o = a.octets();
+            flip(&mut o);
+            IpAddr::from(o)
+        }
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            flip(&mut o);
+            IpAddr::from(o)
+        }
+    }
+}
+
 /// Strings the policies match on, by attribute, to build callers and requests that hit them.
 #[derive(Default)]
 struct Probes {
     principals: Vec<String>,
+    /// Namespaces of `namespaces` (callers are peers of them) and of `serviceAccounts`.
+    namespaces: Vec<String>,
+    /// Source addresses inside and just outside the `ipBlocks` and `remoteIpBlocks`.
+    ips: Vec<IpAddr>,
     request_principals: Vec<String>,
     methods: Vec<String>,
     paths: Vec<String>,
@@ -71,6 +100,17 @@ impl Probes {
                 for s in &rule.from {
                     add(&mut p.principals, &s.principals.any_of);
                     add(&mut p.principals, &s.principals.none_of);
+                    add(&mut p.namespaces, &s.namespaces.any_of);
+                    add(&mut p.namespaces, &s.namespaces.none_of);
+                    for b in [&s.ip_blocks, &s.remote_ip_blocks]
+                        .into_iter()
+                        .flat_map(|v| v.any_of.iter().chain(&v.none_of))
+                    {
+                        if p.ips.len() < MAX_VALUES {
+                            p.ips.push(b.addr);
+                            p.ips.push(outside(b));
+                        }
+                    }
                     add(&mut p.request_principals, &s.request_principals.any_of);
                 }
                 for o in &rule.to {
@@ -154,6 +194,16 @@ fn exercise(snapshot: &Snapshot) {
             .iter()
             .filter_map(|p| format!("spiffe://{p}").parse().ok()),
     );
+    peers.extend(
+        probes
+            .namespaces
+            .iter()
+            .filter_map(|ns| SpiffeId::new("cluster.local", ns, "fuzz").ok()),
+    );
+    // Source addresses: one outside every block, then those the policies' blocks name, each
+    // call taking the next, so the number of calls does not grow with them.
+    let mut sources = vec![IpAddr::V4(Ipv4Addr::new(10, 9, 0, 7))];
+    sources.extend(&probes.ips);
     let enrolment = EnrolmentPolicy::default();
 
     for pod in &pods {
@@ -169,18 +219,13 @@ fn exercise(snapshot: &Snapshot) {
         for &port in &ports {
             let _ = snapshot.mtls_mode(pod, port);
             let destination = SocketAddr::new(ip, port);
-            let source = Some(IpAddr::V4(Ipv4Addr::new(10, 9, 0, 7)));
-            let calls = std::iter::once(InboundCall::new(
-                Transport::Plaintext,
-                None,
-                source,
-                destination,
-            ))
-            .chain(
-                peers
-                    .iter()
-                    .map(|id| InboundCall::new(Transport::Mesh, Some(id), source, destination)),
-            );
+            let source = |i: usize| Some(sources[i % sources.len()]);
+            let calls = sources
+                .iter()
+                .map(|ip| InboundCall::new(Transport::Plaintext, None, Some(*ip), destination))
+                .chain(peers.iter().enumerate().map(|(i, id)| {
+                    InboundCall::new(Transport::Mesh, Some(id), source(i), destination)
+                }));
             for call in calls {
                 decide(snapshot, pod, call, &requests);
             }
@@ -217,7 +262,7 @@ fn exercise(snapshot: &Snapshot) {
     }
 }
 
-/// The pod's policies as a full scan (no principal index), to compare decisions with.
+/// The pod's policies as a full scan (no caller index), to compare decisions with.
 fn unindexed(snapshot: &Snapshot, pod: &Pod) -> PolicySet {
     let policies =
         snapshot
@@ -247,7 +292,7 @@ fn decide(snapshot: &Snapshot, pod: &Pod, mut call: InboundCall, requests: &[Htt
         assert_eq!(
             v,
             evaluate(&scanned, a, unknowns),
-            "the principal index changed the decision ({unknowns:?}) for {a:?}"
+            "the caller index changed the decision ({unknowns:?}) for {a:?}"
         );
         v
     };

@@ -192,6 +192,7 @@ mod tests {
     use crate::authz::authorization_policy::{AuthorizationPolicy, SpecDoc};
     use crate::authz::matching::{HttpRequest, RequestAuth};
     use crate::model::Origin;
+    use std::net::IpAddr;
 
     fn policy(ns: &str, name: &str, spec: &str) -> AuthorizationPolicy {
         let doc: SpecDoc = serde_yaml::from_str(spec).unwrap();
@@ -688,48 +689,122 @@ rules:
     }
 
     /// The index only skips work: on random policies and callers, decisions (including the
-    /// reported policy and rule) equal those of a full scan.
+    /// reported policy and rule) equal those of a full scan. The policies name callers every
+    /// way the index files them (exact principals, prefixes, suffixes and `*`; namespaces and
+    /// service accounts exactly; IP blocks), exclude them (`not...` lists, alone or with
+    /// something required) or leave the rule open (requestPrincipals), several sources per
+    /// rule; the callers are mTLS peers of a few namespaces and service accounts, and
+    /// plaintext clients, from a few addresses (IPv4, IPv6, IPv4-mapped).
     #[test]
     fn indexed_decisions_equal_a_full_scan() {
         use std::sync::Arc;
 
         use crate::authz::PolicySet;
-        let peer = |sa: &str| Attributes {
-            source_principal: Some(format!("cluster.local/ns/shop/sa/{sa}")),
-            source_namespace: Some("shop".into()),
-            destination_port: Some(8080),
-            ..Default::default()
+        let seed = std::cell::Cell::new(0x2545_f491_4f6c_dd1d_u64);
+        let next = |n: usize| {
+            let mut x = seed.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            seed.set(x);
+            (x % n as u64) as usize
         };
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
-        let principal = |i: usize| format!("cluster.local/ns/shop/sa/sa{i}");
+        let namespaces = ["shop", "shop-eu", "bank"];
+        let accounts = ["sa0", "sa1", "sa10", "web"];
+        let ips = [
+            "10.1.0.2",
+            "10.1.2.3",
+            "10.9.0.1",
+            "fd00::1",
+            "::ffff:10.1.2.3",
+        ];
+        let blocks = [
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3",
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "fd00::/8",
+            "::ffff:10.1.0.0/112",
+        ];
         let actions = ["ALLOW", "DENY", "AUDIT", "CUSTOM\nprovider: {name: authz}"];
-        for round in 0..300 {
+        let mut scanned_rules = 0;
+        for round in 0..2000 {
+            // A value of each kind, as a pattern or exactly.
+            let str_value = |pool: &[&str], full: &dyn Fn(&str) -> String| -> String {
+                let v = full(pool[next(pool.len())]);
+                // Any cut: a pattern may cover the whole value, or be just `*`.
+                let cut = next(v.len() + 1);
+                match next(6) {
+                    0 => format!("\"{}*\"", &v[..cut]),
+                    1 => format!("\"*{}\"", &v[cut..]),
+                    2 => "\"*\"".to_owned(),
+                    _ => format!("\"{v}\""),
+                }
+            };
+            let principal = |sa: &str| format!("cluster.local/ns/shop/sa/{sa}");
             let mut policies = Vec::new();
             for pi in 0..1 + next(6) {
                 let mut rules = Vec::new();
                 for _ in 0..next(4) {
                     let mut sources = Vec::new();
                     for _ in 0..next(3) {
-                        sources.push(match next(5) {
-                            0 => format!("{{source: {{principals: [\"*/sa/sa{}\"]}}}}", next(4)),
-                            1 => "{source: {namespaces: [shop]}}".to_owned(),
-                            2 => format!(
-                                "{{source: {{principals: [{}], notPrincipals: [{}]}}}}",
-                                principal(next(4)),
-                                principal(next(4))
-                            ),
-                            _ => format!(
-                                "{{source: {{principals: [{}, {}]}}}}",
-                                principal(next(4)),
-                                principal(next(4))
-                            ),
-                        });
+                        // Each field at most once (YAML refuses a key twice), at least one.
+                        let mut kinds: Vec<usize> = (0..11).filter(|_| next(6) == 0).collect();
+                        if kinds.is_empty() {
+                            kinds.push(next(11));
+                        }
+                        // Istio refuses principals and service accounts in one source.
+                        if kinds.iter().any(|k| *k < 2) {
+                            kinds.retain(|k| !(4..6).contains(k));
+                        }
+                        let fields: Vec<String> = kinds
+                            .into_iter()
+                            .map(|kind| {
+                                let (key, values) = match kind {
+                                    0 | 1 => (
+                                        "principals",
+                                        format!(
+                                            "{}, {}",
+                                            str_value(&accounts, &principal),
+                                            str_value(&accounts, &|sa| {
+                                                let ns = ["shop", "bank"][sa.len() % 2];
+                                                format!("cluster.local/ns/{ns}/sa/{sa}")
+                                            })
+                                        ),
+                                    ),
+                                    2 | 3 => {
+                                        ("namespaces", str_value(&namespaces, &|n| n.to_owned()))
+                                    }
+                                    // Istio takes service accounts exactly.
+                                    4 | 5 => (
+                                        "serviceAccounts",
+                                        format!("shop/{}", accounts[next(accounts.len())]),
+                                    ),
+                                    6..=9 => (
+                                        if kind < 8 {
+                                            "ipBlocks"
+                                        } else {
+                                            "remoteIpBlocks"
+                                        },
+                                        format!(
+                                            "\"{}\", \"{}\"",
+                                            blocks[next(blocks.len())],
+                                            blocks[next(blocks.len())]
+                                        ),
+                                    ),
+                                    _ => ("requestPrincipals", "\"*\"".to_owned()),
+                                };
+                                // Odd kinds (and the second of each IP pair) are the `not` twin.
+                                let key = if kind % 2 == 1 && kind < 10 {
+                                    format!("not{}{}", key[..1].to_uppercase(), &key[1..])
+                                } else {
+                                    key.to_owned()
+                                };
+                                format!("{key}: [{values}]")
+                            })
+                            .collect();
+                        sources.push(format!("{{source: {{{}}}}}", fields.join(", ")));
                     }
                     let to = match next(3) {
                         0 => ", to: [{operation: {paths: [/admin]}}]",
@@ -743,18 +818,31 @@ rules:
                     actions[next(actions.len())],
                     rules.join(", ")
                 );
-                policies.push(Arc::new(policy("shop", &format!("p{pi}"), &spec)));
+                let doc: SpecDoc =
+                    serde_yaml::from_str(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+                let p = doc
+                    .into_policy("shop".into(), format!("p{pi}"), Origin::default())
+                    .unwrap_or_else(|e| panic!("{spec}: {e}"));
+                policies.push(Arc::new(p));
             }
             let indexed = PolicySet::new(policies.iter().cloned());
             let scanned = PolicySet::unindexed(policies.iter().cloned());
-            for caller in 0..6 {
-                let mut a = match caller {
-                    5 => Attributes {
-                        destination_port: Some(8080),
-                        ..Default::default()
-                    },
-                    i => peer(&format!("sa{i}")),
+            scanned_rules += policies.iter().map(|p| p.rules.len()).sum::<usize>();
+            for caller in 0..8 {
+                let source_ip: IpAddr = ips[next(ips.len())].parse().unwrap();
+                let remote_ip: IpAddr = ips[next(ips.len())].parse().unwrap();
+                let mut a = Attributes {
+                    source_ip: Some(source_ip),
+                    remote_ip: Some(if next(2) == 0 { source_ip } else { remote_ip }),
+                    destination_port: Some(8080),
+                    ..Default::default()
                 };
+                if caller < 6 {
+                    let ns = namespaces[next(namespaces.len())];
+                    let sa = accounts[next(accounts.len())];
+                    a.source_principal = Some(format!("cluster.local/ns/{ns}/sa/{sa}"));
+                    a.source_namespace = Some(ns.into());
+                }
                 for http in [None, Some("/admin"), Some("/")] {
                     a.http = http.map(|path| HttpRequest {
                         method: "GET".into(),
@@ -765,11 +853,15 @@ rules:
                         assert_eq!(
                             evaluate(&indexed, &a, unknowns),
                             evaluate(&scanned, &a, unknowns),
-                            "round {round}, caller {caller}, {http:?}, {unknowns:?}"
+                            "round {round}, caller {a:?}, {unknowns:?}\npolicies: {policies:#?}"
                         );
                     }
                 }
             }
         }
+        assert!(
+            scanned_rules > 5000,
+            "the generator makes rules: {scanned_rules}"
+        );
     }
 }

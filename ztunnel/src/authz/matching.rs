@@ -171,17 +171,20 @@ fn http_field(
     }
 }
 
+/// The `namespace/name` a principal (`td/ns/<ns>/sa/<sa>`) names, as `serviceAccounts` match.
+pub(super) fn service_account(principal: &str) -> Option<String> {
+    let (_, rest) = principal.split_once("/ns/")?;
+    let (ns, sa) = rest.split_once("/sa/")?;
+    Some(format!("{ns}/{sa}"))
+}
+
 fn source_matches(s: &Source, a: &Attributes) -> Tri {
     let principal = a.source_principal.as_deref();
     // `serviceAccounts` name `namespace/name`, taken from the same identity (built only for
     // the sources that use it: this runs for every rule of every policy).
     let service_account = principal
         .filter(|_| !s.service_accounts.is_empty())
-        .and_then(|p| {
-            let (_, rest) = p.split_once("/ns/")?;
-            let (ns, sa) = rest.split_once("/sa/")?;
-            Some(format!("{ns}/{sa}"))
-        });
+        .and_then(service_account);
     let l4 = field(&s.principals, principal, StrMatch::matches)
         && field(
             &s.namespaces,

@@ -4,11 +4,13 @@
 //!   side (STRICT refuses plaintext).
 //! * [`authorization_policy`]: `AuthorizationPolicy` as written, validated and compiled.
 //! * [`matching`]: what a call is matched on, and whether one rule matches it.
-//! * [`policy_set`]: one workload's policies, indexed by the principals their rules name.
+//! * [`policy_set`]: one workload's policies, indexed by the callers their rules name
+//!   (principals, namespaces, service accounts, IP blocks: [`caller_index`]).
 //! * [`evaluate`]: deciding a connection or a request against the policies of its destination.
 //! * [`admission`]: the whole inbound decision (PeerAuthentication, then authorization).
 pub mod admission;
 pub mod authorization_policy;
+mod caller_index;
 pub mod evaluate;
 pub mod ext_authz;
 pub mod jwks;
