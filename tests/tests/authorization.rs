@@ -3,11 +3,11 @@
 //! listener on the same node) or its address (plaintext), with real clients in pods.
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use ztunnel_tests::Cluster;
+use ztunnel_tests::{jwt::IdentityProvider, Cluster};
 
 mod common;
 
-use common::{addr, start, IdentityProvider, WAIT};
+use common::{addr, start, WAIT};
 
 fn authorization_policy(ns: &str, name: &str, body: &str) -> String {
     common::istio("AuthorizationPolicy", ns, name, body)
@@ -207,31 +207,6 @@ fn bad_authorization_policies_are_rejected_with_file_and_line() -> Result<()> {
 
 /// `curl` in pod `ns/name` with `options`, then each of `urls` (on one connection when curl can
 /// reuse it): the status codes, and everything it printed.
-fn curl(
-    c: &Cluster,
-    from: (&str, &str),
-    options: &[&str],
-    urls: &[&str],
-) -> Result<(Vec<u16>, String)> {
-    let mut all = vec!["curl", "-sS", "--max-time", "5"];
-    all.extend_from_slice(&["-w", "%{http_code} %{num_connects}\\n"]);
-    all.extend_from_slice(options);
-    for url in urls {
-        all.extend_from_slice(&["-o", "/dev/null", url]);
-    }
-    let out = c.pod(from.0, from.1).run(&all, WAIT)?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let codes = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
-    Ok((codes, text))
-}
-
 #[test]
 fn l7_paths_and_methods_are_decided_per_request() -> Result<()> {
     let c = start()?;
@@ -259,7 +234,7 @@ fn l7_paths_and_methods_are_decided_per_request() -> Result<()> {
         ("default", "sleep"),
     ] {
         let mark = c.log_mark(2);
-        let (codes, text) = curl(&c, from, &[], &[&catalog, &hello])?;
+        let (codes, text) = c.pod(from.0, from.1).curl(&[], &[&catalog, &hello])?;
         ensure!(codes == [200, 403], "{from:?}: {text}");
         ensure!(
             text.lines().nth(1).is_some_and(|l| l.ends_with(" 0")),
@@ -273,18 +248,15 @@ fn l7_paths_and_methods_are_decided_per_request() -> Result<()> {
             l["message"] == "http request" && l["path"] == "/api/catalog/items"
         })?;
         ensure!(
-            allowed["status"] == 200
+            allowed["response_code"] == 200
                 && allowed["authz_policy"] == "istioinaction/allow-catalog-requests-in-web-app",
             "{allowed}"
         );
     }
     // The method counts too, and the denial's body is Istio's.
-    let (codes, text) = curl(
-        &c,
-        ("istioinaction", "client"),
-        &["-X", "POST"],
-        &[&catalog],
-    )?;
+    let (codes, text) = c
+        .pod("istioinaction", "client")
+        .curl(&["-X", "POST"], &[&catalog])?;
     ensure!(codes == [403], "{text}");
     let body = c
         .pod("istioinaction", "client")
@@ -371,7 +343,7 @@ fn l7_http2_streams_are_decided_per_request() -> Result<()> {
             l["message"] == "http request" && l["path"] == "/items/1"
         })?;
         ensure!(
-            allowed["status"] == 200
+            allowed["response_code"] == 200
                 && allowed["authz_policy"] == "istioinaction/catalog-items-only",
             "{allowed}"
         );
@@ -402,7 +374,7 @@ fn l7_http2_streams_are_decided_per_request() -> Result<()> {
 #[test]
 fn jwt_protected_service_users_get_admins_everything() -> Result<()> {
     let c = start()?;
-    let idp = IdentityProvider::new();
+    let idp = IdentityProvider::new("auth@istioinaction.io");
     let webapp = c.pod("istioinaction", "webapp");
     let mut server =
         webapp.spawn_probe(&["http-server-ka", "--port", "8080", "--name", "webapp"])?;
@@ -440,7 +412,7 @@ fn jwt_protected_service_users_get_admins_everything() -> Result<()> {
         idp.token("admin", "admin", 600),
     );
     let expired = idp.token("user", "user", -3600);
-    let forged = IdentityProvider::new().token("admin", "admin", 600);
+    let forged = IdentityProvider::new("auth@istioinaction.io").token("admin", "admin", 600);
     let client = ("istioinaction", "client");
     for (what, options, expected) in [
         ("no token: requestPrincipals required", vec![], 403),
@@ -482,7 +454,7 @@ fn jwt_protected_service_users_get_admins_everything() -> Result<()> {
         ),
     ] {
         let options: Vec<&str> = options.iter().map(String::as_str).collect();
-        let (codes, text) = curl(&c, client, &options, &[&url])?;
+        let (codes, text) = c.pod(client.0, client.1).curl(&options, &[&url])?;
         ensure!(
             codes == [expected],
             "{what}: expected {expected}, got {text}"
@@ -492,8 +464,8 @@ fn jwt_protected_service_users_get_admins_everything() -> Result<()> {
     let logs = c.logs(2);
     ensure!(
         logs.iter().any(|l| l["message"] == "http request"
-            && l["src_request_principal"] == "auth@istioinaction.io/admin"
-            && l["status"] == 200),
+            && l["request_principal"] == "auth@istioinaction.io/admin"
+            && l["response_code"] == 200),
         "no request logged with the admin's request principal"
     );
     ensure!(

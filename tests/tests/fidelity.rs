@@ -6,11 +6,11 @@
 //! `getsockname()`.
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
-use ztunnel_tests::{pod, service, Cluster, ProbeOutput};
+use ztunnel_tests::{jwt::IdentityProvider, pod, service, Cluster, ProbeOutput};
 
 mod common;
 
-use common::{addr, istio, mesh_pod, IdentityProvider, AMBIENT, WAIT};
+use common::{addr, istio, mesh_pod, AMBIENT, WAIT};
 
 /// The callers of every check: across nodes (HBONE), on the destination's node, and a pod
 /// outside the mesh (plaintext).
@@ -87,7 +87,7 @@ fn declared_ports_are_not_sniffed_and_undeclared_ones_still_are() -> Result<()> 
     // L7 policy on web: tokens are checked on every HTTP request (so every connection to it
     // is read as HTTP unless its port says otherwise), and only /api requests or the database
     // ports are allowed.
-    let idp = IdentityProvider::new();
+    let idp = IdentityProvider::new("auth@istioinaction.io");
     let policies = format!(
         "{}---\n{}",
         istio(

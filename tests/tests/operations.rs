@@ -9,6 +9,8 @@ use ztunnel_tests::{metrics::Scrape, pod, wait_until, Cluster};
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 const WAIT: Duration = Duration::from_secs(15);
+/// web refuses neighbour.
+const DENY_NEIGHBOUR: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-neighbour\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/neighbour]\n";
 
 /// shop (ambient): client on node 1, web and neighbour on node 2; default (not enrolled):
 /// sleep on node 1. Service accounts are named like the pods.
@@ -203,9 +205,8 @@ fn metrics_follow_traffic_decisions_and_configuration() -> Result<()> {
     }
 
     // A DENY policy: its decision is counted under its name, and its load as a reload.
-    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-neighbour\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/neighbour]\n";
     let before = c.node(2).scrape()?;
-    c.apply("deny.yaml", Some(deny))?;
+    c.apply("deny.yaml", Some(DENY_NEIGHBOUR))?;
     ensure!(
         c.pod("shop", "neighbour").get(&web)?.code != Some(0),
         "denied"
@@ -534,5 +535,98 @@ fn a_custom_policy_whose_provider_does_not_exist_is_a_problem_in_the_dump_and_me
     scrape_until(&c, 2, |s| {
         delta(&before, s, "ztunnel_config_problems", &[]) >= 1.0
     })?;
+    Ok(())
+}
+
+/// `ztunnel config` in node 2's netns, as an operator on the node runs it.
+fn config(c: &Cluster, args: &[&str]) -> Result<std::process::Output> {
+    let bin = ztunnel_tests::ztunnel_bin();
+    let mut argv = vec![bin.to_str().context("the binary's path")?, "config"];
+    argv.extend(args);
+    c.node(2).exec(&argv, WAIT)
+}
+
+#[test]
+fn ztunnel_config_shows_the_live_view_as_tables_json_and_yaml() -> Result<()> {
+    let c = start()?;
+    c.apply("deny.yaml", Some(DENY_NEIGHBOUR))?;
+    // A certificate to show: web's, fetched for a connection to it.
+    let _server = c.pod("shop", "web").http_server(8080, "web")?;
+    let web_addr = format!("{}:8080", c.pod("shop", "web").ip());
+    ensure!(c.pod("shop", "client").get(&web_addr)?.code == Some(0));
+
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let out = config(&c, &["workloads"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let table = text(&out);
+    let lines: Vec<&str> = table.lines().collect();
+    ensure!(
+        lines[0].split_whitespace().collect::<Vec<_>>()
+            == [
+                "NAMESPACE",
+                "POD",
+                "NAME",
+                "ADDRESS",
+                "NODE",
+                "SERVICE",
+                "ACCOUNT",
+                "ENROLLED",
+                "HERE"
+            ],
+        "{table}"
+    );
+    // Aligned: every column starts where its header does.
+    let at = lines[0].find("ADDRESS").context("ADDRESS")?;
+    let web_ip = c.pod("shop", "web").ip().to_string();
+    let web = lines
+        .iter()
+        .find(|l| l.starts_with("shop") && l.contains(" web "))
+        .with_context(|| format!("web's row in\n{table}"))?;
+    ensure!(web[at..].starts_with(&web_ip), "{table}");
+    ensure!(web.ends_with("yes"), "web is enrolled on node 2: {table}");
+    let sleep = lines
+        .iter()
+        .find(|l| l.starts_with("default") && l.contains(" sleep "))
+        .with_context(|| format!("sleep's row in\n{table}"))?;
+    ensure!(sleep.ends_with("no"), "{table}");
+
+    let out = config(&c, &["policies", "-o", "json"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let policies: Value = serde_json::from_str(&text(&out))?;
+    ensure!(
+        policies
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["kind"] == "AuthorizationPolicy"
+                && p["policy"] == "shop/deny-neighbour"
+                && p["action"] == "DENY")),
+        "{policies}"
+    );
+    let out = config(&c, &["certificates", "-o", "yaml"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let certs: Value = serde_yaml::from_str(&text(&out))?;
+    ensure!(
+        certs
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["identity"] == principal("web"))),
+        "{certs}"
+    );
+    ensure!(!text(&out).contains("PRIVATE KEY"));
+    let out = config(&c, &["all"])?;
+    ensure!(out.status.success(), "{out:?}");
+    eprintln!("ztunnel config all:\n{}", text(&out));
+    for header in ["POD NAME", "SERVICE NAME", "KIND", "IDENTITY"] {
+        ensure!(text(&out).contains(header), "{header} in\n{}", text(&out));
+    }
+
+    // Nothing listening there: one line, exit 2.
+    let out = config(&c, &["workloads", "--admin", "127.0.0.1:1"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(2)
+            && out.stdout.is_empty()
+            && err.lines().count() == 1
+            && err.contains("cannot reach the admin API at 127.0.0.1:1"),
+        "{out:?}"
+    );
     Ok(())
 }

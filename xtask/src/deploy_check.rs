@@ -47,6 +47,7 @@ const REFUSED_VALUES: &[(&str, &str)] = &[
         "must be a directory inside nodeProxy.bpffs",
     ),
     ("ca.enabled=false", "set nodeProxy.caAddress"),
+    ("dashboards.label=not a label", "/dashboards/label"),
 ];
 
 /// The files (sorted) with one of the given endings in a directory.

@@ -32,7 +32,7 @@ use crate::{
     logging::SetLogLevel,
     metrics::Metrics,
     netns::Netns,
-    proxy::{Mesh, Proxy, ProxyOptions},
+    proxy::{request::RequestSettings, Mesh, Proxy, ProxyOptions},
     state::{EnrolmentPolicy, MeshSettings},
 };
 
@@ -227,6 +227,12 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                     home.clone(),
                 ),
                 metrics: metrics.clone(),
+                requests: RequestSettings {
+                    request_metrics: args.request_metrics.on(),
+                    access_log: args.access_log.on(),
+                    access_log_sample: args.access_log_sample,
+                    cluster_domain: args.cluster_domain.clone(),
+                },
             });
             let ready = Arc::new(AtomicBool::new(false));
             let view = Arc::new(ProxyView {

@@ -15,6 +15,11 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check(args),
         } => return cli::policy_check(*args),
+        Command::Config {
+            section,
+            output,
+            admin,
+        } => return cli::config::run(section, output, &admin),
         Command::Run(args) => {
             let logging = logging::init(args.log_format);
             app::run(*args, logging)

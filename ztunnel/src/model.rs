@@ -41,7 +41,7 @@ pub struct ContainerPort {
     pub port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,

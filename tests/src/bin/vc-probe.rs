@@ -4,7 +4,10 @@
 //! vc-probe http-server --port P [--name N]     one JSON reply per request, Connection: close
 //! vc-probe tcp-echo --port P                    echoes every byte back
 //! vc-probe h2-server --port P [--name N]       HTTP/2 with prior knowledge (h2c): one JSON
-//!                                               reply per request stream
+//!                                               reply per request stream; a gRPC request
+//!                                               (content-type application/grpc) gets an empty
+//!                                               message and the trailer grpc-status its
+//!                                               x-grpc-status header asks for (default 0)
 //! vc-probe get --addr IP:PORT [--path /x] [--delay-ms N] [--timeout-ms N]
 //!                                               with --delay-ms, waits that long after
 //!                                               connecting before it sends the request
@@ -38,7 +41,10 @@
 //!
 //! For the benchmark (`cargo xtask bench`, docs/benchmarks.md):
 //! vc-probe http-server-ka --port P [--name N]  HTTP/1.1 keep-alive server (closes only when the
-//!                                               client asks); no per-request output
+//!                                               client asks); no per-request output. Paths
+//!                                               like httpbin's: /status/<code> answers that
+//!                                               status, /delay/<ms> answers after that long,
+//!                                               /bytes/<n> with a body of n bytes
 //! vc-probe http-load --addr IP:PORT --rate R --duration-ms D --connections C
 //!                                               open-loop GETs at R/s over C keep-alive
 //!                                               connections; latency from the scheduled time
@@ -280,6 +286,10 @@ fn h2_server(port: u16, name: String) -> io::Result<()> {
                     return;
                 };
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if is_grpc(req.headers()) {
+                        answer_grpc(req.headers(), &mut respond);
+                        continue;
+                    }
                     let body = json!({
                         "server": name,
                         "method": req.method().as_str(),
@@ -299,6 +309,36 @@ fn h2_server(port: u16, name: String) -> io::Result<()> {
             });
         }
     })
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A gRPC answer: one empty message, then the trailers `grpc-status` (from the request's
+/// `x-grpc-status`, default 0) and `grpc-message`.
+fn answer_grpc(h: &http::HeaderMap, respond: &mut h2::server::SendResponse<bytes::Bytes>) {
+    let status = h
+        .get("x-grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u8>().ok())
+        .unwrap_or(0);
+    let response = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("static response parts");
+    let Ok(mut send) = respond.send_response(response, false) else {
+        return;
+    };
+    // A message frame: not compressed, length 0.
+    let _ = send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), false);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from(u16::from(status)));
+    trailers.insert("grpc-message", http::HeaderValue::from_static("vc-probe"));
+    let _ = send.send_trailers(trailers);
 }
 
 fn bind_v6_only(port: u16) -> io::Result<TcpListener> {
@@ -890,9 +930,19 @@ mod bench {
                 Ok(None) | Err(_) => return,
             };
             let connection = if head.close { "close" } else { "keep-alive" };
+            let answer = Answer::for_target(&head.second_word);
+            if let Some(delay) = answer.delay {
+                std::thread::sleep(delay);
+            }
+            let body = match answer.bytes {
+                Some(n) => "x".repeat(n),
+                None => body.to_owned(),
+            };
             let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
                  Connection: {connection}\r\n\r\n{body}",
+                answer.status,
+                answer.reason(),
                 body.len()
             );
             if conn.stream.write_all(resp.as_bytes()).is_err() {
@@ -907,6 +957,69 @@ mod bench {
                 return;
             }
         }
+    }
+
+    /// What `http-server-ka` answers a request target with.
+    #[derive(Debug, PartialEq)]
+    struct Answer {
+        status: u16,
+        delay: Option<Duration>,
+        bytes: Option<usize>,
+    }
+
+    impl Answer {
+        /// `/status/<code>`, `/delay/<ms>` (at most 10 s), `/bytes/<n>` (at most 1 MiB), or
+        /// 200 with the server's name.
+        fn for_target(target: &str) -> Self {
+            let path = target.split('?').next().unwrap_or("");
+            let mut words = path.trim_start_matches('/').splitn(2, '/');
+            let (verb, arg) = (
+                words.next(),
+                words.next().and_then(|a| a.parse::<u64>().ok()),
+            );
+            let mut a = Answer {
+                status: 200,
+                delay: None,
+                bytes: None,
+            };
+            match (verb, arg) {
+                (Some("status"), Some(code)) if (200..=599).contains(&code) => {
+                    a.status = code as u16
+                }
+                (Some("delay"), Some(ms)) => a.delay = Some(Duration::from_millis(ms.min(10_000))),
+                (Some("bytes"), Some(n)) => a.bytes = Some(n.min(1 << 20) as usize),
+                _ => {}
+            }
+            a
+        }
+
+        fn reason(&self) -> &'static str {
+            match self.status {
+                200 => "OK",
+                400..=499 => "Client Error",
+                500..=599 => "Server Error",
+                _ => "Status",
+            }
+        }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn answers_follow_the_path() {
+        let a = |t| Answer::for_target(t);
+        assert_eq!(a("/status/503").status, 503);
+        assert_eq!(a("/status/99").status, 200);
+        assert_eq!(a("/delay/300?x=1").delay, Some(Duration::from_millis(300)));
+        assert_eq!(a("/delay/99999").delay, Some(Duration::from_secs(10)));
+        assert_eq!(a("/bytes/5").bytes, Some(5));
+        assert_eq!(
+            a("/bench"),
+            Answer {
+                status: 200,
+                delay: None,
+                bytes: None
+            }
+        );
     }
 
     // ---- http-load ---------------------------------------------------------------------

@@ -271,6 +271,29 @@ impl<'a> PodRef<'a> {
         })
     }
 
+    /// curl from this pod, one `-o /dev/null` transfer per URL (reusing connections where it
+    /// can), each with `options`: the status of each transfer (0 where none came), and all
+    /// curl printed (`<status> <connections opened>` per transfer, then its errors).
+    pub fn curl(&self, options: &[&str], urls: &[&str]) -> Result<(Vec<u16>, String)> {
+        let mut all = vec!["curl", "-sS", "--max-time", "5"];
+        all.extend_from_slice(&["-w", "%{http_code} %{num_connects}\\n"]);
+        all.extend_from_slice(options);
+        for url in urls {
+            all.extend_from_slice(&["-o", "/dev/null", url]);
+        }
+        let out = self.run(&all, CMD_TIMEOUT)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let codes = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        Ok((codes, text))
+    }
+
     /// `vc-probe get --addr <addr>` from this pod (5 s connect/read timeout).
     pub fn get(&self, addr: &str) -> Result<ProbeOutput> {
         self.probe(&["get", "--addr", addr, "--timeout-ms", "5000"])

@@ -14,13 +14,15 @@
 //! The harness is split by concern: [`topology`] creates the namespaces, veths and routes (and
 //! runs commands in the underlay), [`model`] is the cluster's configuration (the objects the
 //! proxies read, changed at run time), [`proxy`] starts and stops the node proxies, [`logs`]
-//! reads what they logged, and [`handles`] are the node and pod handles tests run things in.
+//! reads what they logged, and [`handles`] are the node and pod handles tests run things in;
+//! [`prometheus`] runs a real Prometheus server scraping the node proxies.
 //! A node's proxy is ours or, for interoperability tests and `bench --peer`, Istio's own
 //! ztunnel ([`peer_proxy`]).
 mod handles;
 mod logs;
 mod model;
 mod peer_proxy;
+pub mod prometheus;
 mod proxy;
 mod topology;
 

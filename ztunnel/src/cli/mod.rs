@@ -2,6 +2,7 @@
 //! operator's commands (`policy check`, `bpf status|uninstall`, `ca init|serve`).
 mod bpf;
 mod cni;
+pub mod config;
 mod policy;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -50,6 +51,18 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Show a node proxy's live view: the workloads and Services it knows, the policies in
+    /// force, the certificates it holds (from its admin API, like `istioctl ztunnel-config`).
+    Config {
+        #[arg(value_enum)]
+        section: config::Section,
+        /// Aligned tables, or the lists as JSON or YAML.
+        #[arg(short, long, value_enum, default_value_t = config::Format::Table)]
+        output: config::Format,
+        /// The node proxy's admin API (`run --admin-addr`).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: String,
     },
     /// Install or remove the chained CNI plugin (`ztunnel-cni`) that captures new pods before
     /// they start.
@@ -348,6 +361,44 @@ pub struct RunArgs {
     /// `sysctl kernel.bpf_stats_enabled=1` does; costs a few ns per program run).
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Istio's request metrics (istio_requests_total, istio_request_duration_milliseconds,
+    /// istio_request_bytes, istio_response_bytes) for the HTTP requests the proxy parses.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub request_metrics: Switch,
+    /// One `http request` log line per HTTP request the proxy parses.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub access_log: Switch,
+    /// The share of successful requests (answered below 400) the access log keeps, from 0 to
+    /// 1, evenly spread; refused, failed and abandoned requests are always logged.
+    #[arg(long, default_value = "1", value_parser = parse_share)]
+    pub access_log_sample: f64,
+    /// The cluster's DNS domain: the `destination_service` of a request is
+    /// `<name>.<namespace>.svc.<domain>`.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+/// A feature turned on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn on(self) -> bool {
+        self == Switch::On
+    }
+}
+
+/// A share from 0 to 1 (`0.25`).
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "expected a share from 0 to 1 (like 0.1), got {s:?}"
+        )),
+    }
 }
 
 /// `ca init` (a root CA in a directory) and `ca serve` (Istio's CSR API from it, until the

@@ -16,6 +16,7 @@
 pub mod inbound;
 pub mod outbound;
 mod record;
+pub mod request;
 
 use std::{
     collections::HashMap,
@@ -116,6 +117,7 @@ pub struct ProxyOptions {
     pub policy: EnrolmentPolicy,
     pub mesh: Mesh,
     pub metrics: Arc<Metrics>,
+    pub requests: request::RequestSettings,
 }
 
 /// The inputs both directions share: the node, its configuration, the mesh, the metrics, and
@@ -127,6 +129,8 @@ pub struct Shared {
     policy: EnrolmentPolicy,
     pub mesh: Mesh,
     pub metrics: Arc<Metrics>,
+    /// Request metrics and the access log, for the paths that parse HTTP.
+    pub requests: Arc<request::RequestTelemetry>,
     /// Pods enrolled on this node, by address: same-node traffic is delivered to them without
     /// leaving the proxy.
     local_pods: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
@@ -176,6 +180,10 @@ impl Proxy {
             node: o.node,
             policy: o.policy,
             mesh: o.mesh,
+            requests: Arc::new(request::RequestTelemetry::new(
+                o.metrics.clone(),
+                o.requests,
+            )),
             metrics: o.metrics,
             local_pods: RwLock::default(),
         });

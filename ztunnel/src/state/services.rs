@@ -25,6 +25,45 @@ impl Snapshot {
         svc.ports.iter().find(|p| p.port == port)
     }
 
+    /// The Services (of `pod`'s namespace, by name) whose selector matches `pod` and one of
+    /// whose ports leads to its `target` port: what a request to that port may have been
+    /// addressed to.
+    pub fn services_of(&self, pod: &Pod, target: u16) -> Vec<Arc<Service>> {
+        self.services
+            .range((pod.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == pod.namespace)
+            .map(|(_, s)| s)
+            .filter(|s| {
+                !s.selector.is_empty()
+                    && s.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                    && s.ports.iter().any(|p| target_of(pod, p) == Some(target))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The protocol `pod`'s `port` is declared to speak: what the Service ports that lead to
+    /// it declare ([`ServicePort::protocol`]; ports that declare nothing are not counted).
+    /// `None` when none declares one, and when one declares HTTP and another something opaque:
+    /// the port is then sniffed, which tells HTTP from anything else either way.
+    pub fn declared_protocol(&self, pod: &Pod, port: u16) -> Option<AppProtocol> {
+        let mut declared: Option<AppProtocol> = None;
+        for svc in self.services_of(pod, port) {
+            let leading = svc
+                .ports
+                .iter()
+                .filter(|sp| target_of(pod, sp) == Some(port));
+            for p in leading.filter_map(ServicePort::protocol) {
+                match declared {
+                    None => declared = Some(p),
+                    Some(d) if d.is_http() != p.is_http() => return None,
+                    Some(_) => {}
+                }
+            }
+        }
+        declared
+    }
+
     /// Endpoints of `svc`'s `port`: every addressed pod of the service's namespace whose labels
     /// match the selector, at the resolved target port. Pods without a matching named port are
     /// skipped, as Kubernetes does.
@@ -32,9 +71,24 @@ impl Snapshot {
         let Some(sp) = self.service_port(svc, port) else {
             return Vec::new();
         };
+        if svc.selector.is_empty() {
+            return Vec::new();
+        }
         let mut out = Vec::new();
-        for pod in self.selected_pods(svc) {
-            let Some(target) = target_port(sp, pod) else {
+        for pod in self
+            .pods
+            .range((svc.namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == svc.namespace)
+            .map(|(_, p)| p)
+        {
+            if !svc
+                .selector
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+            {
+                continue;
+            }
+            let Some(target) = target_of(pod, sp) else {
                 continue;
             };
             for ip in &pod.ips {
@@ -54,58 +108,11 @@ impl Snapshot {
         }
         out
     }
-
-    /// The protocol `pod`'s `port` is declared to speak: what the Service ports that target
-    /// it declare ([`ServicePort::protocol`]; ports that declare nothing are not counted).
-    /// `None` when none declares one, and when one declares HTTP and another something opaque:
-    /// the port is then sniffed, which tells HTTP from anything else either way.
-    pub fn declared_protocol(&self, pod: &Pod, port: u16) -> Option<AppProtocol> {
-        let mut declared: Option<AppProtocol> = None;
-        for svc in self
-            .services
-            .range((pod.namespace.clone(), String::new())..)
-            .take_while(|((ns, _), _)| *ns == pod.namespace)
-            .map(|(_, s)| s)
-            .filter(|s| selects(s, pod))
-        {
-            let targeting = svc
-                .ports
-                .iter()
-                .filter(|sp| target_port(sp, pod) == Some(port));
-            for p in targeting.filter_map(ServicePort::protocol) {
-                match declared {
-                    None => declared = Some(p),
-                    Some(d) if d.is_http() != p.is_http() => return None,
-                    Some(_) => {}
-                }
-            }
-        }
-        declared
-    }
-
-    /// The pods of `svc`'s namespace its selector matches (none without a selector).
-    fn selected_pods<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Arc<Pod>> {
-        self.pods
-            .range((svc.namespace.clone(), String::new())..)
-            .take_while(|((ns, _), _)| *ns == svc.namespace)
-            .map(|(_, p)| p)
-            .filter(|p| selects(svc, p))
-    }
 }
 
-/// Whether `svc` selects `pod` (a Service without a selector selects nothing).
-fn selects(svc: &Service, pod: &Pod) -> bool {
-    pod.namespace == svc.namespace
-        && !svc.selector.is_empty()
-        && svc
-            .selector
-            .iter()
-            .all(|(k, v)| pod.labels.get(k) == Some(v))
-}
-
-/// The port of `pod` that `sp` targets; `None` when the pod has no container port of the
-/// name it targets (Kubernetes then leaves the pod out of the endpoints).
-fn target_port(sp: &ServicePort, pod: &Pod) -> Option<u16> {
+/// The port of `pod` a Service port leads to: its number, or the pod's container port of its
+/// name (`None` if the pod has none of that name).
+fn target_of(pod: &Pod, sp: &ServicePort) -> Option<u16> {
     match &sp.target_port {
         TargetPort::Number(n) => Some(*n),
         TargetPort::Name(name) => pod

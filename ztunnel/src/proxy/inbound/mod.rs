@@ -53,6 +53,7 @@ use crate::{
         Carrier, ConnectionLabels, MtlsModeLabels, NodeConnectionLabels, NodeOutcome, Outcome,
         Reporter, Side,
     },
+    model::Pod,
     ports::is_proxy_port,
     relay::{relay_until, reset, Duplex},
     state::Snapshot,
@@ -256,7 +257,12 @@ impl Inbound {
     ) {
         let metrics = &self.shared.metrics;
         let mut record = ConnectionRecord::new(Direction::Inbound, metrics.clone());
-        let (call, src_workload) = arrival.call(&snapshot, dst);
+        let (call, src_pod) = arrival.call(&snapshot, dst);
+        let src_workload = match &arrival {
+            Arrival::FromNode { .. } => Some(NODE_SOURCE.to_owned()),
+            Arrival::SameNode { src } => Some(src.workload.clone()),
+            _ => src_pod.as_ref().map(|p| p.workload()),
+        };
         record.line.src_workload = src_workload.clone();
         record.line.dst_addr = Some(dst);
         record.line.dst_workload = Some(pod.workload.clone());
@@ -482,8 +488,18 @@ impl Inbound {
                 .revoked(config, pod.clone(), call.clone(), per_request);
             match per_request {
                 true => {
-                    self.serve_per_request(pod, call, declared, downstream, upstream, revoke)
-                        .await
+                    let requests = self.request_context(
+                        &snapshot,
+                        &pod,
+                        dst,
+                        src_pod.as_deref(),
+                        (src_principal.as_deref(), mutual_tls),
+                        &record,
+                    );
+                    self.serve_per_request(
+                        pod, call, declared, downstream, upstream, requests, revoke,
+                    )
+                    .await
                 }
                 false => relay_until(downstream, upstream, revoke).await,
             }
@@ -496,13 +512,13 @@ impl Inbound {
 }
 
 impl Arrival {
-    /// The call as admission sees it ([`crate::authz::admit`]), and the caller's workload if
-    /// it is known.
-    fn call(&self, snapshot: &Snapshot, dst: SocketAddr) -> (InboundCall, Option<String>) {
+    /// The call as admission sees it ([`crate::authz::admit`]), and the caller's pod if the
+    /// configuration knows it.
+    fn call(&self, snapshot: &Snapshot, dst: SocketAddr) -> (InboundCall, Option<Arc<Pod>>) {
         match self {
             Arrival::Plaintext { peer } => (
                 InboundCall::new(Transport::Plaintext, None, Some(peer.ip()), dst),
-                snapshot.pod_by_ip(peer.ip()).map(|p| p.workload()),
+                snapshot.pod_by_ip(peer.ip()).cloned(),
             ),
             Arrival::Hbone {
                 peer,
@@ -522,7 +538,7 @@ impl Arrival {
                     None => Some(peer.ip()),
                 };
                 let call = InboundCall::new(Transport::Mesh, Some(identity), source_ip, dst);
-                (call, src_pod.map(|p| p.workload()))
+                (call, src_pod.cloned())
             }
             Arrival::SameNode { src } => {
                 let source_ip = src
@@ -531,12 +547,12 @@ impl Arrival {
                     .copied()
                     .find(|ip| ip.is_ipv4() == dst.is_ipv4());
                 let call = InboundCall::new(Transport::Mesh, Some(&src.identity), source_ip, dst);
-                (call, Some(src.workload.clone()))
+                (call, src.in_snapshot(snapshot).cloned())
             }
             // Never admitted by policy; the call says who it was, for nothing else.
             Arrival::FromNode { peer } => (
                 InboundCall::new(Transport::Plaintext, None, Some(peer.ip()), dst),
-                Some(NODE_SOURCE.to_owned()),
+                None,
             ),
         }
     }

@@ -22,11 +22,11 @@ mod sniff;
 use std::{
     future::Future,
     io,
+    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Instant,
 };
 
 use bytes::Bytes;
@@ -38,7 +38,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use self::{
     ext_authz::ProviderAnswer,
@@ -47,22 +47,31 @@ use self::{
 use super::Inbound;
 use crate::{
     authz::{Admission, CustomCheck, HttpRequest, InboundCall, Unknowns},
-    model::AppProtocol,
-    proxy::PodContext,
+    metrics::{requests::Peer, Reporter, SecurityPolicy},
+    model::{AppProtocol, Pod},
+    proxy::{
+        record::{ConnectionRecord, Direction},
+        request::{CountedBody, LinePeers, RecordedBody, RequestContext, RequestRecord},
+        PodContext,
+    },
     relay::{relay_until, Duplex, Relayed},
+    state::Snapshot,
 };
 
 pub(super) type Body = BoxBody<Bytes, hyper::Error>;
 
+/// What goes to the application: the caller's request body, counted.
+type Forwarded = CountedBody<Incoming>;
+
 /// The upstream connection to the application, in the client's HTTP version.
 enum Upstream {
     /// HTTP/1.1 carries one request at a time; the server side is sequential too.
-    H1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    H1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Forwarded>>),
+    H2(hyper::client::conn::http2::SendRequest<Forwarded>),
 }
 
 impl Upstream {
-    async fn send(&self, req: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
+    async fn send(&self, req: Request<Forwarded>) -> hyper::Result<Response<Incoming>> {
         match self {
             Upstream::H1(s) => {
                 let mut s = s.lock().await;
@@ -135,9 +144,59 @@ pub(super) fn set_headers(h: &mut http::HeaderMap, headers: Headers) {
 }
 
 impl Inbound {
+    /// The request side of a connection to `pod`'s `dst`: Istio's labels of both ends, the
+    /// Services that lead there, and the names the access log gives them (`record`'s).
+    pub(super) fn request_context(
+        &self,
+        snapshot: &Snapshot,
+        pod: &PodContext,
+        dst: SocketAddr,
+        src_pod: Option<&Pod>,
+        (src_principal, mutual_tls): (Option<&str>, bool),
+        record: &ConnectionRecord,
+    ) -> Arc<RequestContext> {
+        let source = match src_pod {
+            Some(p) => Peer::of_pod(p, src_principal),
+            None => Peer::unknown(src_principal),
+        };
+        let identity = pod.identity.to_string();
+        let (destination, services) = match pod.in_snapshot(snapshot) {
+            Some(p) => (
+                Peer::of_pod(p, Some(&identity)),
+                snapshot.services_of(p, dst.port()),
+            ),
+            None => (
+                Peer::of_workload(&pod.namespace, &pod.name, Some(&identity)),
+                Vec::new(),
+            ),
+        };
+        let security = match mutual_tls {
+            true => SecurityPolicy::MutualTls,
+            false => SecurityPolicy::None,
+        };
+        let line = &record.line;
+        let peers = LinePeers {
+            src_workload: line.src_workload.clone(),
+            src_identity: line.src_identity.clone(),
+            src_addr: line.src_addr.clone(),
+            dst_workload: Some(pod.workload.clone()),
+            dst_identity: Some(identity),
+        };
+        Arc::new(RequestContext::new(
+            self.shared.requests.clone(),
+            Direction::Inbound,
+            Reporter::Destination,
+            (source, destination),
+            security,
+            &services,
+            peers,
+            dst,
+        ))
+    }
+
     /// Carries a connection whose requests must be decided one by one, until it ends or
-    /// `revoke` yields. `upstream` is the application's socket; `declared` the protocol the
-    /// destination port is declared to speak (HTTP or nothing).
+    /// `revoke` yields; each request is recorded by `requests`. `declared` is the protocol
+    /// the destination port is declared to speak (HTTP or nothing).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn serve_per_request<D>(
         self: &Arc<Self>,
@@ -146,6 +205,7 @@ impl Inbound {
         declared: Option<AppProtocol>,
         mut downstream: D,
         upstream: TcpStream,
+        requests: Arc<RequestContext>,
         revoke: impl Future<Output = String>,
     ) -> Relayed
     where
@@ -218,105 +278,10 @@ impl Inbound {
         let proxy = self.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (proxy, pod, sender) = (proxy.clone(), pod.clone(), sender.clone());
-            let mut call = call.clone();
+            let record = requests.start(&req);
+            let call = call.clone();
             async move {
-                let start = Instant::now();
-                let snapshot = proxy.shared.snapshot();
-                let mut req = req;
-                let auth = match proxy.authenticate(&snapshot, &pod, &mut req).await {
-                    Ok(auth) => auth,
-                    Err(reason) => {
-                        proxy.shared.metrics.jwt_failures.add(reason.kind.as_str());
-                        warn!(dst_workload = %pod.workload,
-                            src_principal = call.attributes.source_principal.as_deref(),
-                            src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
-                            method = %req.method(), path = req.uri().path(), reason = %reason,
-                            "authentication failed");
-                        info!(direction = "inbound", dst_workload = %pod.workload,
-                            src_principal = call.attributes.source_principal.as_deref(),
-                            method = %req.method(), path = req.uri().path(), status = 401,
-                            error = %reason, duration_ms = start.elapsed().as_millis() as u64,
-                            "http request");
-                        let mut r =
-                            text_response(StatusCode::UNAUTHORIZED, "Jwt verification fails");
-                        r.headers_mut().insert(
-                            header::WWW_AUTHENTICATE,
-                            header::HeaderValue::from_static(
-                                "Bearer realm=\"ztunnel\", error=\"invalid_token\"",
-                            ),
-                        );
-                        return Ok(r);
-                    }
-                };
-                let mut custom_response = None;
-                let mut attributes = http_attributes(&req);
-                attributes.auth = auth;
-                call.attributes.http = Some(attributes);
-                let mut admission = proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative);
-                let mut to_client = Vec::new();
-                if let Admission::Custom(check) = &admission {
-                    match proxy.ask_provider(&snapshot, check, &req).await {
-                        ProviderAnswer::Allow {
-                            to_app,
-                            to_client: headers_to_client,
-                        } => {
-                            set_headers(req.headers_mut(), to_app);
-                            to_client = headers_to_client;
-                            // The provider allowed: DENY and ALLOW policies decide now.
-                            call.attributes.custom_allowed = true;
-                            admission = proxy.admit(&snapshot, &pod, &call, Unknowns::Conservative);
-                        }
-                        ProviderAnswer::Deny { response, reason } => {
-                            let mut d = check.denied.clone();
-                            d.reason = format!("{}: {reason}", d.reason);
-                            proxy.record_decision(&pod, &call, &d);
-                            admission = Admission::Denied(d);
-                            custom_response = Some(response);
-                        }
-                    }
-                }
-                let (response, decision) = match admission {
-                    Admission::Allowed(d) => {
-                        proxy.record_decision(&pod, &call, &d);
-                        let response = match sender.send(req).await {
-                            Ok(r) => {
-                                let mut r = r.map(BodyExt::boxed);
-                                set_headers(r.headers_mut(), to_client);
-                                r
-                            }
-                            Err(e) => {
-                                info!(dst_workload = %pod.workload, error = %e,
-                                        "forwarding a request to the application failed");
-                                text_response(StatusCode::BAD_GATEWAY, "upstream failed\n")
-                            }
-                        };
-                        (response, d)
-                    }
-                    Admission::Denied(d)
-                    | Admission::MtlsRequired(d)
-                    | Admission::Custom(CustomCheck { denied: d, .. }) => {
-                        let response = match custom_response.take() {
-                            // Recorded above, with the provider's reason.
-                            Some(r) => r,
-                            None => {
-                                proxy.record_decision(&pod, &call, &d);
-                                text_response(StatusCode::FORBIDDEN, "RBAC: access denied")
-                            }
-                        };
-                        (response, d)
-                    }
-                    Admission::PerRequest => unreachable!("conservative decisions are final"),
-                };
-                let http = call.attributes.http.as_ref();
-                info!(direction = "inbound", dst_workload = %pod.workload,
-                    src_principal = call.attributes.source_principal.as_deref(),
-                    src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
-                    src_request_principal = http.and_then(|h| h.auth.as_ref()).map(|a| a.principal.as_str()),
-                    method = http.map(|h| h.method.as_str()), path = http.map(|h| h.path.as_str()),
-                    host = http.map(|h| h.host.as_str()), status = response.status().as_u16(),
-                    authz_policy = decision.policy.as_deref(), authz_rule = decision.rule,
-                    audit = decision.audit.is_some(),
-                    duration_ms = start.elapsed().as_millis() as u64, "http request");
+                let response = proxy.decide_request(&pod, call, req, &sender, record).await;
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
@@ -328,5 +293,100 @@ impl Inbound {
             r = serve => done(r.err().map(io::Error::other), None),
             reason = revoke => done(None, Some(reason)),
         }
+    }
+
+    /// One request: authenticated (RequestAuthentication), decided (CUSTOM, DENY, ALLOW),
+    /// then forwarded to the application or answered by the proxy; `record` follows it to the
+    /// end of its response.
+    async fn decide_request(
+        &self,
+        pod: &PodContext,
+        mut call: InboundCall,
+        mut req: Request<Incoming>,
+        sender: &Upstream,
+        mut record: RequestRecord,
+    ) -> Response<RecordedBody<Body>> {
+        let snapshot = self.shared.snapshot();
+        let auth = match self.authenticate(&snapshot, pod, &mut req).await {
+            Ok(auth) => auth,
+            Err(reason) => {
+                self.shared.metrics.jwt_failures.add(reason.kind.as_str());
+                warn!(dst_workload = %pod.workload,
+                    src_principal = call.attributes.source_principal.as_deref(),
+                    src_ip = call.attributes.source_ip.map(|ip| ip.to_string()).as_deref(),
+                    method = %req.method(), path = req.uri().path(), reason = %reason,
+                    "authentication failed");
+                record.unauthenticated(&reason.to_string());
+                let mut r = text_response(StatusCode::UNAUTHORIZED, "Jwt verification fails");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static(
+                        "Bearer realm=\"ztunnel\", error=\"invalid_token\"",
+                    ),
+                );
+                return record.respond(r);
+            }
+        };
+        record.authenticated(auth.as_ref().map(|a| a.principal.as_str()));
+        let mut custom_response = None;
+        let mut attributes = http_attributes(&req);
+        attributes.auth = auth;
+        call.attributes.http = Some(attributes);
+        let mut admission = self.admit(&snapshot, pod, &call, Unknowns::Conservative);
+        let mut to_client = Vec::new();
+        if let Admission::Custom(check) = &admission {
+            match self.ask_provider(&snapshot, check, &req).await {
+                ProviderAnswer::Allow {
+                    to_app,
+                    to_client: headers_to_client,
+                } => {
+                    set_headers(req.headers_mut(), to_app);
+                    to_client = headers_to_client;
+                    // The provider allowed: DENY and ALLOW policies decide now.
+                    call.attributes.custom_allowed = true;
+                    admission = self.admit(&snapshot, pod, &call, Unknowns::Conservative);
+                }
+                ProviderAnswer::Deny { response, reason } => {
+                    let mut d = check.denied.clone();
+                    d.reason = format!("{}: {reason}", d.reason);
+                    self.record_decision(pod, &call, &d);
+                    record.denied_by_provider();
+                    admission = Admission::Denied(d);
+                    custom_response = Some(response);
+                }
+            }
+        }
+        let response = match admission {
+            Admission::Allowed(d) => {
+                self.record_decision(pod, &call, &d);
+                record.decided(&d);
+                match sender.send(record.forward(req)).await {
+                    Ok(r) => {
+                        let mut r = r.map(BodyExt::boxed);
+                        set_headers(r.headers_mut(), to_client);
+                        r
+                    }
+                    Err(e) => {
+                        record.upstream_failed(&e);
+                        text_response(StatusCode::BAD_GATEWAY, "upstream failed\n")
+                    }
+                }
+            }
+            Admission::Denied(d)
+            | Admission::MtlsRequired(d)
+            | Admission::Custom(CustomCheck { denied: d, .. }) => {
+                record.decided(&d);
+                match custom_response.take() {
+                    // Recorded above, with the provider's reason.
+                    Some(r) => r,
+                    None => {
+                        self.record_decision(pod, &call, &d);
+                        text_response(StatusCode::FORBIDDEN, "RBAC: access denied")
+                    }
+                }
+            }
+            Admission::PerRequest => unreachable!("conservative decisions are final"),
+        };
+        record.respond(response)
     }
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -31,13 +31,18 @@ macro_rules! label_values {
             }
         }
 
-        impl EncodeLabelValue for $name {
-            fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        impl prometheus_client::encoding::EncodeLabelValue for $name {
+            fn encode(
+                &self,
+                e: &mut prometheus_client::encoding::LabelValueEncoder,
+            ) -> std::fmt::Result {
                 std::fmt::Write::write_str(e, self.as_str())
             }
         }
     )*};
 }
+
+pub mod requests;
 
 label_values! {
     /// Which proxy counted a connection.
@@ -240,6 +245,11 @@ pub struct Metrics {
     pub ext_authz_checks: ByReason,
     /// Connections open now (both reporters of a same-node connection count).
     pub active_connections: Gauge,
+    /// Istio's request metrics ([`requests`]): every request the proxy parses.
+    pub requests: Family<requests::RequestLabels, Counter>,
+    pub request_duration: requests::RequestHistogram,
+    pub request_bytes: requests::RequestHistogram,
+    pub response_bytes: requests::RequestHistogram,
     /// Configuration versions (a directory source) or objects (the Kubernetes source)
     /// rejected; the last good one stayed in force. Applied ones show as the generation.
     pub config_rejected: Counter,
@@ -276,6 +286,26 @@ impl Metrics {
                 "istio_tcp_received_bytes",
                 "Bytes received from the source (the caller) of a connection",
                 m.received_bytes.clone()
+            ),
+            (
+                "istio_requests",
+                "HTTP requests the proxy parsed, by the peers, the outcome and the reporter",
+                m.requests.clone()
+            ),
+            (
+                "istio_request_duration_milliseconds",
+                "Duration of HTTP requests, from the request's head to the response's end",
+                m.request_duration.0.clone()
+            ),
+            (
+                "istio_request_bytes",
+                "Body bytes of HTTP requests",
+                m.request_bytes.0.clone()
+            ),
+            (
+                "istio_response_bytes",
+                "Body bytes of HTTP responses",
+                m.response_bytes.0.clone()
             ),
             (
                 "ztunnel_tls_handshakes",
