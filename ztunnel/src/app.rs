@@ -225,6 +225,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                     certs,
                     metrics.clone(),
                     home.clone(),
+                    args.hbone.limits(),
                 ),
                 metrics: metrics.clone(),
                 requests: RequestSettings {
@@ -248,6 +249,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 log_level: std::sync::Mutex::new(log_level),
             });
             let endpoints = bound.map(|b| admin::serve_on(b, state.clone()));
+            tokio::spawn(crate::memory::return_freed_memory());
 
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
             if let Some(socket) = &args.cni_socket {

@@ -12,6 +12,7 @@ pub mod hbone;
 pub mod identity;
 pub mod kubernetes;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod netns;

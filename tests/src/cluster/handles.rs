@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 
 use super::{
@@ -151,6 +151,17 @@ impl ProbeOutput {
             .as_str()
             .and_then(|b| serde_json::from_str(b).ok())
             .unwrap_or(Value::Null)
+    }
+
+    /// Itself if the probe exited 0, else an error with what it printed.
+    pub fn succeeded(self) -> Result<Self> {
+        ensure!(
+            self.code == Some(0),
+            "request failed: {} {}",
+            self.stdout,
+            self.stderr
+        );
+        Ok(self)
     }
 }
 

@@ -15,6 +15,7 @@ pub use self::{
 };
 use crate::{
     cni as cni_plugin,
+    hbone::{Keepalive, PoolLimits, ServerLimits},
     identity::{istio_ca, CaFiles, SpiffeId},
     kubernetes::ApiAccess,
     logging::{self, LogFormat},
@@ -376,6 +377,90 @@ pub struct RunArgs {
     /// `<name>.<namespace>.svc.<domain>`.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+    #[command(flatten)]
+    pub hbone: HboneArgs,
+}
+
+/// HBONE's limits and timeouts (docs/hbone.md, "Limits and timeouts"); the defaults are
+/// [`PoolLimits::default`] and [`ServerLimits::default`].
+#[derive(clap::Args, Debug)]
+pub struct HboneArgs {
+    /// Client: CONNECT streams on one HBONE connection before the pool opens another for the
+    /// same source pod and destination (fewer if the peer allows fewer).
+    #[arg(long, default_value_t = PoolLimits::default().streams_per_connection, value_parser = at_least_one)]
+    pub hbone_streams_per_connection: usize,
+    /// Client: HBONE connections per (source pod, destination pod); with the streams per
+    /// connection, the most tunnels one pod may have open to one destination pod.
+    #[arg(long, default_value_t = PoolLimits::default().connections_per_key, value_parser = at_least_one)]
+    pub hbone_connections_per_key: usize,
+    /// Client: how long a CONNECT waits for a free stream when its pod is at that cap, before
+    /// the connection is reset.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub hbone_pool_wait: Duration,
+    /// Client: a pooled HBONE connection without streams for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub hbone_pool_idle_timeout: Duration,
+    /// Both sides: an HTTP/2 PING on every HBONE connection this often.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hbone_keepalive_interval: Duration,
+    /// Both sides: a PING not answered within this closes the connection and resets its
+    /// streams.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub hbone_keepalive_timeout: Duration,
+    /// Server: from the TCP accept to the first CONNECT (TLS handshake, HTTP/2 preface,
+    /// SETTINGS, request head); later, the connection is refused.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hbone_first_request_timeout: Duration,
+    /// Server: an HBONE connection without streams for this long is closed (GOAWAY).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub hbone_idle_timeout: Duration,
+    /// Server: SETTINGS_MAX_CONCURRENT_STREAMS of every HBONE connection.
+    #[arg(long, default_value_t = ServerLimits::default().max_concurrent_streams, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hbone_max_concurrent_streams: u32,
+    /// Server: SETTINGS_MAX_HEADER_LIST_SIZE (bytes) of every HBONE connection.
+    #[arg(long, default_value_t = ServerLimits::default().max_header_list_size, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub hbone_max_header_list_size: u32,
+    /// Server: HBONE connections from one source address that may be waiting for their first
+    /// CONNECT at once; more are reset at accept.
+    #[arg(long, default_value_t = ServerLimits::default().max_pending_per_source, value_parser = at_least_one)]
+    pub hbone_max_pending_per_source: usize,
+    /// Server: the same, for the whole proxy.
+    #[arg(long, default_value_t = ServerLimits::default().max_pending, value_parser = at_least_one)]
+    pub hbone_max_pending: usize,
+}
+
+impl HboneArgs {
+    pub fn limits(&self) -> (PoolLimits, ServerLimits) {
+        let keepalive = Keepalive {
+            interval: self.hbone_keepalive_interval,
+            timeout: self.hbone_keepalive_timeout,
+        };
+        let pool = PoolLimits {
+            streams_per_connection: self.hbone_streams_per_connection,
+            connections_per_key: self.hbone_connections_per_key,
+            wait: self.hbone_pool_wait,
+            idle_timeout: self.hbone_pool_idle_timeout,
+            keepalive,
+        };
+        let server = ServerLimits {
+            first_request_timeout: self.hbone_first_request_timeout,
+            idle_timeout: self.hbone_idle_timeout,
+            keepalive,
+            max_concurrent_streams: self.hbone_max_concurrent_streams,
+            max_header_list_size: self.hbone_max_header_list_size,
+            max_pending_per_source: self.hbone_max_pending_per_source,
+            max_pending: self.hbone_max_pending,
+            ..ServerLimits::default()
+        };
+        (pool, server)
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got {s:?}")),
+    }
 }
 
 /// A feature turned on or off.
@@ -496,6 +581,21 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    /// The flags' defaults are the limits' defaults (docs/hbone.md lists one set).
+    #[test]
+    fn hbone_flag_defaults_are_the_limits_defaults() {
+        let cli =
+            Cli::try_parse_from("ztunnel run --config-dir c --node-name n --ca-dir d".split(' '))
+                .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            run.hbone.limits(),
+            (PoolLimits::default(), ServerLimits::default())
+        );
     }
 
     #[test]

@@ -1,5 +1,9 @@
-//! The HBONE client: a pool with one HTTP/2 connection per (source pod, source identity,
-//! destination identity, destination address), many CONNECT streams over each, closed when idle.
+//! The HBONE client: a pool of HTTP/2 connections per (source pod, source identity,
+//! destination identity, destination address), many CONNECT streams over each. A connection
+//! full (its stream cap, or the peer's limit), draining (GOAWAY) or dead (closed, or a PING
+//! unanswered) makes the pool open another for the same key, up to a bound per key; a CONNECT
+//! that finds its key at that bound waits a bounded time for a stream to end, then fails.
+//! Connections that carried nothing for the idle timeout are closed.
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
@@ -16,13 +20,20 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::stream::{
-    StreamIo, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
+use super::{
+    keepalive,
+    limits::{
+        PoolLimits, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, RESPONSE_TIMEOUT,
+        STREAM_WINDOW,
+    },
+    stream::StreamIo,
 };
 use crate::{
     identity::{BoxFuture, SpiffeId},
+    memory::Live,
+    metrics::{HboneClosing, Metrics, PoolRefusal, Side},
     netns::Netns,
 };
 
@@ -76,18 +87,78 @@ pub enum HboneError {
     Refused(StatusCode),
     #[error("HTTP/2 error: {0}")]
     Protocol(#[from] h2::Error),
+    /// The key had `streams` tunnels open, its cap, for the whole wait.
+    #[error(
+        "no free HBONE stream to {addr}: this pod has {streams} tunnels open to it (the cap) \
+         and none ended within {waited:?}"
+    )]
+    Exhausted {
+        addr: SocketAddr,
+        streams: usize,
+        waited: Duration,
+    },
+    #[error("{addr} did not answer the CONNECT within {RESPONSE_TIMEOUT:?}")]
+    ResponseTimeout { addr: SocketAddr },
 }
 
+/// One pooled HTTP/2 connection.
 struct Conn {
     id: u64,
     send: SendRequest<Bytes>,
+    /// Its task ended: closed, failed, or the peer stopped answering PINGs.
     closed: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
-    last_used: Mutex<Instant>,
+    /// The peer sent GOAWAY: the streams it has go on, no new ones.
+    draining: AtomicBool,
+    /// Streams open or about to be opened on it.
+    active: AtomicUsize,
+    /// When its last stream ended (or it opened).
+    idle_since: Mutex<Instant>,
 }
 
-/// One slot per key; the async mutex makes concurrent first users share one handshake.
-type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
+impl Conn {
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Takes a stream slot if it has one: fewer than our cap and than the peer's
+    /// MAX_CONCURRENT_STREAMS are open.
+    fn try_reserve(&self, cap: usize) -> bool {
+        let cap = cap.min(self.send.current_max_send_streams());
+        self.usable()
+            && self
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < cap).then_some(n + 1)
+                })
+                .is_ok()
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.idle_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+}
+
+/// The connections of one key, and who waits for a stream on them.
+#[derive(Default)]
+struct Entry {
+    state: Mutex<KeyState>,
+    /// Signalled when a stream ends, a connection is added or a dial fails.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct KeyState {
+    conns: Vec<Arc<Conn>>,
+    /// A connection is being opened (one at a time per key: a burst of CONNECTs shares it).
+    dialing: bool,
+    /// Dials finished so far, and the last one's failure: callers that waited for that dial
+    /// fail with its error instead of each dialling again.
+    dials: u64,
+    failure: Option<(u64, io::ErrorKind, String)>,
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -100,22 +171,23 @@ pub struct PoolStats {
 }
 
 pub struct Pool {
-    slots: Mutex<HashMap<PoolKey, Slot>>,
+    keys: Mutex<HashMap<PoolKey, Arc<Entry>>>,
     connector: Connector,
-    idle_timeout: Duration,
+    limits: PoolLimits,
+    metrics: Arc<Metrics>,
     next_id: AtomicU64,
     /// Connections ever opened, for tests and metrics.
     pub connections_opened: AtomicU64,
     pub streams_opened: AtomicU64,
 }
 
-/// A CONNECT stream; keeps its connection counted as busy until dropped (a relay that takes
+/// A CONNECT stream; keeps its connection's slot taken until dropped (a relay that takes
 /// `io` leaves the rest to drop when it ends).
 pub struct Stream {
     /// Which pooled connection carries it (for logs: streams with one id share a TLS session).
     pub connection_id: u64,
     pub io: StreamIo,
-    _active: ActiveGuard,
+    _slot: Slot,
 }
 
 impl std::fmt::Debug for Stream {
@@ -126,27 +198,69 @@ impl std::fmt::Debug for Stream {
     }
 }
 
-struct ActiveGuard(Arc<AtomicUsize>);
+/// A stream slot on a connection; given back (and a waiter woken) on drop.
+struct Slot {
+    conn: Arc<Conn>,
+    entry: Arc<Entry>,
+}
 
-impl Drop for ActiveGuard {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+        self.entry.changed.notify_one();
     }
 }
 
+/// Gives the dial up if the dialling caller goes away before it finished (its task aborted),
+/// so the key's other callers do not wait for a dial nobody makes.
+struct DialGuard<'a>(Option<&'a Entry>);
+
+impl Drop for DialGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0 {
+            entry
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dialing = false;
+            entry.changed.notify_waiters();
+        }
+    }
+}
+
+/// What a caller does next for a key, decided under its lock.
+enum Next {
+    Use(Slot),
+    Dial,
+    /// Wait for a change; `dials` is the dial count seen, `full` says the cap was reached.
+    Wait {
+        dials: u64,
+        full: Option<usize>,
+    },
+}
+
 impl Pool {
-    pub fn new(connector: Connector, idle_timeout: Duration) -> Arc<Self> {
+    /// Must be called inside the runtime (it runs an expiry task).
+    pub fn new(connector: Connector, limits: PoolLimits, metrics: Arc<Metrics>) -> Arc<Self> {
         let pool = Arc::new(Self {
-            slots: Mutex::default(),
+            keys: Mutex::default(),
             connector,
-            idle_timeout,
+            limits,
+            metrics,
             next_id: AtomicU64::new(1),
             connections_opened: AtomicU64::new(0),
             streams_opened: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&pool);
+        let period = (limits.idle_timeout / 2).max(Duration::from_millis(10));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(idle_timeout / 2);
+            let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
@@ -156,76 +270,170 @@ impl Pool {
         pool
     }
 
-    /// Drops connections that carried no stream for the idle timeout: dropping the last
-    /// `SendRequest` makes h2 close the connection gracefully (GOAWAY).
+    pub fn limits(&self) -> &PoolLimits {
+        &self.limits
+    }
+
+    /// Drops connections that are closed or carried no stream for the idle timeout: dropping
+    /// the last `SendRequest` makes h2 close the connection gracefully (GOAWAY).
     fn expire_idle(&self) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.retain(|key, slot| {
-            let Ok(mut guard) = slot.try_lock() else {
-                return true; // someone is connecting right now
-            };
-            let idle = guard.as_ref().is_some_and(|c| {
-                c.closed.load(Ordering::Relaxed)
-                    || (c.active.load(Ordering::Relaxed) == 0
-                        && c.last_used
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .elapsed()
-                            >= self.idle_timeout)
-            });
-            if idle || guard.is_none() {
-                if let Some(c) = guard.take() {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.retain(|key, entry| {
+            let mut state = entry.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.conns.retain(|c| {
+                let expired = c.active.load(Ordering::Acquire) == 0
+                    && (!c.usable() || c.idle_for() >= self.limits.idle_timeout);
+                if expired && c.usable() {
+                    self.metrics
+                        .hbone_closed(Side::Outbound, HboneClosing::Idle);
                     debug!(connection = c.id, src = %key.src, dst = %key.dst, addr = %key.addr,
                         "closing idle HBONE connection");
                 }
-                return false;
-            }
-            true
+                !expired
+            });
+            // Keep a key someone is dialling or waiting on.
+            !state.conns.is_empty() || state.dialing || Arc::strong_count(entry) > 1
         });
     }
 
     /// Connections currently pooled.
     pub fn size(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.stats().connections
     }
 
     /// Connection and stream counts, for metrics.
     pub fn stats(&self) -> PoolStats {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let mut stats = PoolStats {
             connections_opened: self.connections_opened.load(Ordering::Relaxed),
             streams_opened: self.streams_opened.load(Ordering::Relaxed),
             ..Default::default()
         };
-        for slot in slots.values() {
-            // A slot being connected right now is not a connection yet.
-            if let Ok(guard) = slot.try_lock() {
-                if let Some(c) = guard.as_ref().filter(|c| !c.closed.load(Ordering::Relaxed)) {
-                    stats.connections += 1;
-                    stats.active_streams += c.active.load(Ordering::Relaxed);
-                }
+        for entry in keys.values() {
+            let state = entry.state.lock().unwrap_or_else(|p| p.into_inner());
+            for c in state
+                .conns
+                .iter()
+                .filter(|c| !c.closed.load(Ordering::Relaxed))
+            {
+                stats.connections += 1;
+                stats.active_streams += c.active.load(Ordering::Relaxed);
             }
         }
         stats
     }
 
-    async fn connection(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {
-        let slot = self
-            .slots
+    fn entry(&self, key: &PoolKey) -> Arc<Entry> {
+        self.keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(key.clone())
             .or_default()
-            .clone();
-        let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            if !conn.closed.load(Ordering::Relaxed) {
-                return Ok(conn.clone());
+            .clone()
+    }
+
+    /// A stream slot for `key`: on a connection with room, else on a new connection (up to
+    /// the key's bound), else the first slot freed before `deadline`.
+    async fn reserve(
+        &self,
+        key: &PoolKey,
+        deadline: tokio::time::Instant,
+    ) -> Result<Slot, HboneError> {
+        let entry = self.entry(key);
+        let mut waited_for: Option<u64> = None;
+        loop {
+            // Registered before looking, so a change between the look and the wait is seen.
+            let changed = entry.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let next = {
+                let mut state = entry.state.lock().unwrap_or_else(|p| p.into_inner());
+                if let (Some(seen), Some((dial, kind, message))) = (waited_for, &state.failure) {
+                    if *dial > seen {
+                        return Err(HboneError::Connect {
+                            addr: key.addr,
+                            source: io::Error::new(*kind, message.clone()),
+                        });
+                    }
+                }
+                state.conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+                let cap = self.limits.streams_per_connection;
+                match state.conns.iter().find(|c| c.try_reserve(cap)) {
+                    Some(conn) => Next::Use(Slot {
+                        conn: conn.clone(),
+                        entry: entry.clone(),
+                    }),
+                    None if !state.dialing
+                        && state.conns.len() < self.limits.connections_per_key =>
+                    {
+                        state.dialing = true;
+                        Next::Dial
+                    }
+                    None => Next::Wait {
+                        dials: state.dials,
+                        full: (!state.dialing).then(|| {
+                            state
+                                .conns
+                                .iter()
+                                .map(|c| c.active.load(Ordering::Relaxed))
+                                .sum()
+                        }),
+                    },
+                }
+            };
+            match next {
+                Next::Use(slot) => return Ok(slot),
+                Next::Dial => {
+                    let mut dialing = DialGuard(Some(&entry));
+                    let opened = self.open(key).await;
+                    dialing.0 = None;
+                    let mut state = entry.state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.dialing = false;
+                    state.dials += 1;
+                    let result = match opened {
+                        Ok(conn) => {
+                            let conn = Arc::new(conn);
+                            conn.active.store(1, Ordering::Release);
+                            state.conns.push(conn.clone());
+                            Ok(Slot {
+                                conn,
+                                entry: entry.clone(),
+                            })
+                        }
+                        Err(e) => {
+                            let (kind, message) = match &e {
+                                HboneError::Connect { source, .. } => {
+                                    (source.kind(), source.to_string())
+                                }
+                                other => (io::ErrorKind::Other, other.to_string()),
+                            };
+                            state.failure = Some((state.dials, kind, message));
+                            Err(e)
+                        }
+                    };
+                    drop(state);
+                    // Whoever waited for this dial: take a slot on it, or learn its error.
+                    entry.changed.notify_waiters();
+                    return result;
+                }
+                Next::Wait { dials, full } => {
+                    waited_for = Some(dials);
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        let streams = full.unwrap_or(self.limits.streams_per_key());
+                        self.metrics.pool_refused(PoolRefusal::Exhausted);
+                        warn!(src = %key.src, src_ip = key.origin.ip.map(|ip| ip.to_string()).as_deref(),
+                            dst = %key.dst, addr = %key.addr, streams,
+                            connections = self.limits.connections_per_key,
+                            "HBONE pool exhausted: the pod's tunnels to this destination are at their cap");
+                        return Err(HboneError::Exhausted {
+                            addr: key.addr,
+                            streams,
+                            waited: self.limits.wait,
+                        });
+                    }
+                }
             }
         }
-        let conn = Arc::new(self.open(key).await?);
-        *slot = Some(conn.clone());
-        Ok(conn)
     }
 
     async fn open(&self, key: &PoolKey) -> Result<Conn, HboneError> {
@@ -244,7 +452,7 @@ impl Pool {
                 .await
                 .map_err(HboneError::from)
         };
-        let (send, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        let (send, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| {
                 connect_error(io::Error::new(
@@ -256,10 +464,29 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
         let (src, dst, addr) = (key.src.clone(), key.dst.clone(), key.addr);
+        let pings = connection.ping_pong().expect("taken once, here");
+        let (keepalive, metrics) = (self.limits.keepalive, self.metrics.clone());
         tokio::spawn(async move {
-            let result = connection.await;
+            let _live = Live::new();
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = &result {
+                        if e.is_go_away() || e.is_io() {
+                            metrics.hbone_closed(Side::Outbound, HboneClosing::PeerClosed);
+                        } else {
+                            metrics.hbone_closed(Side::Outbound, HboneClosing::ProtocolError);
+                        }
+                    }
+                    debug!(connection = id, %src, %dst, %addr, error = ?result.err(), "HBONE connection ended");
+                }
+                () = keepalive::unanswered(pings, keepalive) => {
+                    metrics.hbone_closed(Side::Outbound, HboneClosing::KeepaliveTimeout);
+                    warn!(connection = id, %src, %dst, %addr, timeout = ?keepalive.timeout,
+                        "HBONE peer stopped answering PINGs; closing the connection and resetting its streams");
+                }
+            }
+            // Dropping the connection fails its streams, so their relays reset both ends.
             done.store(true, Ordering::Relaxed);
-            debug!(connection = id, %src, %dst, %addr, error = ?result.err(), "HBONE connection ended");
         });
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         info!(connection = id, src = %key.src,
@@ -269,25 +496,31 @@ impl Pool {
             id,
             send,
             closed,
-            active: Arc::default(),
-            last_used: Mutex::new(Instant::now()),
+            draining: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
         })
     }
 
-    /// Opens a tunnel to `target` over the pooled connection for `key`.
+    /// Opens a tunnel to `target` over a pooled connection for `key`.
     pub async fn connect(
         &self,
         key: &PoolKey,
         target: SocketAddr,
         headers: HeaderMap,
     ) -> Result<Stream, HboneError> {
-        // A connection found dead between our check and its use is replaced once.
+        let deadline = tokio::time::Instant::now() + self.limits.wait;
+        // A connection found dead or draining between our check and its use is replaced once.
         let mut retried = false;
         loop {
-            let conn = self.connection(key).await?;
-            match self.open_stream(&conn, target, headers.clone()).await {
+            let slot = self.reserve(key, deadline).await?;
+            let conn = slot.conn.clone();
+            match self.open_stream(slot, key, target, headers.clone()).await {
                 Err(HboneError::Protocol(e)) if !retried && (e.is_io() || e.is_go_away()) => {
-                    conn.closed.store(true, Ordering::Relaxed);
+                    match e.is_go_away() {
+                        true => conn.draining.store(true, Ordering::Relaxed),
+                        false => conn.closed.store(true, Ordering::Relaxed),
+                    }
                     retried = true;
                 }
                 other => return other,
@@ -297,23 +530,34 @@ impl Pool {
 
     async fn open_stream(
         &self,
-        conn: &Arc<Conn>,
+        slot: Slot,
+        key: &PoolKey,
         target: SocketAddr,
         headers: HeaderMap,
     ) -> Result<Stream, HboneError> {
-        conn.active.fetch_add(1, Ordering::Relaxed);
-        let guard = ActiveGuard(conn.active.clone());
-        *conn.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let conn = slot.conn.clone();
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(())
             .expect("a socket address is a valid authority");
         *request.headers_mut() = headers;
-        // `ready` waits while the peer's concurrent-stream limit is reached.
-        let mut send = conn.send.clone().ready().await?;
-        let (response, stream) = send.send_request(request, false)?;
-        let response = response.await?;
+        let exchange = async {
+            // `ready` waits only if the peer lowered its concurrent-stream limit below what
+            // we counted.
+            let mut send = conn.send.clone().ready().await?;
+            let (response, stream) = send.send_request(request, false)?;
+            Ok::<_, HboneError>((response.await?, stream))
+        };
+        let (response, stream) = match tokio::time::timeout(RESPONSE_TIMEOUT, exchange).await {
+            Ok(r) => r?,
+            Err(_) => {
+                self.metrics.pool_refused(PoolRefusal::ResponseTimeout);
+                warn!(connection = conn.id, src = %key.src, dst = %key.dst, addr = %key.addr,
+                    "HBONE CONNECT not answered in time");
+                return Err(HboneError::ResponseTimeout { addr: key.addr });
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(HboneError::Refused(response.status()));
         }
@@ -321,7 +565,7 @@ impl Pool {
         Ok(Stream {
             connection_id: conn.id,
             io: StreamIo::new(stream, response.into_body()),
-            _active: guard,
+            _slot: slot,
         })
     }
 }
@@ -338,9 +582,16 @@ mod tests {
 
     use super::*;
     use crate::{
-        hbone::server::{self, Handler},
+        hbone::{
+            server::{self, Handler},
+            ServerLimits,
+        },
         relay,
     };
+
+    fn pool(limits: PoolLimits) -> Arc<Pool> {
+        Pool::new(plain_connector(), limits, Arc::default())
+    }
 
     /// An h2c (no TLS) tunnel server on loopback whose handler connects to the CONNECT target,
     /// except port 1 which it refuses.
@@ -359,7 +610,15 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (io, _) = listener.accept().await.unwrap();
-                tokio::spawn(server::serve(io, handler.clone(), |_, _| {}));
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                tokio::spawn(server::serve(
+                    io,
+                    handler.clone(),
+                    |_, _| {},
+                    ServerLimits::default(),
+                    deadline,
+                    None,
+                ));
             }
         });
         addr
@@ -440,7 +699,7 @@ mod tests {
     #[tokio::test]
     async fn streams_share_one_connection_per_key_and_carry_bytes_both_ways() {
         let (server, echo) = (tunnel_server().await, echo_server().await);
-        let pool = Pool::new(plain_connector(), Duration::from_secs(30));
+        let pool = pool(PoolLimits::default());
         let a = key("client", server);
         // 3 MiB: more than the default 64 KiB windows, so flow control is exercised.
         let payload: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
@@ -463,7 +722,7 @@ mod tests {
     #[tokio::test]
     async fn refusals_and_unreachable_servers_are_errors() {
         let server = tunnel_server().await;
-        let pool = Pool::new(plain_connector(), Duration::from_secs(30));
+        let pool = pool(PoolLimits::default());
         let refused = pool
             .connect(
                 &key("c", server),
@@ -485,12 +744,123 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_closed_and_replaced() {
         let (server, echo) = (tunnel_server().await, echo_server().await);
-        let pool = Pool::new(plain_connector(), Duration::from_millis(200));
+        let pool = pool(PoolLimits {
+            idle_timeout: Duration::from_millis(200),
+            ..PoolLimits::default()
+        });
         let k = key("c", server);
         let (id1, _) = echo_through(&pool, &k, echo, b"a").await;
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(pool.size(), 0, "the idle connection was expired");
         let (id2, _) = echo_through(&pool, &k, echo, b"b").await;
         assert_ne!(id1, id2);
+    }
+
+    /// Holds a tunnel open (the echo server answers nothing until data comes).
+    async fn hold(pool: &Pool, key: &PoolKey, echo: SocketAddr) -> Result<Stream, HboneError> {
+        pool.connect(key, echo, HeaderMap::new()).await
+    }
+
+    #[tokio::test]
+    async fn a_full_connection_gets_a_sibling_and_a_full_key_fails_after_a_bounded_wait() {
+        let (server, echo) = (tunnel_server().await, echo_server().await);
+        let wait = Duration::from_millis(300);
+        let pool = pool(PoolLimits {
+            streams_per_connection: 2,
+            connections_per_key: 2,
+            wait,
+            ..PoolLimits::default()
+        });
+        let k = key("c", server);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(hold(&pool, &k, echo).await.unwrap());
+        }
+        let mut ids: Vec<u64> = held.iter().map(|s| s.connection_id).collect();
+        ids.dedup();
+        assert_eq!(
+            ids.len(),
+            2,
+            "two streams per connection, then another: {ids:?}"
+        );
+        assert_eq!(pool.stats().active_streams, 4);
+
+        let started = Instant::now();
+        let err = hold(&pool, &k, echo).await.unwrap_err();
+        assert!(
+            matches!(err, HboneError::Exhausted { streams: 4, .. }),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() >= wait,
+            "it waited {:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() < wait * 3,
+            "and no longer: {:?}",
+            started.elapsed()
+        );
+        let exhausted = pool
+            .metrics
+            .hbone_pool_refused
+            .get_or_create(&crate::metrics::PoolRefusalLabels {
+                reason: PoolRefusal::Exhausted,
+            })
+            .get();
+        assert_eq!(exhausted, 1);
+
+        // A stream that ends within the wait makes room for a waiting CONNECT.
+        let waiting = {
+            let (pool, k) = (pool.clone(), k.clone());
+            tokio::spawn(async move { hold(&pool, &k, echo).await.map(|s| s.connection_id) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let freed = held.remove(0).connection_id;
+        drop(held);
+        assert_eq!(waiting.await.unwrap().unwrap(), freed);
+        // Another pod of the same service account is a key of its own: never blocked by it.
+        let other_pod = key_from("c", server, Ipv4Addr::new(10, 1, 0, 9));
+        hold(&pool, &other_pod, echo).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_connects_shares_dials_and_a_failed_dial_fails_its_waiters() {
+        let (server, echo) = (tunnel_server().await, echo_server().await);
+        let pool = pool(PoolLimits {
+            streams_per_connection: 10,
+            ..PoolLimits::default()
+        });
+        let k = key("c", server);
+        let burst: Vec<_> = (0..35)
+            .map(|_| {
+                let (pool, k) = (pool.clone(), k.clone());
+                tokio::spawn(async move { hold(&pool, &k, echo).await.unwrap() })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for t in burst {
+            held.push(t.await.unwrap());
+        }
+        assert_eq!(
+            pool.connections_opened.load(Ordering::Relaxed),
+            4,
+            "35 streams, 10 each"
+        );
+
+        let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        let dk = key("c", dead);
+        let failing: Vec<_> = (0..20)
+            .map(|_| {
+                let (pool, dk) = (pool.clone(), dk.clone());
+                tokio::spawn(async move { hold(&pool, &dk, dead).await })
+            })
+            .collect();
+        for t in failing {
+            let err = t.await.unwrap().unwrap_err();
+            assert!(matches!(err, HboneError::Connect { .. }), "{err}");
+        }
     }
 }

@@ -1,15 +1,23 @@
 //! The HBONE server side: the mTLS handshake as the destination workload ([`accept`]), then
 //! HTTP/2 over it, one CONNECT stream per tunnelled TCP connection ([`serve`]). What to do with
 //! a tunnel is the caller's decision (a handler).
+//!
+//! A connection's state is bounded from the TCP accept on ([`ServerLimits`]): how many may be
+//! waiting for their first request ([`Pending`]), by when that request must have come (TLS,
+//! ALPN `h2`, preface, SETTINGS and the request head), how long it may stay without streams,
+//! and that its peer answers PINGs.
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use rustls::pki_types::CertificateDer;
+use tokio::time::Instant;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -18,16 +26,104 @@ use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::{
-    stream::{
-        h2_io, StreamIo, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, STREAM_WINDOW,
-    },
+    keepalive,
+    limits::{ServerLimits, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
+    stream::{h2_io, StreamIo},
     Authenticated,
 };
 use crate::{
     identity::{trust::TlsError, BoxFuture, CertError, CertificateCache, SpiffeId},
+    metrics::HboneClosing,
     relay::reset,
     tls,
 };
+
+/// Connections accepted that have not made their first CONNECT yet, per source address and in
+/// all: each costs a TLS session (about 35 KiB) before it has proven it wants a tunnel.
+#[derive(Debug, Default)]
+pub struct Pending {
+    state: Mutex<PendingCounts>,
+}
+
+#[derive(Debug, Default)]
+struct PendingCounts {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One pending connection's place; given back when dropped (its first CONNECT came, or it
+/// ended).
+#[derive(Debug)]
+pub struct PendingGuard {
+    pending: Arc<Pending>,
+    source: IpAddr,
+}
+
+/// Why a connection was not let in at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingFull {
+    /// Its source address has `max_pending_per_source` pending already.
+    Source(usize),
+    /// The proxy has `max_pending` pending already.
+    Total(usize),
+}
+
+impl std::fmt::Display for PendingFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PendingFull::Source(n) => write!(
+                f,
+                "{n} connections from this address are already waiting for their first request"
+            ),
+            PendingFull::Total(n) => write!(
+                f,
+                "{n} connections are already waiting for their first request"
+            ),
+        }
+    }
+}
+
+impl Pending {
+    /// A place for a new connection from `source`, if both bounds allow it.
+    pub fn admit(
+        self: &Arc<Self>,
+        source: IpAddr,
+        limits: &ServerLimits,
+    ) -> Result<PendingGuard, PendingFull> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.total >= limits.max_pending {
+            return Err(PendingFull::Total(s.total));
+        }
+        let from = s.by_source.entry(source).or_default();
+        if *from >= limits.max_pending_per_source {
+            return Err(PendingFull::Source(*from));
+        }
+        *from += 1;
+        s.total += 1;
+        Ok(PendingGuard {
+            pending: self.clone(),
+            source,
+        })
+    }
+
+    /// Connections pending now.
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut s = self.pending.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.total -= 1;
+        if let Some(n) = s.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                s.by_source.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// Why an HBONE connection was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +136,13 @@ pub enum AcceptError {
         reason: &'static str,
         source: std::io::Error,
     },
-    #[error("the TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")]
+    #[error("the TLS handshake did not finish by the first-request deadline")]
     Timeout,
     #[error("{0}")]
     Identity(TlsError),
+    /// The client negotiated no ALPN protocol (rustls refuses one that offers only others).
+    #[error("the client offered no ALPN protocol; HBONE requires h2")]
+    NoAlpn,
 }
 
 impl AcceptError {
@@ -54,17 +153,20 @@ impl AcceptError {
             AcceptError::Handshake { reason, .. } => reason,
             AcceptError::Timeout => "handshake_timeout",
             AcceptError::Identity(_) => "bad_san",
+            AcceptError::NoAlpn => "no_alpn",
         }
     }
 }
 
-/// The mTLS handshake of a connection to a pod running as `identity`: presents its
-/// certificate, requires one from the client and returns the client's verified SPIFFE id.
+/// The mTLS handshake of a connection to a pod running as `identity`, finished by `deadline`:
+/// presents its certificate, requires one from the client and ALPN `h2`, and returns the
+/// client's verified SPIFFE id.
 pub async fn accept(
     tcp: TcpStream,
     certs: &CertificateCache,
     identity: &SpiffeId,
     roots: &[CertificateDer<'static>],
+    deadline: Instant,
 ) -> Result<Authenticated<TlsStream<TcpStream>>, AcceptError> {
     let cert = match certs.get(identity).await {
         Ok(c) => c,
@@ -75,7 +177,7 @@ pub async fn accept(
     };
     let config = tls::server_config(&cert, roots);
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let stream = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(source)) => {
             return Err(AcceptError::Handshake {
@@ -85,12 +187,12 @@ pub async fn accept(
         }
         Err(_) => return Err(AcceptError::Timeout),
     };
+    if stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+        return Err(AcceptError::NoAlpn);
+    }
     let peer = tls::peer_identity(stream.get_ref().1).map_err(AcceptError::Identity)?;
     Ok(Authenticated { peer, stream })
 }
-
-/// Streams one peer may have open at once on one connection.
-const MAX_CONCURRENT_STREAMS: u32 = 1_000;
 
 /// A CONNECT request, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,43 +279,122 @@ fn forwarded_for(value: &str) -> Option<IpAddr> {
         })
 }
 
-/// Serves HTTP/2 on `io` until the peer goes away, handing each valid CONNECT to `handler`.
-/// `refused` is called (with the status and reason) for requests that are not valid tunnels.
+/// How a served connection ended.
+#[derive(Debug)]
+pub struct Ended {
+    pub reason: HboneClosing,
+    pub error: Option<h2::Error>,
+}
+
+impl Ended {
+    fn because(reason: HboneClosing) -> Self {
+        Self {
+            reason,
+            error: None,
+        }
+    }
+
+    /// An h2 error: the peer's going away or I/O, else a protocol error (too many early resets
+    /// among them: h2 answers those with GOAWAY ENHANCE_YOUR_CALM).
+    fn failed(e: h2::Error) -> Self {
+        let reason = match (e.is_io(), e.is_go_away() && e.is_remote()) {
+            (true, _) | (_, true) => HboneClosing::PeerClosed,
+            _ => HboneClosing::ProtocolError,
+        };
+        Self {
+            reason,
+            error: Some(e),
+        }
+    }
+}
+
+/// Serves HTTP/2 on `io` until the peer goes away or a limit closes it, handing each valid
+/// CONNECT to `handler`. `refused` is called (with the status and reason) for requests that
+/// are not valid tunnels. The first request must arrive by `first_request_by`; `pending` (the
+/// connection's place among those waiting for one) is given back when it does.
 pub async fn serve<S>(
     io: S,
     handler: Handler,
     refused: impl Fn(StatusCode, &str) + Send + Sync + 'static,
-) -> Result<(), h2::Error>
+    limits: ServerLimits,
+    first_request_by: Instant,
+    pending: Option<PendingGuard>,
+) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .handshake::<_, Bytes>(io)
-        .await?;
-    while let Some(next) = conn.accept().await {
-        let (req, mut respond) = next?;
-        match parse(&req) {
-            Ok(connect) => {
-                let tunnel = Tunnel {
-                    respond,
-                    recv: req.into_body(),
-                };
-                tokio::spawn(handler(connect, tunnel));
-            }
-            Err((status, reason)) => {
-                debug!(%status, reason, "HBONE request refused");
-                refused(status, &reason);
-                let mut response = Response::new(());
-                *response.status_mut() = status;
-                let _ = respond.send_response(response, true);
-            }
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .handshake::<_, Bytes>(io);
+    let first = async {
+        let mut conn = handshake.await?;
+        let next = conn.accept().await;
+        Ok::<_, h2::Error>((conn, next))
+    };
+    let (mut conn, mut next) = match tokio::time::timeout_at(first_request_by, first).await {
+        Err(_) => return Ended::because(HboneClosing::NoRequest),
+        Ok(Err(e)) => return Ended::failed(e),
+        Ok(Ok(first)) => first,
+    };
+    drop(pending);
+    let keepalive = keepalive::unanswered(
+        conn.ping_pong().expect("taken once, here"),
+        limits.keepalive,
+    );
+    tokio::pin!(keepalive);
+    let mut idle_check = tokio::time::interval(idle_check_period(limits.idle_timeout));
+    let mut busy_at = Instant::now();
+    loop {
+        match next {
+            None => return Ended::because(HboneClosing::PeerClosed),
+            Some(Err(e)) => return Ended::failed(e),
+            Some(Ok((req, mut respond))) => match parse(&req) {
+                Ok(connect) => {
+                    let tunnel = Tunnel {
+                        respond,
+                        recv: req.into_body(),
+                    };
+                    tokio::spawn(handler(connect, tunnel));
+                }
+                Err((status, reason)) => {
+                    debug!(%status, reason, "HBONE request refused");
+                    refused(status, &reason);
+                    let mut response = Response::new(());
+                    *response.status_mut() = status;
+                    let _ = respond.send_response(response, true);
+                }
+            },
         }
+        next = loop {
+            tokio::select! {
+                n = conn.accept() => break n,
+                // Dropping the connection fails its streams: their relays reset both ends.
+                () = &mut keepalive => return Ended::because(HboneClosing::KeepaliveTimeout),
+                _ = idle_check.tick() => {
+                    if conn.has_streams() {
+                        busy_at = Instant::now();
+                    } else if busy_at.elapsed() >= limits.idle_timeout {
+                        // GOAWAY, then let h2 finish the exchange (bounded: a peer that does
+                        // not answer its PING is dead anyway).
+                        conn.graceful_shutdown();
+                        let drain = async { while conn.accept().await.is_some() {} };
+                        let _ = tokio::time::timeout(limits.keepalive.timeout, drain).await;
+                        return Ended::because(HboneClosing::Idle);
+                    }
+                }
+            }
+        };
     }
-    Ok(())
+}
+
+/// How often a connection checks whether it has been idle too long: the timeout's resolution.
+fn idle_check_period(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 8).clamp(Duration::from_millis(50), Duration::from_secs(30))
 }
 
 #[cfg(test)]
@@ -237,10 +418,12 @@ mod tests {
                     let _ = tunnel.accept();
                 })
             });
-            let _ = serve(io, handler, move |status, reason| {
+            let limits = ServerLimits::default();
+            let deadline = Instant::now() + limits.first_request_timeout;
+            let refused = move |status: StatusCode, reason: &str| {
                 seen.lock().unwrap().push((status, reason.to_owned()))
-            })
-            .await;
+            };
+            serve(io, handler, refused, limits, deadline, None).await;
         });
         let io = TcpStream::connect(addr).await.unwrap();
         let (send, conn) = h2::client::handshake(io).await.unwrap();

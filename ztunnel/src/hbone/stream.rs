@@ -4,7 +4,6 @@ use std::{
     io,
     pin::Pin,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::{Buf as _, Bytes};
@@ -12,14 +11,6 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::relay::Duplex;
-
-/// HTTP/2 settings for tunnels: windows large enough that one stream can fill a fast link
-/// (the default 64 KiB would cap a stream at ~64 KiB per round trip).
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
-/// How long the TLS + HTTP/2 handshake of a new tunnel connection may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A CONNECT stream, both directions. END_STREAM reads as EOF and a shutdown sends it
 /// (half-close); a reset sends RST_STREAM CANCEL.

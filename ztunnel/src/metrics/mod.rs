@@ -86,6 +86,29 @@ label_values! {
         ConnectFailed => "connect_failed",
         Refused => "refused",
     }
+    /// Why the HBONE pool gave up on a CONNECT.
+    PoolRefusal {
+        /// Its key (source pod, destination pod) was at its stream cap for the whole wait.
+        Exhausted => "exhausted",
+        /// The peer did not answer the CONNECT in time.
+        ResponseTimeout => "response_timeout",
+    }
+    /// Why an HBONE connection was closed (or refused before its first request).
+    HboneClosing {
+        /// No stream for the idle timeout.
+        Idle => "idle",
+        /// A PING went unanswered: the peer is dead, its streams were reset.
+        KeepaliveTimeout => "keepalive_timeout",
+        /// The server's deadline from accept to the first CONNECT passed.
+        NoRequest => "no_request",
+        /// Too many connections without a first CONNECT (from the source, or in all).
+        PendingLimit => "pending_limit",
+        /// Not HTTP/2 after TLS (no preface), or an HTTP/2 protocol error (e.g. too many
+        /// streams reset before they were accepted: GOAWAY ENHANCE_YOUR_CALM).
+        ProtocolError => "protocol_error",
+        /// The peer closed it (GOAWAY, or the TCP connection ended).
+        PeerClosed => "peer_closed",
+    }
     /// At which layer an authorization decision was made.
     Layer {
         /// When the connection arrived (L4).
@@ -188,6 +211,17 @@ pub struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolRefusalLabels {
+    pub reason: PoolRefusal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HboneClosingLabels {
+    pub direction: Side,
+    pub reason: HboneClosing,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MtlsModeLabels {
     /// The PeerAuthentication mode (`STRICT`, `PERMISSIVE`, `DISABLE`).
     pub mode: &'static str,
@@ -231,6 +265,10 @@ pub struct Metrics {
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     /// CONNECT requests refused, by reason.
     pub hbone_refused: ByReason,
+    /// CONNECTs the client pool gave up on, by reason.
+    pub hbone_pool_refused: Family<PoolRefusalLabels, Counter>,
+    /// HBONE connections closed by this proxy's limits or by the peer, by side and reason.
+    pub hbone_closed: Family<HboneClosingLabels, Counter>,
     /// Inbound plaintext connections by the mTLS mode that decided them.
     pub plaintext_connections: Family<MtlsModeLabels, Counter>,
     /// Plaintext connections from the node itself (kubelet probes), exempt from policy.
@@ -318,6 +356,16 @@ impl Metrics {
                 m.hbone_refused.0.clone()
             ),
             (
+                "ztunnel_hbone_pool_refused",
+                "CONNECTs the HBONE client pool gave up on, by reason",
+                m.hbone_pool_refused.clone()
+            ),
+            (
+                "ztunnel_hbone_connections_closed",
+                "HBONE connections closed, by side (inbound: this proxy served it) and reason",
+                m.hbone_closed.clone()
+            ),
+            (
                 "ztunnel_plaintext_connections",
                 "Inbound plaintext connections by the PeerAuthentication mode that decided them",
                 m.plaintext_connections.clone()
@@ -370,6 +418,18 @@ impl Metrics {
             from_caller: 0,
             to_caller: 0,
         }
+    }
+
+    pub fn pool_refused(&self, reason: PoolRefusal) {
+        self.hbone_pool_refused
+            .get_or_create(&PoolRefusalLabels { reason })
+            .inc();
+    }
+
+    pub fn hbone_closed(&self, direction: Side, reason: HboneClosing) {
+        self.hbone_closed
+            .get_or_create(&HboneClosingLabels { direction, reason })
+            .inc();
     }
 
     pub fn handshake(&self, direction: Side, outcome: &'static str) {

@@ -35,7 +35,7 @@ use tracing::warn;
 
 use crate::{
     capture::{NodeConnections, OrigDstTable},
-    hbone::{self, Pool},
+    hbone::{self, Pending, Pool, PoolLimits, ServerLimits},
     identity::{CertificateCache, SpiffeId},
     metrics::Metrics,
     model::Pod,
@@ -72,17 +72,17 @@ impl PodContext {
     }
 }
 
-/// Everything mutual TLS between nodes needs: certificates per identity, the mesh roots, and
-/// the pool of HBONE connections.
+/// Everything mutual TLS between nodes needs: certificates per identity, the mesh roots, the
+/// pool of HBONE connections, and the server's bounds.
 pub struct Mesh {
     pub trust_domain: String,
     pub certs: Arc<CertificateCache>,
     pub roots: Vec<CertificateDer<'static>>,
     pub pool: Arc<Pool>,
+    pub server: ServerLimits,
+    /// HBONE connections accepted and still before their first CONNECT.
+    pub pending: Arc<Pending>,
 }
-
-/// How long an unused HBONE connection stays open.
-const HBONE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Mesh {
     /// Must be called inside the runtime (the pool runs an expiry task). Tunnel connections are
@@ -94,14 +94,18 @@ impl Mesh {
         certs: Arc<CertificateCache>,
         metrics: Arc<Metrics>,
         home: Arc<Netns>,
+        (pool, server): (PoolLimits, ServerLimits),
     ) -> Self {
         let roots = certs.roots().to_vec();
-        let connector = hbone::client::connector(certs.clone(), roots.clone(), metrics, home);
+        let connector =
+            hbone::client::connector(certs.clone(), roots.clone(), metrics.clone(), home);
         Self {
             trust_domain,
             certs,
             roots,
-            pool: Pool::new(connector, HBONE_IDLE_TIMEOUT),
+            pool: Pool::new(connector, pool, metrics),
+            server,
+            pending: Arc::default(),
         }
     }
 }

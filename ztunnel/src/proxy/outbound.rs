@@ -136,16 +136,17 @@ impl Outbound {
                 record.line.dst_identity = Some(dst.identity.to_string());
                 let arrival = Arrival::SameNode { src: pod };
                 let inbound = self.inbound.clone();
-                inbound
-                    .deliver(
-                        dst,
-                        arrival,
-                        route.upstream,
-                        stream,
-                        snapshot,
-                        Some(&mut record),
-                    )
-                    .await;
+                // Boxed: the inbound pipeline's state would otherwise size the task of every
+                // outbound connection, tunnelled or direct.
+                Box::pin(inbound.deliver(
+                    dst,
+                    arrival,
+                    route.upstream,
+                    stream,
+                    snapshot,
+                    Some(&mut record),
+                ))
+                .await;
             }
         }
     }
@@ -283,13 +284,14 @@ impl Outbound {
         record.line.hbone = true;
         record.line.src_identity = Some(key.src.to_string());
         record.line.dst_identity = Some(key.dst.to_string());
-        let tunnel = match self
+        // Boxed: dialling and the handshakes are large futures, needed only until the stream
+        // is open; inline, they would size the task for the connection's whole life.
+        let connect = self
             .shared
             .mesh
             .pool
-            .connect(&key, route.upstream, connect_headers(&pod))
-            .await
-        {
+            .connect(&key, route.upstream, connect_headers(&pod));
+        let tunnel = match Box::pin(connect).await {
             Ok(t) => t,
             Err(e) => {
                 reset(stream);

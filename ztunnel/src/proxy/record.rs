@@ -8,6 +8,7 @@ use tracing::info;
 
 use crate::{
     authz::{Decision, MtlsDecision},
+    memory::Live,
     metrics::{Carrier, ConnectionGuard, ConnectionLabels, Metrics},
     model::AppProtocol,
     relay::Relayed,
@@ -94,6 +95,7 @@ pub struct ConnectionRecord {
     /// Bytes from and to the caller.
     bytes: Option<(u64, u64)>,
     ending: Option<(Ending, Option<String>)>,
+    _live: Live,
 }
 
 impl ConnectionRecord {
@@ -106,6 +108,7 @@ impl ConnectionRecord {
             counted: None,
             bytes: None,
             ending: None,
+            _live: Live::new(),
         }
     }
 

@@ -35,7 +35,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 mod http;
 mod policy;
@@ -49,9 +49,10 @@ use crate::{
     capture::NodeConnections,
     hbone::{self, Handler, StreamIo, Tunnel},
     identity::SpiffeId,
+    memory::Live,
     metrics::{
-        Carrier, ConnectionLabels, MtlsModeLabels, NodeConnectionLabels, NodeOutcome, Outcome,
-        Reporter, Side,
+        Carrier, ConnectionLabels, HboneClosing, MtlsModeLabels, NodeConnectionLabels, NodeOutcome,
+        Outcome, Reporter, Side,
     },
     model::Pod,
     ports::is_proxy_port,
@@ -201,14 +202,36 @@ impl Inbound {
         tcp: TcpStream,
         peer: SocketAddr,
     ) {
+        let accepted = tokio::time::Instant::now();
+        let _live = Live::new();
         let (mesh, metrics) = (&self.shared.mesh, self.shared.metrics.clone());
-        let tls = match hbone::server::accept(tcp, &mesh.certs, &pod.identity, &mesh.roots).await {
+        let limits = &mesh.server;
+        let refused_at_accept = |reason: &str, error: &dyn std::fmt::Display| {
+            warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                reason, error = %error, "HBONE connection refused");
+        };
+        let pending = match mesh.pending.admit(peer.ip(), limits) {
+            Ok(place) => place,
+            Err(full) => {
+                metrics.hbone_closed(Side::Inbound, HboneClosing::PendingLimit);
+                refused_at_accept(HboneClosing::PendingLimit.as_str(), &full);
+                return reset(tcp);
+            }
+        };
+        let first_request_by = accepted + limits.first_request_timeout;
+        let tls = match hbone::server::accept(
+            tcp,
+            &mesh.certs,
+            &pod.identity,
+            &mesh.roots,
+            first_request_by,
+        )
+        .await
+        {
             Ok(tls) => tls,
             Err(e) => {
                 metrics.handshake(Side::Inbound, e.reason());
-                warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
-                    reason = e.reason(), error = %e, "HBONE connection refused");
-                return;
+                return refused_at_accept(e.reason(), &e);
             }
         };
         metrics.handshake(Side::Inbound, "ok");
@@ -228,17 +251,49 @@ impl Inbound {
             })
         });
         let dst_workload = pod.workload.clone();
+        let refused_metrics = metrics.clone();
         let refused = move |status: StatusCode, reason: &str| {
-            metrics.hbone_refused.add(HboneRefusal::BadRequest.as_str());
-            let mut record = ConnectionRecord::new(Direction::Inbound, metrics.clone());
+            refused_metrics
+                .hbone_refused
+                .add(HboneRefusal::BadRequest.as_str());
+            let mut record = ConnectionRecord::new(Direction::Inbound, refused_metrics.clone());
             record.line.hbone = true;
             record.line.src_addr = Some(peer.to_string());
             record.line.dst_workload = Some(dst_workload.clone());
             record.line.status = Some(status.as_u16());
             record.refuse(Ending::Refused, reason);
         };
-        if let Err(e) = hbone::server::serve(tls.stream, handler, refused).await {
-            warn!(dst_workload = %pod.workload, src_addr = %peer, error = %e, "HBONE connection failed");
+        let ended = hbone::server::serve(
+            tls.stream,
+            handler,
+            refused,
+            *limits,
+            first_request_by,
+            Some(pending),
+        )
+        .await;
+        metrics.hbone_closed(Side::Inbound, ended.reason);
+        let (reason, error) = (ended.reason.as_str(), ended.error.map(|e| e.to_string()));
+        match ended.reason {
+            HboneClosing::NoRequest => refused_at_accept(
+                reason,
+                &format_args!(
+                    "no CONNECT request within {:?} of the TCP accept",
+                    limits.first_request_timeout
+                ),
+            ),
+            HboneClosing::ProtocolError | HboneClosing::KeepaliveTimeout => {
+                warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                    reason, error, "HBONE connection closed")
+            }
+            HboneClosing::Idle => {
+                info!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                    reason, idle_timeout = ?limits.idle_timeout, "HBONE connection closed")
+            }
+            HboneClosing::PeerClosed | HboneClosing::PendingLimit => {
+                debug!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                    reason, error, "HBONE connection closed")
+            }
         }
     }
 
@@ -487,6 +542,8 @@ impl Inbound {
                 .clone()
                 .revoked(config, pod.clone(), call.clone(), per_request);
             match per_request {
+                // Boxed: the HTTP server's state is much larger than a relay's and would
+                // otherwise size every connection's task, relayed or not.
                 true => {
                     let requests = self.request_context(
                         &snapshot,
@@ -496,9 +553,9 @@ impl Inbound {
                         (src_principal.as_deref(), mutual_tls),
                         &record,
                     );
-                    self.serve_per_request(
+                    Box::pin(self.serve_per_request(
                         pod, call, declared, downstream, upstream, requests, revoke,
-                    )
+                    ))
                     .await
                 }
                 false => relay_until(downstream, upstream, revoke).await,
