@@ -41,14 +41,18 @@ pub mod maps {
     /// [`super::NodeConnKey`] → [`super::NodeConn`]: TCP connections that sockets of the node's
     /// own network namespace opened to enrolled pods (kubelet probes).
     pub const NODE_CONNECTIONS: &str = "node_connections";
+    /// netns cookie → [`super::PodLocalAddrs`]: the pod's own addresses, which
+    /// `zt_getsockname4/6` give a captured socket as its local address.
+    pub const POD_LOCAL_ADDRS: &str = "pod_local_addrs";
     /// Every map the object must define.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         ENROLLED_NETNS,
         ORIG_DST_BY_SOCKET,
         ORIG_DST_BY_PEER,
         POD_LISTENERS,
         POD_ADDRESSES,
         NODE_CONNECTIONS,
+        POD_LOCAL_ADDRS,
     ];
 }
 
@@ -59,15 +63,19 @@ pub mod programs {
     pub const SOCK_OPS: &str = "zt_sockops";
     pub const GETPEERNAME4: &str = "zt_getpeername4";
     pub const GETPEERNAME6: &str = "zt_getpeername6";
+    pub const GETSOCKNAME4: &str = "zt_getsockname4";
+    pub const GETSOCKNAME6: &str = "zt_getsockname6";
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
     pub const NODE_SOCK_OPS: &str = "zt_node_sockops";
     /// Every program the object must define.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,
         SOCK_OPS,
         GETPEERNAME4,
         GETPEERNAME6,
+        GETSOCKNAME4,
+        GETSOCKNAME6,
         SK_LOOKUP,
         NODE_SOCK_OPS,
     ];
@@ -81,11 +89,11 @@ pub const NODE_NETNS_COOKIE_GLOBAL: &str = "NODE_NETNS_COOKIE";
 /// `bpftool … pinned` and `ztunnel bpf status` read:
 /// ```text
 /// prog_connect4  prog_connect6  prog_sockops  prog_getpeername4  prog_getpeername6  prog_sk_lookup
-/// prog_node_sockops
+/// prog_getsockname4  prog_getsockname6  prog_node_sockops
 /// link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
 /// link_cgroup_node_sockops                          the node's connections to pods (probes)
 /// enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners    maps, by their names
-/// pod_addresses  node_connections
+/// pod_addresses  node_connections  pod_local_addrs
 /// pods/<namespace>_<pod>                            that pod's sk_lookup link
 /// ```
 pub mod pins {
@@ -135,6 +143,16 @@ pub mod pins {
         "prog_getpeername6",
         "link_cgroup_getpeername6",
     );
+    pub const GETSOCKNAME4: CgroupProgram = cgroup(
+        programs::GETSOCKNAME4,
+        "prog_getsockname4",
+        "link_cgroup_getsockname4",
+    );
+    pub const GETSOCKNAME6: CgroupProgram = cgroup(
+        programs::GETSOCKNAME6,
+        "prog_getsockname6",
+        "link_cgroup_getsockname6",
+    );
     pub const SOCK_OPS: CgroupProgram =
         cgroup(programs::SOCK_OPS, "prog_sockops", "link_cgroup_sockops");
     /// Attached per pod netns; each link is pinned as `pods/<namespace>_<pod>`.
@@ -152,8 +170,15 @@ pub mod pins {
     );
 
     /// The programs attached to the pods' cgroup, in the order they are attached.
-    pub const CGROUP_PROGRAMS: [CgroupProgram; 5] =
-        [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS];
+    pub const CGROUP_PROGRAMS: [CgroupProgram; 7] = [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        GETSOCKNAME4,
+        GETSOCKNAME6,
+        SOCK_OPS,
+    ];
 }
 
 /// Value of the enrolled-netns map. Present = captured.
@@ -162,6 +187,15 @@ pub mod pins {
 pub struct EnrolledNetns {
     /// Reserved for per-pod switches; zero today.
     pub flags: u32,
+}
+
+/// Value of the pod-local-address map: the addresses a pod's own sockets have (its first of
+/// each family), network byte order; all zero: none of that family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodLocalAddrs {
+    pub v4: u32,
+    pub v6: [u32; 4],
 }
 
 /// Original destination of a captured outbound connection.
@@ -268,6 +302,7 @@ const _: () = {
     assert!(size_of::<PodAddr>() == 20);
     assert!(size_of::<NodeConnKey>() == 40);
     assert!(size_of::<NodeConn>() == 16);
+    assert!(size_of::<PodLocalAddrs>() == 20);
 };
 
 /// `ip` as the kernel hands it to BPF programs: its family and its address in network byte
@@ -346,6 +381,21 @@ impl PodAddr {
     }
 }
 
+impl PodLocalAddrs {
+    /// The entry for a pod with addresses `ips`: the first of each family.
+    pub fn of(ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        let mut out = Self::default();
+        for ip in ips {
+            match addr_words(ip) {
+                (AF_INET, w) if out.v4 == 0 => out.v4 = w[0],
+                (AF_INET6, w) if out.v6 == [0; 4] => out.v6 = w,
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 impl From<&ListenerKey> for PodAddr {
     /// The pod address a listener entry is for.
     fn from(key: &ListenerKey) -> Self {
@@ -391,6 +441,7 @@ mod user {
     unsafe impl aya::Pod for super::PodAddr {}
     unsafe impl aya::Pod for super::NodeConnKey {}
     unsafe impl aya::Pod for super::NodeConn {}
+    unsafe impl aya::Pod for super::PodLocalAddrs {}
 }
 
 #[cfg(test)]
@@ -446,12 +497,23 @@ mod tests {
     }
 
     #[test]
+    fn pod_local_addresses_keep_the_first_of_each_family() {
+        let ips = ["10.1.0.2", "fd00::2", "10.1.0.3", "fd00::3"].map(|ip| ip.parse().unwrap());
+        let a = PodLocalAddrs::of(ips);
+        assert_eq!(a.v4, addr_words(ips[0]).1[0]);
+        assert_eq!(a.v6, addr_words(ips[1]).1);
+        assert_eq!(PodLocalAddrs::of([ips[0]]).v6, [0; 4], "no IPv6: zero");
+    }
+
+    #[test]
     fn every_program_has_its_pins() {
-        let cgroup: [pins::CgroupProgram; 6] = [
+        let cgroup: [pins::CgroupProgram; 8] = [
             pins::CONNECT4,
             pins::CONNECT6,
             pins::GETPEERNAME4,
             pins::GETPEERNAME6,
+            pins::GETSOCKNAME4,
+            pins::GETSOCKNAME6,
             pins::SOCK_OPS,
             pins::NODE_SOCK_OPS,
         ];

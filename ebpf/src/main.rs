@@ -6,6 +6,8 @@
 //! * `zt_sockops` (cgroup): once the redirected connection is established, the record is re-keyed
 //!   by (netns, local port) — the peer the proxy sees when it accepts.
 //! * `zt_getpeername4/6` (cgroup): the application sees its original destination as its peer.
+//! * `zt_getsockname4/6` (cgroup): and its pod address as its local address (the port is the
+//!   socket's own), not the loopback address the redirected connection really has.
 //! * `zt_sk_lookup` (one link per pod netns): TCP arriving from outside the pod is handed to the
 //!   proxy's inbound listeners for the destination pod address; with no listener it is dropped.
 //! * `zt_node_sockops` (cgroup, where the node's own processes live): records the TCP
@@ -27,9 +29,9 @@ mod capture {
         EbpfContext,
     };
     use ztunnel_common::{
-        EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey, PodAddr, AF_INET,
-        AF_INET6, HBONE_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LOOPBACK_IFINDEX,
-        NODE_CONN_CONNECTING, NODE_CONN_ESTABLISHED, OUTBOUND_PORT, PROXY_MARK,
+        EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey, PodAddr,
+        PodLocalAddrs, AF_INET, AF_INET6, HBONE_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT,
+        LOOPBACK_IFINDEX, NODE_CONN_CONNECTING, NODE_CONN_ESTABLISHED, OUTBOUND_PORT, PROXY_MARK,
     };
 
     const SOCK_STREAM: u32 = 1;
@@ -59,6 +61,9 @@ mod capture {
 
     #[map(name = "node_connections")]
     static NODE_CONNECTIONS: LruHashMap<NodeConnKey, NodeConn> = LruHashMap::pinned(65_536, 0);
+
+    #[map(name = "pod_local_addrs")]
+    static POD_LOCAL_ADDRS: HashMap<u64, PodLocalAddrs> = HashMap::pinned(16_384, 0);
 
     /// The netns cookie of the node's own network namespace, set by the proxy at load time
     /// (`NODE_NETNS_COOKIE_GLOBAL`). Zero: not set, nothing is recorded.
@@ -167,11 +172,9 @@ mod capture {
             } else {
                 [0, 0, 0, IPV6_LOOPBACK_LAST]
             };
+            // SAFETY: `user_ip6` and `user_port` are writable in connect6.
             unsafe {
-                (*sa).user_ip6[0] = target[0];
-                (*sa).user_ip6[1] = target[1];
-                (*sa).user_ip6[2] = target[2];
-                (*sa).user_ip6[3] = target[3];
+                set_user_ip6(&ctx, target);
                 (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
             }
         }
@@ -335,6 +338,22 @@ mod capture {
         0
     }
 
+    /// Writes the IPv6 address of a sock_addr context, one 4-byte store per word (the verifier
+    /// accepts no wider store to `user_ip6`).
+    ///
+    /// # Safety
+    /// Only in a program whose attach type lets it write `user_ip6`.
+    unsafe fn set_user_ip6(ctx: &SockAddrContext, ip: [u32; 4]) {
+        let sa = ctx.sock_addr;
+        // SAFETY: the caller's attach type allows the stores; `sa` is the verified context.
+        unsafe {
+            (*sa).user_ip6[0] = ip[0];
+            (*sa).user_ip6[1] = ip[1];
+            (*sa).user_ip6[2] = ip[2];
+            (*sa).user_ip6[3] = ip[3];
+        }
+    }
+
     fn restore_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         unsafe { ORIG_DST_BY_SOCKET.get(&cookie) }.copied()
@@ -361,14 +380,52 @@ mod capture {
             } else {
                 dst.addr
             };
+            // SAFETY: `user_ip6` and `user_port` are writable in getpeername6.
             unsafe {
-                let sa = ctx.sock_addr;
-                (*sa).user_ip6[0] = ip[0];
-                (*sa).user_ip6[1] = ip[1];
-                (*sa).user_ip6[2] = ip[2];
-                (*sa).user_ip6[3] = ip[3];
-                (*sa).user_port = u32::from(dst.port.to_be());
+                set_user_ip6(&ctx, ip);
+                (*ctx.sock_addr).user_port = u32::from(dst.port.to_be());
             }
+        }
+        ALLOW
+    }
+
+    /// The pod address a captured socket would have had without the redirect: the pod's
+    /// address of the original destination's family. `None` for a socket that was not
+    /// redirected, or a pod without an address of that family.
+    fn restore_local(ctx: &SockAddrContext) -> Option<(OrigDst, [u32; 4])> {
+        let dst = restore_peer(ctx)?;
+        // SAFETY: read-only lookup of a plain value.
+        let local = unsafe { POD_LOCAL_ADDRS.get(&dst.netns_cookie) }?;
+        let addr = if dst.family == AF_INET {
+            [local.v4, 0, 0, 0]
+        } else {
+            local.v6
+        };
+        (addr != [0; 4]).then_some((dst, addr))
+    }
+
+    #[cgroup_sock_addr(getsockname4)]
+    pub fn zt_getsockname4(ctx: SockAddrContext) -> i32 {
+        if let Some((dst, addr)) = restore_local(&ctx) {
+            if dst.family == AF_INET {
+                // SAFETY: `user_ip4` is writable in getsockname4; the port is left as is.
+                unsafe { (*ctx.sock_addr).user_ip4 = addr[0] };
+            }
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getsockname6)]
+    pub fn zt_getsockname6(ctx: SockAddrContext) -> i32 {
+        if let Some((dst, addr)) = restore_local(&ctx) {
+            // A v4-mapped connection of an IPv6 socket has a v4-mapped local address.
+            let ip = if dst.family == AF_INET {
+                [0, 0, V4_MAPPED_WORD, addr[0]]
+            } else {
+                addr
+            };
+            // SAFETY: `user_ip6` is writable in getsockname6; the port is left as is.
+            unsafe { set_user_ip6(&ctx, ip) };
         }
         ALLOW
     }

@@ -102,16 +102,46 @@ pub struct ServiceObject {
     pub name: String,
     pub vip: String,
     pub selector: Labels,
-    /// (port, targetPort)
-    pub ports: Vec<(u16, u16)>,
+    pub ports: Vec<ServicePortObject>,
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortObject {
+    pub port: u16,
+    pub target: u16,
+    /// `p<port>` (which declares no protocol) unless given.
+    pub name: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePortObject {
+    /// `port` → `target`, named `p<port>`, no `appProtocol`.
+    pub fn new(port: u16, target: u16) -> Self {
+        Self {
+            port,
+            target,
+            name: None,
+            app_protocol: None,
+        }
+    }
 }
 
 pub fn service_yaml(s: &ServiceObject) -> String {
     let ports: Vec<Value> = s
         .ports
         .iter()
-        .map(|(port, target)| {
-            json!({"name": format!("p{port}"), "port": port, "targetPort": target, "protocol": "TCP"})
+        .map(|p| {
+            let mut v = json!({
+                "name": p.name.clone().unwrap_or_else(|| format!("p{}", p.port)),
+                "port": p.port,
+                "targetPort": p.target,
+                "protocol": "TCP",
+            });
+            if let Some(app) = &p.app_protocol {
+                v["appProtocol"] = json!(app);
+            }
+            v
         })
         .collect();
     to_yaml(&json!({
@@ -176,11 +206,22 @@ mod tests {
             name: "web".into(),
             vip: "10.96.0.10".into(),
             selector: labels(&[("app", "web")]),
-            ports: vec![(80, 8080)],
+            ports: vec![
+                ServicePortObject::new(80, 8080),
+                ServicePortObject {
+                    name: Some("tcp-db".into()),
+                    app_protocol: Some("mysql".into()),
+                    ..ServicePortObject::new(3306, 3306)
+                },
+            ],
         });
         let v: serde_yaml::Value = serde_yaml::from_str(&s).unwrap();
         assert_eq!(v["spec"]["clusterIP"].as_str(), Some("10.96.0.10"));
         assert_eq!(v["spec"]["ports"][0]["targetPort"].as_u64(), Some(8080));
+        assert_eq!(v["spec"]["ports"][0]["name"].as_str(), Some("p80"));
+        assert!(v["spec"]["ports"][0]["appProtocol"].is_null());
+        assert_eq!(v["spec"]["ports"][1]["name"].as_str(), Some("tcp-db"));
+        assert_eq!(v["spec"]["ports"][1]["appProtocol"].as_str(), Some("mysql"));
         assert_eq!(v["spec"]["selector"]["app"].as_str(), Some("web"));
     }
 

@@ -203,7 +203,12 @@ pub fn local_config(
     services: &[ServiceObject],
     policies: &[serde_yaml::Value],
 ) -> String {
-    let ports = |s: &ServiceObject| s.ports.iter().copied().collect::<BTreeMap<u16, u16>>();
+    let ports = |s: &ServiceObject| {
+        s.ports
+            .iter()
+            .map(|p| (p.port, p.target))
+            .collect::<BTreeMap<u16, u16>>()
+    };
     // A pending pod has no sandbox yet, so no address: not a workload the peer can reach.
     let workloads = pods
         .iter()
@@ -313,7 +318,7 @@ pub const INPOD_ROUTES: [&[&str]; 2] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::labels;
+    use crate::config::{labels, ServicePortObject};
 
     #[test]
     fn a_missing_peer_names_every_place_it_was_looked_for() {
@@ -378,7 +383,7 @@ mod tests {
             name: "web".into(),
             vip: "10.96.0.10".into(),
             selector: labels(&[("app", "web")]),
-            ports: vec![(80, 8080)],
+            ports: vec![ServicePortObject::new(80, 8080)],
         };
         let policy: serde_yaml::Value = serde_yaml::from_str(
             "{name: p, namespace: shop, scope: Namespace, action: Allow, dryRun: false,

@@ -570,6 +570,8 @@ fn stop_and_uninstall_remove_all_kernel_state() -> Result<()> {
         "zt_sockops",
         "zt_getpeername4",
         "zt_getpeername6",
+        "zt_getsockname4",
+        "zt_getsockname6",
     ] {
         assert!(
             names.contains(&want),

@@ -8,12 +8,29 @@
 //!                                               (content-type application/grpc) gets an empty
 //!                                               message and the trailer grpc-status its
 //!                                               x-grpc-status header asks for (default 0)
-//! vc-probe get --addr IP:PORT [--path /x] [--timeout-ms N]
-//! vc-probe connect --addr IP:PORT [--send TEXT] [--timeout-ms N]
+//! vc-probe get --addr IP:PORT [--path /x] [--delay-ms N] [--timeout-ms N]
+//!                                               with --delay-ms, waits that long after
+//!                                               connecting before it sends the request
+//! vc-probe connect --addr IP:PORT [--send TEXT] [--reset true] [--timeout-ms N]
+//!                                               sends TEXT, shuts its write side down and
+//!                                               reads to EOF (`received_bytes`, `received`
+//!                                               up to 64 KiB); with --reset, resets (RST)
+//!                                               after sending instead
 //! vc-probe chat --addr IP:PORT [--messages a,b] [--gap-ms N]
 //!                                               one connection to a tcp-echo server: waits
 //!                                               gap-ms before each message and checks its echo;
 //!                                               with no messages, holds the idle connection
+//! vc-probe tcp-app --port P [--banner TEXT] [--reply-bytes N] [--reset-after-read true]
+//!                                               a TCP server for data-path fidelity: greets
+//!                                               with `TEXT\r\n` first (a server-first
+//!                                               protocol) if asked; reads until the client's
+//!                                               FIN, then sends N bytes and closes; or resets
+//!                                               (RST) as soon as it has read a byte. Prints
+//!                                               `{"event":"ended","read":n,"how":...}` per
+//!                                               connection (`eof`, `reset sent`, an error kind)
+//! vc-probe greeting --addr IP:PORT [--timeout-ms N]
+//!                                               connects and reads the server's first line
+//!                                               without sending: `{"banner","first_byte_ms"}`
 //! vc-probe repl [--timeout-ms N]                reads `get ADDR [PATH]` / `connect ADDR [TEXT]`
 //!                                               lines from stdin, one JSON result line each
 //! vc-probe transfer --addr IP:PORT --bytes N [--streams S] [--timeout-ms N]
@@ -69,7 +86,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: vc-probe http-server|h2-server|tcp-echo|get|connect|repl|transfer|\
+            "usage: vc-probe http-server|h2-server|tcp-echo|tcp-app|get|connect|greeting|repl|transfer|\
              http-server-ka|http-load|conn-rate|hold [options]"
         );
         return ExitCode::from(2);
@@ -111,6 +128,33 @@ fn main() -> ExitCode {
                 }
             }
         }
+        "tcp-app" => {
+            let Some(port) = opts.num("port") else {
+                eprintln!("vc-probe: --port is required");
+                return ExitCode::from(2);
+            };
+            let app = TcpApp {
+                banner: opts.get("banner").map(str::to_owned),
+                reply_bytes: opts.num("reply-bytes").unwrap_or(0) as usize,
+                reset_after_read: opts.get("reset-after-read") == Some("true"),
+            };
+            match tcp_app(port as u16, app) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vc-probe: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        "greeting" => {
+            let Some(addr) = opts.get("addr") else {
+                eprintln!("vc-probe: --addr is required");
+                return ExitCode::from(2);
+            };
+            let (code, out) = greeting(addr, timeout);
+            emit(&out);
+            ExitCode::from(code)
+        }
         "ext-authz" => {
             let Some(port) = opts.num("port") else {
                 eprintln!("vc-probe: --port is required");
@@ -130,9 +174,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             };
             let (code, out) = if cmd == "get" {
-                get(addr, opts.get("path").unwrap_or("/"), timeout)
+                let delay = Duration::from_millis(opts.num("delay-ms").unwrap_or(0));
+                get(addr, opts.get("path").unwrap_or("/"), delay, timeout)
             } else {
-                connect(addr, opts.get("send"), timeout)
+                let reset = opts.get("reset") == Some("true");
+                connect(addr, opts.get("send"), reset, timeout)
             };
             emit(&out);
             ExitCode::from(code)
@@ -442,11 +488,12 @@ fn open(addr: &str, timeout: Duration) -> Result<(TcpStream, String, String), Va
     Ok((stream, local, peer))
 }
 
-fn get(addr: &str, path: &str, timeout: Duration) -> (u8, Value) {
+fn get(addr: &str, path: &str, delay: Duration, timeout: Duration) -> (u8, Value) {
     let (mut stream, local, peer) = match open(addr, timeout) {
         Ok(x) => x,
         Err(v) => return (1, v),
     };
+    std::thread::sleep(delay);
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vc-probe\r\nConnection: close\r\n\r\n"
     );
@@ -510,7 +557,10 @@ fn chat(addr: &str, messages: &[&str], gap: Duration, timeout: Duration) -> (u8,
     (0, json!({"local": local, "peer": peer, "replies": replies}))
 }
 
-fn connect(addr: &str, send: Option<&str>, timeout: Duration) -> (u8, Value) {
+/// At most this much of what `connect` received is printed.
+const MAX_PRINTED: usize = 64 * 1024;
+
+fn connect(addr: &str, send: Option<&str>, reset: bool, timeout: Duration) -> (u8, Value) {
     let (mut stream, local, peer) = match open(addr, timeout) {
         Ok(x) => x,
         Err(v) => return (1, v),
@@ -520,12 +570,21 @@ fn connect(addr: &str, send: Option<&str>, timeout: Duration) -> (u8, Value) {
             return (1, error_json("send", &e));
         }
     }
+    if reset {
+        // Give the bytes time to leave before the RST overtakes them.
+        std::thread::sleep(Duration::from_millis(200));
+        abort(stream);
+        return (0, json!({"local": local, "peer": peer, "reset_sent": true}));
+    }
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut received = Vec::new();
     match stream.read_to_end(&mut received) {
         Ok(_) => (
             0,
-            json!({"local": local, "peer": peer, "received": String::from_utf8_lossy(&received)}),
+            json!({
+                "local": local, "peer": peer, "received_bytes": received.len(),
+                "received": String::from_utf8_lossy(&received[..received.len().min(MAX_PRINTED)]),
+            }),
         ),
         Err(e) => {
             let mut v = error_json("receive", &e);
@@ -536,6 +595,110 @@ fn connect(addr: &str, send: Option<&str>, timeout: Duration) -> (u8, Value) {
     }
 }
 
+/// Closes `stream` with an RST instead of a FIN (SO_LINGER with a zero timeout).
+fn abort(stream: TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a descriptor `stream` owns, with a local struct.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+/// What `tcp-app` does with each connection.
+#[derive(Clone)]
+struct TcpApp {
+    banner: Option<String>,
+    reply_bytes: usize,
+    reset_after_read: bool,
+}
+
+fn tcp_app(port: u16, app: TcpApp) -> io::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    emit(&json!({"event": "listening", "port": port, "pid": std::process::id()}));
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let peer = addr_string(stream.peer_addr());
+        emit(&json!({"event": "accept", "peer": peer, "local": addr_string(stream.local_addr())}));
+        let app = app.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(20)));
+            let (read, how) = serve_tcp_app(stream, &app);
+            emit(&json!({"event": "ended", "peer": peer, "read": read, "how": how}));
+        });
+    }
+    Ok(())
+}
+
+/// One connection of `tcp-app`: the bytes read and how it ended.
+fn serve_tcp_app(mut stream: TcpStream, app: &TcpApp) -> (usize, String) {
+    if let Some(banner) = &app.banner {
+        if let Err(e) = stream.write_all(format!("{banner}\r\n").as_bytes()) {
+            return (0, kind_name(&e));
+        }
+    }
+    let mut read = 0;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) if app.reset_after_read => {
+                abort(stream);
+                return (read + n, "reset sent".into());
+            }
+            Ok(n) => read += n,
+            Err(e) => return (read, kind_name(&e)),
+        }
+    }
+    // The client's FIN came in; its side of the connection is still open for the reply.
+    std::thread::sleep(Duration::from_millis(100));
+    let reply: Vec<u8> = (0..app.reply_bytes)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
+    if let Err(e) = stream.write_all(&reply) {
+        return (read, kind_name(&e));
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    (read, "eof".into())
+}
+
+/// Connects and waits for the server to speak first, sending nothing.
+fn greeting(addr: &str, timeout: Duration) -> (u8, Value) {
+    let start = std::time::Instant::now();
+    let (stream, local, peer) = match open(addr, timeout) {
+        Ok(x) => x,
+        Err(v) => return (1, v),
+    };
+    let connect_ms = start.elapsed().as_secs_f64() * 1e3;
+    let mut line = String::new();
+    let mut reader = io::BufReader::new(stream);
+    match reader.read_line(&mut line) {
+        Ok(n) if n > 0 => {
+            let first_byte_ms = start.elapsed().as_secs_f64() * 1e3;
+            let banner = line.trim_end();
+            let v = json!({"local": local, "peer": peer, "banner": banner,
+                           "connect_ms": connect_ms, "first_byte_ms": first_byte_ms});
+            (0, v)
+        }
+        Ok(_) => (
+            1,
+            json!({"error": "closed before greeting", "kind": "unexpected eof"}),
+        ),
+        Err(e) => (1, error_json("receive", &e)),
+    }
+}
+
 /// One long-lived client process: lets tests show capture changing under a running app.
 fn repl(timeout: Duration) {
     emit(&json!({"event": "ready", "pid": std::process::id()}));
@@ -543,8 +706,10 @@ fn repl(timeout: Duration) {
         let Ok(line) = line else { break };
         let mut words = line.split_whitespace();
         let (code, mut v) = match (words.next(), words.next()) {
-            (Some("get"), Some(addr)) => get(addr, words.next().unwrap_or("/"), timeout),
-            (Some("connect"), Some(addr)) => connect(addr, words.next(), timeout),
+            (Some("get"), Some(addr)) => {
+                get(addr, words.next().unwrap_or("/"), Duration::ZERO, timeout)
+            }
+            (Some("connect"), Some(addr)) => connect(addr, words.next(), false, timeout),
             (None, _) => continue,
             _ => (
                 2,

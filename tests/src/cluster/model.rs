@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use anyhow::{anyhow, Context as _, Result};
 
 use super::{remove_if_exists, Cluster};
-use crate::config::{self, labels, Labels, PodObject, ServiceObject};
+use crate::config::{self, labels, Labels, PodObject, ServiceObject, ServicePortObject};
 
 /// A pod to create.
 #[derive(Clone, Debug)]
@@ -87,7 +87,7 @@ pub struct ServiceSpec {
     pub(super) namespace: String,
     pub(super) name: String,
     pub(super) selector: Labels,
-    pub(super) ports: Vec<(u16, u16)>,
+    pub(super) ports: Vec<ServicePortObject>,
     pub(super) vip: Option<String>,
 }
 
@@ -106,9 +106,25 @@ impl ServiceSpec {
         self.selector.extend(labels(l));
         self
     }
-    /// Service port → target (container) port.
+    /// Service port → target (container) port, named `p<port>` (no protocol declared).
     pub fn port(mut self, port: u16, target: u16) -> Self {
-        self.ports.push((port, target));
+        self.ports.push(ServicePortObject::new(port, target));
+        self
+    }
+    /// Service port → target port with this name (`tcp-db`, `http-web`: a declared protocol).
+    pub fn named_port(mut self, name: &str, port: u16, target: u16) -> Self {
+        self.ports.push(ServicePortObject {
+            name: Some(name.into()),
+            ..ServicePortObject::new(port, target)
+        });
+        self
+    }
+    /// Service port → target port declaring `appProtocol: <app_protocol>`.
+    pub fn app_protocol_port(mut self, app_protocol: &str, port: u16, target: u16) -> Self {
+        self.ports.push(ServicePortObject {
+            app_protocol: Some(app_protocol.into()),
+            ..ServicePortObject::new(port, target)
+        });
         self
     }
     pub fn vip(mut self, vip: &str) -> Self {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use ztunnel_tests::{pod, Cluster};
+use ztunnel_tests::{pod, Cluster, PodSpec};
 
 pub const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -15,12 +15,6 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// as a service account named like them and carry `app: <name>`. Returns once both proxies
 /// have enrolled the mesh pods.
 pub fn start() -> Result<Cluster> {
-    let mesh_pod = |ns: &str, name: &str, node: usize| {
-        pod(ns, name)
-            .node(node)
-            .service_account(name)
-            .labels(&[("app", name)])
-    };
     let c = Cluster::builder()
         .nodes(2)
         .namespace("istioinaction", &[AMBIENT])
@@ -43,6 +37,15 @@ pub fn start() -> Result<Cluster> {
         c.wait_enrolled(node, 0, p, WAIT)?;
     }
     Ok(c)
+}
+
+/// A mesh pod `ns/name` on `node`, running as a service account named like it, labelled
+/// `app: <name>`.
+pub fn mesh_pod(ns: &str, name: &str, node: usize) -> PodSpec {
+    pod(ns, name)
+        .node(node)
+        .service_account(name)
+        .labels(&[("app", name)])
 }
 
 /// `ip:port` of a pod.

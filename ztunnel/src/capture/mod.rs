@@ -27,8 +27,8 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 use ztunnel_common::{
-    maps, pins, programs, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey,
-    PodAddr, NODE_CONN_ESTABLISHED,
+    addr_from_words, maps, pins, programs, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey,
+    OrigDst, OrigDstKey, PodAddr, PodLocalAddrs, NODE_CONN_ESTABLISHED,
 };
 
 use crate::netns::Netns;
@@ -64,6 +64,7 @@ pub struct Capture {
     enrolled: BpfHashMap<MapData, u64, EnrolledNetns>,
     listeners: SockHash<MapData, ListenerKey>,
     pod_addresses: BpfHashMap<MapData, PodAddr, u8>,
+    local_addrs: BpfHashMap<MapData, u64, PodLocalAddrs>,
     orig_dst: Arc<OrigDstTable>,
     node_connections: Arc<NodeConnections>,
     _cgroup_links: Vec<PinnedLink>,
@@ -246,6 +247,7 @@ impl Capture {
         let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, maps::POD_LISTENERS)?)?;
         let pod_addresses = BpfHashMap::try_from(take_map(&mut ebpf, maps::POD_ADDRESSES)?)?;
+        let local_addrs = BpfHashMap::try_from(take_map(&mut ebpf, maps::POD_LOCAL_ADDRS)?)?;
         let orig_dst = Arc::new(OrigDstTable(Mutex::new(BpfHashMap::try_from(take_map(
             &mut ebpf,
             maps::ORIG_DST_BY_PEER,
@@ -261,6 +263,7 @@ impl Capture {
             enrolled,
             listeners,
             pod_addresses,
+            local_addrs,
             orig_dst,
             node_connections,
             _cgroup_links: cgroup_links,
@@ -340,6 +343,14 @@ impl Capture {
             link.pin(&path)
                 .with_context(|| format!("pinning {}", path.display()))?,
         );
+        let local = PodLocalAddrs::of(
+            listeners
+                .iter()
+                .filter_map(|(k, _)| addr_from_words(k.family, &k.addr)),
+        );
+        self.local_addrs.insert(cookie, local, 0).with_context(|| {
+            format!("adding the addresses of {id} to {}", maps::POD_LOCAL_ADDRS)
+        })?;
         self.enrolled
             .insert(cookie, EnrolledNetns::default(), 0)
             .with_context(|| format!("adding {id} to {}", maps::ENROLLED_NETNS))?;
@@ -352,6 +363,11 @@ impl Capture {
         if let Err(e) = self.enrolled.remove(&cookie) {
             first_error.get_or_insert(
                 anyhow!(e).context(format!("removing {id} from {}", maps::ENROLLED_NETNS)),
+            );
+        }
+        if let Err(e) = absent_ok(self.local_addrs.remove(&cookie)) {
+            first_error.get_or_insert(
+                anyhow!(e).context(format!("removing {id} from {}", maps::POD_LOCAL_ADDRS)),
             );
         }
         if let Err(e) = remove_pin(&self.pod_pin(id)) {
@@ -389,16 +405,10 @@ impl Capture {
         for addr in stale {
             let _ = self.pod_addresses.remove(&addr);
         }
-        let stale: Vec<u64> = self
-            .enrolled
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !live_cookies.contains(k))
-            .collect();
-        for cookie in stale {
-            debug!(cookie, "removing stale enrolled netns");
-            let _ = self.enrolled.remove(&cookie);
+        for cookie in remove_netns_but(&mut self.enrolled, live_cookies) {
+            debug!(cookie, "removed stale enrolled netns");
         }
+        remove_netns_but(&mut self.local_addrs, live_cookies);
         let Ok(entries) = std::fs::read_dir(self.bpf_dir.join(pins::PODS_DIR)) else {
             return;
         };
@@ -416,6 +426,22 @@ impl Capture {
     fn pod_pin(&self, id: &str) -> PathBuf {
         self.bpf_dir.join(pins::PODS_DIR).join(id)
     }
+}
+
+/// Removes the entries of a netns-cookie map whose netns is not in `live`; returns their keys.
+fn remove_netns_but<V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, u64, V>,
+    live: &HashSet<u64>,
+) -> Vec<u64> {
+    let stale: Vec<u64> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !live.contains(k))
+        .collect();
+    for cookie in &stale {
+        let _ = map.remove(cookie);
+    }
+    stale
 }
 
 /// Original destinations recorded by `zt_sockops`, keyed by the accepted peer.

@@ -709,3 +709,36 @@ async fn run_watch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+
+    use super::*;
+    use crate::model::AppProtocol;
+
+    /// A Service as the API server sends it declares its ports' protocols as a file does.
+    #[test]
+    fn service_ports_declare_protocols_from_the_api_as_from_files() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop", "uid": "u1"},
+            "spec": {"clusterIP": "10.96.0.9", "selector": {"app": "db"}, "ports": [
+                {"name": "tcp-mysql", "port": 3307, "targetPort": 3306, "protocol": "TCP"},
+                {"name": "web", "port": 80, "appProtocol": "kubernetes.io/h2c"},
+                {"name": "p81", "port": 81},
+            ]},
+        }))
+        .unwrap();
+        let parsed = parse(obj, &ApiResource::erase::<Service>(&()));
+        let objects = parsed.result.unwrap();
+        let declared: Vec<_> = objects.services[0]
+            .ports
+            .iter()
+            .map(|p| p.protocol())
+            .collect();
+        assert_eq!(
+            declared,
+            [Some(AppProtocol::Tcp), Some(AppProtocol::Http2), None]
+        );
+    }
+}

@@ -292,6 +292,7 @@ struct ServicePortDoc {
     port: u16,
     target_port: Option<IntOrString>,
     protocol: Option<String>,
+    app_protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -413,6 +414,7 @@ where
                     name: p.name,
                     port: p.port,
                     target_port,
+                    app_protocol: p.app_protocol,
                 });
             }
             objects.services.push(Service {
@@ -509,6 +511,7 @@ fn document_start_lines(text: &str) -> Vec<usize> {
 mod tests {
     use super::*;
     use crate::authz::MtlsMode;
+    use crate::model::AppProtocol;
 
     fn parse(text: &str) -> Result<Objects, LoadError> {
         let mut objects = Objects::default();
@@ -562,7 +565,7 @@ status:
 
     #[test]
     fn multi_document_files_and_lists_are_read_with_their_lines() {
-        let text = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: b}}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: shop}\n  spec:\n    clusterIP: 10.96.0.1\n    clusterIPs: [10.96.0.1, \"fd00::a\"]\n    selector: {app: web}\n    ports:\n    - {port: 80, targetPort: http}\n    - {port: 81}\n    - {port: 53, protocol: UDP}\n- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata: {name: deny, namespace: shop}\n  spec: {}\n";
+        let text = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {a: b}}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: shop}\n  spec:\n    clusterIP: 10.96.0.1\n    clusterIPs: [10.96.0.1, \"fd00::a\"]\n    selector: {app: web}\n    ports:\n    - {port: 80, targetPort: http}\n    - {port: 81, name: tcp-db, appProtocol: mysql}\n    - {port: 53, protocol: UDP}\n- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata: {name: deny, namespace: shop}\n  spec: {}\n";
         let o = parse(text).unwrap();
         assert_eq!(o.namespaces[0].name, "shop");
         assert_eq!(o.namespaces[0].origin.line, 2);
@@ -571,6 +574,9 @@ status:
         assert_eq!(s.ports.len(), 2, "UDP ports are dropped");
         assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
         assert_eq!(s.ports[1].target_port, TargetPort::Number(81));
+        assert_eq!(s.ports[0].protocol(), None);
+        assert_eq!(s.ports[1].app_protocol.as_deref(), Some("mysql"));
+        assert_eq!(s.ports[1].protocol(), Some(AppProtocol::Mysql));
         assert_eq!(s.origin.line, 7);
         assert_eq!(o.authorization_policies[0].id(), "shop/deny");
         assert!(o.other.is_empty());

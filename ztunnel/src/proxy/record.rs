@@ -17,6 +17,7 @@ use crate::{
     authz::{Decision, MtlsDecision},
     memory::Live,
     metrics::{Carrier, ConnectionGuard, ConnectionLabels, Metrics},
+    model::AppProtocol,
     relay::{Progress, Relayed, Tally},
 };
 
@@ -92,6 +93,9 @@ pub struct Line {
     pub authz_policy: Option<String>,
     pub authz_rule: Option<usize>,
     pub per_request: Option<bool>,
+    /// The protocol the destination port is declared to speak (its Services' port names and
+    /// `appProtocol`).
+    pub app_protocol: Option<AppProtocol>,
     /// The HTTP status a refused CONNECT was answered with.
     pub status: Option<u16>,
     /// Why no policy applied (the node's own connections).
@@ -309,6 +313,7 @@ impl ConnectionRecord {
             authz_policy = l.authz_policy.as_deref(),
             authz_rule = l.authz_rule,
             per_request = l.per_request,
+            app_protocol = l.app_protocol.map(AppProtocol::as_str),
             status = l.status,
             exempt = l.exempt,
             bytes_sent = self.bytes.map(|b| b.0),

@@ -275,6 +275,7 @@ mod tests {
                 name: Some("http".into()),
                 port: 80,
                 target_port: target,
+                app_protocol: None,
             }],
             origin: Origin::default(),
         }
@@ -412,6 +413,91 @@ mod tests {
         );
         let manual = s.service_by_vip("10.96.0.3".parse().unwrap()).unwrap();
         assert!(s.endpoints(manual, 80).is_empty());
+    }
+
+    #[test]
+    fn a_pods_port_speaks_what_the_services_targeting_it_declare() {
+        let port = |name: &str, app: Option<&str>, target: TargetPort| ServicePort {
+            name: Some(name.into()),
+            port: 80,
+            target_port: target,
+            app_protocol: app.map(str::to_owned),
+        };
+        let with_ports = |name: &str, sel: &[(&str, &str)], ports: Vec<ServicePort>| Service {
+            ports,
+            ..svc("shop", name, "10.96.0.1", sel, TargetPort::Number(0))
+        };
+        let web = &[("app", "web")];
+        let snapshot = |services: Vec<Service>| {
+            Snapshot::build(
+                1,
+                Objects {
+                    namespaces: vec![ns("shop", &[])],
+                    pods: vec![pod("shop", "w", "n1", "10.1.0.2", &[("app", "web")])],
+                    services,
+                    ..Default::default()
+                },
+                &MeshSettings::default(),
+            )
+        };
+        let declared = |s: &Snapshot, p: u16| {
+            let w = &s.pods[&("shop".to_owned(), "w".to_owned())];
+            s.declared_protocol(w, p)
+        };
+        use crate::model::AppProtocol::*;
+        let s = snapshot(vec![with_ports(
+            "db",
+            web,
+            vec![
+                port("tcp-db", None, TargetPort::Number(3000)),
+                // By the container port's name (`http` is 8080 in `pod`).
+                port(
+                    "web",
+                    Some("kubernetes.io/h2c"),
+                    TargetPort::Name("http".into()),
+                ),
+                port("other", None, TargetPort::Number(7000)),
+            ],
+        )]);
+        assert_eq!(declared(&s, 3000), Some(Tcp));
+        assert_eq!(declared(&s, 8080), Some(Http2));
+        assert_eq!(declared(&s, 7000), None, "undeclared: sniffed");
+        assert_eq!(declared(&s, 9999), None, "no Service targets it");
+
+        // Another Service that selects the pod: agreeing on the reading (both opaque) keeps
+        // the declaration, one that declares nothing does not count, a disagreement sniffs.
+        let services = vec![
+            with_ports("a", web, vec![port("tcp", None, TargetPort::Number(3000))]),
+            with_ports(
+                "b",
+                web,
+                vec![port("mysql", None, TargetPort::Number(3000))],
+            ),
+            with_ports("c", web, vec![port("x", None, TargetPort::Number(3000))]),
+            with_ports("d", web, vec![port("http", None, TargetPort::Number(7000))]),
+            with_ports("e", web, vec![port("grpc", None, TargetPort::Number(7000))]),
+            // Selects nothing here: does not count.
+            with_ports(
+                "f",
+                &[("app", "db")],
+                vec![port("http", None, TargetPort::Number(3000))],
+            ),
+        ];
+        let s = snapshot(services.clone());
+        assert_eq!(declared(&s, 3000), Some(Tcp));
+        assert_eq!(declared(&s, 7000), Some(Http), "both are read as HTTP");
+        let mut disagreeing = services;
+        disagreeing.push(with_ports(
+            "g",
+            web,
+            vec![port("http", None, TargetPort::Number(3000))],
+        ));
+        let s = snapshot(disagreeing);
+        assert_eq!(
+            declared(&s, 3000),
+            None,
+            "HTTP and opaque disagree: sniffed"
+        );
     }
 
     #[test]

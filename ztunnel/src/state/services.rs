@@ -1,12 +1,13 @@
 //! Services as the outbound side routes them: by cluster IP, and to the endpoints their
-//! selectors and target ports give.
+//! selectors and target ports give; and the protocol a pod's port is declared to speak by
+//! the Services that target it.
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use super::Snapshot;
-use crate::model::{Pod, Service, ServicePort, TargetPort};
+use crate::model::{AppProtocol, Pod, Service, ServicePort, TargetPort};
 
 /// One endpoint of a service port: a pod and the address to dial.
 #[derive(Clone, Debug)]
@@ -39,6 +40,28 @@ impl Snapshot {
             })
             .cloned()
             .collect()
+    }
+
+    /// The protocol `pod`'s `port` is declared to speak: what the Service ports that lead to
+    /// it declare ([`ServicePort::protocol`]; ports that declare nothing are not counted).
+    /// `None` when none declares one, and when one declares HTTP and another something opaque:
+    /// the port is then sniffed, which tells HTTP from anything else either way.
+    pub fn declared_protocol(&self, pod: &Pod, port: u16) -> Option<AppProtocol> {
+        let mut declared: Option<AppProtocol> = None;
+        for svc in self.services_of(pod, port) {
+            let leading = svc
+                .ports
+                .iter()
+                .filter(|sp| target_of(pod, sp) == Some(port));
+            for p in leading.filter_map(ServicePort::protocol) {
+                match declared {
+                    None => declared = Some(p),
+                    Some(d) if d.is_http() != p.is_http() => return None,
+                    Some(_) => {}
+                }
+            }
+        }
+        declared
     }
 
     /// Endpoints of `svc`'s `port`: every addressed pod of the service's namespace whose labels

@@ -414,6 +414,15 @@ impl Inbound {
             return refuse(&mut record, &mut caller, downstream, why, ending, reason);
         }
 
+        // What the Services targeting this port declare it speaks (the node's own connections
+        // are opaque bytes whatever it is).
+        let declared = match from_node {
+            true => None,
+            false => pod
+                .in_snapshot(&snapshot)
+                .and_then(|p| snapshot.declared_protocol(p, dst.port())),
+        };
+        record.line_mut().app_protocol = declared;
         // The node's own connections are exempt from the pod's policies: allowed as opaque
         // bytes, never re-checked.
         let admission = if from_node {
@@ -426,7 +435,14 @@ impl Inbound {
                 audit: None,
             })
         } else {
-            self.admit(&snapshot, &pod, &call, Unknowns::Defer)
+            // A port declared opaque is never read as HTTP: its HTTP rules are settled now, as
+            // for any opaque traffic, and nothing waits for the client's first bytes (a
+            // server-first protocol would wait in vain).
+            let unknowns = match declared {
+                Some(p) if !p.is_http() => Unknowns::Conservative,
+                _ => Unknowns::Defer,
+            };
+            self.admit(&snapshot, &pod, &call, unknowns)
         };
         if let Some(mtls) = &record.line().mtls {
             let outcome = match admission {
@@ -542,7 +558,7 @@ impl Inbound {
                     );
                     let tally = record.tally().clone();
                     Box::pin(self.serve_per_request(
-                        pod, call, downstream, upstream, requests, revoke, tally,
+                        pod, call, declared, downstream, upstream, requests, revoke, tally,
                     ))
                     .await
                 }

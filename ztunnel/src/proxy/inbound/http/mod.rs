@@ -5,10 +5,13 @@
 //! version, denied ones are answered `403 RBAC: access denied` without reaching it.
 //!
 //! What is not HTTP is decided once, as Istio settles HTTP rules for opaque traffic (a DENY
-//! rule matches, an ALLOW rule does not). A client that sends nothing within
-//! [`sniff::SNIFF_TIMEOUT`] (a server-speaks-first protocol) is treated as opaque too.
+//! rule matches, an ALLOW rule does not). A port declared opaque (`tcp-`, `mysql-`, …; see
+//! `Snapshot::declared_protocol`) never comes here: it is decided so when the connection
+//! arrives. A port declared HTTP is read as HTTP however long the client takes; only on an
+//! undeclared port a client that sends nothing within [`sniff::SNIFF_TIMEOUT`] (a
+//! server-speaks-first protocol) is treated as opaque after that wait.
 //!
-//! * [`sniff`]: HTTP/1.1, HTTP/2 or opaque, from the first bytes;
+//! * [`sniff`]: HTTP/1.1, HTTP/2 or opaque, from the declaration or the first bytes;
 //! * [`jwt`]: RequestAuthentication of each request;
 //! * [`ext_authz`]: the CUSTOM provider's answer;
 //! * here: the request loop, which decides each request and forwards the allowed ones.
@@ -31,13 +34,13 @@ use tracing::warn;
 
 use self::{
     ext_authz::ProviderAnswer,
-    sniff::{sniff, Protocol, Replay},
+    sniff::{sniff, sniff_deadline, Protocol, Replay},
 };
 use super::Inbound;
 use crate::{
     authz::{Admission, CustomCheck, HttpRequest, InboundCall, Unknowns},
     metrics::{requests::Peer, Reporter, SecurityPolicy},
-    model::Pod,
+    model::{AppProtocol, Pod},
     proxy::{
         record::{ConnectionRecord, Direction, OpenConnection},
         request::{CountedBody, LinePeers, RecordedBody, RequestContext, RequestRecord},
@@ -185,11 +188,13 @@ impl Inbound {
 
     /// Carries a connection whose requests must be decided one by one, until it ends or
     /// `revoke` yields; each request is recorded by `requests`, the bytes by `tally`.
+    /// `declared` is the protocol the destination port is declared to speak (HTTP or nothing).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn serve_per_request<D>(
         self: &Arc<Self>,
         pod: Arc<PodContext>,
         call: InboundCall,
+        declared: Option<AppProtocol>,
         mut downstream: D,
         upstream: TcpStream,
         requests: Arc<RequestContext>,
@@ -208,7 +213,7 @@ impl Inbound {
                 revoked,
             }
         };
-        let (protocol, prefix) = match sniff(&mut downstream).await {
+        let (protocol, prefix) = match sniff(&mut downstream, sniff_deadline(declared)).await {
             Ok(x) => x,
             Err(e) => return done(Some(e), None),
         };

@@ -1,5 +1,7 @@
 //! Telling HTTP from anything else by a connection's first bytes, which are then replayed to
-//! the parser that takes the connection.
+//! the parser that takes the connection. A port declared HTTP ([`crate::model::AppProtocol`])
+//! is read without a deadline (an HTTP client always speaks first); only an undeclared port
+//! waits at most [`SNIFF_TIMEOUT`] for the client before it is treated as opaque.
 use std::{
     io,
     pin::Pin,
@@ -11,9 +13,10 @@ use std::{
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
-use crate::{proxy::OpenConnection, relay::Tally as _};
+use crate::{model::AppProtocol, proxy::OpenConnection, relay::Tally as _};
 
-/// How long to wait for a client's first bytes before treating the connection as opaque.
+/// How long to wait for a client's first bytes on an undeclared port before treating the
+/// connection as opaque (a server-first protocol).
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -43,15 +46,34 @@ fn classify(b: &[u8]) -> Option<Protocol> {
     }
 }
 
-/// Reads the client's first bytes to tell HTTP from anything else; they are replayed.
-pub(super) async fn sniff<D: AsyncRead + Unpin>(io: &mut D) -> io::Result<(Protocol, Vec<u8>)> {
+/// How long to wait for the client's first bytes on a port that declares `declared`: a
+/// declared HTTP port has no deadline (an HTTP client speaks first, however slowly, and a
+/// slow one must still have its requests decided); an undeclared one waits [`SNIFF_TIMEOUT`].
+/// A port declared opaque never gets here: it is decided when the connection arrives.
+pub(super) fn sniff_deadline(declared: Option<AppProtocol>) -> Option<Duration> {
+    match declared {
+        Some(p) if p.is_http() => None,
+        _ => Some(SNIFF_TIMEOUT),
+    }
+}
+
+/// Reads the client's first bytes to tell HTTP from anything else; they are returned, for
+/// replay. Opaque if the client says nothing for `deadline`.
+pub(super) async fn sniff<D: AsyncRead + Unpin>(
+    io: &mut D,
+    deadline: Option<Duration>,
+) -> io::Result<(Protocol, Vec<u8>)> {
+    let deadline = deadline.map(|d| tokio::time::Instant::now() + d);
     let mut buf = Vec::with_capacity(64);
-    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     loop {
         let mut chunk = [0u8; 64];
-        let n = match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok((Protocol::Opaque, buf)),
+        let read = io.read(&mut chunk);
+        let n = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
+                Ok(r) => r?,
+                Err(_) => return Ok((Protocol::Opaque, buf)),
+            },
+            None => read.await?,
         };
         if n == 0 {
             return Ok((Protocol::Opaque, buf));
@@ -135,5 +157,41 @@ mod tests {
             "too long a method"
         );
         assert_eq!(classify(b"GET/"), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn only_undeclared_ports_wait_for_the_client() {
+        use AppProtocol::*;
+        for http in [Http, Http2, Grpc, GrpcWeb] {
+            assert_eq!(sniff_deadline(Some(http)), None, "{http:?}");
+        }
+        assert_eq!(sniff_deadline(None), Some(SNIFF_TIMEOUT));
+    }
+
+    /// A client that says nothing is opaque after the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_opaque_after_the_deadline() {
+        let (mut silent, _peer) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let (p, read) = sniff(&mut silent, sniff_deadline(None)).await.unwrap();
+        assert_eq!((p, read.len()), (Protocol::Opaque, 0));
+        assert_eq!(start.elapsed(), SNIFF_TIMEOUT);
+    }
+
+    /// On a declared HTTP port a client that takes longer than [`SNIFF_TIMEOUT`] to send its
+    /// request is still read as HTTP (on an undeclared port it would be opaque by then).
+    #[tokio::test(start_paused = true)]
+    async fn a_declared_http_port_is_read_without_a_deadline() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut client, mut peer) = tokio::io::duplex(64);
+        let slow = async {
+            tokio::time::sleep(SNIFF_TIMEOUT * 3).await;
+            peer.write_all(H2_PREFACE).await.unwrap();
+        };
+        let declared = sniff_deadline(Some(AppProtocol::Http));
+        let ((p, read), ()) =
+            tokio::join!(async { sniff(&mut client, declared).await.unwrap() }, slow);
+        assert_eq!(p, Protocol::Http2);
+        assert_eq!(read, H2_PREFACE, "replayed to the parser");
     }
 }
