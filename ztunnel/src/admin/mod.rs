@@ -1,6 +1,6 @@
 //! The operator's endpoints (docs/operations.md): Prometheus metrics on 15020, readiness on 15021, and
-//! the admin API on 127.0.0.1:15000 — configuration dump, certificates (never keys), the
-//! pinned BPF state, and the log level, changeable at run time.
+//! the admin API on 127.0.0.1:15000 — configuration dump, certificates (never keys), the open
+//! connections, the pinned BPF state, and the log level, changeable at run time.
 pub mod scrape;
 
 use std::{
