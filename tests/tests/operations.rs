@@ -427,8 +427,8 @@ fn restart_under_load_keeps_traffic_captured_and_state_single() -> Result<()> {
     ensure!(c.pod("shop", "client").get(&web)?.code == Some(0));
     let before = pinned_state(&c, 1)?;
     ensure!(
-        before.1.len() == 6,
-        "six cgroup programs attached (five for the pods, one for the node's probes): {:?}",
+        before.1.len() == 8,
+        "eight cgroup programs attached (seven for the pods, one for the node's probes): {:?}",
         before.1
     );
 
