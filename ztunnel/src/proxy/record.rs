@@ -189,8 +189,6 @@ pub struct ConnectionRecord {
     /// Where it is listed while counted.
     listed: Option<Arc<OpenConnections>>,
     counted: Option<ConnectionGuard>,
-    /// Bytes from and to the caller.
-    bytes: Option<(u64, u64)>,
     ending: Option<(Ending, Option<String>)>,
     _live: Live,
 }
@@ -208,7 +206,6 @@ impl ConnectionRecord {
             }),
             listed: None,
             counted: None,
-            bytes: None,
             ending: None,
             _live: Live::new(),
         }
@@ -264,7 +261,6 @@ impl ConnectionRecord {
 
     /// It was carried, with this result.
     pub fn finish(&mut self, r: &Relayed) {
-        self.bytes = Some((r.sent, r.received));
         if let Some(c) = &mut self.counted {
             c.bytes(r.sent, r.received);
         }
@@ -292,6 +288,9 @@ impl ConnectionRecord {
             ),
         };
         let direction = self.open.direction.as_str();
+        // Carried bytes, from the counters the relay adds to: a connection that was never
+        // counted (refused) carried none.
+        let bytes = self.listed.is_some().then(|| self.open.bytes());
         let text = |a: Option<SocketAddr>| a.map(|a| a.to_string());
         info!(
             direction,
@@ -316,8 +315,8 @@ impl ConnectionRecord {
             app_protocol = l.app_protocol.map(AppProtocol::as_str),
             status = l.status,
             exempt = l.exempt,
-            bytes_sent = self.bytes.map(|b| b.0),
-            bytes_received = self.bytes.map(|b| b.1),
+            bytes_sent = bytes.map(|b| b.0),
+            bytes_received = bytes.map(|b| b.1),
             duration_ms = self.open.age().as_millis() as u64,
             outcome = ending.as_str(),
             error,
