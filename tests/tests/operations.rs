@@ -426,9 +426,23 @@ fn restart_under_load_keeps_traffic_captured_and_state_single() -> Result<()> {
     let (web, echo) = (format!("{ip}:8080"), format!("{ip}:9000"));
     ensure!(c.pod("shop", "client").get(&web)?.code == Some(0));
     let before = pinned_state(&c, 1)?;
+    // Each cgroup program once: connect, getpeername and getsockname for both families and
+    // sock_ops for the pods, and sock_ops for the node's probes.
+    let expected: Vec<String> = [
+        "cgroup_inet4_connect multi zt_connect4",
+        "cgroup_inet4_getpeername multi zt_getpeername4",
+        "cgroup_inet4_getsockname multi zt_getsockname4",
+        "cgroup_inet6_connect multi zt_connect6",
+        "cgroup_inet6_getpeername multi zt_getpeername6",
+        "cgroup_inet6_getsockname multi zt_getsockname6",
+        "cgroup_sock_ops multi zt_node_sockops",
+        "cgroup_sock_ops multi zt_sockops",
+    ]
+    .map(str::to_owned)
+    .into();
     ensure!(
-        before.1.len() == 8,
-        "eight cgroup programs attached (seven for the pods, one for the node's probes): {:?}",
+        before.1 == expected,
+        "each cgroup program attached once: {:?}",
         before.1
     );
 
