@@ -554,10 +554,14 @@ fn a_custom_policy_whose_provider_does_not_exist_is_a_problem_in_the_dump_and_me
 
 /// `ztunnel config` in node 2's netns, as an operator on the node runs it.
 fn config(c: &Cluster, args: &[&str]) -> Result<std::process::Output> {
+    config_on(c, 2, args)
+}
+
+fn config_on(c: &Cluster, node: usize, args: &[&str]) -> Result<std::process::Output> {
     let bin = ztunnel_tests::ztunnel_bin();
     let mut argv = vec![bin.to_str().context("the binary's path")?, "config"];
     argv.extend(args);
-    c.node(2).exec(&argv, WAIT)
+    c.node(node).exec(&argv, WAIT)
 }
 
 #[test]
@@ -640,6 +644,196 @@ fn ztunnel_config_shows_the_live_view_as_tables_json_and_yaml() -> Result<()> {
             && out.stdout.is_empty()
             && err.lines().count() == 1
             && err.contains("cannot reach the admin API at 127.0.0.1:1"),
+        "{out:?}"
+    );
+    Ok(())
+}
+
+/// `ztunnel config connections -o json` on `node`: the connections open there.
+fn open_connections(c: &Cluster, node: usize) -> Result<Vec<Value>> {
+    let out = config_on(c, node, &["connections", "-o", "json"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v.as_array()
+        .cloned()
+        .with_context(|| format!("a list: {v}"))
+}
+
+/// Polls `ztunnel config connections` on `node` until `ok` holds of its list.
+fn connections_until(
+    c: &Cluster,
+    node: usize,
+    what: &str,
+    ok: impl Fn(&[Value]) -> bool,
+) -> Result<Vec<Value>> {
+    let last = std::cell::RefCell::new(Vec::new());
+    wait_until(WAIT, what, || {
+        let list = open_connections(c, node).ok()?;
+        let hit = ok(&list);
+        *last.borrow_mut() = list.clone();
+        hit.then_some(list)
+    })
+    .with_context(|| format!("node {node}: last list {:#?}", last.borrow()))
+}
+
+#[test]
+fn ztunnel_config_connections_lists_open_connections_with_identities_bytes_and_age() -> Result<()> {
+    let c = start()?;
+    let web = c.pod("shop", "web");
+    let _echo = web.tcp_echo(7000)?;
+    let web_addr = format!("{}:7000", web.ip());
+    let since = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    // Three held connections to web (node 2), each exchanging 5 bytes every 2 s, three times:
+    // HBONE from client (node 1), same-node from neighbour, plaintext from sleep (not in the
+    // mesh).
+    let chat = |ns: &str, name: &str| -> Result<_> {
+        let mut p = c.pod(ns, name).spawn_probe(&[
+            "chat",
+            "--addr",
+            &web_addr,
+            "--messages",
+            "one-1,two-2,thr-3",
+            "--gap-ms",
+            "2000",
+        ])?;
+        p.wait_for_json(0, WAIT, |v| v["event"] == "connected")?;
+        Ok(p)
+    };
+    let mut chats = vec![
+        chat("shop", "client")?,
+        chat("shop", "neighbour")?,
+        chat("default", "sleep")?,
+    ];
+
+    let id = |v: &Value, field: &str| v[field].as_str().unwrap_or_default().to_owned();
+    let row = |list: &[Value], direction: &str, transport: &str, workload: &str| {
+        list.iter()
+            .find(|c| {
+                c["direction"] == direction
+                    && c["transport"] == transport
+                    && c["workload"] == workload
+                    && c["dst_addr"] == web_addr.as_str()
+            })
+            .cloned()
+    };
+    // Node 2 serves web (three inbound sides) and neighbour (the same-node outbound side).
+    let expected = |list: &[Value]| {
+        Some([
+            row(list, "inbound", "hbone", "shop/web")?,
+            row(list, "inbound", "same_node", "shop/web")?,
+            row(list, "outbound", "same_node", "shop/neighbour")?,
+            row(list, "inbound", "plaintext", "shop/web")?,
+        ])
+    };
+    let first = connections_until(&c, 2, "the three connections listed", |l| {
+        expected(l).is_some()
+    })?;
+    let [hbone, inbound_same, outbound_same, plaintext] = expected(&first).context("listed")?;
+    ensure!(id(&hbone, "src_identity") == principal("client"), "{hbone}");
+    ensure!(id(&hbone, "dst_identity") == principal("web"), "{hbone}");
+    ensure!(
+        id(&hbone, "src_addr").starts_with(&format!("{}:", c.pod("shop", "client").ip())),
+        "{hbone}"
+    );
+    for same in [&inbound_same, &outbound_same] {
+        ensure!(id(same, "src_identity") == principal("neighbour"), "{same}");
+        ensure!(id(same, "dst_identity") == principal("web"), "{same}");
+    }
+    ensure!(
+        outbound_same["src_workload"] == "shop/neighbour",
+        "{outbound_same}"
+    );
+    ensure!(
+        plaintext["src_identity"].is_null(),
+        "no identity in plaintext: {plaintext}"
+    );
+    ensure!(
+        id(&plaintext, "src_addr").starts_with(&format!("{}:", c.pod("default", "sleep").ip())),
+        "{plaintext}"
+    );
+    ensure!(
+        id(&plaintext, "dst_identity") == principal("web"),
+        "{plaintext}"
+    );
+    for r in [&hbone, &inbound_same, &outbound_same, &plaintext] {
+        let opened = r["opened"].as_u64().unwrap_or(0);
+        ensure!(opened >= since && r["age_ms"].as_u64().is_some(), "{r}");
+        ensure!(
+            r["bytes_sent"].as_u64() < Some(10),
+            "listed before the second exchange: {r}"
+        );
+    }
+
+    // The bytes grow as they are exchanged, read while the connections stay open.
+    let exchanged = |list: &[Value], n: u64| {
+        expected(list).is_some_and(|rows| {
+            rows.iter()
+                .all(|r| r["bytes_sent"] == n && r["bytes_received"] == n)
+        })
+    };
+    let grown = connections_until(&c, 2, "10 bytes each way on each", |l| exchanged(l, 10))?;
+    let [hbone_later, ..] = expected(&grown).context("listed")?;
+    ensure!(
+        hbone_later["age_ms"].as_u64() > hbone["age_ms"].as_u64(),
+        "{hbone} then {hbone_later}"
+    );
+    // The caller's side of the HBONE one, on node 1.
+    let outbound = connections_until(&c, 1, "client's outbound side", |l| {
+        row(l, "outbound", "hbone", "shop/client")
+            .is_some_and(|r| r["bytes_sent"].as_u64() >= Some(10))
+    })?;
+    let out_row = row(&outbound, "outbound", "hbone", "shop/client").context("row")?;
+    ensure!(
+        id(&out_row, "src_identity") == principal("client"),
+        "{out_row}"
+    );
+    ensure!(
+        id(&out_row, "dst_identity") == principal("web"),
+        "{out_row}"
+    );
+
+    // The table, as an operator reads it.
+    let out = config(&c, &["connections"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("ztunnel config connections:\n{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    for header in [
+        "WORKLOAD",
+        "DIRECTION",
+        "TRANSPORT",
+        "SOURCE IDENTITY",
+        "DESTINATION IDENTITY",
+        "SENT",
+        "RECEIVED",
+        "AGE",
+    ] {
+        ensure!(lines[0].contains(header), "{header} in\n{table}");
+    }
+    let at = lines[0].find("SOURCE IDENTITY").context("column")?;
+    let hbone_line = lines
+        .iter()
+        .find(|l| l.contains(" inbound ") && l.contains(" hbone "))
+        .with_context(|| format!("the HBONE row in\n{table}"))?;
+    ensure!(
+        hbone_line[at..].starts_with(&principal("client")),
+        "{table}"
+    );
+    ensure!(hbone_line.contains(&principal("web")), "{table}");
+
+    // Closed: gone from the list on both nodes.
+    for p in &mut chats {
+        ensure!(
+            p.wait_exit(WAIT)?.success(),
+            "the chats exchanged every message"
+        );
+    }
+    let gone = |l: &[Value]| !l.iter().any(|c| c["dst_addr"] == web_addr.as_str());
+    connections_until(&c, 2, "the connections gone", gone)?;
+    connections_until(&c, 1, "the outbound side gone", gone)?;
+    let out = config(&c, &["connections"])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).lines().count() == 1,
         "{out:?}"
     );
     Ok(())

@@ -5,6 +5,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
     task::{ready, Context, Poll},
     time::Duration,
 };
@@ -138,6 +139,55 @@ pub struct Relayed {
     pub revoked: Option<String>,
 }
 
+/// Where a relay adds the bytes it carries as it carries them, so they can be read while the
+/// connection is open (the admin API's open connections).
+pub trait Tally: Sync {
+    /// Bytes from downstream (the caller) to upstream.
+    fn sent(&self, n: u64);
+    /// Bytes from upstream to downstream.
+    fn received(&self, n: u64);
+}
+
+/// Nowhere: only the relay's result counts.
+impl Tally for () {
+    fn sent(&self, _: u64) {}
+    fn received(&self, _: u64) {}
+}
+
+impl<T: Tally + Send> Tally for std::sync::Arc<T> {
+    fn sent(&self, n: u64) {
+        (**self).sent(n);
+    }
+    fn received(&self, n: u64) {
+        (**self).received(n);
+    }
+}
+
+/// Bytes carried so far, each way.
+#[derive(Debug, Default)]
+pub struct Progress {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Progress {
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Tally for Progress {
+    fn sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+    fn received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// One end of a relayed connection, read and written as two halves that the engine drives
 /// independently. Reads are buffered by the end itself (a socket through a [`SocketReader`], a
 /// CONNECT stream by the frames it receives), so the engine writes straight from them. Writes
@@ -173,15 +223,17 @@ impl Duplex for TcpStream {
 /// half-close (FIN, END_STREAM) to the other; an error on either side resets both, so neither
 /// peer mistakes a failure for a clean end of stream.
 pub async fn relay(downstream: impl Duplex, upstream: impl Duplex) -> Relayed {
-    relay_until(downstream, upstream, std::future::pending()).await
+    relay_until(downstream, upstream, std::future::pending(), &()).await
 }
 
 /// [`relay`], cut short with a reset of both ends when `revoke` yields a reason (a
-/// configuration change that no longer allows the connection).
+/// configuration change that no longer allows the connection), adding what it carries to
+/// `tally` as it goes.
 pub async fn relay_until<D: Duplex, U: Duplex>(
     downstream: D,
     upstream: U,
     revoke: impl Future<Output = String>,
+    tally: &impl Tally,
 ) -> Relayed {
     let (mut sent, mut received) = (0u64, 0u64);
     let (mut dr, mut dw) = downstream.split();
@@ -189,8 +241,8 @@ pub async fn relay_until<D: Duplex, U: Duplex>(
     let (result, revoked) = {
         let copy = async {
             tokio::try_join!(
-                copy_half(&mut dr, &mut uw, &mut sent),
-                copy_half(&mut ur, &mut dw, &mut received)
+                copy_half(&mut dr, &mut uw, &mut sent, |n| tally.sent(n)),
+                copy_half(&mut ur, &mut dw, &mut received, |n| tally.received(n))
             )
         };
         tokio::select! {
@@ -222,6 +274,7 @@ async fn copy_half(
     from: &mut (impl AsyncBufRead + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
     total: &mut u64,
+    tally: impl Fn(u64),
 ) -> io::Result<()> {
     loop {
         let buf = from.fill_buf().await?;
@@ -235,6 +288,7 @@ async fn copy_half(
         }
         from.consume(n);
         *total += n as u64;
+        tally(n as u64);
     }
 }
 

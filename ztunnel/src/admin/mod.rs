@@ -1,6 +1,6 @@
 //! The operator's endpoints (docs/operations.md): Prometheus metrics on 15020, readiness on 15021, and
-//! the admin API on 127.0.0.1:15000 — configuration dump, certificates (never keys), the
-//! pinned BPF state, and the log level, changeable at run time.
+//! the admin API on 127.0.0.1:15000 — configuration dump, certificates (never keys), the open
+//! connections, the pinned BPF state, and the log level, changeable at run time.
 pub mod scrape;
 
 use std::{
@@ -25,7 +25,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{identity::CertificateCache, logging::SetLogLevel, proxy::Proxy};
+use crate::{
+    identity::CertificateCache,
+    logging::SetLogLevel,
+    proxy::{OpenConnection, Proxy},
+};
 
 /// The running proxy as the endpoints and the scrape-time metrics see it.
 pub struct ProxyView {
@@ -170,12 +174,16 @@ fn route(endpoint: Endpoint, state: &AdminState, req: Request<Incoming>) -> Resp
             StatusCode::OK,
             "/config_dump   workloads, services and policies in force\n\
              /certs         workload certificates (no keys)\n\
+             /connections   connections open now: both ends and identities, bytes so far, age\n\
              /bpf           pinned programs (with run statistics), maps and links\n\
              /logging       GET: the log filter; POST ?level=<filter>: change it\n",
         ),
         (Endpoint::Admin, &Method::GET, "/config_dump") => json_response(&config_dump(state)),
         (Endpoint::Admin, &Method::GET, "/certs") => {
             json_response(&certs(&state.view.proxy.mesh().certs))
+        }
+        (Endpoint::Admin, &Method::GET, "/connections") => {
+            json_response(&connections(&state.view.proxy.open_connections()))
         }
         (Endpoint::Admin, &Method::GET, "/bpf") => {
             let mut inventory = crate::capture::inventory::inventory(&state.view.bpf_dir);
@@ -248,6 +256,38 @@ fn certs(cache: &CertificateCache) -> Value {
         })
         .collect();
     json!({ "certificates": certs, "issued": cache.issued(), "rotation_failures": cache.rotation_failures() })
+}
+
+/// Each open connection as its `connection closed` line will name it, with the bytes so far.
+fn connections(open: &[Arc<OpenConnection>]) -> Value {
+    let list: Vec<Value> = open
+        .iter()
+        .map(|c| {
+            let l = &c.line;
+            let (sent, received) = c.bytes();
+            let opened = c.opened().duration_since(UNIX_EPOCH).unwrap_or_default();
+            json!({
+                "workload": c.workload(),
+                "direction": c.direction.as_str(),
+                "transport": l.transport.map(|t| t.as_str()),
+                "src_workload": l.src_workload,
+                "src_identity": l.src_identity,
+                "src_addr": l.src_addr,
+                "dst_addr": l.dst_addr,
+                "dst_service": l.dst_service,
+                "dst_workload": l.dst_workload,
+                "dst_identity": l.dst_identity,
+                "upstream": l.upstream,
+                "hbone_connection": l.hbone_connection,
+                "authz_policy": l.authz_policy,
+                "bytes_sent": sent,
+                "bytes_received": received,
+                "opened": opened.as_secs(),
+                "age_ms": c.age().as_millis() as u64,
+            })
+        })
+        .collect();
+    json!({ "connections": list })
 }
 
 fn pem_certificate(der: &[u8]) -> String {

@@ -1,5 +1,6 @@
 //! `ztunnel config`: a node proxy's live view (the workloads and Services it knows, the
-//! policies in force, the certificates it holds), read from its admin API (`/config_dump`), as
+//! policies in force, the certificates it holds, the connections open now), read from its admin
+//! API (`/config_dump`, `/connections`), as
 //! aligned tables for people or JSON / YAML for programs: what `istioctl ztunnel-config`
 //! answers for Istio's ztunnel.
 use std::{
@@ -24,6 +25,8 @@ pub enum Section {
     Policies,
     /// The workload certificates the proxy holds (never a key).
     Certificates,
+    /// Connections open now: both ends with their identities, bytes so far, age.
+    Connections,
     /// All of the above.
     All,
 }
@@ -41,7 +44,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// Prints `section` of the proxy at `admin`. An admin API that cannot be reached is one line
 /// on stderr and exit code 2; a bad answer is an error (exit 1).
 pub fn run(section: Section, output: Format, admin: &str) -> ExitCode {
-    let dump = match fetch(admin, "/config_dump") {
+    let dump = match fetch_for(admin, section) {
         Ok(Fetched::Body(v)) => v,
         Ok(Fetched::Unreachable(why)) => {
             eprintln!(
@@ -71,6 +74,25 @@ enum Fetched {
     Body(Value),
     /// Nothing answered (refused, unroutable, timed out).
     Unreachable(String),
+}
+
+/// What `section` shows, in one document: the configuration dump, with the open connections
+/// (`/connections`) under `connections` where the section needs them.
+fn fetch_for(admin: &str, section: Section) -> Result<Fetched> {
+    let mut dump = match section {
+        Section::Connections => Value::Object(Default::default()),
+        _ => match fetch(admin, "/config_dump")? {
+            Fetched::Body(v) => v,
+            unreachable => return Ok(unreachable),
+        },
+    };
+    if parts(section).contains(&"connections") {
+        match fetch(admin, "/connections")? {
+            Fetched::Body(mut v) => dump["connections"] = v["connections"].take(),
+            unreachable => return Ok(unreachable),
+        }
+    }
+    Ok(Fetched::Body(dump))
 }
 
 /// `GET path` from the admin API (HTTP/1.0: the answer ends with the connection).
@@ -125,7 +147,14 @@ fn parts(section: Section) -> &'static [&'static str] {
         Section::Services => &["services"],
         Section::Policies => &["policies"],
         Section::Certificates => &["certificates"],
-        Section::All => &["workloads", "services", "policies", "certificates"],
+        Section::Connections => &["connections"],
+        Section::All => &[
+            "workloads",
+            "services",
+            "policies",
+            "certificates",
+            "connections",
+        ],
     }
 }
 
@@ -156,6 +185,7 @@ fn part(dump: &Value, key: &str) -> Value {
     match key {
         "workloads" => dump["pods"].clone(),
         "services" => dump["services"].clone(),
+        "connections" => dump["connections"].clone(),
         "certificates" => Value::Array(
             list(&dump["certificates"])
                 .iter()
@@ -277,6 +307,39 @@ fn table_of(dump: &Value, key: &str) -> String {
                 ]
             }),
         ),
+        "connections" => table(
+            &[
+                "WORKLOAD",
+                "DIRECTION",
+                "TRANSPORT",
+                "SOURCE",
+                "SOURCE IDENTITY",
+                "DESTINATION",
+                "DESTINATION IDENTITY",
+                "SENT",
+                "RECEIVED",
+                "AGE",
+            ],
+            rows.iter().map(|c| {
+                // An outbound HBONE connection has no source address of its own: its workload.
+                let source = match &c["src_addr"] {
+                    Value::Null => &c["src_workload"],
+                    addr => addr,
+                };
+                vec![
+                    cell(&c["workload"]),
+                    cell(&c["direction"]),
+                    cell(&c["transport"]),
+                    cell(source),
+                    cell(&c["src_identity"]),
+                    cell(&c["dst_addr"]),
+                    cell(&c["dst_identity"]),
+                    cell(&c["bytes_sent"]),
+                    cell(&c["bytes_received"]),
+                    human(c["age_ms"].as_u64().unwrap_or(0) / 1000),
+                ]
+            }),
+        ),
         _ => table(
             &[
                 "KIND",
@@ -388,7 +451,72 @@ mod tests {
             "request_authentications": [],
             "certificates": [{"identity": "spiffe://cluster.local/ns/shop/sa/web",
                 "not_after": 1_800_000_000u64, "expires_in_seconds": 90_061, "chain_pem": ["x"]}],
+            "connections": [
+                {"workload": "shop/web", "direction": "inbound", "transport": "hbone",
+                 "src_addr": "10.1.0.2:40000", "src_workload": "shop/client",
+                 "src_identity": "spiffe://cluster.local/ns/shop/sa/client",
+                 "dst_addr": "10.2.0.3:7000",
+                 "dst_identity": "spiffe://cluster.local/ns/shop/sa/web",
+                 "bytes_sent": 12, "bytes_received": 7, "age_ms": 63_500},
+                {"workload": "shop/client", "direction": "outbound", "transport": "passthrough",
+                 "src_addr": null, "src_workload": "shop/client", "src_identity": null,
+                 "dst_addr": "192.0.2.1:443", "dst_identity": null,
+                 "bytes_sent": 0, "bytes_received": 0, "age_ms": 900},
+            ],
         })
+    }
+
+    #[test]
+    fn connections_show_both_identities_bytes_and_age() {
+        let t = render(&dump(), Section::Connections, Format::Table).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        // Aligned: every column of a row starts where its header does.
+        for (header, value) in [
+            ("SOURCE IDENTITY", "spiffe://"),
+            ("SENT", "12"),
+            ("AGE", "1m3s"),
+        ] {
+            let at = lines[0].find(header).unwrap();
+            assert!(lines[1][at..].starts_with(value), "{header} in\n{t}");
+        }
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "shop/web",
+                "inbound",
+                "hbone",
+                "10.1.0.2:40000",
+                "spiffe://cluster.local/ns/shop/sa/client",
+                "10.2.0.3:7000",
+                "spiffe://cluster.local/ns/shop/sa/web",
+                "12",
+                "7",
+                "1m3s"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            [
+                "shop/client",
+                "outbound",
+                "passthrough",
+                "shop/client",
+                "-",
+                "192.0.2.1:443",
+                "-",
+                "0",
+                "0",
+                "0s"
+            ],
+            "{t}"
+        );
+        let v: Value =
+            serde_json::from_str(&render(&dump(), Section::Connections, Format::Json).unwrap())
+                .unwrap();
+        assert_eq!(v[0]["bytes_sent"], 12);
+        let all = render(&dump(), Section::All, Format::Table).unwrap();
+        assert!(all.contains("DESTINATION IDENTITY"), "{all}");
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub enum Command {
         command: PolicyCommand,
     },
     /// Show a node proxy's live view: the workloads and Services it knows, the policies in
-    /// force, the certificates it holds (from its admin API, like `istioctl ztunnel-config`).
+    /// force, the certificates it holds, the connections open now (from its admin API, like
+    /// `istioctl ztunnel-config`).
     Config {
         #[arg(value_enum)]
         section: config::Section,

@@ -16,6 +16,8 @@
 pub mod inbound;
 pub mod outbound;
 mod record;
+
+pub use record::{Direction, OpenConnection};
 pub mod request;
 
 use std::{
@@ -138,6 +140,8 @@ pub struct Shared {
     /// Pods enrolled on this node, by address: same-node traffic is delivered to them without
     /// leaving the proxy.
     local_pods: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
+    /// The connections open now, as their records list them.
+    open: Arc<record::OpenConnections>,
 }
 
 impl Shared {
@@ -190,6 +194,7 @@ impl Proxy {
             )),
             metrics: o.metrics,
             local_pods: RwLock::default(),
+            open: Arc::default(),
         });
         let inbound = Arc::new(Inbound::new(shared.clone(), o.node_connections));
         let outbound = Arc::new(Outbound::new(shared.clone(), o.orig_dst, inbound.clone()));
@@ -254,6 +259,11 @@ impl Proxy {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         pods.retain(|_, p| !Arc::ptr_eq(p, pod));
+    }
+
+    /// The connections open now (both sides of a same-node one), oldest first.
+    pub fn open_connections(&self) -> Vec<Arc<OpenConnection>> {
+        self.shared.open.list()
     }
 
     /// `namespace/name` of the pods enrolled here, sorted.

@@ -24,7 +24,7 @@ use crate::{
     hbone::{Origin, PoolKey},
     identity::SpiffeId,
     metrics::{Carrier, ConnectionLabels, Reporter},
-    relay::{relay, reset},
+    relay::{relay_until, reset},
     state::Snapshot,
 };
 
@@ -113,14 +113,14 @@ impl Outbound {
             return reset(stream);
         };
         let mut record = ConnectionRecord::new(Direction::Outbound, self.shared.metrics.clone());
-        record.line.src_workload = Some(pod.workload.clone());
-        record.line.dst_addr = Some(orig);
+        record.line_mut().src_workload = Some(pod.workload.clone());
+        record.line_mut().dst_addr = Some(orig);
         let snapshot = self.shared.snapshot();
         let plan = self.plan(&pod, &snapshot, orig);
         if let Plan::Direct(route) | Plan::Tunnel(route, _) | Plan::SameNode(route, _) = &plan {
-            record.line.dst_service = route.service.clone();
-            record.line.dst_workload = route.workload.clone();
-            record.line.upstream = Some(route.upstream);
+            record.line_mut().dst_service = route.service.clone();
+            record.line_mut().dst_workload = route.workload.clone();
+            record.line_mut().upstream = Some(route.upstream);
         }
         match plan {
             Plan::Refuse(why) => {
@@ -130,10 +130,10 @@ impl Outbound {
             Plan::Direct(route) => self.direct(pod, stream, route, record).await,
             Plan::Tunnel(route, key) => self.tunnel(pod, stream, route, *key, record).await,
             Plan::SameNode(route, dst) => {
-                record.line.same_node = true;
-                record.line.src_identity = Some(pod.identity.to_string());
-                record.line.dst_workload = Some(dst.workload.clone());
-                record.line.dst_identity = Some(dst.identity.to_string());
+                record.line_mut().same_node = true;
+                record.line_mut().src_identity = Some(pod.identity.to_string());
+                record.line_mut().dst_workload = Some(dst.workload.clone());
+                record.line_mut().dst_identity = Some(dst.identity.to_string());
                 let arrival = Arrival::SameNode { src: pod };
                 let inbound = self.inbound.clone();
                 // Boxed: the inbound pipeline's state would otherwise size the task of every
@@ -260,15 +260,19 @@ impl Outbound {
                 return record.refuse(Ending::ConnectFailed, e.to_string());
             }
         };
-        record.line.src_addr = upstream.local_addr().ok().map(|a| a.to_string());
-        record.count(ConnectionLabels::new(
-            Reporter::Source,
-            Carrier::Passthrough,
-            (Some(&pod.workload), Some(pod.identity.to_string())),
-            (route.workload.as_deref(), None),
-            false,
-        ));
-        record.finish(&relay(stream, upstream).await);
+        record.line_mut().src_addr = upstream.local_addr().ok().map(|a| a.to_string());
+        record.count(
+            ConnectionLabels::new(
+                Reporter::Source,
+                Carrier::Passthrough,
+                (Some(&pod.workload), Some(pod.identity.to_string())),
+                (route.workload.as_deref(), None),
+                false,
+            ),
+            &self.shared.open,
+        );
+        let r = relay_until(stream, upstream, std::future::pending(), record.tally()).await;
+        record.finish(&r);
     }
 
     /// Carries a captured connection through an HBONE tunnel (mTLS to the destination pod's
@@ -281,9 +285,9 @@ impl Outbound {
         key: PoolKey,
         mut record: ConnectionRecord,
     ) {
-        record.line.hbone = true;
-        record.line.src_identity = Some(key.src.to_string());
-        record.line.dst_identity = Some(key.dst.to_string());
+        record.line_mut().hbone = true;
+        record.line_mut().src_identity = Some(key.src.to_string());
+        record.line_mut().dst_identity = Some(key.dst.to_string());
         // Boxed: dialling and the handshakes are large futures, needed only until the stream
         // is open; inline, they would size the task for the connection's whole life.
         let connect = self
@@ -298,16 +302,20 @@ impl Outbound {
                 return record.refuse(Ending::ConnectFailed, e.to_string());
             }
         };
-        record.line.hbone_connection = Some(tunnel.connection_id);
-        record.count(ConnectionLabels::new(
-            Reporter::Source,
-            Carrier::Hbone,
-            (Some(&pod.workload), Some(key.src.to_string())),
-            (route.workload.as_deref(), Some(key.dst.to_string())),
-            true,
-        ));
+        record.line_mut().hbone_connection = Some(tunnel.connection_id);
+        record.count(
+            ConnectionLabels::new(
+                Reporter::Source,
+                Carrier::Hbone,
+                (Some(&pod.workload), Some(key.src.to_string())),
+                (route.workload.as_deref(), Some(key.dst.to_string())),
+                true,
+            ),
+            &self.shared.open,
+        );
         // The stream's connection counts as busy until `tunnel` drops, after the relay.
-        record.finish(&relay(stream, tunnel.io).await);
+        let r = relay_until(stream, tunnel.io, std::future::pending(), record.tally()).await;
+        record.finish(&r);
     }
 }
 

@@ -257,10 +257,10 @@ impl Inbound {
                 .hbone_refused
                 .add(HboneRefusal::BadRequest.as_str());
             let mut record = ConnectionRecord::new(Direction::Inbound, refused_metrics.clone());
-            record.line.hbone = true;
-            record.line.src_addr = Some(peer.to_string());
-            record.line.dst_workload = Some(dst_workload.clone());
-            record.line.status = Some(status.as_u16());
+            record.line_mut().hbone = true;
+            record.line_mut().src_addr = Some(peer.to_string());
+            record.line_mut().dst_workload = Some(dst_workload.clone());
+            record.line_mut().status = Some(status.as_u16());
             record.refuse(Ending::Refused, reason);
         };
         let ended = hbone::server::serve(
@@ -318,12 +318,12 @@ impl Inbound {
             Arrival::SameNode { src } => Some(src.workload.clone()),
             _ => src_pod.as_ref().map(|p| p.workload()),
         };
-        record.line.src_workload = src_workload.clone();
-        record.line.dst_addr = Some(dst);
-        record.line.dst_workload = Some(pod.workload.clone());
+        record.line_mut().src_workload = src_workload.clone();
+        record.line_mut().dst_addr = Some(dst);
+        record.line_mut().dst_workload = Some(pod.workload.clone());
         let (carrier, src_principal, mutual_tls) = match &arrival {
             Arrival::Plaintext { peer } => {
-                record.line.src_addr = Some(peer.to_string());
+                record.line_mut().src_addr = Some(peer.to_string());
                 (Carrier::Plaintext, None, false)
             }
             Arrival::Hbone {
@@ -331,26 +331,26 @@ impl Inbound {
                 identity,
                 forwarded_for,
             } => {
-                record.line.hbone = true;
-                record.line.src_identity = Some(identity.to_string());
-                record.line.src_addr = Some(peer.to_string());
-                record.line.forwarded_for = forwarded_for.map(|a| a.to_string());
+                record.line_mut().hbone = true;
+                record.line_mut().src_identity = Some(identity.to_string());
+                record.line_mut().src_addr = Some(peer.to_string());
+                record.line_mut().forwarded_for = forwarded_for.map(|a| a.to_string());
                 (Carrier::Hbone, Some(identity.to_string()), true)
             }
             Arrival::SameNode { src } => {
-                record.line.same_node = true;
-                record.line.src_identity = Some(src.identity.to_string());
-                record.line.src_addr = src.ips.first().map(|ip| ip.to_string());
+                record.line_mut().same_node = true;
+                record.line_mut().src_identity = Some(src.identity.to_string());
+                record.line_mut().src_addr = src.ips.first().map(|ip| ip.to_string());
                 // No TLS is involved (the bytes never leave the host): not `mutual_tls`.
                 (Carrier::SameNode, Some(src.identity.to_string()), false)
             }
             Arrival::FromNode { peer } => {
-                record.line.src_addr = Some(peer.to_string());
-                record.line.exempt = Some(NODE_EXEMPTION);
+                record.line_mut().src_addr = Some(peer.to_string());
+                record.line_mut().exempt = Some(NODE_EXEMPTION);
                 (Carrier::Node, None, false)
             }
         };
-        record.line.transport = Some(carrier);
+        record.line_mut().transport = Some(carrier);
         let from_node = matches!(arrival, Arrival::FromNode { .. });
         let count_node = |outcome| {
             if from_node {
@@ -366,7 +366,7 @@ impl Inbound {
                       why: Refusal,
                       ending: Ending,
                       reason: &str| {
-            record.line.status = downstream.refuse(why).map(|s| s.as_u16());
+            record.line_mut().status = downstream.refuse(why).map(|s| s.as_u16());
             record.refuse(ending, reason);
             if let Some(c) = caller {
                 c.refuse(ending, reason);
@@ -376,7 +376,7 @@ impl Inbound {
         // Plaintext is decided by the pod's PeerAuthentication first.
         let plaintext = matches!(arrival, Arrival::Plaintext { .. });
         if plaintext {
-            record.line.mtls = pod
+            record.line_mut().mtls = pod
                 .in_snapshot(&snapshot)
                 .map(|p| snapshot.mtls_mode(p, dst.port()));
         }
@@ -390,7 +390,7 @@ impl Inbound {
             Arrival::Plaintext { .. } if is_proxy_port(dst.port()) => {
                 Some(("destination port is reserved for the proxy", None))
             }
-            Arrival::Plaintext { .. } if record.line.mtls.is_none() => {
+            Arrival::Plaintext { .. } if record.line().mtls.is_none() => {
                 Some(("the pod is no longer in the configuration", None))
             }
             Arrival::Hbone { .. } if !pod.ips.contains(&dst.ip()) => {
@@ -422,7 +422,7 @@ impl Inbound {
                 .in_snapshot(&snapshot)
                 .and_then(|p| snapshot.declared_protocol(p, dst.port())),
         };
-        record.line.app_protocol = declared;
+        record.line_mut().app_protocol = declared;
         // The node's own connections are exempt from the pod's policies: allowed as opaque
         // bytes, never re-checked.
         let admission = if from_node {
@@ -444,7 +444,7 @@ impl Inbound {
             };
             self.admit(&snapshot, &pod, &call, unknowns)
         };
-        if let Some(mtls) = &record.line.mtls {
+        if let Some(mtls) = &record.line().mtls {
             let outcome = match admission {
                 Admission::MtlsRequired(_) => Outcome::Refused,
                 _ => Outcome::Allowed,
@@ -505,9 +505,9 @@ impl Inbound {
         count_node(NodeOutcome::Admitted);
         let per_request = decision.is_none();
         if !from_node {
-            record.line.upstream = Some(dst);
-            record.line.dst_identity = Some(pod.identity.to_string());
-            record.line.per_request = Some(per_request);
+            record.line_mut().upstream = Some(dst);
+            record.line_mut().dst_identity = Some(pod.identity.to_string());
+            record.line_mut().per_request = Some(per_request);
         }
         // The node is labelled as a workload `node` of a namespace `node`.
         let node_workload = format!("{NODE_SOURCE}/{NODE_SOURCE}");
@@ -524,16 +524,19 @@ impl Inbound {
                 mutual_tls,
             )
         };
-        record.count(labels(Reporter::Destination));
+        let open = &self.shared.open;
+        record.count(labels(Reporter::Destination), open);
         if let Some(c) = caller.as_deref_mut() {
-            // Both sides are this proxy's: counted once as each reporter.
-            c.count(labels(Reporter::Source));
+            // Both sides are this proxy's: counted once as each reporter, listed as two
+            // connections that carry the same bytes.
+            c.carried_by(&record);
+            c.count(labels(Reporter::Source), open);
         }
 
         // Counted from the client's view (sent = client to application). The node's own
         // connections were admitted by no policy, so no change revokes them.
         let r = if from_node {
-            relay_until(downstream, upstream, std::future::pending()).await
+            relay_until(downstream, upstream, std::future::pending(), record.tally()).await
         } else {
             // A change that no longer admits the connection (a port made STRICT, a new DENY)
             // resets it; other changes leave it alone.
@@ -553,12 +556,13 @@ impl Inbound {
                         (src_principal.as_deref(), mutual_tls),
                         &record,
                     );
+                    let tally = record.tally().clone();
                     Box::pin(self.serve_per_request(
-                        pod, call, declared, downstream, upstream, requests, revoke,
+                        pod, call, declared, downstream, upstream, requests, revoke, tally,
                     ))
                     .await
                 }
-                false => relay_until(downstream, upstream, revoke).await,
+                false => relay_until(downstream, upstream, revoke, record.tally()).await,
             }
         };
         record.finish(&r);

@@ -19,15 +19,7 @@ mod ext_authz;
 mod jwt;
 mod sniff;
 
-use std::{
-    future::Future,
-    io,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-};
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -50,11 +42,11 @@ use crate::{
     metrics::{requests::Peer, Reporter, SecurityPolicy},
     model::{AppProtocol, Pod},
     proxy::{
-        record::{ConnectionRecord, Direction},
+        record::{ConnectionRecord, Direction, OpenConnection},
         request::{CountedBody, LinePeers, RecordedBody, RequestContext, RequestRecord},
         PodContext,
     },
-    relay::{relay_until, Duplex, Relayed},
+    relay::{relay_until, Duplex, Relayed, Tally as _},
     state::Snapshot,
 };
 
@@ -174,7 +166,7 @@ impl Inbound {
             true => SecurityPolicy::MutualTls,
             false => SecurityPolicy::None,
         };
-        let line = &record.line;
+        let line = record.line();
         let peers = LinePeers {
             src_workload: line.src_workload.clone(),
             src_identity: line.src_identity.clone(),
@@ -195,8 +187,8 @@ impl Inbound {
     }
 
     /// Carries a connection whose requests must be decided one by one, until it ends or
-    /// `revoke` yields; each request is recorded by `requests`. `declared` is the protocol
-    /// the destination port is declared to speak (HTTP or nothing).
+    /// `revoke` yields; each request is recorded by `requests`, the bytes by `tally`.
+    /// `declared` is the protocol the destination port is declared to speak (HTTP or nothing).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn serve_per_request<D>(
         self: &Arc<Self>,
@@ -207,16 +199,19 @@ impl Inbound {
         upstream: TcpStream,
         requests: Arc<RequestContext>,
         revoke: impl Future<Output = String>,
+        tally: Arc<OpenConnection>,
     ) -> Relayed
     where
         D: Duplex + AsyncRead + AsyncWrite + Unpin,
     {
-        let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let done = |error: Option<io::Error>, revoked: Option<String>| Relayed {
-            sent: read.load(Ordering::Relaxed),
-            received: written.load(Ordering::Relaxed),
-            error,
-            revoked,
+        let done = |error: Option<io::Error>, revoked: Option<String>| {
+            let (sent, received) = tally.bytes();
+            Relayed {
+                sent,
+                received,
+                error,
+                revoked,
+            }
         };
         let (protocol, prefix) = match sniff(&mut downstream, sniff_deadline(declared)).await {
             Ok(x) => x,
@@ -232,7 +227,8 @@ impl Inbound {
                     if let Err(e) = upstream.write_all(&prefix).await {
                         return done(Some(e), None);
                     }
-                    let mut r = relay_until(downstream, upstream, revoke).await;
+                    tally.sent(prefix.len() as u64);
+                    let mut r = relay_until(downstream, upstream, revoke, &tally).await;
                     r.sent += prefix.len() as u64;
                     r
                 }
@@ -252,8 +248,7 @@ impl Inbound {
         let downstream = Replay {
             prefix: Bytes::from(prefix),
             inner: downstream,
-            read: read.clone(),
-            written: written.clone(),
+            tally: tally.clone(),
         };
 
         let io = TokioIo::new(upstream);

@@ -5,10 +5,7 @@
 use std::{
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -16,7 +13,7 @@ use std::{
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
-use crate::model::AppProtocol;
+use crate::{model::AppProtocol, proxy::OpenConnection, relay::Tally as _};
 
 /// How long to wait for a client's first bytes on an undeclared port before treating the
 /// connection as opaque (a server-first protocol).
@@ -88,12 +85,11 @@ pub(super) async fn sniff<D: AsyncRead + Unpin>(
     }
 }
 
-/// `inner` with `prefix` read first, counting the bytes each way.
+/// `inner` with `prefix` read first, counting the bytes each way (read: sent by the caller).
 pub(super) struct Replay<D> {
     pub(super) prefix: Bytes,
     pub(super) inner: D,
-    pub(super) read: Arc<AtomicU64>,
-    pub(super) written: Arc<AtomicU64>,
+    pub(super) tally: Arc<OpenConnection>,
 }
 
 impl<D: AsyncRead + Unpin> AsyncRead for Replay<D> {
@@ -106,13 +102,13 @@ impl<D: AsyncRead + Unpin> AsyncRead for Replay<D> {
             let n = self.prefix.len().min(buf.remaining());
             let head = self.prefix.split_to(n);
             buf.put_slice(&head);
-            self.read.fetch_add(n as u64, Ordering::Relaxed);
+            self.tally.sent(n as u64);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        self.tally.sent(n as u64);
         r
     }
 }
@@ -125,7 +121,7 @@ impl<D: AsyncWrite + Unpin> AsyncWrite for Replay<D> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
+            self.tally.received(n as u64);
         }
         r
     }
