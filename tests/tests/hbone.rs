@@ -2,7 +2,7 @@
 //! connection pooling per identity, certificate rotation, and refusals.
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use serde_json::Value;
 use ztunnel_tests::{pod, Cluster, ClusterBuilder, ProbeOutput};
 
@@ -24,16 +24,6 @@ fn mesh() -> ClusterBuilder {
         .pod(pod("shop", "web-local").node(1).service_account("web"))
         .pod(pod("legacy", "old").node(1))
         .pod(pod("legacy", "old-server").node(2))
-}
-
-fn ok(out: ProbeOutput) -> Result<ProbeOutput> {
-    ensure!(
-        out.code == Some(0),
-        "request failed: {} {}",
-        out.stdout,
-        out.stderr
-    );
-    Ok(out)
 }
 
 fn spiffe(ns: &str, sa: &str) -> String {
@@ -61,7 +51,7 @@ fn cross_node_traffic_is_mutual_tls_with_the_source_identity() -> Result<()> {
     let m2 = c.log_mark(2);
     // A recognisable request path: it must not appear on the wire.
     let (out, bytes, text) = c.capture_underlay(1, || {
-        ok(c.pod("shop", "client-a").probe(&[
+        ProbeOutput::succeeded(c.pod("shop", "client-a").probe(&[
             "get",
             "--addr",
             &web,
@@ -102,7 +92,7 @@ fn one_tls_connection_per_source_pod_and_identity() -> Result<()> {
     let mut ids = Vec::new();
     for client in ["client-a", "client-b", "client-a", "other"] {
         let (m1, m2) = (c.log_mark(1), c.log_mark(2));
-        ok(c.pod("shop", client).get(&web)?)?;
+        ProbeOutput::succeeded(c.pod("shop", client).get(&web)?)?;
         let conn = c.wait_for_connection(1, m1, WAIT, |l| l["direction"] == "outbound")?;
         assert_eq!(conn["hbone"], true, "{conn}");
         assert_eq!(
@@ -153,7 +143,7 @@ fn same_node_and_non_mesh_destinations_skip_the_tunnel() -> Result<()> {
         c.pod("legacy", "old-server").ip(),
     ] {
         let m1 = c.log_mark(1);
-        ok(c.pod("shop", "client-a").get(&format!("{target}:8080"))?)?;
+        ProbeOutput::succeeded(c.pod("shop", "client-a").get(&format!("{target}:8080"))?)?;
         let conn = c.wait_for_connection(1, m1, WAIT, |l| l["direction"] == "outbound")?;
         assert!(conn["hbone"].is_null() || conn["hbone"] == false, "{conn}");
     }
@@ -206,7 +196,7 @@ fn open_connections_survive_certificate_rotation() -> Result<()> {
     let echo = format!("{}:9000", c.pod("shop", "web").ip());
     // One tunnelled connection, used again after its certificates have been replaced and the
     // first ones have expired (issued at the start, renewed at 3 s, expired at 6 s).
-    let out = ok(c.pod("shop", "client-a").probe(&[
+    let out = ProbeOutput::succeeded(c.pod("shop", "client-a").probe(&[
         "chat",
         "--addr",
         &echo,
@@ -237,8 +227,10 @@ fn open_connections_survive_certificate_rotation() -> Result<()> {
     );
     // New connections work with the new certificates.
     let _server = c.pod("shop", "web").http_server(8080, "web")?;
-    ok(c.pod("shop", "client-b")
-        .get(&format!("{}:8080", c.pod("shop", "web").ip()))?)?;
+    ProbeOutput::succeeded(
+        c.pod("shop", "client-b")
+            .get(&format!("{}:8080", c.pod("shop", "web").ip()))?,
+    )?;
     Ok(())
 }
 
@@ -294,7 +286,7 @@ fn a_ca_down_at_start_fails_clearly_and_recovers_without_restarts() -> Result<()
     })?;
     assert_eq!(out.body()["server"], "web");
     let m2 = c.log_mark(2);
-    ok(c.pod("shop", "client-b").get(&web)?)?;
+    ProbeOutput::succeeded(c.pod("shop", "client-b").get(&web)?)?;
     let inbound = c.wait_for_connection(2, m2, WAIT, |l| l["direction"] == "inbound")?;
     assert_eq!(
         inbound["src_identity"],

@@ -73,16 +73,6 @@ fn get(c: &Cluster, from: &str, to: &str) -> Result<ProbeOutput> {
     c.pod("shop", from).get(&addr(c, to, HTTP))
 }
 
-fn ok(out: ProbeOutput) -> Result<ProbeOutput> {
-    ensure!(
-        out.code == Some(0),
-        "request failed: {} {}",
-        out.stdout,
-        out.stderr
-    );
-    Ok(out)
-}
-
 /// The peer's access log line ("connection complete") after `mark` matching `pred`.
 fn peer_access(c: &Cluster, mark: usize, pred: impl Fn(&Value) -> bool) -> Result<Value> {
     c.wait_for_log_since(PEER, mark, WAIT, |l| {
@@ -115,14 +105,14 @@ fn hbone_both_ways_with_both_proxies_certified_by_our_ca_service() -> Result<()>
     let _servers = servers(&c)?;
     let (m1, m2) = (c.log_mark(OURS), c.log_mark(PEER));
     let ((to_peer, to_ours), bytes, text) = c.capture_underlay(OURS, || {
-        let to_peer = ok(c.pod("shop", "ours-client").probe(&[
+        let to_peer = ProbeOutput::succeeded(c.pod("shop", "ours-client").probe(&[
             "get",
             "--addr",
             &addr(&c, "peer-server", HTTP),
             "--path",
             "/secret-path-to-peer",
         ])?)?;
-        let to_ours = ok(c.pod("shop", "peer-client").probe(&[
+        let to_ours = ProbeOutput::succeeded(c.pod("shop", "peer-client").probe(&[
             "get",
             "--addr",
             &addr(&c, "ours-server", HTTP),
@@ -203,9 +193,9 @@ fn the_peer_verifies_our_ca_service_by_its_service_dns_name() -> Result<()> {
     c.stop_proxy(PEER)?;
     // The Service's name, which `ca serve` puts in its certificate by default.
     c.start_proxy_with(PEER, &["ALT_CA_HOSTNAME=ztunnel-ca.istio-system.svc"])?;
-    let out = ok(get(&c, "peer-client", "ours-server")?)?;
+    let out = ProbeOutput::succeeded(get(&c, "peer-client", "ours-server")?)?;
     assert_eq!(out.body()["server"], "ours-server");
-    ok(get(&c, "ours-client", "peer-server")?)?;
+    ProbeOutput::succeeded(get(&c, "ours-client", "peer-server")?)?;
     Ok(())
 }
 
@@ -288,7 +278,7 @@ fn authorization_policies_decide_on_the_callers_principal_both_ways() -> Result<
         ),
     )?;
     // Their policy, our callers: ours-client is named, ours-other is not.
-    ok(get(&c, "ours-client", "peer-server")?)?;
+    ProbeOutput::succeeded(get(&c, "ours-client", "peer-server")?)?;
     let (m1, m2) = (c.log_mark(OURS), c.log_mark(PEER));
     let out = get(&c, "ours-other", "peer-server")?;
     ensure!(
@@ -312,7 +302,7 @@ fn authorization_policies_decide_on_the_callers_principal_both_ways() -> Result<
         "their RBAC refusal is a 401: {ours}"
     );
     // Our policy, their callers: peer-client is named, peer-other is not.
-    ok(get(&c, "peer-client", "ours-server")?)?;
+    ProbeOutput::succeeded(get(&c, "peer-client", "ours-server")?)?;
     let (m1, m2) = (c.log_mark(OURS), c.log_mark(PEER));
     let out = get(&c, "peer-other", "ours-server")?;
     ensure!(
@@ -343,7 +333,7 @@ fn pooled_connections_are_reused_both_ways() -> Result<()> {
     // Ours → theirs: one pooled connection, so their inbound sees one source port.
     let (m1, m2) = (c.log_mark(OURS), c.log_mark(PEER));
     for _ in 0..3 {
-        ok(get(&c, "ours-client", "peer-server")?)?;
+        ProbeOutput::succeeded(get(&c, "ours-client", "peer-server")?)?;
     }
     let ours = wait_n(3, || ours_since(&c, m1, "outbound"))?;
     assert!(
@@ -367,7 +357,7 @@ fn pooled_connections_are_reused_both_ways() -> Result<()> {
     // Theirs → ours: their pool reuses its connection; our inbound sees one source port.
     let (m1, m2) = (c.log_mark(OURS), c.log_mark(PEER));
     for _ in 0..3 {
-        ok(get(&c, "peer-client", "ours-server")?)?;
+        ProbeOutput::succeeded(get(&c, "peer-client", "ours-server")?)?;
     }
     let inbound = wait_n(3, || ours_since(&c, m1, "inbound"))?;
     assert!(
