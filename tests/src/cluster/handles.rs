@@ -59,26 +59,28 @@ impl NodeRef<'_> {
         self.cluster.node_cgroup(self.i).join(NODE_PROCESSES_CGROUP)
     }
 
+    /// `args` as a command in the node's netns and `cgroup`; the confinement must outlive the
+    /// process's start.
+    fn confined(
+        &self,
+        args: &[&str],
+        cgroup: &Path,
+    ) -> Result<(Command, crate::process::Confinement)> {
+        let mut cmd = command(args)?;
+        let conf = confine(&mut cmd, Some(&self.netns_path()), Some(cgroup))?;
+        Ok((cmd, conf))
+    }
+
     /// Runs a command as one of the node's own processes (a kubelet probe): in the node's
     /// netns and in [`NodeRef::processes_cgroup`].
     pub fn exec_as_node(&self, args: &[&str], timeout: Duration) -> Result<Output> {
-        let mut cmd = command(args)?;
-        let _conf = confine(
-            &mut cmd,
-            Some(&self.netns_path()),
-            Some(&self.processes_cgroup()),
-        )?;
+        let (mut cmd, _conf) = self.confined(args, &self.processes_cgroup())?;
         output_with_timeout(&mut cmd, timeout)
     }
 
     /// Runs a command in the node's netns (tools cgroup, outside the node's pod cgroups).
     pub fn exec(&self, args: &[&str], timeout: Duration) -> Result<Output> {
-        let mut cmd = command(args)?;
-        let _conf = confine(
-            &mut cmd,
-            Some(&self.netns_path()),
-            Some(&self.cluster.cgroup.join("tools")),
-        )?;
+        let (mut cmd, _conf) = self.confined(args, &self.cluster.cgroup.join("tools"))?;
         output_with_timeout(&mut cmd, timeout)
     }
 
@@ -121,12 +123,7 @@ impl NodeRef<'_> {
 
     /// Spawns a long-running command in the node netns (e.g. `ztunnel ca serve`).
     pub fn spawn(&self, args: &[&str]) -> Result<Proc> {
-        let mut cmd = command(args)?;
-        let _conf = confine(
-            &mut cmd,
-            Some(&self.netns_path()),
-            Some(&self.cluster.cgroup.join("tools")),
-        )?;
+        let (mut cmd, _conf) = self.confined(args, &self.cluster.cgroup.join("tools"))?;
         Proc::spawn(
             &mut cmd,
             &format!("node {}: {}", self.index(), args.join(" ")),
