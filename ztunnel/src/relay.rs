@@ -45,8 +45,10 @@ fn buffer_for(carried: u64) -> usize {
         .map_or(BUFFER_STEPS[BUFFER_STEPS.len() - 1].1, |(_, size)| *size)
 }
 
-/// A socket's read half, buffered: no buffer until the socket first has data (an idle
-/// connection costs no buffer), then one that grows with the bytes carried ([`buffer_for`]).
+/// A socket's read half, buffered: no buffer while the socket has nothing to read (an idle
+/// connection costs no buffer, even after it carried a few bytes), then one that grows with
+/// the bytes carried ([`buffer_for`]). The first, small buffer is given back each time the
+/// socket runs dry; the larger ones of bulk transfers are kept.
 pub struct SocketReader {
     read: OwnedReadHalf,
     buf: Box<[u8]>,
@@ -83,16 +85,21 @@ impl AsyncBufRead for SocketReader {
         if this.start == this.end {
             let socket: &TcpStream = this.read.as_ref();
             let size = buffer_for(this.carried);
-            if this.buf.is_empty() {
-                // The first data is read onto the stack: a connection that stays idle (or a
-                // wake-up without data) allocates nothing.
+            if size == FIRST_BUFFER {
+                // Small reads land on the stack first: a connection that waits (idle, or
+                // between the requests of a chatty one) holds no buffer while it waits.
                 let mut first = [0u8; FIRST_BUFFER];
-                let n = ready!(try_read(socket, cx, &mut first))?;
-                if n > 0 {
-                    let mut buf = vec![0; size].into_boxed_slice();
-                    buf[..n].copy_from_slice(&first[..n]);
-                    this.buf = buf;
+                let n = match try_read(socket, cx, &mut first) {
+                    Poll::Pending => {
+                        this.buf = Box::default();
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(r) => r?,
+                };
+                if n > 0 && this.buf.is_empty() {
+                    this.buf = vec![0; size].into_boxed_slice();
                 }
+                this.buf[..n].copy_from_slice(&first[..n]);
                 (this.start, this.end) = (0, n);
                 this.carried += n as u64;
                 return Poll::Ready(Ok(&this.buf[..n]));
@@ -392,7 +399,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_socket_reader_has_no_buffer_until_data_then_grows_with_traffic() {
+    async fn a_socket_reader_holds_no_buffer_while_idle_and_grows_with_traffic() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -404,6 +411,17 @@ mod tests {
         let waiting = tokio::time::timeout(Duration::from_millis(50), reader.fill_buf()).await;
         assert!(waiting.is_err());
         assert_eq!(reader.capacity(), 0);
+
+        // A few bytes (a held connection's one round trip) need the small buffer only until
+        // they are taken and the socket is dry again.
+        client.write_all(b"ping").await.unwrap();
+        let mut ping = [0u8; 4];
+        reader.read_exact(&mut ping).await.unwrap();
+        assert_eq!(&ping, b"ping");
+        assert_eq!(reader.capacity(), 1024);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), reader.fill_buf()).await;
+        assert!(waiting.is_err());
+        assert_eq!(reader.capacity(), 0, "given back once the socket ran dry");
 
         let sent: Vec<u8> = (0..400 * 1024u32).map(|i| (i % 251) as u8).collect();
         let writer = tokio::spawn({
