@@ -99,13 +99,21 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(whole_dir)? {
-        let path = entry.map_err(whole_dir)?.path();
+        let entry = entry.map_err(whole_dir)?;
+        let path = entry.path();
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-        if yaml && !name.starts_with('.') && path.is_file() {
+        // The entry's own type costs no `stat` (most filesystems report it with the name);
+        // a symlink is followed (a ConfigMap volume's files are symlinks).
+        let is_file = |entry: &std::fs::DirEntry| match entry.file_type() {
+            Ok(t) if t.is_symlink() => path.is_file(),
+            Ok(t) => t.is_file(),
+            Err(_) => false,
+        };
+        if yaml && !name.starts_with('.') && is_file(&entry) {
             files.push(path);
         }
     }

@@ -14,7 +14,7 @@ mod policy;
 mod services;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{btree_map, hash_map, BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, OnceLock},
 };
@@ -126,15 +126,18 @@ impl Snapshot {
         s.service_by_vip.reserve(objects.services.len());
         for pod in objects.pods {
             let key = (pod.namespace.clone(), pod.name.clone());
-            if let Some(first) = s.pods.get(&key) {
-                s.problems.push(format!(
-                    "pod {} is defined twice ({} and {}); the first one is used",
-                    pod.workload(),
-                    first.origin,
-                    pod.origin
-                ));
-                continue;
-            }
+            let slot = match s.pods.entry(key) {
+                btree_map::Entry::Occupied(first) => {
+                    s.problems.push(format!(
+                        "pod {} is defined twice ({} and {}); the first one is used",
+                        pod.workload(),
+                        first.get().origin,
+                        pod.origin
+                    ));
+                    continue;
+                }
+                btree_map::Entry::Vacant(slot) => slot,
+            };
             if !s.namespaces.contains_key(&pod.namespace) {
                 s.problems.push(format!(
                     "pod {} ({}) is in namespace {} which has no Namespace object; it is not enrolled",
@@ -145,8 +148,10 @@ impl Snapshot {
             }
             if !pod.host_network {
                 for ip in &pod.ips {
-                    match s.pod_by_ip.get(ip) {
-                        Some(owner) => s.problems.push(format!(
+                    match s.pod_by_ip.entry(*ip) {
+                        hash_map::Entry::Occupied(owner) => {
+                            let owner = owner.get();
+                            s.problems.push(format!(
                             "pods {} ({}) and {} ({}) both claim IP {ip}; it stays with {} and {} is not enrolled",
                             owner.workload(),
                             owner.origin,
@@ -154,27 +159,36 @@ impl Snapshot {
                             pod.origin,
                             owner.workload(),
                             pod.workload()
-                        )),
-                        None => {
-                            s.pod_by_ip.insert(*ip, pod.clone());
+                        ))
+                        }
+                        hash_map::Entry::Vacant(free) => {
+                            free.insert(pod.clone());
                         }
                     }
                 }
             }
-            s.pods.insert(key, pod);
+            slot.insert(pod);
         }
         for svc in objects.services {
             let key = (svc.namespace.clone(), svc.name.clone());
-            if let Some(first) = s.services.get(&key) {
-                s.problems.push(format!(
-                    "service {}/{} is defined twice ({} and {}); the first one is used",
-                    svc.namespace, svc.name, first.origin, svc.origin
-                ));
-                continue;
-            }
+            let slot = match s.services.entry(key) {
+                btree_map::Entry::Occupied(first) => {
+                    s.problems.push(format!(
+                        "service {}/{} is defined twice ({} and {}); the first one is used",
+                        svc.namespace,
+                        svc.name,
+                        first.get().origin,
+                        svc.origin
+                    ));
+                    continue;
+                }
+                btree_map::Entry::Vacant(slot) => slot,
+            };
             for vip in &svc.vips {
-                match s.service_by_vip.get(vip) {
-                    Some(owner) => s.problems.push(format!(
+                match s.service_by_vip.entry(*vip) {
+                    hash_map::Entry::Occupied(owner) => {
+                        let owner = owner.get();
+                        s.problems.push(format!(
                         "services {}/{} and {}/{} both claim cluster IP {vip}; it stays with {}/{}",
                         owner.namespace,
                         owner.name,
@@ -182,13 +196,14 @@ impl Snapshot {
                         svc.name,
                         owner.namespace,
                         owner.name
-                    )),
-                    None => {
-                        s.service_by_vip.insert(*vip, svc.clone());
+                    ))
+                    }
+                    hash_map::Entry::Vacant(free) => {
+                        free.insert(svc.clone());
                     }
                 }
             }
-            s.services.insert(key, svc);
+            slot.insert(svc);
         }
         let problems = s
             .peer_authentications
