@@ -282,13 +282,9 @@ pub fn watch(
                     );
                     log_problems(&snapshot);
                     last_error = None;
-                    if tx.is_closed() {
+                    if !super::publish(&tx, snapshot) {
                         return; // nobody listens any more
                     }
-                    // The previous snapshot may hold the last references to a cluster's worth
-                    // of objects: freed off the proxy's workers.
-                    let previous = tx.send_replace(Arc::new(snapshot));
-                    tokio::task::spawn_blocking(move || drop(previous));
                 }
                 Err(e) => {
                     log_rejection(&e, &metrics);

@@ -486,11 +486,23 @@ async fn aggregate(
                 let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
                 netns.assign(&mut objects, &opts.node, &namespaces);
                 generation += 1;
-                let snapshot = Snapshot::build(generation, objects, &opts.settings);
+                // Indexing a cluster-sized snapshot takes a while: not on a worker of the proxy.
+                let settings = opts.settings.clone();
+                let snapshot = match tokio::task::spawn_blocking(move || {
+                    Snapshot::build(generation, objects, &settings)
+                })
+                .await
+                {
+                    Ok(snapshot) => snapshot,
+                    Err(e) => {
+                        error!(error = %e, "indexing the configuration failed; the last good configuration stays in force");
+                        return;
+                    }
+                };
                 log_snapshot(&snapshot, &mut problems);
                 match &publisher {
                     Some(tx) => {
-                        if tx.send(Arc::new(snapshot)).is_err() {
+                        if !super::publish(tx, snapshot) {
                             return; // nobody listens any more
                         }
                     }
