@@ -25,6 +25,7 @@
 //! assert_eq!(out.code, Some(0));
 //! # anyhow::Ok(())
 //! ```
+pub mod benchmark;
 pub mod cleanup;
 pub mod cluster;
 pub mod cni;
@@ -35,6 +36,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod peer;
 pub mod process;
+pub mod scale;
 pub mod zds;
 
 use std::path::{Path, PathBuf};

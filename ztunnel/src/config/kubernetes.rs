@@ -254,7 +254,7 @@ impl Store {
                         Err(reason) => {
                             if let Some(kept) = old.get(&p.key) {
                                 let mut copy = Objects::default();
-                                absorb(&mut copy, kept);
+                                copy.extend_from(kept);
                                 fresh.insert(p.key.clone(), copy);
                             }
                             rejected.insert(p.key, reason);
@@ -346,7 +346,7 @@ impl Store {
     fn objects(&self) -> Objects {
         let mut all = Objects::default();
         for objects in self.objects.iter().flat_map(|w| w.values()) {
-            absorb(&mut all, objects);
+            all.extend_from(objects);
         }
         all
     }
@@ -361,19 +361,6 @@ fn same(a: &Objects, b: &Objects) -> bool {
         && a.authorization_policies == b.authorization_policies
         && a.request_authentications == b.request_authentications
         && a.other == b.other
-}
-
-fn absorb(into: &mut Objects, from: &Objects) {
-    into.namespaces.extend(from.namespaces.iter().cloned());
-    into.pods.extend(from.pods.iter().cloned());
-    into.services.extend(from.services.iter().cloned());
-    into.peer_authentications
-        .extend(from.peer_authentications.iter().cloned());
-    into.authorization_policies
-        .extend(from.authorization_policies.iter().cloned());
-    into.request_authentications
-        .extend(from.request_authentications.iter().cloned());
-    into.other.extend(from.other.iter().cloned());
 }
 
 /// This node's pods' network namespaces, found once and checked before every reuse.
@@ -420,7 +407,9 @@ impl NetnsCache {
             });
             match result {
                 Ok(netns) => {
-                    pod.netns_path = Some(netns.path.clone());
+                    if pod.netns_path.as_ref() != Some(&netns.path) {
+                        Arc::make_mut(pod).netns_path = Some(netns.path.clone());
+                    }
                     found.insert(pod.uid.clone(), netns);
                 }
                 Err(why) => {
@@ -494,14 +483,26 @@ async fn aggregate(
                 due = None;
                 let mut objects = store.objects();
                 let namespaces = objects.namespaces.clone();
-                let namespaces: Vec<&Namespace> = namespaces.iter().collect();
+                let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
                 netns.assign(&mut objects, &opts.node, &namespaces);
                 generation += 1;
-                let snapshot = Snapshot::build(generation, objects, &opts.settings);
+                // Indexing a cluster-sized snapshot takes a while: not on a worker of the proxy.
+                let settings = opts.settings.clone();
+                let snapshot = match tokio::task::spawn_blocking(move || {
+                    Snapshot::build(generation, objects, &settings)
+                })
+                .await
+                {
+                    Ok(snapshot) => snapshot,
+                    Err(e) => {
+                        error!(error = %e, "indexing the configuration failed; the last good configuration stays in force");
+                        return;
+                    }
+                };
                 log_snapshot(&snapshot, &mut problems);
                 match &publisher {
                     Some(tx) => {
-                        if tx.send(Arc::new(snapshot)).is_err() {
+                        if !super::publish(tx, snapshot) {
                             return; // nobody listens any more
                         }
                     }
@@ -518,11 +519,12 @@ async fn aggregate(
                 // Only a pod whose netns turned up (or changed) is worth a new snapshot.
                 let mut local = Objects::default();
                 for objects in store.objects[LOCAL_PODS].values() {
-                    absorb(&mut local, objects);
+                    local.extend_from(objects);
                 }
                 let namespaces: Vec<&Namespace> = store.objects[NAMESPACES]
                     .values()
                     .flat_map(|o| &o.namespaces)
+                    .map(|n| &**n)
                     .collect();
                 if netns.assign(&mut local, &opts.node, &namespaces) {
                     due = Some(Instant::now());
@@ -604,7 +606,7 @@ fn parse(mut obj: DynamicObject, resource: &ApiResource) -> Parsed {
             parse_value(value, &origin, &mut objects)?;
             // Only discovery says where a pod's netns is (see the module comment).
             for pod in &mut objects.pods {
-                pod.netns_path = None;
+                Arc::make_mut(pod).netns_path = None;
             }
             Ok(objects)
         });
