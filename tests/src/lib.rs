@@ -42,6 +42,7 @@ pub mod zds;
 use std::path::{Path, PathBuf};
 
 pub use cluster::{
+    addresses::{socket_addr, Family},
     pod, service, underlay_not_only_mtls, Cluster, ClusterBuilder, NodeProxy, NodeRef, PodRef,
     PodSpec, ProbeOutput, ServiceSpec,
 };

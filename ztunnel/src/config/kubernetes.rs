@@ -714,7 +714,7 @@ async fn run_watch(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::core::v1::{Pod, Service};
 
     use super::*;
     use crate::model::AppProtocol;
@@ -742,5 +742,39 @@ mod tests {
             declared,
             [Some(AppProtocol::Tcp), Some(AppProtocol::Http2), None]
         );
+    }
+
+    /// A dual-stack Pod and Service from the API keep every address, the primary first.
+    #[test]
+    fn dual_stack_pods_and_services_from_the_api_keep_both_families() {
+        let pod: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u2"},
+            "spec": {"nodeName": "node1", "serviceAccountName": "web", "containers": []},
+            "status": {"podIP": "fd10:1::2", "podIPs": [{"ip": "fd10:1::2"}, {"ip": "10.1.0.2"}]},
+        }))
+        .unwrap();
+        let objects = parse(pod, &ApiResource::erase::<Pod>(&())).result.unwrap();
+        let ips: Vec<String> = objects.pods[0]
+            .ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["fd10:1::2", "10.1.0.2"]);
+        let svc: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u3"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd10:96::a"],
+                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack",
+                     "selector": {"app": "web"}, "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        let objects = parse(svc, &ApiResource::erase::<Service>(&()))
+            .result
+            .unwrap();
+        let vips: Vec<String> = objects.services[0]
+            .vips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(vips, ["10.96.0.10", "fd10:96::a"]);
     }
 }
