@@ -250,6 +250,8 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
             });
             let endpoints = bound.map(|b| admin::serve_on(b, state.clone()));
             tokio::spawn(crate::memory::return_freed_memory());
+            #[cfg(feature = "alloc-census")]
+            tokio::spawn(crate::memory::census::write_while_enabled());
 
             let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
             if let Some(socket) = &args.cni_socket {

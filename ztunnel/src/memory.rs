@@ -4,6 +4,9 @@
 //! connection (proxied, or an HBONE connection of either side) holds a [`Live`] mark; when the
 //! count has fallen well below its peak, the freed pages are returned (`malloc_trim`). A
 //! steady load never shrinks the count that much, so it never pays for a trim.
+#[cfg(feature = "alloc-census")]
+pub mod census;
+
 use std::{
     sync::atomic::{AtomicI64, Ordering},
     time::Duration,

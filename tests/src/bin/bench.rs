@@ -42,6 +42,8 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
                       --peer; at most 30000)
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
+  --only STEPS        run only these steps, comma-separated: memory, throughput, latency,
+                      conn-rate (default: all)
   --out DIR           where the JSON goes (default <workspace>/target/bench)";
 
 /// What to run; every knob has an upper bound so a run stays bounded.
@@ -54,6 +56,8 @@ struct Params {
     conn_ms: u64,
     concurrency: u64,
     hold: u64,
+    /// The steps to run (`--only`), every one by default.
+    steps: Vec<Step>,
     out: PathBuf,
     /// `--peer`: the peer binary (explicit, or found the harness's way).
     peer: Option<PathBuf>,
@@ -64,6 +68,7 @@ impl Params {
         let mut set: BTreeMap<&str, u64> = BTreeMap::new();
         let mut out = ztunnel_tests::workspace_root().join("target/bench");
         let mut peer: Option<Option<PathBuf>> = None;
+        let mut steps = Step::ALL.to_vec();
         let mut it = args.iter().peekable();
         while let Some(flag) = it.next() {
             if flag == "-h" || flag == "--help" {
@@ -89,6 +94,18 @@ impl Params {
                 "--hold" => ("hold", 1, 10_000),
                 "--out" => {
                     out = PathBuf::from(value);
+                    continue;
+                }
+                "--only" => {
+                    steps = value
+                        .split(',')
+                        .map(|name| {
+                            Step::ALL
+                                .into_iter()
+                                .find(|s| s.name() == name)
+                                .ok_or_else(|| anyhow!("--only: unknown step {name:?}\n{USAGE}"))
+                        })
+                        .collect::<Result<_>>()?;
                     continue;
                 }
                 other => bail!("unknown option {other}\n{USAGE}"),
@@ -125,6 +142,7 @@ impl Params {
             conn_ms: get("conn_ms", 3000, 2000),
             concurrency: get("concurrency", 8, 8),
             hold: get("hold", 1000, 1000),
+            steps,
             out,
             peer,
         })
@@ -135,8 +153,36 @@ impl Params {
             "rounds": self.rounds, "iperf_seconds": self.iperf_seconds, "rate": self.rate,
             "latency_ms": self.latency_ms, "connections": self.connections,
             "conn_ms": self.conn_ms, "concurrency": self.concurrency, "hold": self.hold,
+            "steps": self.steps.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "peer": self.peer.as_ref().map(|p| p.display().to_string()),
         })
+    }
+}
+
+/// One measurement of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Memory,
+    Throughput,
+    Latency,
+    ConnRate,
+}
+
+impl Step {
+    const ALL: [Step; 4] = [
+        Step::Memory,
+        Step::Throughput,
+        Step::Latency,
+        Step::ConnRate,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Step::Memory => "memory",
+            Step::Throughput => "throughput",
+            Step::Latency => "latency",
+            Step::ConnRate => "conn-rate",
+        }
     }
 }
 
@@ -235,7 +281,7 @@ impl Row {
 }
 
 /// The rows, in reading order: (key, label, unit, better).
-const ROWS: [(&str, &str, &str, Better); 12] = [
+const ROWS: [(&str, &str, &str, Better); 14] = [
     (
         "throughput_p1",
         "throughput, 1 stream",
@@ -279,6 +325,18 @@ const ROWS: [(&str, &str, &str, Better); 12] = [
     (
         "rss_per_conn",
         "RSS per held connection, both",
+        "KiB",
+        Better::Lower,
+    ),
+    (
+        "rss_per_conn_client",
+        "  of which the client node's proxy",
+        "KiB",
+        Better::Lower,
+    ),
+    (
+        "rss_per_conn_server",
+        "  of which the server node's proxy",
         "KiB",
         Better::Lower,
     ),
@@ -492,10 +550,14 @@ fn run(p: &Params) -> Result<bool> {
             p.rounds,
             order.iter().map(|w| w.ns()).collect::<Vec<_>>().join(", ")
         ));
-        memory(&c, p, &order, &pids, &mut report);
-        throughput(&c, p, &order, &mut report);
-        latency(&c, p, &order, &pids, &mut report);
-        connection_rate(&c, p, &order, &mut report);
+        for step in &p.steps {
+            match step {
+                Step::Memory => memory(&c, p, &order, &pids, &mut report),
+                Step::Throughput => throughput(&c, p, &order, &mut report),
+                Step::Latency => latency(&c, p, &order, &pids, &mut report),
+                Step::ConnRate => connection_rate(&c, p, &order, &mut report),
+            }
+        }
     }
 
     let mut end = BTreeMap::new();
@@ -559,6 +621,7 @@ fn run(p: &Params) -> Result<bool> {
             row
         }).collect::<Vec<_>>(),
         "details": details,
+        "memory_goal": memory_goal(p, &report),
         "problems": report.problems,
         "elapsed_s": began.elapsed().as_secs_f64(),
     });
@@ -755,6 +818,9 @@ fn memory(
                         .sum();
                     report.add("rss_held", *way, held as f64 / 1024.0);
                     report.add("rss_per_conn", *way, sum("rss_kib_per_conn"));
+                    let per_proxy = |i: usize| v["rss_kib_per_conn"][i].as_f64().unwrap_or(0.0);
+                    report.add("rss_per_conn_client", *way, per_proxy(0));
+                    report.add("rss_per_conn_server", *way, per_proxy(1));
                     report.add("fds_per_conn", *way, sum("fds_per_conn"));
                 } else {
                     report.problems.push(format!(
@@ -1216,6 +1282,54 @@ fn print_table(
             ""
         },
         p.hold
+    );
+    print_memory_goal(&memory_goal(p, report));
+}
+
+/// The memory target (issue 14): each of the mesh path's two proxies holds at most this much
+/// per idle connection while the client pod holds [`GOAL_HOLD`] of them.
+const GOAL_KIB_PER_PROXY: f64 = 4.0;
+const GOAL_HOLD: u64 = 10_000;
+
+/// The memory target against this run's medians on our mesh path; `met` is null when the memory
+/// step did not run (or failed), and only counts at [`GOAL_HOLD`] held connections or more.
+fn memory_goal(p: &Params, report: &Report) -> Value {
+    let median = |key: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.key == key)
+            .and_then(|r| r.median(Way::Mesh))
+    };
+    let (client, server) = (median("rss_per_conn_client"), median("rss_per_conn_server"));
+    let within = match (client, server) {
+        (Some(c), Some(s)) => Some(c <= GOAL_KIB_PER_PROXY && s <= GOAL_KIB_PER_PROXY),
+        _ => None,
+    };
+    json!({
+        "limit_kib_per_proxy": GOAL_KIB_PER_PROXY, "goal_held": GOAL_HOLD, "held": p.hold,
+        "client_kib": client, "server_kib": server, "within_limit": within,
+        "met": within.map(|w| w && p.hold >= GOAL_HOLD),
+    })
+}
+
+fn print_memory_goal(goal: &Value) {
+    let (Some(client), Some(server)) = (goal["client_kib"].as_f64(), goal["server_kib"].as_f64())
+    else {
+        return;
+    };
+    let held = goal["held"].as_u64().unwrap_or(0);
+    let verdict = match (goal["met"].as_bool(), goal["within_limit"].as_bool()) {
+        (Some(true), _) => "MET".to_owned(),
+        (_, Some(true)) => format!(
+            "within the limit, but at {held} held connections: the goal counts at {GOAL_HOLD} \
+             (--hold {GOAL_HOLD})"
+        ),
+        _ => "NOT MET".to_owned(),
+    };
+    println!(
+        "\n   memory goal: ≤ {GOAL_KIB_PER_PROXY} KiB per held connection per proxy at {GOAL_HOLD} \
+         held; mesh at {held}: client node {client:.1} KiB, server node {server:.1} KiB: {verdict}"
     );
 }
 

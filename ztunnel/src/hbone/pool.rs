@@ -190,6 +190,17 @@ pub struct Stream {
     _slot: Slot,
 }
 
+/// A stream's place on its connection, apart from the stream ([`Stream::into_parts`]):
+/// the connection counts it as busy until this drops.
+pub struct StreamPlace(#[allow(dead_code)] Slot);
+
+impl Stream {
+    /// The byte stream, and the place to keep for as long as it is used.
+    pub fn into_parts(self) -> (StreamIo, StreamPlace) {
+        (self.io, StreamPlace(self._slot))
+    }
+}
+
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stream")

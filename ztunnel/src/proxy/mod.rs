@@ -13,6 +13,7 @@
 //! its metrics. Every upstream socket is created inside the network namespace of the pod it
 //! serves and carries the proxy mark ([`crate::socket`]), so it leaves with the pod's own
 //! address and is never captured again.
+mod carry;
 pub mod inbound;
 pub mod outbound;
 mod record;
@@ -45,6 +46,7 @@ use crate::{
     socket,
     state::{EnrolmentPolicy, Snapshot},
 };
+use carry::set_up_then_carry;
 use inbound::Inbound;
 use outbound::Outbound;
 
@@ -218,13 +220,15 @@ impl Proxy {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let pod = pod.clone();
+                    // A connection's task is its set-up (boxed, gone once done), then what
+                    // carries it (carry.rs).
                     match kind {
-                        Listener::Outbound => {
-                            tokio::spawn(self.outbound.clone().handle(pod, stream, peer))
-                        }
-                        Listener::InboundPlaintext => {
-                            tokio::spawn(self.inbound.clone().plaintext(pod, stream, peer))
-                        }
+                        Listener::Outbound => tokio::spawn(set_up_then_carry(
+                            self.outbound.clone().handle(pod, stream, peer),
+                        )),
+                        Listener::InboundPlaintext => tokio::spawn(set_up_then_carry(
+                            self.inbound.clone().plaintext(pod, stream, peer),
+                        )),
                         Listener::Hbone => {
                             tokio::spawn(self.inbound.clone().hbone(pod, stream, peer))
                         }

@@ -15,6 +15,7 @@ use tracing::warn;
 use ztunnel_common::{OrigDstKey, HBONE_PORT};
 
 use super::{
+    carry::{Carry, Holding},
     inbound::{Arrival, Inbound},
     record::{ConnectionRecord, Direction, Ending},
     PodContext, Shared,
@@ -97,20 +98,22 @@ impl Outbound {
         }
     }
 
-    /// A connection accepted on `pod`'s outbound listener.
+    /// A connection accepted on `pod`'s outbound listener: its set-up, which returns the
+    /// connection to carry.
     pub(super) async fn handle(
         self: Arc<Self>,
         pod: Arc<PodContext>,
         stream: TcpStream,
         peer: SocketAddr,
-    ) {
+    ) -> Option<Carry> {
         let key = OrigDstKey::of_peer(pod.netns_cookie, peer);
         let Some(orig) = self.orig_dst.take(&key).and_then(|d| d.destination()) else {
             // Something connected to the listener without going through capture (e.g. the app
             // dialled 127.0.0.1:15001 itself): there is nowhere legitimate to send it.
             warn!(src_workload = %pod.workload, src_addr = %peer,
                 "outbound connection without a recorded original destination; closing it");
-            return reset(stream);
+            reset(stream);
+            return None;
         };
         let mut record = ConnectionRecord::new(Direction::Outbound, self.shared.metrics.clone());
         record.line_mut().src_workload = Some(pod.workload.clone());
@@ -126,6 +129,7 @@ impl Outbound {
             Plan::Refuse(why) => {
                 reset(stream);
                 record.refuse(Ending::Refused, why.to_string());
+                None
             }
             Plan::Direct(route) => self.direct(pod, stream, route, record).await,
             Plan::Tunnel(route, key) => self.tunnel(pod, stream, route, *key, record).await,
@@ -144,9 +148,9 @@ impl Outbound {
                     route.upstream,
                     stream,
                     snapshot,
-                    Some(&mut record),
+                    Some(record),
                 ))
-                .await;
+                .await
             }
         }
     }
@@ -252,12 +256,13 @@ impl Outbound {
         stream: TcpStream,
         route: Route,
         mut record: ConnectionRecord,
-    ) {
+    ) -> Option<Carry> {
         let upstream = match self.shared.connect_from(&pod, route.upstream).await {
             Ok(s) => s,
             Err(e) => {
                 reset(stream);
-                return record.refuse(Ending::ConnectFailed, e.to_string());
+                record.refuse(Ending::ConnectFailed, e.to_string());
+                return None;
             }
         };
         record.line_mut().src_addr = upstream.local_addr().ok().map(|a| a.to_string());
@@ -271,8 +276,9 @@ impl Outbound {
             ),
             &self.shared.open,
         );
-        let r = relay_until(stream, upstream, std::future::pending(), record.tally()).await;
-        record.finish(&r);
+        let tally = record.tally().clone();
+        let relay = relay_until(stream, upstream, std::future::pending(), tally);
+        Some(Carry::new(record, None, relay))
     }
 
     /// Carries a captured connection through an HBONE tunnel (mTLS to the destination pod's
@@ -284,7 +290,7 @@ impl Outbound {
         route: Route,
         key: PoolKey,
         mut record: ConnectionRecord,
-    ) {
+    ) -> Option<Carry> {
         record.line_mut().hbone = true;
         record.line_mut().src_identity = Some(key.src.to_string());
         record.line_mut().dst_identity = Some(key.dst.to_string());
@@ -299,7 +305,8 @@ impl Outbound {
             Ok(t) => t,
             Err(e) => {
                 reset(stream);
-                return record.refuse(Ending::ConnectFailed, e.to_string());
+                record.refuse(Ending::ConnectFailed, e.to_string());
+                return None;
             }
         };
         record.line_mut().hbone_connection = Some(tunnel.connection_id);
@@ -313,9 +320,12 @@ impl Outbound {
             ),
             &self.shared.open,
         );
-        // The stream's connection counts as busy until `tunnel` drops, after the relay.
-        let r = relay_until(stream, tunnel.io, std::future::pending(), record.tally()).await;
-        record.finish(&r);
+        // The stream's connection counts as busy until its place drops, after the relay.
+        let (io, place) = tunnel.into_parts();
+        let tally = record.tally().clone();
+        let relay = relay_until(stream, io, std::future::pending(), tally);
+        let relay = Holding::new(relay, place);
+        Some(Carry::new(record, None, relay))
     }
 }
 

@@ -40,7 +40,10 @@ use tracing::{debug, info, warn};
 mod http;
 mod policy;
 
+use policy::Revocation;
+
 use super::{
+    carry::{set_up_then_carry, Carry},
     record::{ConnectionRecord, Direction, Ending},
     PodContext, Shared,
 };
@@ -174,15 +177,15 @@ impl Inbound {
         }
     }
 
-    /// A plaintext connection accepted on `pod`'s 15006 listener.
+    /// A plaintext connection accepted on `pod`'s 15006 listener: its set-up.
     pub(super) async fn plaintext(
         self: Arc<Self>,
         pod: Arc<PodContext>,
         stream: TcpStream,
         peer: SocketAddr,
-    ) {
+    ) -> Option<Carry> {
         let Ok(dst) = stream.local_addr() else {
-            return;
+            return None;
         };
         let snapshot = self.shared.snapshot();
         let arrival = if self.node_connections.take_established(peer, dst) {
@@ -191,7 +194,7 @@ impl Inbound {
             Arrival::Plaintext { peer }
         };
         self.deliver(pod, arrival, dst, stream, snapshot, None)
-            .await;
+            .await
     }
 
     /// A connection accepted on `pod`'s HBONE listener: the mTLS handshake as the pod, then
@@ -243,12 +246,12 @@ impl Inbound {
                 identity: identity.clone(),
                 forwarded_for: req.forwarded_for,
             };
-            Box::pin(async move {
+            Box::pin(set_up_then_carry(async move {
                 let snapshot = inbound.shared.snapshot();
                 inbound
                     .deliver(pod, arrival, req.target, tunnel, snapshot, None)
-                    .await;
-            })
+                    .await
+            }))
         });
         let dst_workload = pod.workload.clone();
         let refused_metrics = metrics.clone();
@@ -301,6 +304,8 @@ impl Inbound {
     /// arrived as `arrival`, deciding it against `snapshot` (the one the caller's side routed
     /// on, for same-node traffic). `caller` is the caller side's record when this proxy serves
     /// both ends (same node): it learns the outcome, and is counted as the source reporter.
+    /// This is the set-up: an admitted and connected connection is returned, to be carried
+    /// ([`Carry`]) once this future's state is gone.
     pub(super) async fn deliver<D: Downstream>(
         self: Arc<Self>,
         pod: Arc<PodContext>,
@@ -308,8 +313,8 @@ impl Inbound {
         dst: SocketAddr,
         downstream: D,
         snapshot: Arc<Snapshot>,
-        mut caller: Option<&mut ConnectionRecord>,
-    ) {
+        mut caller: Option<ConnectionRecord>,
+    ) -> Option<Carry> {
         let metrics = &self.shared.metrics;
         let mut record = ConnectionRecord::new(Direction::Inbound, metrics.clone());
         let (call, src_pod) = arrival.call(&snapshot, dst);
@@ -361,7 +366,7 @@ impl Inbound {
             }
         };
         let refuse = |record: &mut ConnectionRecord,
-                      caller: &mut Option<&mut ConnectionRecord>,
+                      caller: &mut Option<ConnectionRecord>,
                       downstream: D,
                       why: Refusal,
                       ending: Ending,
@@ -411,7 +416,8 @@ impl Inbound {
             }
             count_node(NodeOutcome::Refused);
             let (why, ending) = (Refusal::Forbidden, Ending::Refused);
-            return refuse(&mut record, &mut caller, downstream, why, ending, reason);
+            refuse(&mut record, &mut caller, downstream, why, ending, reason);
+            return None;
         }
 
         // What the Services targeting this port declare it speaks (the node's own connections
@@ -460,16 +466,18 @@ impl Inbound {
         let decision = match admission {
             Admission::MtlsRequired(d) => {
                 let (why, ending) = (Refusal::Forbidden, Ending::Refused);
-                return refuse(&mut record, &mut caller, downstream, why, ending, &d.reason);
+                refuse(&mut record, &mut caller, downstream, why, ending, &d.reason);
+                return None;
             }
             Admission::Denied(d) | Admission::Custom(CustomCheck { denied: d, .. }) => {
                 self.record_decision(&pod, &call, &d);
                 record.decided(&d);
-                if let Some(c) = caller.as_deref_mut() {
+                if let Some(c) = caller.as_mut() {
                     c.decided(&d);
                 }
                 let (why, ending) = (Refusal::Forbidden, Ending::Denied);
-                return refuse(&mut record, &mut caller, downstream, why, ending, &d.reason);
+                refuse(&mut record, &mut caller, downstream, why, ending, &d.reason);
+                return None;
             }
             Admission::Allowed(d) if from_node => Some(d),
             Admission::Allowed(d) => {
@@ -492,14 +500,16 @@ impl Inbound {
                 }
                 let reason = format!("delivery to the application failed: {e}");
                 let (why, ending) = (Refusal::Unavailable, Ending::ConnectFailed);
-                return refuse(&mut record, &mut caller, downstream, why, ending, &reason);
+                refuse(&mut record, &mut caller, downstream, why, ending, &reason);
+                return None;
             }
         };
         let downstream = match downstream.open() {
             Ok(io) => io,
             Err(e) => {
                 reset(upstream);
-                return record.refuse(Ending::Error, format!("answering the CONNECT failed: {e}"));
+                record.refuse(Ending::Error, format!("answering the CONNECT failed: {e}"));
+                return None;
             }
         };
         count_node(NodeOutcome::Admitted);
@@ -526,7 +536,7 @@ impl Inbound {
         };
         let open = &self.shared.open;
         record.count(labels(Reporter::Destination), open);
-        if let Some(c) = caller.as_deref_mut() {
+        if let Some(c) = caller.as_mut() {
             // Both sides are this proxy's: counted once as each reporter, listed as two
             // connections that carry the same bytes.
             c.carried_by(&record);
@@ -535,40 +545,31 @@ impl Inbound {
 
         // Counted from the client's view (sent = client to application). The node's own
         // connections were admitted by no policy, so no change revokes them.
-        let r = if from_node {
-            relay_until(downstream, upstream, std::future::pending(), record.tally()).await
-        } else {
-            // A change that no longer admits the connection (a port made STRICT, a new DENY)
-            // resets it; other changes leave it alone.
-            let config = self.shared.config.clone();
-            let revoke = self
-                .clone()
-                .revoked(config, pod.clone(), call.clone(), per_request);
-            match per_request {
-                // Boxed: the HTTP server's state is much larger than a relay's and would
-                // otherwise size every connection's task, relayed or not.
-                true => {
-                    let requests = self.request_context(
-                        &snapshot,
-                        &pod,
-                        dst,
-                        src_pod.as_deref(),
-                        (src_principal.as_deref(), mutual_tls),
-                        &record,
-                    );
-                    let tally = record.tally().clone();
-                    Box::pin(self.serve_per_request(
-                        pod, call, declared, downstream, upstream, requests, revoke, tally,
-                    ))
-                    .await
-                }
-                false => relay_until(downstream, upstream, revoke, record.tally()).await,
-            }
-        };
-        record.finish(&r);
-        if let Some(c) = caller {
-            c.finish(&r);
+        let tally = record.tally().clone();
+        if from_node {
+            let relay = relay_until(downstream, upstream, std::future::pending(), tally);
+            return Some(Carry::new(record, caller, relay));
         }
+        // A change that no longer admits the connection (a port made STRICT, a new DENY)
+        // resets it; other changes leave it alone.
+        let config = self.shared.config.clone();
+        let revoke = Revocation::new(self.clone(), config, pod.clone(), call.clone(), per_request);
+        if !per_request {
+            let relay = relay_until(downstream, upstream, revoke, tally);
+            return Some(Carry::new(record, caller, relay));
+        }
+        let requests = self.request_context(
+            &snapshot,
+            &pod,
+            dst,
+            src_pod.as_deref(),
+            (src_principal.as_deref(), mutual_tls),
+            &record,
+        );
+        let serve = self.serve_per_request(
+            pod, call, declared, downstream, upstream, requests, revoke, tally,
+        );
+        Some(Carry::new(record, caller, serve))
     }
 }
 

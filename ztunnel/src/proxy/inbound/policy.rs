@@ -2,7 +2,12 @@
 //! same node): PeerAuthentication for plaintext callers, then the pod's AuthorizationPolicies.
 //! Decisions are logged (every denial, every AUDIT match), counted, and re-made whenever the
 //! configuration changes for as long as the connection lives.
-use std::sync::Arc;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -95,40 +100,91 @@ impl Inbound {
                 "authorization audit");
         }
     }
+}
 
-    /// Resolves, with the reason, once a configuration change no longer admits `call`. For a
-    /// connection decided per request (`per_request`), only a change that denies the whole
-    /// connection counts; requests are checked against the latest configuration anyway.
-    pub(super) async fn revoked(
-        self: Arc<Self>,
-        mut config: watch::Receiver<Arc<Snapshot>>,
+/// Resolves, with the reason, once a configuration change no longer admits `call`. For a
+/// connection decided per request (`per_request`), only a change that denies the whole
+/// connection counts; requests are checked against the latest configuration anyway.
+///
+/// Every admitted connection holds one for its whole life, so it keeps only its inputs and one
+/// small boxed wait for the next change (an `async fn` kept its arguments twice).
+pub(super) struct Revocation {
+    inbound: Arc<Inbound>,
+    pod: Arc<PodContext>,
+    call: InboundCall,
+    per_request: bool,
+    /// The wait for the next change; it owns the receiver and gives it back (`None` once the
+    /// configuration source is gone: nothing revokes any more).
+    next: Option<NextChange>,
+}
+
+type NextChange = Pin<Box<dyn Future<Output = Option<Changes>> + Send>>;
+type Changes = watch::Receiver<Arc<Snapshot>>;
+
+fn next_change(mut config: Changes) -> NextChange {
+    Box::pin(async move { config.changed().await.ok().map(|()| config) })
+}
+
+impl Revocation {
+    pub(super) fn new(
+        inbound: Arc<Inbound>,
+        config: Changes,
         pod: Arc<PodContext>,
         call: InboundCall,
         per_request: bool,
-    ) -> String {
-        loop {
-            if config.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            let snapshot = config.borrow_and_update().clone();
-            // A pod leaving the configuration is un-enrolled; like every proxied connection,
-            // its connections go on until they end.
-            if pod.in_snapshot(&snapshot).is_none() {
-                continue;
-            }
-            let unknowns = if per_request {
-                Unknowns::Defer
-            } else {
-                Unknowns::Conservative
-            };
-            if let Admission::Denied(d)
+    ) -> Self {
+        Self {
+            inbound,
+            pod,
+            call,
+            per_request,
+            next: Some(next_change(config)),
+        }
+    }
+
+    /// Why `snapshot` no longer admits the call, if it does not.
+    fn revoked_by(&self, snapshot: &Snapshot) -> Option<String> {
+        // A pod leaving the configuration is un-enrolled; like every proxied connection, its
+        // connections go on until they end.
+        self.pod.in_snapshot(snapshot)?;
+        let unknowns = match self.per_request {
+            true => Unknowns::Defer,
+            false => Unknowns::Conservative,
+        };
+        match self
+            .inbound
+            .admit(snapshot, &self.pod, &self.call, unknowns)
+        {
+            Admission::Denied(d)
             | Admission::MtlsRequired(d)
-            | Admission::Custom(CustomCheck { denied: d, .. }) =
-                self.admit(&snapshot, &pod, &call, unknowns)
-            {
-                self.record_decision(&pod, &call, &d);
-                self.shared.metrics.connections_revoked.inc();
-                return format!("no longer allowed: {}", d.reason);
+            | Admission::Custom(CustomCheck { denied: d, .. }) => {
+                self.inbound.record_decision(&self.pod, &self.call, &d);
+                self.inbound.shared.metrics.connections_revoked.inc();
+                Some(format!("no longer allowed: {}", d.reason))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Future for Revocation {
+    type Output = String;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<String> {
+        let this = self.get_mut();
+        loop {
+            let Some(next) = this.next.as_mut() else {
+                return Poll::Pending;
+            };
+            let Some(mut config) = ready!(next.as_mut().poll(cx)) else {
+                this.next = None;
+                return Poll::Pending;
+            };
+            let snapshot = config.borrow_and_update().clone();
+            this.next = Some(next_change(config));
+            if let Some(reason) = this.revoked_by(&snapshot) {
+                this.next = None;
+                return Poll::Ready(reason);
             }
         }
     }

@@ -191,14 +191,14 @@ impl Inbound {
     /// `declared` is the protocol the destination port is declared to speak (HTTP or nothing).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn serve_per_request<D>(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         pod: Arc<PodContext>,
         call: InboundCall,
         declared: Option<AppProtocol>,
         mut downstream: D,
         upstream: TcpStream,
         requests: Arc<RequestContext>,
-        revoke: impl Future<Output = String>,
+        revoke: impl Future<Output = String> + Unpin,
         tally: Arc<OpenConnection>,
     ) -> Relayed
     where
@@ -228,7 +228,7 @@ impl Inbound {
                         return done(Some(e), None);
                     }
                     tally.sent(prefix.len() as u64);
-                    let mut r = relay_until(downstream, upstream, revoke, &tally).await;
+                    let mut r = relay_until(downstream, upstream, revoke, tally.clone()).await;
                     r.sent += prefix.len() as u64;
                     r
                 }
