@@ -25,6 +25,24 @@ use crate::{
     state::EnrolmentPolicy,
 };
 
+/// The snapshot `policy check` and `route check` decide over: the configuration directory
+/// as the proxy would load it, its problems printed as warnings. `Err`: it does not load.
+fn check_snapshot(
+    config_dir: &std::path::Path,
+    root_namespace: &str,
+) -> Result<crate::state::Snapshot, String> {
+    let objects = crate::config::load_dir(config_dir)
+        .map_err(|e| format!("{} is not a valid configuration: {e}", config_dir.display()))?;
+    let settings = crate::state::MeshSettings {
+        root_namespace: root_namespace.to_owned(),
+    };
+    let snapshot = crate::state::Snapshot::build(1, objects, &settings);
+    for problem in &snapshot.problems {
+        eprintln!("warning: {problem}");
+    }
+    Ok(snapshot)
+}
+
 #[derive(Parser)]
 #[command(
     name = "ztunnel",

@@ -3,11 +3,7 @@
 use std::process::ExitCode;
 
 use super::{Output, RouteCheckArgs};
-use crate::{
-    config,
-    route_check::{check as decide, RouteRequest},
-    state::{MeshSettings, Snapshot},
-};
+use crate::route_check::{check as decide, RouteRequest};
 
 /// `route check`: prints the answer; the exit status says routed (0), no route (1), or bad
 /// input or configuration (2).
@@ -16,22 +12,10 @@ pub fn check(args: RouteCheckArgs) -> ExitCode {
         eprintln!("error: {e}");
         ExitCode::from(2)
     };
-    let objects = match config::load_dir(&args.config_dir) {
-        Ok(o) => o,
-        Err(e) => {
-            return bad(format!(
-                "{} is not a valid configuration: {e}",
-                args.config_dir.display()
-            ))
-        }
+    let snapshot = match super::check_snapshot(&args.config_dir, &args.root_namespace) {
+        Ok(s) => s,
+        Err(e) => return bad(e),
     };
-    let settings = MeshSettings {
-        root_namespace: args.root_namespace.clone(),
-    };
-    let snapshot = Snapshot::build(1, objects, &settings);
-    for problem in &snapshot.problems {
-        eprintln!("warning: {problem}");
-    }
     let req = RouteRequest {
         from: args.from,
         to: args.to,
