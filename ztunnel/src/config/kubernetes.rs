@@ -296,7 +296,7 @@ impl Store {
                     debug!(watch = %self.specs[w].label, objects = self.objects[w].len(), "listed");
                 }
                 self.synced[w] = true;
-                return !unchanged;
+                !unchanged
             }
             Update::Applied(w, p) => match p.result {
                 Ok(objects) => {
@@ -304,7 +304,7 @@ impl Store {
                     // Most updates (pod status, annotations of no interest) change nothing
                     // the snapshot holds: no new snapshot for them.
                     let old = self.objects[w].insert(p.key.clone(), *objects);
-                    return old.is_none_or(|old| !same(&old, &self.objects[w][&p.key]));
+                    old.is_none_or(|old| !same(&old, &self.objects[w][&p.key]))
                 }
                 Err(reason) => {
                     if self.rejected[w].get(&p.key) == Some(&reason) {
@@ -313,15 +313,18 @@ impl Store {
                     let kept = self.objects[w].contains_key(&p.key);
                     self.report(w, &p.key, &reason, kept);
                     self.rejected[w].insert(p.key, reason);
-                    return false;
+                    false
                 }
             },
             Update::Deleted(w, key) => {
                 self.rejected[w].remove(&key);
-                return self.objects[w].remove(&key).is_some();
+                self.objects[w].remove(&key).is_some()
             }
             Update::NotServed(w) => {
-                if !self.synced[w] || !self.objects[w].is_empty() {
+                // Retried with backoff: only the first refusal (or one after the kind was
+                // served) changes anything, later ones publish no snapshot.
+                let changed = !self.synced[w] || !self.objects[w].is_empty();
+                if changed {
                     warn!(watch = %self.specs[w].label,
                         api_version = %self.specs[w].resource.api_version,
                         "the API server does not serve this kind (CRD not installed?); none are in force, still watching");
@@ -329,9 +332,9 @@ impl Store {
                 self.objects[w].clear();
                 self.rejected[w].clear();
                 self.synced[w] = true;
+                changed
             }
         }
-        true
     }
 
     /// Logs and counts a rejection (each bad version of an object once).
