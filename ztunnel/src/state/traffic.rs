@@ -52,14 +52,12 @@ pub struct Selection<'a> {
 impl TrafficIndex {
     /// Indexes the rules against the Services; what cannot work is added to `problems`.
     pub(super) fn build(
-        mut virtual_services: Vec<VirtualService>,
-        destination_rules: Vec<DestinationRule>,
+        mut virtual_services: Vec<Arc<VirtualService>>,
+        destination_rules: Vec<Arc<DestinationRule>>,
         services: &std::collections::BTreeMap<Key, Arc<Service>>,
         problems: &mut Vec<String>,
     ) -> Self {
         virtual_services.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
-        let virtual_services: Vec<Arc<VirtualService>> =
-            virtual_services.into_iter().map(Arc::new).collect();
         let mut by_service: HashMap<Key, Vec<(usize, Arc<VirtualService>)>> = HashMap::new();
         for vs in virtual_services.iter() {
             for note in &vs.unsupported {
@@ -117,7 +115,11 @@ impl TrafficIndex {
             }
         }
 
-        let mut rules: Vec<DestinationRule> = destination_rules;
+        // Merged below: each rule is copied (rarely more than a few per namespace).
+        let mut rules: Vec<DestinationRule> = destination_rules
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect();
         rules.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
         let mut merged: Vec<DestinationRule> = Vec::new();
         for dr in rules {
