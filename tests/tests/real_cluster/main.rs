@@ -226,6 +226,10 @@ fn real_cluster_suite() -> Result<()> {
     })?;
     t.step("RequestAuthentication with a JWT", || jwt(web))?;
     t.step("CUSTOM ext-authz provider as a Service", || ext_authz(web))?;
+    t.step(
+        "VirtualServices and DestinationRules are watched; bad ones rejected",
+        traffic_rules,
+    )?;
     t.step("metrics on each node's 15020", metrics)?;
     t.step(
         "rollout restart under load: no plaintext, no failure once Ready",
@@ -838,6 +842,42 @@ fn ext_authz(web: Ipv4Addr) -> Result<()> {
         "authorizationpolicy",
         "checkout-ext-authz",
     ])?;
+    Ok(())
+}
+
+/// The node proxies may watch Istio's traffic rules (RBAC, the chart's CRDs) and read them as
+/// from files: deploy/examples/bookinfo-traffic.yaml names Services this cluster lacks, which
+/// each proxy reports as a configuration problem; a DestinationRule with a misspelt load
+/// balancer (accepted by the CRD, whose traffic policies are free-form) is rejected by name.
+fn traffic_rules() -> Result<()> {
+    for what in [
+        "virtualservices.networking.istio.io",
+        "destinationrules.networking.istio.io",
+    ] {
+        ensure!(can_i("watch", what)?, "the node proxy may not watch {what}");
+    }
+    apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: bookinfo}\n")?;
+    apply(&example("bookinfo-traffic.yaml")?)?;
+    apply("apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: typo, namespace: bookinfo}\nspec: {host: details, trafficPolicy: {loadBalancer: {simple: ROUND_ROBN}}}\n")?;
+    for node in kube::NODES {
+        wait_for("the proxy to report the traffic rules", WAIT, || {
+            let log = proxy_log(node)?;
+            let problem = log.iter().any(|l| {
+                let p = l["problem"].as_str().unwrap_or_default();
+                p.contains("VirtualService bookinfo/reviews") && p.contains("not a known Service")
+            });
+            let rejected = log.iter().any(|l| {
+                l["kind"] == "DestinationRule"
+                    && l["name"] == "typo"
+                    && l["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("ROUND_ROBN"))
+            });
+            Ok((problem && rejected).then_some(()))
+        })
+        .with_context(|| format!("on {node}"))?;
+    }
+    kubectl(&["delete", "namespace", "bookinfo", "--wait=false"])?;
     Ok(())
 }
 

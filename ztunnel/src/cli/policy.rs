@@ -4,9 +4,8 @@ use std::process::ExitCode;
 
 use super::{CheckArgs, Output};
 use crate::{
-    config,
     policy_check::{check as decide, fetch_key_sets, Caller, CheckRequest, Verdict},
-    state::{EnrolmentPolicy, MeshSettings},
+    state::EnrolmentPolicy,
 };
 
 /// `policy check`: prints the answer; the exit status says allowed (0), denied (1), or bad
@@ -16,22 +15,10 @@ pub fn check(args: CheckArgs) -> ExitCode {
         eprintln!("error: {e}");
         ExitCode::from(2)
     };
-    let objects = match config::load_dir(&args.config_dir) {
-        Ok(o) => o,
-        Err(e) => {
-            return bad(format!(
-                "{} is not a valid configuration: {e}",
-                args.config_dir.display()
-            ))
-        }
+    let snapshot = match super::check_snapshot(&args.config_dir, &args.root_namespace) {
+        Ok(s) => s,
+        Err(e) => return bad(e),
     };
-    let settings = MeshSettings {
-        root_namespace: args.root_namespace.clone(),
-    };
-    let snapshot = crate::state::Snapshot::build(1, objects, &settings);
-    for problem in &snapshot.problems {
-        eprintln!("warning: {problem}");
-    }
     let from = match (args.from, args.from_principal) {
         (Some(pod), _) => Caller::Pod(pod),
         (None, Some(p)) => Caller::Principal(p),

@@ -6,8 +6,9 @@
 //! after any error): Namespaces; this node's Pods (`spec.nodeName=<node>`) and, separately,
 //! the other nodes' Pods; Services; the `istio` ConfigMap of the root namespace; and
 //! `security.istio.io/v1` PeerAuthentications, RequestAuthentications and
-//! AuthorizationPolicies. Terminated pods (`status.phase` Succeeded or Failed) are left out
-//! by the API server: their addresses may already belong to new pods.
+//! AuthorizationPolicies; `networking.istio.io/v1` VirtualServices and DestinationRules.
+//! Terminated pods (`status.phase` Succeeded or Failed) are left out by the API server: their
+//! addresses may already belong to new pods.
 //!
 //! Other nodes' pods are watched because the outbound side needs, for every remote
 //! destination, the service account it runs as (HBONE secure naming) and its labels (mesh
@@ -105,12 +106,19 @@ struct WatchSpec {
 }
 
 const ISTIO_SECURITY: &str = "security.istio.io";
+const ISTIO_NETWORKING: &str = "networking.istio.io";
 
 fn istio_kind(kind: &str, plural: &str) -> ApiResource {
+    istio_group_kind(ISTIO_SECURITY, kind, plural)
+}
+
+/// A kind of an Istio API group, watched at `v1` (the API server converts the other served
+/// versions, which share one schema).
+fn istio_group_kind(group: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
-        group: ISTIO_SECURITY.into(),
+        group: group.into(),
         version: "v1".into(),
-        api_version: format!("{ISTIO_SECURITY}/v1"),
+        api_version: format!("{group}/v1"),
         kind: kind.into(),
         plural: plural.into(),
     }
@@ -167,6 +175,16 @@ fn watch_specs(node: &str, root_namespace: &str) -> Vec<WatchSpec> {
             None,
             None,
         ),
+        spec(
+            istio_group_kind(ISTIO_NETWORKING, "VirtualService", "virtualservices"),
+            None,
+            None,
+        ),
+        spec(
+            istio_group_kind(ISTIO_NETWORKING, "DestinationRule", "destinationrules"),
+            None,
+            None,
+        ),
     ]
 }
 
@@ -181,7 +199,7 @@ type Key = (String, String);
 /// One object, parsed on its own.
 struct Parsed {
     key: Key,
-    result: Result<Objects, String>,
+    result: Result<Box<Objects>, String>,
 }
 
 /// What a watch task tells the aggregator.
@@ -249,7 +267,7 @@ impl Store {
                 for p in parsed {
                     match p.result {
                         Ok(objects) => {
-                            fresh.insert(p.key, objects);
+                            fresh.insert(p.key, *objects);
                         }
                         Err(reason) => {
                             if let Some(kept) = old.get(&p.key) {
@@ -278,15 +296,15 @@ impl Store {
                     debug!(watch = %self.specs[w].label, objects = self.objects[w].len(), "listed");
                 }
                 self.synced[w] = true;
-                return !unchanged;
+                !unchanged
             }
             Update::Applied(w, p) => match p.result {
                 Ok(objects) => {
                     self.rejected[w].remove(&p.key);
                     // Most updates (pod status, annotations of no interest) change nothing
                     // the snapshot holds: no new snapshot for them.
-                    let old = self.objects[w].insert(p.key.clone(), objects);
-                    return old.is_none_or(|old| !same(&old, &self.objects[w][&p.key]));
+                    let old = self.objects[w].insert(p.key.clone(), *objects);
+                    old.is_none_or(|old| !same(&old, &self.objects[w][&p.key]))
                 }
                 Err(reason) => {
                     if self.rejected[w].get(&p.key) == Some(&reason) {
@@ -295,15 +313,18 @@ impl Store {
                     let kept = self.objects[w].contains_key(&p.key);
                     self.report(w, &p.key, &reason, kept);
                     self.rejected[w].insert(p.key, reason);
-                    return false;
+                    false
                 }
             },
             Update::Deleted(w, key) => {
                 self.rejected[w].remove(&key);
-                return self.objects[w].remove(&key).is_some();
+                self.objects[w].remove(&key).is_some()
             }
             Update::NotServed(w) => {
-                if !self.synced[w] || !self.objects[w].is_empty() {
+                // Retried with backoff: only the first refusal (or one after the kind was
+                // served) changes anything, later ones publish no snapshot.
+                let changed = !self.synced[w] || !self.objects[w].is_empty();
+                if changed {
                     warn!(watch = %self.specs[w].label,
                         api_version = %self.specs[w].resource.api_version,
                         "the API server does not serve this kind (CRD not installed?); none are in force, still watching");
@@ -311,9 +332,9 @@ impl Store {
                 self.objects[w].clear();
                 self.rejected[w].clear();
                 self.synced[w] = true;
+                changed
             }
         }
-        true
     }
 
     /// Logs and counts a rejection (each bad version of an object once).
@@ -360,6 +381,8 @@ fn same(a: &Objects, b: &Objects) -> bool {
         && a.peer_authentications == b.peer_authentications
         && a.authorization_policies == b.authorization_policies
         && a.request_authentications == b.request_authentications
+        && a.virtual_services == b.virtual_services
+        && a.destination_rules == b.destination_rules
         && a.other == b.other
 }
 
@@ -608,7 +631,7 @@ fn parse(mut obj: DynamicObject, resource: &ApiResource) -> Parsed {
             for pod in &mut objects.pods {
                 Arc::make_mut(pod).netns_path = None;
             }
-            Ok(objects)
+            Ok(Box::new(objects))
         });
     Parsed { key, result }
 }
@@ -741,6 +764,52 @@ mod tests {
         assert_eq!(
             declared,
             [Some(AppProtocol::Tcp), Some(AppProtocol::Http2), None]
+        );
+    }
+
+    /// The traffic rules are watched, and an object from the API server is read as the same
+    /// YAML in a file: a good one is kept, a bad one refused with its name and reason (the
+    /// aggregator then keeps its last good version).
+    #[test]
+    fn traffic_rules_from_the_api_parse_as_files_do() {
+        let specs = watch_specs("node1", "istio-system");
+        let kinds: Vec<(&str, &str)> = specs
+            .iter()
+            .map(|s| (s.resource.api_version.as_str(), s.resource.plural.as_str()))
+            .collect();
+        assert!(kinds.contains(&("networking.istio.io/v1", "virtualservices")));
+        assert!(kinds.contains(&("networking.istio.io/v1", "destinationrules")));
+        let resource = |kind: &str| {
+            specs
+                .iter()
+                .find(|s| s.resource.kind == kind)
+                .unwrap()
+                .resource
+                .clone()
+        };
+        let vs: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "reviews", "namespace": "bookinfo", "uid": "u1",
+                         "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"hosts": ["reviews"], "http": [{
+                "match": [{"headers": {"end-user": {"exact": "jason"}}}],
+                "route": [{"destination": {"host": "reviews", "subset": "v2"}}]}]},
+        }))
+        .unwrap();
+        let parsed = parse(vs, &resource("VirtualService"));
+        let objects = parsed.result.unwrap();
+        assert_eq!(objects.virtual_services[0].id(), "bookinfo/reviews");
+        assert!(objects.virtual_services[0].created.is_some());
+
+        let dr: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "reviews", "namespace": "bookinfo"},
+            "spec": {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+                     "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBN"}}},
+        }))
+        .unwrap();
+        let err = parse(dr, &resource("DestinationRule")).result.unwrap_err();
+        assert!(
+            err.contains("DestinationRule bookinfo/reviews") && err.contains("ROUND_ROBN"),
+            "{err}"
         );
     }
 

@@ -1,5 +1,6 @@
 //! Kubernetes-shaped YAML into [`Objects`]: Namespaces, Pods and Services are modelled, and so
-//! are Istio's `PeerAuthentication`, `AuthorizationPolicy` and `RequestAuthentication`; other
+//! are Istio's `PeerAuthentication`, `AuthorizationPolicy` and `RequestAuthentication`, and its
+//! `VirtualService` and `DestinationRule` (`networking.istio.io`); other
 //! kinds are kept as [`OtherObject`]s for the stages that understand them. A file may hold
 //! several documents and `kind: List` objects, so the output of `kubectl get -o yaml` works
 //! unchanged. Errors name the file, line and reason.
@@ -19,6 +20,7 @@ use crate::model::{
     NETNS_ANNOTATION,
 };
 use crate::state::Objects;
+use crate::traffic::{destination_rule, virtual_service};
 
 /// Why a configuration version was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +205,9 @@ impl Metadata {
 
 const ISTIO_SECURITY_V1: &str = "security.istio.io/v1";
 const ISTIO_SECURITY_V1BETA1: &str = "security.istio.io/v1beta1";
+const ISTIO_NETWORKING_V1: &str = "networking.istio.io/v1";
+const ISTIO_NETWORKING_V1BETA1: &str = "networking.istio.io/v1beta1";
+const ISTIO_NETWORKING_V1ALPHA3: &str = "networking.istio.io/v1alpha3";
 
 /// An Istio policy object: only `spec` matters beyond the head (`status` is ignored).
 #[derive(Deserialize)]
@@ -447,6 +452,33 @@ where
             objects.request_authentications.push(Arc::new(policy));
         }
         (
+            ISTIO_NETWORKING_V1 | ISTIO_NETWORKING_V1BETA1 | ISTIO_NETWORKING_V1ALPHA3,
+            "VirtualService",
+        ) => {
+            let created = meta.created().map_err(ObjectError::Invalid)?;
+            let vs = istio_policy(body, |spec: virtual_service::SpecDoc| {
+                spec.into_virtual_service(namespace, meta.name.clone(), created, origin.clone())
+            })?;
+            objects.virtual_services.push(Arc::new(vs));
+        }
+        (
+            ISTIO_NETWORKING_V1 | ISTIO_NETWORKING_V1BETA1 | ISTIO_NETWORKING_V1ALPHA3,
+            "DestinationRule",
+        ) => {
+            let created = meta.created().map_err(ObjectError::Invalid)?;
+            let dr = istio_policy(body, |spec: destination_rule::SpecDoc| {
+                spec.into_destination_rule(namespace, meta.name.clone(), created, origin.clone())
+            })?;
+            objects.destination_rules.push(Arc::new(dr));
+        }
+        (version, kind @ ("VirtualService" | "DestinationRule"))
+            if version.starts_with("networking.istio.io/") =>
+        {
+            return Err(ObjectError::Invalid(format!(
+                "apiVersion {version} is not supported for {kind} (use {ISTIO_NETWORKING_V1}, {ISTIO_NETWORKING_V1BETA1} or {ISTIO_NETWORKING_V1ALPHA3})"
+            )));
+        }
+        (
             version,
             kind @ ("PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication"),
         ) if version.starts_with("security.istio.io/") => {
@@ -667,6 +699,82 @@ status:
             assert!(e.reason.contains(expect), "{e}");
             assert_eq!(e.line, Some(line), "{e}");
             assert!(e.reason.contains("PeerAuthentication") || e.column.is_some(), "{e}");
+        }
+    }
+
+    #[test]
+    fn traffic_rules_are_read_from_three_api_versions() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: bookinfo}\nspec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: b, namespace: bookinfo}\nspec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}\n---\napiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {name: c}\nspec: {hosts: [ratings], tcp: [{route: [{destination: {host: ratings}}]}]}\nstatus: {anything: goes}\n";
+        let o = parse(text).unwrap();
+        assert_eq!(o.virtual_services.len(), 2);
+        assert_eq!(o.destination_rules.len(), 1);
+        assert_eq!(o.virtual_services[1].namespace, "default");
+        assert_eq!(o.virtual_services[1].origin.line, 11);
+        assert_eq!(o.destination_rules[0].subsets[0].name, "v1");
+        assert!(o.other.is_empty());
+    }
+
+    /// The shipped example is what the proxy accepts, without problems.
+    #[test]
+    fn the_bookinfo_traffic_example_is_accepted() {
+        let o = parse(include_str!(
+            "../../../deploy/examples/bookinfo-traffic.yaml"
+        ))
+        .unwrap();
+        assert_eq!(
+            (o.virtual_services.len(), o.destination_rules.len()),
+            (2, 2)
+        );
+    }
+
+    /// Each bad rule rejects the file with the line of the field at fault (or of the
+    /// document, for what is wrong with the object as a whole).
+    #[test]
+    fn bad_traffic_rules_are_reported_with_their_line() {
+        let head = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n";
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http:\n";
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec:\n  host: reviews\n";
+        for (doc, expect, line) in [
+            (
+                format!("{vs}  - match: [{{uri: {{regex: \"/(?!admin).*\"}}}}]\n    route: [{{destination: {{host: reviews}}}}]\n"),
+                "regex",
+                11,
+            ),
+            (
+                format!("{vs}  - match: [{{headers: {{x: {{regex: \"(a)\\\\1\"}}}}}}]\n    route: [{{destination: {{host: reviews}}}}]\n"),
+                "regex",
+                11,
+            ),
+            (
+                format!("{vs}  - route: [{{destination: {{host: reviews}}}}]\n    retires: {{attempts: 3}}\n"),
+                "unknown field `retires`",
+                12,
+            ),
+            (
+                format!("{vs}  - route: [{{destination: {{host: reviews}}}}]\n    timeout: 3 seconds\n"),
+                "duration",
+                // A bad value is placed at the route it belongs to.
+                11,
+            ),
+            (
+                format!("{dr}  trafficPolicy:\n    loadBalancer: {{simple: FASTEST}}\n"),
+                "FASTEST",
+                5,
+            ),
+            (
+                format!("{dr}  trafficPolicy:\n    conectionPool: {{}}\n"),
+                "unknown field `conectionPool`",
+                11,
+            ),
+            (
+                "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: r}\nspec: {}\n".to_owned(),
+                "not supported",
+                5,
+            ),
+        ] {
+            let e = parse(&format!("{head}{doc}")).unwrap_err();
+            assert!(e.reason.contains(expect), "{doc}: {e}");
+            assert_eq!(e.line, Some(line), "{doc}: {e}");
         }
     }
 

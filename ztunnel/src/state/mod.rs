@@ -8,10 +8,12 @@
 //! * here: building and indexing a snapshot, pods by address;
 //! * [`services`]: Services by cluster IP, and their endpoints;
 //! * [`enrolment`]: who is in the mesh, and which pods this node captures;
-//! * [`policy`]: the policies in force for a workload, which admission decides over.
+//! * [`policy`]: the policies in force for a workload, which admission decides over;
+//! * [`traffic`]: VirtualServices and DestinationRules, which the outbound side routes with.
 mod enrolment;
 mod policy;
 mod services;
+mod traffic;
 
 use std::{
     collections::{btree_map, hash_map, BTreeMap, HashMap},
@@ -21,12 +23,14 @@ use std::{
 
 pub use enrolment::{Enrolment, EnrolmentPolicy};
 pub use services::Endpoint;
+pub use traffic::TrafficIndex;
 
 use crate::authz::{
     AuthorizationPolicies, AuthorizationPolicy, PeerAuthentication, PeerAuthentications, PolicySet,
     RequestAuthentication, RequestAuthentications,
 };
 use crate::model::{Namespace, OtherObject, Pod, Service};
+use crate::traffic::{DestinationRule, VirtualService};
 
 /// Mesh-wide settings that shape how the configuration is read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +58,8 @@ pub struct Objects {
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     pub request_authentications: Vec<Arc<RequestAuthentication>>,
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
     pub other: Vec<OtherObject>,
 }
 
@@ -69,6 +75,10 @@ impl Objects {
             .extend(other.authorization_policies.iter().cloned());
         self.request_authentications
             .extend(other.request_authentications.iter().cloned());
+        self.virtual_services
+            .extend(other.virtual_services.iter().cloned());
+        self.destination_rules
+            .extend(other.destination_rules.iter().cloned());
         self.other.extend(other.other.iter().cloned());
     }
 }
@@ -85,6 +95,8 @@ pub struct Snapshot {
     pub peer_authentications: PeerAuthentications,
     pub authorization_policies: AuthorizationPolicies,
     pub request_authentications: RequestAuthentications,
+    /// VirtualServices and DestinationRules, indexed against the Services.
+    pub traffic: TrafficIndex,
     pub other: Vec<OtherObject>,
     /// Istio's root namespace (from [`MeshSettings`]).
     pub root_namespace: String,
@@ -205,6 +217,12 @@ impl Snapshot {
             }
             slot.insert(svc);
         }
+        s.traffic = TrafficIndex::build(
+            objects.virtual_services,
+            objects.destination_rules,
+            &s.services,
+            &mut s.problems,
+        );
         let problems = s
             .peer_authentications
             .problems(&s.root_namespace, s.pods.values());

@@ -210,6 +210,12 @@ impl ApiServer {
         ] {
             self.register("apis/security.istio.io/v1", plural, kind, true);
         }
+        for (plural, kind) in [
+            ("virtualservices", "VirtualService"),
+            ("destinationrules", "DestinationRule"),
+        ] {
+            self.register("apis/networking.istio.io/v1", plural, kind, true);
+        }
     }
 
     /// A kubeconfig file pointing at this server (trusting its CA when it serves TLS), with
