@@ -217,6 +217,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 home: home.clone(),
                 orig_dst: capture.orig_dst_table(),
                 node_connections: capture.node_connections(),
+                deliveries: capture.inbound_deliveries(),
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
