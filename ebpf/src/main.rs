@@ -483,8 +483,8 @@ mod capture {
             (local, remote, AF_INET6)
         };
         let from_self = remote_addr == addr;
-        // The pod talking to itself and the proxy delivering to the app (from inside the pod,
-        // so from the pod's own address) stay untouched. Such connections do not report the
+        // The pod talking to itself and the proxy delivering to the app from the pod's own
+        // address (where it cannot use the caller's) stay untouched. Such connections do not report the
         // loopback ifindex here (the route's input interface is the pod's own device), so
         // the addresses tell. A peer outside the pod forging the pod's address cannot use this:
         // the SYN-ACK goes to the pod itself, so the handshake never completes (and IPv4

@@ -252,7 +252,8 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
             let endpoints = bound.map(|b| admin::serve_on(b, state.clone()));
             tokio::spawn(crate::memory::return_freed_memory());
 
-            let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
+            let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy)
+                .with_proc_sys(args.proc_sys.clone());
             if let Some(socket) = &args.cni_socket {
                 // Sandboxes reported to a previous proxy keep their capture across the restart.
                 *enroller.cni_pods() =

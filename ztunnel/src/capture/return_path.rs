@@ -17,6 +17,7 @@
 use std::{
     io::{self, Read as _, Seek as _, Write as _},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -30,8 +31,9 @@ use ztunnel_common::{
 
 use crate::netns::Netns;
 
-/// The sysctl the application's accepted sockets inherit the SYN's mark through.
-const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// The sysctl the application's accepted sockets inherit the SYN's mark through, below
+/// `/proc/sys` (whose `net/` shows the netns of the thread that opens it).
+const FWMARK_ACCEPT: &str = "net/ipv4/tcp_fwmark_accept";
 
 /// The return path of one pod netns, installed; removed when dropped.
 #[derive(Debug)]
@@ -45,14 +47,33 @@ pub struct ReturnPath {
     fwmark_accept_after: u8,
     /// Left in place when dropped: the next proxy process takes it over.
     handed_over: AtomicBool,
+    /// The sysctl's path.
+    sysctl: PathBuf,
 }
 
 impl ReturnPath {
     /// Installs the return path for the families a pod has (`v4`, `v6`) in `netns`.
-    pub fn install(netns: Arc<Netns>, home: Arc<Netns>, v4: bool, v6: bool) -> io::Result<Self> {
-        let (rtnl, sysctl) = netns.run(&home, || -> io::Result<_> {
-            Ok((Rtnl::open()?, sysctl_file()?))
+    pub fn install(
+        netns: Arc<Netns>,
+        home: Arc<Netns>,
+        proc_sys: &Path,
+        (v4, v6): (bool, bool),
+    ) -> io::Result<Self> {
+        let path = proc_sys.join(FWMARK_ACCEPT);
+        let (rtnl, mut sysctl) = netns.run(&home, || -> io::Result<_> {
+            Ok((Rtnl::open()?, sysctl_file(&path)?))
         })??;
+        let before = read_sysctl(&mut sysctl)?;
+        // From here on, a failure drops it, which removes what was added.
+        let mut installed = Self {
+            netns,
+            home,
+            v4,
+            v6,
+            fwmark_accept_after: before,
+            handed_over: AtomicBool::new(false),
+            sysctl: path,
+        };
         let mut found = false;
         for (family, wanted) in [(libc::AF_INET, v4), (libc::AF_INET6, v6)] {
             if wanted {
@@ -60,19 +81,12 @@ impl ReturnPath {
                 found |= rtnl.rule(family, true)?;
             }
         }
-        let mut sysctl = sysctl;
-        let before = read_sysctl(&mut sysctl)?;
+        if found {
+            installed.fwmark_accept_after = 0;
+        }
         write_sysctl(&mut sysctl, 1)?;
-        let fwmark_accept_after = if found { 0 } else { before };
-        debug!(netns = %netns.path().display(), v4, v6, "inbound return path installed");
-        Ok(Self {
-            netns,
-            home,
-            v4,
-            v6,
-            fwmark_accept_after,
-            handed_over: AtomicBool::new(false),
-        })
+        debug!(netns = %installed.netns.path().display(), v4, v6, "inbound return path installed");
+        Ok(installed)
     }
 
     /// Leaves the state in place when the last user drops it: a restart, whose next process
@@ -91,7 +105,7 @@ impl ReturnPath {
 
     fn remove(&self) -> io::Result<()> {
         let (rtnl, mut sysctl) = self.netns.run(&self.home, || -> io::Result<_> {
-            Ok((Rtnl::open()?, sysctl_file()?))
+            Ok((Rtnl::open()?, sysctl_file(&self.sysctl)?))
         })??;
         // The sysctl first: from here on no new connection takes the mark.
         write_sysctl(&mut sysctl, self.fwmark_accept_after)?;
@@ -118,11 +132,12 @@ impl Drop for ReturnPath {
     }
 }
 
-fn sysctl_file() -> io::Result<std::fs::File> {
+fn sysctl_file(path: &Path) -> io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(FWMARK_ACCEPT)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))
 }
 
 fn read_sysctl(f: &mut std::fs::File) -> io::Result<u8> {

@@ -99,6 +99,8 @@ pub struct Enroller {
     /// The return path of each pod netns, alive while an enrolment or a connection of it
     /// uses it (a re-enrolment of the same netns shares it).
     return_paths: HashMap<NsId, Weak<ReturnPath>>,
+    /// Where `/proc/sys` is writable (`--proc-sys`).
+    proc_sys: std::path::PathBuf,
 }
 
 impl Enroller {
@@ -120,7 +122,14 @@ impl Enroller {
             stale_swept: false,
             cni: CniPods::default(),
             return_paths: HashMap::new(),
+            proc_sys: "/proc/sys".into(),
         }
+    }
+
+    /// Sets where `/proc/sys` is writable (`--proc-sys`), for the pods' return paths.
+    pub fn with_proc_sys(mut self, dir: std::path::PathBuf) -> Self {
+        self.proc_sys = dir;
+        self
     }
 
     pub fn node(&self) -> &str {
@@ -447,7 +456,7 @@ impl Enroller {
         if let Some(r) = self.return_paths.get(&key.netns).and_then(Weak::upgrade) {
             return Some(r);
         }
-        match ReturnPath::install(netns.clone(), self.home.clone(), v4, v6) {
+        match ReturnPath::install(netns.clone(), self.home.clone(), &self.proc_sys, (v4, v6)) {
             Ok(r) => {
                 let r = Arc::new(r);
                 self.return_paths.insert(key.netns, Arc::downgrade(&r));
