@@ -548,6 +548,21 @@ mod tests {
     }
 
     #[test]
+    fn delivery_keys_are_the_applications_view_of_the_connection() {
+        let caller: SocketAddr = "10.1.0.2:40000".parse().unwrap();
+        let pod: SocketAddr = "10.2.0.2:8080".parse().unwrap();
+        let key = DeliveryKey::new(caller, pod).unwrap();
+        assert_eq!(key.caller_addr, addr_words(caller.ip()).1);
+        assert_eq!(key.pod_addr, addr_words(pod.ip()).1);
+        assert_eq!(
+            (key.caller_port, key.pod_port, key.family),
+            (40000, 8080, AF_INET)
+        );
+        let v6: SocketAddr = "[fd00::2]:8080".parse().unwrap();
+        assert_eq!(DeliveryKey::new(caller, v6), None, "families differ");
+    }
+
+    #[test]
     fn pod_local_addresses_keep_the_first_of_each_family() {
         let ips = ["10.1.0.2", "fd00::2", "10.1.0.3", "fd00::3"].map(|ip| ip.parse().unwrap());
         let a = PodLocalAddrs::of(ips);
