@@ -20,6 +20,17 @@ pub const HBONE_PORT: u16 = 15008;
 /// Same value Istio uses for its own proxy traffic.
 pub const PROXY_MARK: u32 = 0x539;
 
+/// `SO_MARK` of the proxy's sockets that deliver inbound connections to the application from
+/// the caller's address (docs/capture.md, "Inbound delivery"). The capture programs skip them
+/// like [`PROXY_MARK`]; inside an enrolled pod's netns the policy rule
+/// `fwmark DELIVERY_MARK lookup DELIVERY_ROUTE_TABLE` routes the application's replies, which
+/// inherit the mark (`net.ipv4.tcp_fwmark_accept`), back to the proxy over `lo`.
+pub const DELIVERY_MARK: u32 = 0x53a;
+/// The routing table of an enrolled pod's netns that holds `local default dev lo`.
+pub const DELIVERY_ROUTE_TABLE: u32 = 15006;
+/// Priority of the pod netns's rule for [`DELIVERY_MARK`]: before `main` (32766).
+pub const DELIVERY_RULE_PRIORITY: u32 = 32700;
+
 /// ifindex of `lo` in every network namespace (the kernel registers it first).
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
@@ -44,8 +55,11 @@ pub mod maps {
     /// netns cookie → [`super::PodLocalAddrs`]: the pod's own addresses, which
     /// `zt_getsockname4/6` give a captured socket as its local address.
     pub const POD_LOCAL_ADDRS: &str = "pod_local_addrs";
+    /// [`super::DeliveryKey`] → 1: the proxy's own connections to an application that carry
+    /// the caller's address, from bind to handshake; `zt_sk_lookup` lets them through.
+    pub const INBOUND_DELIVERIES: &str = "inbound_deliveries";
     /// Every map the object must define.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         ENROLLED_NETNS,
         ORIG_DST_BY_SOCKET,
         ORIG_DST_BY_PEER,
@@ -53,6 +67,7 @@ pub mod maps {
         POD_ADDRESSES,
         NODE_CONNECTIONS,
         POD_LOCAL_ADDRS,
+        INBOUND_DELIVERIES,
     ];
 }
 
@@ -93,7 +108,7 @@ pub const NODE_NETNS_COOKIE_GLOBAL: &str = "NODE_NETNS_COOKIE";
 /// link_cgroup_connect4 ... link_cgroup_sockops      cgroup attachments (survive a proxy restart)
 /// link_cgroup_node_sockops                          the node's connections to pods (probes)
 /// enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners    maps, by their names
-/// pod_addresses  node_connections  pod_local_addrs
+/// pod_addresses  node_connections  pod_local_addrs  inbound_deliveries
 /// pods/<namespace>_<pod>                            that pod's sk_lookup link
 /// ```
 pub mod pins {
@@ -291,6 +306,23 @@ pub struct NodeConn {
     pub _pad: u32,
 }
 
+/// A connection the proxy opens inside a pod's netns to deliver an inbound connection, as the
+/// application's side sees it: from the caller's address and the port the proxy's socket is
+/// bound to, to the pod's address and the application's port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// Network byte order; IPv4 uses word 0 only.
+    pub caller_addr: [u32; 4],
+    pub pod_addr: [u32; 4],
+    /// Host byte order.
+    pub caller_port: u16,
+    pub pod_port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
 // The layouts both sides compile: a field added, reordered or resized changes these, and the
 // kernel and the proxy must then be rebuilt together.
 const _: () = {
@@ -303,6 +335,7 @@ const _: () = {
     assert!(size_of::<NodeConnKey>() == 40);
     assert!(size_of::<NodeConn>() == 16);
     assert!(size_of::<PodLocalAddrs>() == 20);
+    assert!(size_of::<DeliveryKey>() == 40);
 };
 
 /// `ip` as the kernel hands it to BPF programs: its family and its address in network byte
@@ -431,6 +464,23 @@ impl NodeConnKey {
     }
 }
 
+impl DeliveryKey {
+    /// The key of a delivery from `caller` (the proxy socket's bound address) to `pod`;
+    /// `None` when the two are of different families.
+    pub fn new(caller: SocketAddr, pod: SocketAddr) -> Option<Self> {
+        let (family, caller_addr) = addr_words(caller.ip());
+        let (pod_family, pod_addr) = addr_words(pod.ip());
+        (family == pod_family).then_some(Self {
+            caller_addr,
+            pod_addr,
+            caller_port: caller.port(),
+            pod_port: pod.port(),
+            family,
+            _pad: 0,
+        })
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding is explicit.
@@ -442,6 +492,7 @@ mod user {
     unsafe impl aya::Pod for super::NodeConnKey {}
     unsafe impl aya::Pod for super::NodeConn {}
     unsafe impl aya::Pod for super::PodLocalAddrs {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }
 
 #[cfg(test)]
@@ -494,6 +545,21 @@ mod tests {
             (key.netns_cookie, key.port, key.family),
             (7, 40000, AF_INET6)
         );
+    }
+
+    #[test]
+    fn delivery_keys_are_the_applications_view_of_the_connection() {
+        let caller: SocketAddr = "10.1.0.2:40000".parse().unwrap();
+        let pod: SocketAddr = "10.2.0.2:8080".parse().unwrap();
+        let key = DeliveryKey::new(caller, pod).unwrap();
+        assert_eq!(key.caller_addr, addr_words(caller.ip()).1);
+        assert_eq!(key.pod_addr, addr_words(pod.ip()).1);
+        assert_eq!(
+            (key.caller_port, key.pod_port, key.family),
+            (40000, 8080, AF_INET)
+        );
+        let v6: SocketAddr = "[fd00::2]:8080".parse().unwrap();
+        assert_eq!(DeliveryKey::new(caller, v6), None, "families differ");
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   connections that sockets of the node's network namespace (the kubelet's probes) open to
 //!   enrolled pods, by 4-tuple, from SYN to close; the proxy admits exactly those in plaintext.
 //!
-//! The proxy's own sockets carry `PROXY_MARK` and are never redirected.
+//! The proxy's own sockets carry `PROXY_MARK` (or `DELIVERY_MARK`, those that deliver to an
+//! application from the caller's address) and are never redirected.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -29,9 +30,10 @@ mod capture {
         EbpfContext,
     };
     use ztunnel_common::{
-        EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey, PodAddr,
-        PodLocalAddrs, AF_INET, AF_INET6, HBONE_PORT, LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT,
-        LOOPBACK_IFINDEX, NODE_CONN_CONNECTING, NODE_CONN_ESTABLISHED, OUTBOUND_PORT, PROXY_MARK,
+        DeliveryKey, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey,
+        PodAddr, PodLocalAddrs, AF_INET, AF_INET6, DELIVERY_MARK, HBONE_PORT, LISTENER_HBONE,
+        LISTENER_INBOUND_PLAINTEXT, LOOPBACK_IFINDEX, NODE_CONN_CONNECTING, NODE_CONN_ESTABLISHED,
+        OUTBOUND_PORT, PROXY_MARK,
     };
 
     const SOCK_STREAM: u32 = 1;
@@ -65,6 +67,14 @@ mod capture {
     #[map(name = "pod_local_addrs")]
     static POD_LOCAL_ADDRS: HashMap<u64, PodLocalAddrs> = HashMap::pinned(16_384, 0);
 
+    /// Written by the proxy only, for as long as each delivery connects. Not an LRU: an entry
+    /// evicted while its SYN is in flight would send the proxy's own connection back to it.
+    /// Allocated on demand (it holds only the handshakes in progress).
+    #[map(name = "inbound_deliveries")]
+    static INBOUND_DELIVERIES: HashMap<DeliveryKey, u8> =
+        HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+    const BPF_F_NO_PREALLOC: u32 = 1;
+
     /// The netns cookie of the node's own network namespace, set by the proxy at load time
     /// (`NODE_NETNS_COOKIE_GLOBAL`). Zero: not set, nothing is recorded.
     #[unsafe(no_mangle)]
@@ -88,7 +98,7 @@ mod capture {
             let sa = &*ctx.sock_addr;
             (sa.type_, (*sa.__bindgen_anon_1.sk).mark)
         };
-        if sock_type != SOCK_STREAM || mark == PROXY_MARK {
+        if sock_type != SOCK_STREAM || mark == PROXY_MARK || mark == DELIVERY_MARK {
             return None;
         }
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -451,12 +461,11 @@ mod capture {
         {
             return sk_action::SK_PASS;
         }
-        let (addr, family, from_self) = if ctx_field!(l, family) == u32::from(AF_INET) {
-            let local = ctx_field!(l, local_ip4);
+        let (addr, remote_addr, family) = if ctx_field!(l, family) == u32::from(AF_INET) {
             (
-                [local, 0, 0, 0],
+                [ctx_field!(l, local_ip4), 0, 0, 0],
+                [ctx_field!(l, remote_ip4), 0, 0, 0],
                 AF_INET,
-                ctx_field!(l, remote_ip4) == local,
             )
         } else {
             let local = [
@@ -471,10 +480,11 @@ mod capture {
                 ctx_field!(l, remote_ip6[2]),
                 ctx_field!(l, remote_ip6[3]),
             ];
-            (local, AF_INET6, remote == local)
+            (local, remote, AF_INET6)
         };
-        // The pod talking to itself and the proxy delivering to the app (from inside the pod,
-        // so from the pod's own address) stay untouched. Such connections do not report the
+        let from_self = remote_addr == addr;
+        // The pod talking to itself and the proxy delivering to the app from the pod's own
+        // address (where it cannot use the caller's) stay untouched. Such connections do not report the
         // loopback ifindex here (the route's input interface is the pod's own device), so
         // the addresses tell. A peer outside the pod forging the pod's address cannot use this:
         // the SYN-ACK goes to the pod itself, so the handshake never completes (and IPv4
@@ -482,7 +492,24 @@ mod capture {
         if from_self {
             return sk_action::SK_PASS;
         }
-        let kind = if ctx_field!(l, local_port) == u32::from(HBONE_PORT) {
+        let local_port = ctx_field!(l, local_port);
+        // The proxy delivering to the app from the caller's address: it wrote this exact
+        // 4-tuple (its socket's bound address and port) before connecting. A packet from
+        // elsewhere that forges the same 4-tuple gains nothing: its handshake completes with
+        // the proxy's socket or not at all.
+        let delivery = DeliveryKey {
+            caller_addr: remote_addr,
+            pod_addr: addr,
+            caller_port: u16::from_be(ctx_field!(l, remote_port)),
+            pod_port: local_port as u16,
+            family,
+            _pad: 0,
+        };
+        // SAFETY: read-only lookup of a plain value.
+        if unsafe { INBOUND_DELIVERIES.get(&delivery) }.is_some() {
+            return sk_action::SK_PASS;
+        }
+        let kind = if local_port == u32::from(HBONE_PORT) {
             LISTENER_HBONE
         } else {
             LISTENER_INBOUND_PLAINTEXT

@@ -6,7 +6,7 @@
 //! `getsockname()`.
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
-use ztunnel_tests::{jwt::IdentityProvider, pod, service, Cluster, ProbeOutput};
+use ztunnel_tests::{jwt::IdentityProvider, pod, service, Cluster, PodRef, ProbeOutput};
 
 mod common;
 
@@ -303,5 +303,104 @@ fn a_captured_client_sees_its_pod_address_as_its_local_address() -> Result<()> {
         ip_of(&out["local"]).as_deref() == Some(sleep.ip().to_string().as_str()),
         "{out}"
     );
+    Ok(())
+}
+
+/// `args` run in `pod`, its stdout (a failure is an error).
+fn run_in(pod: &PodRef, args: &[&str]) -> Result<String> {
+    let out = pod.run(args, WAIT)?;
+    ensure!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What of the inbound return path a pod netns holds: the rule, the route, the sysctl.
+fn return_path_state(pod: &PodRef) -> Result<(bool, bool, String)> {
+    let rules = run_in(pod, &["ip", "-4", "rule", "show"])?;
+    let routes = run_in(pod, &["ip", "-4", "route", "show", "table", "all"])?;
+    let sysctl = run_in(pod, &["cat", "/proc/sys/net/ipv4/tcp_fwmark_accept"])?;
+    Ok((
+        rules.contains("fwmark 0x53a lookup 15006"),
+        routes.contains("local default dev lo table 15006"),
+        sysctl.trim().to_owned(),
+    ))
+}
+
+#[test]
+fn the_application_sees_the_callers_address() -> Result<()> {
+    const BYTES: &str = "4194304";
+    let c = start()?;
+    let web = c.pod("shop", "web");
+    ensure!(
+        return_path_state(&web)? == (true, true, "1".into()),
+        "the enrolled pod's return path: {:?}",
+        return_path_state(&web)?
+    );
+    let echo = web.tcp_echo(7001)?;
+    let dst = addr(&c, "shop", "web", 7001);
+    for (ns, name, via) in CALLERS {
+        let from = c.pod(ns, name);
+        let (seen, mark) = (echo.lines().len(), c.log_mark(2));
+        // Two connections that each echo 4 MiB end to end, byte for byte: the replies find
+        // their way back to the proxy.
+        let out = ok(
+            from.probe(&[
+                "transfer",
+                "--addr",
+                &dst,
+                "--bytes",
+                BYTES,
+                "--streams",
+                "2",
+            ])?,
+            via,
+        )?;
+        ensure!(out["intact"] == 2, "{via}: {out}");
+        // getpeername() of every connection the app accepted: the caller's pod address.
+        let caller = from.ip().to_string();
+        let peers = ztunnel_tests::wait_until(WAIT, "the app's two accepts", || {
+            let peers: Vec<String> = echo.lines()[seen..]
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| v["event"] == "accept")
+                .map(|v| ip_of(&v["peer"]).unwrap_or_default())
+                .collect();
+            (peers.len() >= 2).then_some(peers)
+        })?;
+        ensure!(
+            peers.len() == 2 && peers.iter().all(|p| *p == caller),
+            "{via}: the app should see the caller {caller}, saw {peers:?}"
+        );
+        let line = inbound_line(&c, mark, &dst)?;
+        ensure!(
+            line["src_preserved"] == true && line["src_fallback"].is_null(),
+            "{via}: {line}"
+        );
+    }
+    let scrape = c.node(2).scrape()?;
+    let delivered = scrape.sum(
+        "ztunnel_inbound_delivery_source_total",
+        &[("reason", "caller")],
+    );
+    ensure!(
+        delivered >= 6.0,
+        "deliveries from the caller's address: {delivered}"
+    );
+
+    // Released with the pod's enrolment: the netns holds none of it any more.
+    let m2 = c.log_mark(2);
+    c.set_namespace_labels("shop", &[])?;
+    c.wait_for_log_since(2, m2, WAIT, |l| {
+        l["message"] == "pod un-enrolled" && l["pod"] == "shop/web"
+    })?;
+    ztunnel_tests::wait_until(WAIT, "the return path to be removed", || {
+        return_path_state(&web)
+            .ok()
+            .filter(|s| *s == (false, false, "0".into()))
+    })?;
     Ok(())
 }

@@ -217,6 +217,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 home: home.clone(),
                 orig_dst: capture.orig_dst_table(),
                 node_connections: capture.node_connections(),
+                deliveries: capture.inbound_deliveries(),
                 config: config.clone(),
                 node: args.node_name.clone(),
                 policy: policy.clone(),
@@ -253,7 +254,8 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
             #[cfg(feature = "alloc-census")]
             tokio::spawn(crate::memory::census::write_while_enabled());
 
-            let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy);
+            let mut enroller = Enroller::new(capture, proxy, home, args.node_name.clone(), policy)
+                .with_proc_sys(args.proc_sys.clone());
             if let Some(socket) = &args.cni_socket {
                 // Sandboxes reported to a previous proxy keep their capture across the restart.
                 *enroller.cni_pods() =

@@ -1,5 +1,6 @@
 //! The proxy's own sockets. Every socket the proxy dials carries [`PROXY_MARK`], so the capture
-//! programs never take it (it leaves with its netns's own address and is not captured again);
+//! programs never take it (it leaves with its netns's own address and is not captured again),
+//! or, delivering to an application from the caller's address, [`DELIVERY_MARK`];
 //! every socket is non-blocking, and small writes (TLS records, HTTP/2 frames, request/response
 //! exchanges) never wait for Nagle: latency is the product.
 use std::{
@@ -9,7 +10,7 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use ztunnel_common::PROXY_MARK;
+use ztunnel_common::{DELIVERY_MARK, PROXY_MARK};
 
 /// Listen backlog of the per-pod listeners.
 const BACKLOG: i32 = 1024;
@@ -31,6 +32,47 @@ pub fn marked(dst: SocketAddr) -> io::Result<socket2::Socket> {
     Ok(socket)
 }
 
+/// A socket to deliver a connection to an application from `caller`, an address that is not
+/// this netns's own: transparent (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN`), marked
+/// [`DELIVERY_MARK`], and bound now, port included, so its 4-tuple is known before it
+/// connects (docs/capture.md, "Inbound delivery").
+pub fn transparent(caller: IpAddr, dst: SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = tcp(dst)?;
+    socket.set_mark(DELIVERY_MARK)?;
+    match dst {
+        SocketAddr::V4(_) => socket.set_ip_transparent(true)?,
+        SocketAddr::V6(_) => set_int_option(&socket, libc::SOL_IPV6, libc::IPV6_TRANSPARENT)?,
+    }
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&SocketAddr::new(caller, 0).into())?;
+    Ok(socket)
+}
+
+/// Sets an integer socket option to 1.
+fn set_int_option(
+    socket: &socket2::Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int option value on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Connects a socket made by [`marked`], giving up after `timeout`.
 pub async fn connect(
     socket: socket2::Socket,
@@ -47,21 +89,7 @@ pub async fn connect(
 /// Binds `socket` to `ip` without reserving a port yet (`IP_BIND_ADDRESS_NO_PORT`): the port
 /// is picked at connect time, per destination, so a busy pod does not run out of ports.
 pub fn bind_address_only(socket: &socket2::Socket, ip: IpAddr) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option value on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_int_option(socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
     socket.bind(&SocketAddr::new(ip, 0).into())
 }
 

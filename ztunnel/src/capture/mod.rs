@@ -6,6 +6,7 @@
 //! their connects redirected to a listener that no longer exists, and their inbound traffic
 //! finds no proxy socket and is dropped: capture fails closed.
 pub mod inventory;
+pub mod return_path;
 
 use std::{
     collections::HashSet,
@@ -27,8 +28,8 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 use ztunnel_common::{
-    addr_from_words, maps, pins, programs, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey,
-    OrigDst, OrigDstKey, PodAddr, PodLocalAddrs, NODE_CONN_ESTABLISHED,
+    addr_from_words, maps, pins, programs, DeliveryKey, EnrolledNetns, ListenerKey, NodeConn,
+    NodeConnKey, OrigDst, OrigDstKey, PodAddr, PodLocalAddrs, NODE_CONN_ESTABLISHED,
 };
 
 use crate::netns::Netns;
@@ -67,6 +68,7 @@ pub struct Capture {
     local_addrs: BpfHashMap<MapData, u64, PodLocalAddrs>,
     orig_dst: Arc<OrigDstTable>,
     node_connections: Arc<NodeConnections>,
+    deliveries: Arc<InboundDeliveries>,
     _cgroup_links: Vec<PinnedLink>,
     /// Exclusive `flock` on the pin directory: one proxy per directory.
     _lock: File,
@@ -255,6 +257,15 @@ impl Capture {
         let node_connections = Arc::new(NodeConnections(Mutex::new(BpfHashMap::try_from(
             take_map(&mut ebpf, maps::NODE_CONNECTIONS)?,
         )?)));
+        let mut deliveries: BpfHashMap<MapData, DeliveryKey, u8> =
+            BpfHashMap::try_from(take_map(&mut ebpf, maps::INBOUND_DELIVERIES)?)?;
+        // Entries of a previous process that died while connecting: that process and its
+        // sockets are gone (this one holds the pin directory now).
+        let stale: Vec<DeliveryKey> = deliveries.keys().filter_map(|k| k.ok()).collect();
+        for key in &stale {
+            let _ = deliveries.remove(key);
+        }
+        let deliveries = Arc::new(InboundDeliveries(Mutex::new(deliveries)));
         info!(bpf_dir = %bpf_dir.display(), cgroup = %opts.cgroup.display(),
             node_cgroup = %opts.node_cgroup.display(), "capture programs attached");
         Ok(Self {
@@ -266,6 +277,7 @@ impl Capture {
             local_addrs,
             orig_dst,
             node_connections,
+            deliveries,
             _cgroup_links: cgroup_links,
             _lock: lock,
         })
@@ -274,6 +286,11 @@ impl Capture {
     /// The node's own connections to enrolled pods, shared with the inbound proxy.
     pub fn node_connections(&self) -> Arc<NodeConnections> {
         self.node_connections.clone()
+    }
+
+    /// The proxy's deliveries in progress, which `zt_sk_lookup` lets through.
+    pub fn inbound_deliveries(&self) -> Arc<InboundDeliveries> {
+        self.deliveries.clone()
     }
 
     pub fn bpf_dir(&self) -> &Path {
@@ -491,6 +508,39 @@ impl NodeConnections {
         };
         let _ = map.remove(&key);
         conn.state == NODE_CONN_ESTABLISHED
+    }
+}
+
+/// The proxy's connections to applications that carry the caller's address, while they
+/// connect: `zt_sk_lookup` passes exactly these 4-tuples to the application instead of
+/// steering them back to the proxy's own listener.
+pub struct InboundDeliveries(Mutex<BpfHashMap<MapData, DeliveryKey, u8>>);
+
+impl InboundDeliveries {
+    /// Registers the delivery `key`; it is let through until the returned entry is dropped
+    /// (after the handshake: later packets find the established socket before any lookup).
+    pub fn register(self: &Arc<Self>, key: DeliveryKey) -> io::Result<Delivery> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(key, 1, 0).map_err(io::Error::other)?;
+        Ok(Delivery {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One registered delivery; dropping it removes the entry.
+pub struct Delivery {
+    table: Arc<InboundDeliveries>,
+    key: DeliveryKey,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = absent_ok(map.remove(&self.key)) {
+            warn!(error = %e, "cannot remove an inbound delivery entry");
+        }
     }
 }
 

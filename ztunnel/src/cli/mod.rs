@@ -351,6 +351,12 @@ pub struct RunArgs {
     /// program that recognises their connections to pods (probes) attaches [default: --cgroup].
     #[arg(long)]
     pub node_cgroup: Option<PathBuf>,
+    /// Where the node's `/proc/sys` is writable: the proxy sets `net.ipv4.tcp_fwmark_accept`
+    /// in each enrolled pod's netns through it (docs/capture.md, "Inbound delivery").
+    /// Container runtimes mount a container's own `/proc/sys` read-only: mount the node's
+    /// (a hostPath) elsewhere and name it here.
+    #[arg(long, default_value = "/proc/sys")]
+    pub proc_sys: PathBuf,
     /// Serve the `ztunnel-cni` plugin on this unix socket, so new pods are captured before
     /// they start (`ztunnel cni install` points the plugin here; conventionally
     /// /var/run/ztunnel/cni.sock). The node state file the plugin falls back on is written

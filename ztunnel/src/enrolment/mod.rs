@@ -16,7 +16,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
-    sync::Arc,
+    sync::{Arc, Weak},
 };
 
 use anyhow::{Context as _, Result};
@@ -28,7 +28,7 @@ use ztunnel_common::{
 };
 
 use crate::{
-    capture::Capture,
+    capture::{return_path::ReturnPath, Capture},
     cni::registry::{CniPod, CniPods, CniView},
     config::pod_netns::NsId,
     identity::SpiffeId,
@@ -79,6 +79,8 @@ struct EnrolledPod {
     listener_keys: Vec<ListenerKey>,
     tasks: Vec<JoinHandle<()>>,
     context: Arc<PodContext>,
+    /// Held while enrolled (and by each connection delivered through it).
+    return_path: Option<Arc<ReturnPath>>,
 }
 
 /// The node's enrolment controller.
@@ -94,6 +96,11 @@ pub struct Enroller {
     stale_swept: bool,
     /// Sandboxes the CNI plugin reported.
     cni: CniPods,
+    /// The return path of each pod netns, alive while an enrolment or a connection of it
+    /// uses it (a re-enrolment of the same netns shares it).
+    return_paths: HashMap<NsId, Weak<ReturnPath>>,
+    /// Where `/proc/sys` is writable (`--proc-sys`).
+    proc_sys: std::path::PathBuf,
 }
 
 impl Enroller {
@@ -114,7 +121,15 @@ impl Enroller {
             failures: HashMap::new(),
             stale_swept: false,
             cni: CniPods::default(),
+            return_paths: HashMap::new(),
+            proc_sys: "/proc/sys".into(),
         }
+    }
+
+    /// Sets where `/proc/sys` is writable (`--proc-sys`), for the pods' return paths.
+    pub fn with_proc_sys(mut self, dir: std::path::PathBuf) -> Self {
+        self.proc_sys = dir;
+        self
     }
 
     pub fn node(&self) -> &str {
@@ -359,6 +374,8 @@ impl Enroller {
             .context("entering the pod netns")?
             .context("opening the proxy listeners in the pod netns")?;
         let cookie = socket_netns_cookie(&outbound[0]).context("reading the netns cookie")?;
+        let netns = Arc::new(netns);
+        let return_path = self.return_path(&pod.workload(), &key, &netns, (has_v4, has_v6));
 
         let mut listeners = Vec::new();
         for ip in &ips {
@@ -381,8 +398,9 @@ impl Enroller {
             workload: pod.workload(),
             identity,
             ips: ips.clone(),
-            netns: Arc::new(netns),
+            netns,
             netns_cookie: cookie,
+            return_path: return_path.as_ref().map_or_else(Weak::new, Arc::downgrade),
         });
         let mut tasks = Vec::new();
         let listening = outbound
@@ -428,9 +446,41 @@ impl Enroller {
                 listener_keys,
                 tasks,
                 context: ctx,
+                return_path,
             },
         );
         Ok(())
+    }
+
+    /// The return path of deliveries from the caller's address into `netns` (shared with an
+    /// earlier enrolment of it whose connections still live); `None`, logged, if it cannot be
+    /// set up: the pod's deliveries then come from its own address.
+    fn return_path(
+        &mut self,
+        workload: &str,
+        key: &EnrolmentKey,
+        netns: &Arc<Netns>,
+        (v4, v6): (bool, bool),
+    ) -> Option<Arc<ReturnPath>> {
+        self.return_paths.retain(|_, r| r.strong_count() > 0);
+        // Still in use: shared as it is. A second one would remove the first's state when
+        // either goes; a family the netns gained meanwhile falls back to the pod's address.
+        if let Some(r) = self.return_paths.get(&key.netns).and_then(Weak::upgrade) {
+            return Some(r);
+        }
+        match ReturnPath::install(netns.clone(), self.home.clone(), &self.proc_sys, (v4, v6)) {
+            Ok(r) => {
+                let r = Arc::new(r);
+                self.return_paths.insert(key.netns, Arc::downgrade(&r));
+                Some(r)
+            }
+            Err(e) => {
+                warn!(pod = %workload, error = %e,
+                    "cannot set up the return path of deliveries from the caller's address; \
+                     the application will see connections come from its own address");
+                None
+            }
+        }
     }
 
     /// For a restart: stops accepting on every pod's listeners (the kernel drops them from the
@@ -439,6 +489,11 @@ impl Enroller {
     /// fail closed until the next proxy listens. Connections already proxied go on.
     pub fn hand_over(self) {
         for pod in self.enrolled.into_values() {
+            // Its return path stays for the next process, whichever connection of this one
+            // ends last.
+            if let Some(r) = &pod.return_path {
+                r.hand_over();
+            }
             stop_listening(&pod);
         }
         match self.capture.release() {

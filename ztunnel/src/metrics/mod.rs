@@ -276,6 +276,9 @@ pub struct Metrics {
     pub authz_decisions: Family<DecisionLabels, Counter>,
     /// Open connections cut because a configuration change no longer admits them.
     pub connections_revoked: Counter,
+    /// Inbound deliveries by the source address the application saw: `caller`, or why the
+    /// pod's own (`looped`: the proxy's own delivery steered back to it, reset).
+    pub delivery_source: ByReason,
     /// Requests refused for a bad JWT (401), by reason.
     pub jwt_failures: ByReason,
     /// CUSTOM checks by outcome (`allowed`, `denied`, `error`, `error_fail_open`,
@@ -384,6 +387,11 @@ impl Metrics {
                 "ztunnel_connections_revoked",
                 "Open connections reset because a configuration change no longer admits them",
                 m.connections_revoked.clone()
+            ),
+            (
+                "ztunnel_inbound_delivery_source",
+                "Inbound connections delivered to the application, by the source address it saw: reason=caller (the caller's, as without the mesh) or why the pod's own",
+                m.delivery_source.0.clone()
             ),
             (
                 "ztunnel_jwt_failures",

@@ -22,10 +22,10 @@ pub use record::{Direction, OpenConnection};
 pub mod request;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock, Weak},
     time::Duration,
 };
 
@@ -37,7 +37,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    capture::{NodeConnections, OrigDstTable},
+    capture::{return_path::ReturnPath, InboundDeliveries, NodeConnections, OrigDstTable},
     hbone::{self, Pending, Pool, PoolLimits, ServerLimits},
     identity::{CertificateCache, SpiffeId},
     metrics::Metrics,
@@ -65,6 +65,10 @@ pub struct PodContext {
     /// Shared with the HBONE pool keys of the tunnels dialled from this pod.
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
+    /// The routing that brings the application's replies back to a delivery that keeps the
+    /// caller's address. The enrolment holds it, and so does each connection delivered
+    /// through it; gone (or never set up) means deliveries come from the pod's own address.
+    pub return_path: Weak<ReturnPath>,
 }
 
 impl PodContext {
@@ -120,6 +124,8 @@ pub struct ProxyOptions {
     pub orig_dst: Arc<OrigDstTable>,
     /// The node's own connections to enrolled pods (kubelet probes), recorded by the kernel.
     pub node_connections: Arc<NodeConnections>,
+    /// The proxy's deliveries in progress, which `zt_sk_lookup` lets through.
+    pub deliveries: Arc<InboundDeliveries>,
     pub config: watch::Receiver<Arc<Snapshot>>,
     pub node: String,
     pub policy: EnrolmentPolicy,
@@ -144,6 +150,11 @@ pub struct Shared {
     local_pods: RwLock<HashMap<IpAddr, Arc<PodContext>>>,
     /// The connections open now, as their records list them.
     open: Arc<record::OpenConnections>,
+    deliveries: Arc<InboundDeliveries>,
+    /// Plaintext connections the pods' 15006 listeners accepted and the proxy holds: (netns
+    /// cookie, local, peer). A delivery from the caller's address must not take one of their
+    /// 4-tuples, reversed, in the same netns.
+    plaintext_accepted: Mutex<HashSet<(u64, SocketAddr, SocketAddr)>>,
 }
 
 impl Shared {
@@ -161,6 +172,218 @@ impl Shared {
     async fn connect_from(&self, pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
         let socket = pod.netns.run(&self.home, || socket::marked(dst))??;
         socket::connect(socket, dst, CONNECT_TIMEOUT).await
+    }
+
+    /// Connects to the application at `dst` inside `pod`'s network namespace from `caller`,
+    /// the address the connection came from, when it can; from the pod's own address (as
+    /// [`Shared::connect_from`]) when it cannot, saying why.
+    async fn deliver_to(
+        &self,
+        pod: &PodContext,
+        caller: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> io::Result<Delivered> {
+        let from_pod = |source| async move {
+            Ok(Delivered {
+                stream: self.connect_from(pod, dst).await?,
+                source,
+                return_path: None,
+            })
+        };
+        let (caller, return_path) = match self.usable_caller(pod, caller, dst) {
+            Ok(Some(usable)) => usable,
+            // The pod's own address is the caller's.
+            Ok(None) => return from_pod(DeliverySource::Caller).await,
+            Err(why) => return from_pod(DeliverySource::Pod(why)).await,
+        };
+        let (socket, _delivery) = match self.transparent_socket(pod, caller, dst) {
+            Ok(s) => s,
+            Err(why) => return from_pod(DeliverySource::Pod(why)).await,
+        };
+        // The entry goes when this returns: the handshake is over, and the established
+        // socket takes every later packet before any listener lookup.
+        Ok(Delivered {
+            stream: socket::connect(socket, dst, CONNECT_TIMEOUT).await?,
+            source: DeliverySource::Caller,
+            return_path: Some(return_path),
+        })
+    }
+
+    /// The caller's address if a delivery can use it (`Ok(None)`: it is the pod's own).
+    fn usable_caller(
+        &self,
+        pod: &PodContext,
+        caller: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Result<Option<(IpAddr, Arc<ReturnPath>)>, Fallback> {
+        let caller = caller.ok_or(Fallback::NoCallerAddress)?.to_canonical();
+        if pod.ips.contains(&caller) {
+            return Ok(None);
+        }
+        if caller.is_ipv4() != dst.is_ipv4() {
+            return Err(Fallback::OtherFamily);
+        }
+        let unroutable = match caller {
+            IpAddr::V4(v4) => v4.is_broadcast() || v4.is_multicast(),
+            IpAddr::V6(v6) => v6.is_multicast(),
+        };
+        if caller.is_loopback() || caller.is_unspecified() || unroutable {
+            return Err(Fallback::NotAPeerAddress);
+        }
+        match pod.return_path.upgrade() {
+            Some(r) if r.covers(caller) => Ok(Some((caller, r))),
+            _ => Err(Fallback::NoReturnPath),
+        }
+    }
+
+    /// A transparent socket in `pod`'s netns bound to `caller`, on a port no plaintext
+    /// connection of the pod holds from that caller, registered for `zt_sk_lookup`.
+    fn transparent_socket(
+        &self,
+        pod: &PodContext,
+        caller: IpAddr,
+        dst: SocketAddr,
+    ) -> Result<(socket2::Socket, crate::capture::Delivery), Fallback> {
+        // A port the kernel picks is free for the caller's address in this netns, but the
+        // pod's plaintext listener may hold a connection from that very caller port: the
+        // application's side of the delivery would have its 4-tuple. Such a port is kept
+        // bound (so the next bind picks another) until one is free.
+        let mut taken = Vec::new();
+        for _ in 0..8 {
+            let socket = pod
+                .netns
+                .run(&self.home, || socket::transparent(caller, dst))
+                .map_err(|_| Fallback::BindFailed)?
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL) => Fallback::NoFreePort,
+                    _ => Fallback::BindFailed,
+                })?;
+            let local = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or(Fallback::BindFailed)?;
+            let accepted = self
+                .plaintext_accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&(pod.netns_cookie, dst, local));
+            if accepted {
+                taken.push(socket);
+                continue;
+            }
+            let key = ztunnel_common::DeliveryKey::new(local, dst).ok_or(Fallback::OtherFamily)?;
+            let delivery = self
+                .deliveries
+                .register(key)
+                .map_err(|_| Fallback::TableFull)?;
+            return Ok((socket, delivery));
+        }
+        Err(Fallback::NoFreePort)
+    }
+
+    /// Remembers a plaintext connection `pod`'s 15006 listener accepted, until the returned
+    /// guard drops.
+    fn accepted_plaintext(
+        self: &Arc<Self>,
+        pod: &PodContext,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> AcceptedPlaintext {
+        let key = (pod.netns_cookie, local, peer);
+        self.plaintext_accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key);
+        AcceptedPlaintext {
+            shared: self.clone(),
+            key,
+        }
+    }
+}
+
+/// A connection to the application, and the address it sees it come from.
+pub(crate) struct Delivered {
+    pub stream: TcpStream,
+    pub source: DeliverySource,
+    /// What routes the application's replies back while the connection lives, if it keeps
+    /// the caller's address.
+    return_path: Option<Arc<ReturnPath>>,
+}
+
+impl Delivered {
+    /// The stream, and what must live as long as it does.
+    pub fn split(self) -> (TcpStream, impl Sized + Send) {
+        (self.stream, self.return_path)
+    }
+}
+
+/// A plaintext connection of a pod's 15006 listener, registered while it lives.
+struct AcceptedPlaintext {
+    shared: Arc<Shared>,
+    key: (u64, SocketAddr, SocketAddr),
+}
+
+impl Drop for AcceptedPlaintext {
+    fn drop(&mut self) {
+        self.shared
+            .plaintext_accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// The address the application sees a delivered connection come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliverySource {
+    /// The caller's, as without the mesh.
+    Caller,
+    /// The pod's own, for this reason.
+    Pod(Fallback),
+}
+
+/// Why a delivery comes from the pod's own address instead of the caller's
+/// (`src_preserved=false`, `ztunnel_inbound_delivery_source_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// The caller's address is not known.
+    NoCallerAddress,
+    /// The caller's address is of the other family than the application's.
+    OtherFamily,
+    /// Loopback, unspecified, broadcast or multicast: no peer has it.
+    NotAPeerAddress,
+    /// The pod's return path is not set up (for that family).
+    NoReturnPath,
+    /// No port of the caller's address is free in the pod's netns.
+    NoFreePort,
+    /// The transparent socket could not be made or bound.
+    BindFailed,
+    /// `inbound_deliveries` is full.
+    TableFull,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::NoCallerAddress => "no_caller_address",
+            Fallback::OtherFamily => "other_family",
+            Fallback::NotAPeerAddress => "not_a_peer_address",
+            Fallback::NoReturnPath => "no_return_path",
+            Fallback::NoFreePort => "no_free_port",
+            Fallback::BindFailed => "bind_failed",
+            Fallback::TableFull => "table_full",
+        }
+    }
+}
+
+impl DeliverySource {
+    /// The label of `ztunnel_inbound_delivery_source_total`: `caller` or the fallback.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliverySource::Caller => "caller",
+            DeliverySource::Pod(why) => why.as_str(),
+        }
     }
 }
 
@@ -197,6 +420,8 @@ impl Proxy {
             metrics: o.metrics,
             local_pods: RwLock::default(),
             open: Arc::default(),
+            deliveries: o.deliveries,
+            plaintext_accepted: Mutex::default(),
         });
         let inbound = Arc::new(Inbound::new(shared.clone(), o.node_connections));
         let outbound = Arc::new(Outbound::new(shared.clone(), o.orig_dst, inbound.clone()));

@@ -100,6 +100,8 @@ pub struct Line {
     pub status: Option<u16>,
     /// Why no policy applied (the node's own connections).
     pub exempt: Option<&'static str>,
+    /// Inbound: whether the application saw the caller's address, or why not.
+    pub src_preserved: Option<super::DeliverySource>,
 }
 
 /// What is known of a connection while it is open: its line and the bytes carried so far. The
@@ -315,6 +317,11 @@ impl ConnectionRecord {
             app_protocol = l.app_protocol.map(AppProtocol::as_str),
             status = l.status,
             exempt = l.exempt,
+            src_preserved = l.src_preserved.map(|s| s == super::DeliverySource::Caller),
+            src_fallback = l.src_preserved.and_then(|s| match s {
+                super::DeliverySource::Pod(why) => Some(why.as_str()),
+                super::DeliverySource::Caller => None,
+            }),
             bytes_sent = bytes.map(|b| b.0),
             bytes_received = bytes.map(|b| b.1),
             duration_ms = self.open.age().as_millis() as u64,

@@ -187,6 +187,16 @@ impl Inbound {
         let Ok(dst) = stream.local_addr() else {
             return None;
         };
+        // The proxy's own delivery to this pod carries its mark into the accepted socket
+        // (`tcp_fwmark_accept`). It only gets here if `zt_sk_lookup` did not let it through;
+        // taking it would deliver it again, in a loop, as a caller outside the mesh.
+        if socket2::SockRef::from(&stream).mark().ok() == Some(ztunnel_common::DELIVERY_MARK) {
+            warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
+                "the proxy's own delivery reached the pod's plaintext listener; reset");
+            self.shared.metrics.delivery_source.add("looped");
+            return reset(stream);
+        }
+        let _accepted = self.shared.accepted_plaintext(&pod, dst, peer);
         let snapshot = self.shared.snapshot();
         let arrival = if self.node_connections.take_established(peer, dst) {
             Arrival::FromNode { peer }
@@ -489,8 +499,13 @@ impl Inbound {
             Admission::PerRequest => None,
         };
 
-        let upstream = match self.shared.connect_from(&pod, dst).await {
-            Ok(s) => s,
+        let caller_ip = call.attributes.source_ip;
+        let (upstream, _return_path) = match self.shared.deliver_to(&pod, caller_ip, dst).await {
+            Ok(d) => {
+                record.line_mut().src_preserved = Some(d.source);
+                metrics.delivery_source.add(d.source.as_str());
+                d.split()
+            }
             Err(e) => {
                 count_node(NodeOutcome::ConnectFailed);
                 if matches!(arrival, Arrival::Hbone { .. }) {
