@@ -9,11 +9,12 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{ready, Context, Poll},
 };
 
 use super::record::ConnectionRecord;
-use crate::relay::Relayed;
+use crate::{capture::return_path::ReturnPath, relay::Relayed};
 
 /// An established connection: its relay and its records, which it finishes (log line,
 /// metrics) when the relay ends.
@@ -23,6 +24,9 @@ pub struct Carry {
     /// most connections have none.
     caller: Option<Box<ConnectionRecord>>,
     relay: Pin<Box<dyn Future<Output = Relayed> + Send>>,
+    /// The pod netns's return path for a delivery from the caller's address: held until the
+    /// connection ends, so an un-enrolment does not cut the replies of connections it leaves.
+    return_path: Option<Arc<ReturnPath>>,
 }
 
 impl Carry {
@@ -35,7 +39,14 @@ impl Carry {
             record,
             caller: caller.map(Box::new),
             relay: Box::pin(relay),
+            return_path: None,
         }
+    }
+
+    /// Keeps `return_path` for as long as the connection is carried.
+    pub fn holding(mut self, return_path: Option<Arc<ReturnPath>>) -> Self {
+        self.return_path = return_path;
+        self
     }
 }
 

@@ -313,7 +313,7 @@ pub(crate) struct Delivered {
 
 impl Delivered {
     /// The stream, and what must live as long as it does.
-    pub fn split(self) -> (TcpStream, impl Sized + Send) {
+    pub fn split(self) -> (TcpStream, Option<Arc<ReturnPath>>) {
         (self.stream, self.return_path)
     }
 }

@@ -194,7 +194,8 @@ impl Inbound {
             warn!(direction = "inbound", dst_workload = %pod.workload, src_addr = %peer,
                 "the proxy's own delivery reached the pod's plaintext listener; reset");
             self.shared.metrics.delivery_source.add("looped");
-            return reset(stream);
+            reset(stream);
+            return None;
         }
         let _accepted = self.shared.accepted_plaintext(&pod, dst, peer);
         let snapshot = self.shared.snapshot();
@@ -500,7 +501,7 @@ impl Inbound {
         };
 
         let caller_ip = call.attributes.source_ip;
-        let (upstream, _return_path) = match self.shared.deliver_to(&pod, caller_ip, dst).await {
+        let (upstream, return_path) = match self.shared.deliver_to(&pod, caller_ip, dst).await {
             Ok(d) => {
                 record.line_mut().src_preserved = Some(d.source);
                 metrics.delivery_source.add(d.source.as_str());
@@ -563,7 +564,7 @@ impl Inbound {
         let tally = record.tally().clone();
         if from_node {
             let relay = relay_until(downstream, upstream, std::future::pending(), tally);
-            return Some(Carry::new(record, caller, relay));
+            return Some(Carry::new(record, caller, relay).holding(return_path));
         }
         // A change that no longer admits the connection (a port made STRICT, a new DENY)
         // resets it; other changes leave it alone.
@@ -571,7 +572,7 @@ impl Inbound {
         let revoke = Revocation::new(self.clone(), config, pod.clone(), call.clone(), per_request);
         if !per_request {
             let relay = relay_until(downstream, upstream, revoke, tally);
-            return Some(Carry::new(record, caller, relay));
+            return Some(Carry::new(record, caller, relay).holding(return_path));
         }
         let requests = self.request_context(
             &snapshot,
@@ -584,7 +585,7 @@ impl Inbound {
         let serve = self.serve_per_request(
             pod, call, declared, downstream, upstream, requests, revoke, tally,
         );
-        Some(Carry::new(record, caller, serve))
+        Some(Carry::new(record, caller, serve).holding(return_path))
     }
 }
 
