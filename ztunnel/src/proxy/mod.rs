@@ -13,6 +13,7 @@
 //! its metrics. Every upstream socket is created inside the network namespace of the pod it
 //! serves and carries the proxy mark ([`crate::socket`]), so it leaves with the pod's own
 //! address and is never captured again.
+mod http;
 pub mod inbound;
 pub mod outbound;
 mod record;
