@@ -23,3 +23,4 @@ pub mod relay;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod traffic;

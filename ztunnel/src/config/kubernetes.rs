@@ -6,8 +6,9 @@
 //! after any error): Namespaces; this node's Pods (`spec.nodeName=<node>`) and, separately,
 //! the other nodes' Pods; Services; the `istio` ConfigMap of the root namespace; and
 //! `security.istio.io/v1` PeerAuthentications, RequestAuthentications and
-//! AuthorizationPolicies. Terminated pods (`status.phase` Succeeded or Failed) are left out
-//! by the API server: their addresses may already belong to new pods.
+//! AuthorizationPolicies; `networking.istio.io/v1` VirtualServices and DestinationRules.
+//! Terminated pods (`status.phase` Succeeded or Failed) are left out by the API server: their
+//! addresses may already belong to new pods.
 //!
 //! Other nodes' pods are watched because the outbound side needs, for every remote
 //! destination, the service account it runs as (HBONE secure naming) and its labels (mesh
@@ -105,12 +106,19 @@ struct WatchSpec {
 }
 
 const ISTIO_SECURITY: &str = "security.istio.io";
+const ISTIO_NETWORKING: &str = "networking.istio.io";
 
 fn istio_kind(kind: &str, plural: &str) -> ApiResource {
+    istio_group_kind(ISTIO_SECURITY, kind, plural)
+}
+
+/// A kind of an Istio API group, watched at `v1` (the API server converts the other served
+/// versions, which share one schema).
+fn istio_group_kind(group: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
-        group: ISTIO_SECURITY.into(),
+        group: group.into(),
         version: "v1".into(),
-        api_version: format!("{ISTIO_SECURITY}/v1"),
+        api_version: format!("{group}/v1"),
         kind: kind.into(),
         plural: plural.into(),
     }
@@ -167,6 +175,16 @@ fn watch_specs(node: &str, root_namespace: &str) -> Vec<WatchSpec> {
             None,
             None,
         ),
+        spec(
+            istio_group_kind(ISTIO_NETWORKING, "VirtualService", "virtualservices"),
+            None,
+            None,
+        ),
+        spec(
+            istio_group_kind(ISTIO_NETWORKING, "DestinationRule", "destinationrules"),
+            None,
+            None,
+        ),
     ]
 }
 
@@ -181,7 +199,7 @@ type Key = (String, String);
 /// One object, parsed on its own.
 struct Parsed {
     key: Key,
-    result: Result<Objects, String>,
+    result: Result<Box<Objects>, String>,
 }
 
 /// What a watch task tells the aggregator.
@@ -249,7 +267,7 @@ impl Store {
                 for p in parsed {
                     match p.result {
                         Ok(objects) => {
-                            fresh.insert(p.key, objects);
+                            fresh.insert(p.key, *objects);
                         }
                         Err(reason) => {
                             if let Some(kept) = old.get(&p.key) {
@@ -285,7 +303,7 @@ impl Store {
                     self.rejected[w].remove(&p.key);
                     // Most updates (pod status, annotations of no interest) change nothing
                     // the snapshot holds: no new snapshot for them.
-                    let old = self.objects[w].insert(p.key.clone(), objects);
+                    let old = self.objects[w].insert(p.key.clone(), *objects);
                     return old.is_none_or(|old| !same(&old, &self.objects[w][&p.key]));
                 }
                 Err(reason) => {
@@ -360,6 +378,8 @@ fn same(a: &Objects, b: &Objects) -> bool {
         && a.peer_authentications == b.peer_authentications
         && a.authorization_policies == b.authorization_policies
         && a.request_authentications == b.request_authentications
+        && a.virtual_services == b.virtual_services
+        && a.destination_rules == b.destination_rules
         && a.other == b.other
 }
 
@@ -373,6 +393,10 @@ fn absorb(into: &mut Objects, from: &Objects) {
         .extend(from.authorization_policies.iter().cloned());
     into.request_authentications
         .extend(from.request_authentications.iter().cloned());
+    into.virtual_services
+        .extend(from.virtual_services.iter().cloned());
+    into.destination_rules
+        .extend(from.destination_rules.iter().cloned());
     into.other.extend(from.other.iter().cloned());
 }
 
@@ -606,7 +630,7 @@ fn parse(mut obj: DynamicObject, resource: &ApiResource) -> Parsed {
             for pod in &mut objects.pods {
                 pod.netns_path = None;
             }
-            Ok(objects)
+            Ok(Box::new(objects))
         });
     Parsed { key, result }
 }

@@ -1,5 +1,6 @@
 //! Kubernetes-shaped YAML into [`Objects`]: Namespaces, Pods and Services are modelled, and so
-//! are Istio's `PeerAuthentication`, `AuthorizationPolicy` and `RequestAuthentication`; other
+//! are Istio's `PeerAuthentication`, `AuthorizationPolicy` and `RequestAuthentication`, and its
+//! `VirtualService` and `DestinationRule` (`networking.istio.io`); other
 //! kinds are kept as [`OtherObject`]s for the stages that understand them. A file may hold
 //! several documents and `kind: List` objects, so the output of `kubectl get -o yaml` works
 //! unchanged. Errors name the file, line and reason.
@@ -18,6 +19,7 @@ use crate::model::{
     NETNS_ANNOTATION,
 };
 use crate::state::Objects;
+use crate::traffic::{destination_rule, virtual_service};
 
 /// Why a configuration version was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +204,9 @@ impl Metadata {
 
 const ISTIO_SECURITY_V1: &str = "security.istio.io/v1";
 const ISTIO_SECURITY_V1BETA1: &str = "security.istio.io/v1beta1";
+const ISTIO_NETWORKING_V1: &str = "networking.istio.io/v1";
+const ISTIO_NETWORKING_V1BETA1: &str = "networking.istio.io/v1beta1";
+const ISTIO_NETWORKING_V1ALPHA3: &str = "networking.istio.io/v1alpha3";
 
 /// An Istio policy object: only `spec` matters beyond the head (`status` is ignored).
 #[derive(Deserialize)]
@@ -444,6 +449,33 @@ where
                 spec.into_policy(namespace, meta.name.clone(), origin.clone())
             })?;
             objects.request_authentications.push(policy);
+        }
+        (
+            ISTIO_NETWORKING_V1 | ISTIO_NETWORKING_V1BETA1 | ISTIO_NETWORKING_V1ALPHA3,
+            "VirtualService",
+        ) => {
+            let created = meta.created().map_err(ObjectError::Invalid)?;
+            let vs = istio_policy(body, |spec: virtual_service::SpecDoc| {
+                spec.into_virtual_service(namespace, meta.name.clone(), created, origin.clone())
+            })?;
+            objects.virtual_services.push(vs);
+        }
+        (
+            ISTIO_NETWORKING_V1 | ISTIO_NETWORKING_V1BETA1 | ISTIO_NETWORKING_V1ALPHA3,
+            "DestinationRule",
+        ) => {
+            let created = meta.created().map_err(ObjectError::Invalid)?;
+            let dr = istio_policy(body, |spec: destination_rule::SpecDoc| {
+                spec.into_destination_rule(namespace, meta.name.clone(), created, origin.clone())
+            })?;
+            objects.destination_rules.push(dr);
+        }
+        (version, kind @ ("VirtualService" | "DestinationRule"))
+            if version.starts_with("networking.istio.io/") =>
+        {
+            return Err(ObjectError::Invalid(format!(
+                "apiVersion {version} is not supported for {kind} (use {ISTIO_NETWORKING_V1}, {ISTIO_NETWORKING_V1BETA1} or {ISTIO_NETWORKING_V1ALPHA3})"
+            )));
         }
         (
             version,

@@ -8,10 +8,12 @@
 //! * here: building and indexing a snapshot, pods by address;
 //! * [`services`]: Services by cluster IP, and their endpoints;
 //! * [`enrolment`]: who is in the mesh, and which pods this node captures;
-//! * [`policy`]: the policies in force for a workload, which admission decides over.
+//! * [`policy`]: the policies in force for a workload, which admission decides over;
+//! * [`traffic`]: VirtualServices and DestinationRules, which the outbound side routes with.
 mod enrolment;
 mod policy;
 mod services;
+mod traffic;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,12 +23,14 @@ use std::{
 
 pub use enrolment::{Enrolment, EnrolmentPolicy};
 pub use services::Endpoint;
+pub use traffic::TrafficIndex;
 
 use crate::authz::{
     AuthorizationPolicies, AuthorizationPolicy, PeerAuthentication, PeerAuthentications, PolicySet,
     RequestAuthentication, RequestAuthentications,
 };
 use crate::model::{Namespace, OtherObject, Pod, Service};
+use crate::traffic::{DestinationRule, VirtualService};
 
 /// Mesh-wide settings that shape how the configuration is read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +56,8 @@ pub struct Objects {
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub request_authentications: Vec<RequestAuthentication>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
     pub other: Vec<OtherObject>,
 }
 
@@ -67,6 +73,8 @@ pub struct Snapshot {
     pub peer_authentications: PeerAuthentications,
     pub authorization_policies: AuthorizationPolicies,
     pub request_authentications: RequestAuthentications,
+    /// VirtualServices and DestinationRules, indexed against the Services.
+    pub traffic: TrafficIndex,
     pub other: Vec<OtherObject>,
     /// Istio's root namespace (from [`MeshSettings`]).
     pub root_namespace: String,
@@ -172,6 +180,12 @@ impl Snapshot {
             }
             s.services.insert(key, svc);
         }
+        s.traffic = TrafficIndex::build(
+            objects.virtual_services,
+            objects.destination_rules,
+            &s.services,
+            &mut s.problems,
+        );
         let problems = s
             .peer_authentications
             .problems(&s.root_namespace, s.pods.values());
