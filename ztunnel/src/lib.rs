@@ -20,6 +20,7 @@ pub mod policy_check;
 pub mod ports;
 pub mod proxy;
 pub mod relay;
+pub mod route_check;
 pub mod socket;
 pub mod state;
 pub mod tls;

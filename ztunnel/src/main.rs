@@ -6,7 +6,7 @@ use clap::Parser;
 use tracing::error;
 use ztunnel::{
     app, capture,
-    cli::{self, BpfCommand, Cli, Command, PolicyCommand},
+    cli::{self, BpfCommand, Cli, Command, PolicyCommand, RouteCommand},
     logging,
 };
 
@@ -15,6 +15,9 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check(args),
         } => return cli::policy_check(*args),
+        Command::Route {
+            command: RouteCommand::Check(args),
+        } => return cli::route_check(*args),
         Command::Config {
             section,
             output,

@@ -1,9 +1,10 @@
 //! The `ztunnel` command line: the daemon (`run`, carried out by [`crate::app`]) and the
-//! operator's commands (`policy check`, `bpf status|uninstall`, `ca init|serve`).
+//! operator's commands (`policy check`, `route check`, `bpf status|uninstall`, `ca init|serve`).
 mod bpf;
 mod cni;
 pub mod config;
 mod policy;
+mod route;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub use self::{
     bpf::status as bpf_status, cni::command as cni_command, policy::check as policy_check,
+    route::check as route_check,
 };
 use crate::{
     cni as cni_plugin,
@@ -52,6 +54,11 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Ask the VirtualServices and DestinationRules of a configuration directory.
+    Route {
+        #[command(subcommand)]
+        command: RouteCommand,
     },
     /// Show a node proxy's live view: the workloads and Services it knows, the policies in
     /// force, the certificates it holds, the connections open now (from its admin API, like
@@ -109,6 +116,41 @@ pub enum PolicyCommand {
     /// Would this call be allowed, and why? Runs the proxy's own decision. Exit status: 0
     /// allowed, 1 denied, 2 bad input or configuration.
     Check(Box<CheckArgs>),
+}
+
+#[derive(Subcommand)]
+pub enum RouteCommand {
+    /// Where would this request go, and why? Runs the proxy's own routing decision. Exit
+    /// status: 0 routed (or answered by its route), 1 no route or no reachable destination,
+    /// 2 bad input or configuration.
+    Check(Box<RouteCheckArgs>),
+}
+
+#[derive(Parser)]
+pub struct RouteCheckArgs {
+    /// Directory of Kubernetes-shaped YAML, as for `run`.
+    #[arg(long)]
+    pub config_dir: PathBuf,
+    /// The client pod, namespace/name.
+    #[arg(long)]
+    pub from: String,
+    /// host:port, the host as the client writes it (`reviews`, `reviews.bookinfo`, an FQDN
+    /// or a cluster IP), the port a Service port.
+    #[arg(long)]
+    pub to: String,
+    /// HTTP method [default: GET].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Path and query [default: /].
+    #[arg(long)]
+    pub path: Option<String>,
+    /// A request header, 'name: value' (repeatable); `host:` sets the authority.
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
 }
 
 #[derive(Parser)]

@@ -406,12 +406,11 @@ impl Snapshot {
         }
     }
 
-    /// The endpoints of a cluster of the address family of `family`: the Service port's
-    /// endpoints whose pods the subset's labels select.
-    pub fn cluster_endpoints(&self, cluster: &Cluster, family: SocketAddr) -> Vec<Endpoint> {
+    /// The endpoints of a cluster: the Service port's endpoints (both address families) whose
+    /// pods the subset's labels select.
+    pub fn cluster_endpoints(&self, cluster: &Cluster) -> Vec<Endpoint> {
         let all = self.port_endpoints(&cluster.service, cluster.port);
         all.iter()
-            .filter(|e| e.addr.is_ipv4() == family.is_ipv4())
             .filter(|e| {
                 cluster
                     .subset
@@ -666,10 +665,13 @@ fn selects(selector: &Labels, labels: &Labels) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::{
         config::parse_file,
         state::{MeshSettings, Objects},
+        traffic::{Abort, LoadBalancer, RetryOn, RetryPolicy, Share},
     };
 
     const CLUSTER: &str = r#"
@@ -841,7 +843,7 @@ spec: {host: "*.svc.cluster.local", trafficPolicy: {connectionPool: {tcp: {maxCo
             "outbound|9080|v2|reviews.bookinfo.svc.cluster.local"
         );
         let eps: Vec<String> = s
-            .cluster_endpoints(&c, "10.96.0.20:9080".parse().unwrap())
+            .cluster_endpoints(&c)
             .iter()
             .map(|e| e.pod.name.clone())
             .collect();
@@ -891,6 +893,273 @@ spec:
             s.problems.iter().any(|p| p.contains("subset v9")),
             "{:#?}",
             s.problems
+        );
+    }
+
+    const BOOKINFO_RULES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: shift
+    match: [{uri: {prefix: /shift}}]
+    rewrite: {uri: /reviews}
+    timeout: 3s
+    retries: {attempts: 3, perTryTimeout: 1s, retryOn: "5xx,connect-failure"}
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 80}
+    - {destination: {host: reviews, subset: v2}, weight: 20}
+  - route: [{destination: {host: reviews, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  hosts: [ratings.bookinfo.svc.cluster.local]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}, port: 9080}]
+    fault:
+      delay: {fixedDelay: 7s, percentage: {value: 100}}
+      abort: {httpStatus: 500, percentage: {value: 50}}
+    route: [{destination: {host: ratings}}]
+"#;
+
+    fn get(
+        s: &Snapshot,
+        service: &str,
+        port: u16,
+        path: &str,
+        headers: &[(&'static str, &str)],
+    ) -> HttpDecision {
+        let svc = s.services[&("bookinfo".to_owned(), service.to_owned())].clone();
+        let labels = Labels::new();
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, v.parse().unwrap());
+        }
+        s.http_route(&HttpRouteRequest {
+            source: SourceWorkload {
+                namespace: "bookinfo",
+                labels: &labels,
+            },
+            service: &svc,
+            port,
+            method: &http::Method::GET,
+            path,
+            authority: "reviews:9080",
+            headers: &map,
+        })
+    }
+
+    fn routed(d: HttpDecision) -> RouteAction {
+        match d {
+            HttpDecision::Routed(a) => *a,
+            other => panic!("not routed: {other:?}"),
+        }
+    }
+
+    /// Istio's Bookinfo walkthrough, as decisions.
+    #[test]
+    fn bookinfo_walkthrough_decides_as_istio() {
+        let s = snapshot(BOOKINFO_RULES);
+        assert!(s.problems.is_empty(), "{:#?}", s.problems);
+        let subsets = |a: &RouteAction| -> Vec<(String, u32)> {
+            a.destinations
+                .iter()
+                .map(|d| {
+                    let c = d.target.as_ref().unwrap();
+                    (c.subset_name().unwrap_or("-").to_owned(), d.weight)
+                })
+                .collect()
+        };
+
+        let jason = routed(get(&s, "reviews", 9080, "/", &[("end-user", "jason")]));
+        assert_eq!(jason.virtual_service.to_string(), "bookinfo/reviews");
+        assert_eq!(
+            (jason.route.index, jason.route.name.as_deref()),
+            (0, Some("jason"))
+        );
+        assert_eq!(subsets(&jason), [("v2".to_owned(), 100)]);
+        let v2 = jason.destinations[0].target.as_ref().unwrap();
+        assert_eq!(v2.policy.load_balancer, LoadBalancer::RoundRobin);
+        assert_eq!(v2.policy.connection_pool.max_connections, 1, "inherited");
+        let eps: Vec<_> = s
+            .cluster_endpoints(v2)
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(eps, ["10.1.0.6:9080"]);
+        assert_eq!(
+            jason.retries,
+            RetryPolicy::default(),
+            "Istio's default retries"
+        );
+        assert_eq!(jason.timeout, None);
+
+        let other = routed(get(&s, "reviews", 9080, "/", &[("end-user", "mary")]));
+        assert_eq!(other.route.index, 2);
+        assert_eq!(subsets(&other), [("v1".to_owned(), 100)]);
+
+        let shift = routed(get(&s, "reviews", 9080, "/shift/1?x=y", &[]));
+        assert_eq!(
+            subsets(&shift),
+            [("v1".to_owned(), 80), ("v2".to_owned(), 20)]
+        );
+        assert_eq!(
+            shift.rewrite.as_ref().and_then(|r| r.path.as_deref()),
+            Some("/reviews/1?x=y"),
+            "the matched prefix is replaced, the query kept"
+        );
+        assert_eq!(shift.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(shift.retries.attempts, 3);
+        assert_eq!(shift.retries.per_try_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(
+            shift.retries.retry_on,
+            [RetryOn::FiveXx, RetryOn::ConnectFailure]
+        );
+
+        let slow = routed(get(
+            &s,
+            "ratings",
+            9080,
+            "/ratings/0",
+            &[("end-user", "jason")],
+        ));
+        let delay = slow.fault.delay.unwrap();
+        assert_eq!(delay.duration, Duration::from_secs(7));
+        assert_eq!(delay.percentage, Share::ALL);
+        let abort = slow.fault.abort.unwrap();
+        assert_eq!(abort.status, Abort::Http(500));
+        assert_eq!(abort.percentage.percent(), 50.0);
+        let ratings = slow.destinations[0].target.as_ref().unwrap();
+        assert_eq!(ratings.port, 9080, "the port the request was sent to");
+        assert!(ratings.subset.is_none() && ratings.destination_rule.is_none());
+
+        assert!(
+            matches!(
+                get(&s, "ratings", 9080, "/", &[]),
+                HttpDecision::NoRoute { .. }
+            ),
+            "a VirtualService without a catch-all route: 404"
+        );
+        assert!(
+            matches!(
+                get(&s, "ratings", 9090, "/", &[("end-user", "jason")]),
+                HttpDecision::NoRoute { .. }
+            ),
+            "the match names port 9080"
+        );
+    }
+
+    #[test]
+    fn source_labels_namespaces_and_tcp_routes_select_clients() {
+        let s = snapshot(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{sourceLabels: {app: productpage}}, {sourceNamespace: canary}]
+    route: [{destination: {host: reviews, port: {number: 9080}}}]
+  tcp:
+  - match: [{port: 9080}]
+    route:
+    - {destination: {host: reviews}, weight: 1}
+    - {destination: {host: nowhere}, weight: 3}
+"#,
+        );
+        let svc = s.services[&("bookinfo".to_owned(), "reviews".to_owned())].clone();
+        let pp: Labels = [("app".to_owned(), "productpage".to_owned())].into();
+        let none = Labels::new();
+        let ask = |ns: &str, labels: &Labels| {
+            s.http_route(&HttpRouteRequest {
+                source: SourceWorkload {
+                    namespace: ns,
+                    labels,
+                },
+                service: &svc,
+                port: 9080,
+                method: &http::Method::GET,
+                path: "/",
+                authority: "reviews",
+                headers: &http::HeaderMap::new(),
+            })
+        };
+        assert!(matches!(ask("bookinfo", &pp), HttpDecision::Routed(_)));
+        assert!(matches!(ask("canary", &none), HttpDecision::Routed(_)));
+        assert!(matches!(
+            ask("bookinfo", &none),
+            HttpDecision::NoRoute { .. }
+        ));
+
+        let source = SourceWorkload {
+            namespace: "bookinfo",
+            labels: &none,
+        };
+        match s.tcp_route(source, &svc, "10.96.0.20:9080".parse().unwrap()) {
+            TcpDecision::Routed { destinations, .. } => {
+                assert_eq!(destinations.len(), 2);
+                assert!(destinations[0].target.is_ok());
+                assert!(matches!(
+                    destinations[1].target,
+                    Err(Unroutable::UnknownHost(_))
+                ));
+                assert_eq!(destinations[1].weight, 3, "weights are relative");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.tcp_route(source, &svc, "10.96.0.20:9081".parse().unwrap()),
+            TcpDecision::NoRoute { .. }
+        ));
+        assert!(
+            s.problems.iter().any(|p| p.contains("nowhere")),
+            "{:#?}",
+            s.problems
+        );
+    }
+
+    #[test]
+    fn destination_policy_applies_without_a_virtual_service() {
+        let s = snapshot(BOOKINFO_RULES);
+        let svc = s.services[&("bookinfo".to_owned(), "reviews".to_owned())].clone();
+        let none = Labels::new();
+        let source = SourceWorkload {
+            namespace: "bookinfo",
+            labels: &none,
+        };
+        let p = s.destination_policy(source, &svc, None, 9080);
+        assert_eq!(p.connection_pool.max_connections, 1);
+        assert_eq!(
+            p.load_balancer,
+            LoadBalancer::LeastRequest,
+            "Istio's default"
+        );
+        let v2 = s.destination_policy(source, &svc, Some("v2"), 9080);
+        assert_eq!(v2.load_balancer, LoadBalancer::RoundRobin);
+        let ratings = s.services[&("bookinfo".to_owned(), "ratings".to_owned())].clone();
+        assert_eq!(
+            s.destination_policy(source, &ratings, None, 9080),
+            TrafficPolicy::default()
         );
     }
 
