@@ -17,13 +17,39 @@ use std::{
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
-use ztunnel_tests::{pod, wait_until, Cluster, PodRef, Proc};
+use ztunnel_tests::{pod, service, wait_until, Cluster, PodRef, Proc};
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
 const IPERF_PORT: u16 = 5201;
 const WAIT: Duration = Duration::from_secs(15);
+/// The routing step's Services (port `http` 80 → the server's 8080): requests to the first
+/// are carried as connections, to the second each is routed by a VirtualService.
+const PLAIN_SERVICE: &str = "plain";
+const ROUTED_SERVICE: &str = "routed";
+const SERVICE_PORT: u16 = 80;
+/// Two routes, as a canary rollout has: a header match first, then the default.
+const ROUTED_VS: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: routed
+  namespace: mesh
+spec:
+  hosts:
+  - routed
+  http:
+  - match:
+    - headers:
+        x-canary:
+          exact: \"true\"
+    route:
+    - destination:
+        host: routed
+  - route:
+    - destination:
+        host: routed
+";
 
 const USAGE: &str = "\
 usage: bench [options]           (normally run as `cargo xtask bench [-- options]`)
@@ -293,11 +319,15 @@ struct Report {
     /// Per step, per path: one raw result per round.
     details: BTreeMap<String, BTreeMap<String, Vec<Value>>>,
     problems: Vec<String>,
+    /// The routing step's latencies (µs), by `plain_p50`, `routed_p50`, `plain_p99`,
+    /// `routed_p99`: one per round.
+    routing: BTreeMap<&'static str, Vec<f64>>,
 }
 
 impl Report {
     fn new() -> Self {
         Self {
+            routing: BTreeMap::new(),
             rows: ROWS
                 .iter()
                 .map(|(key, label, unit, better)| Row {
@@ -372,7 +402,15 @@ fn cluster(p: &Params) -> Result<Cluster> {
         .pod(pod("direct", "client").node(1))
         .pod(pod("direct", "server").node(2))
         .pod(pod("mesh", "client").node(1))
-        .pod(pod("mesh", "server").node(2));
+        .pod(pod("mesh", "server").node(2).labels(&[("app", "server")]));
+    // The same server behind two Services, one with a VirtualService: the routing step.
+    for svc in [PLAIN_SERVICE, ROUTED_SERVICE] {
+        b = b.service(
+            service("mesh", svc)
+                .selector(&[("app", "server")])
+                .named_port("http", SERVICE_PORT, HTTP_PORT),
+        );
+    }
     b = match p.peer {
         None => b.nodes(2),
         Some(_) => b
@@ -462,6 +500,7 @@ fn run(p: &Params) -> Result<bool> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    c.apply("routed.yaml", Some(ROUTED_VS))?;
     std::thread::sleep(Duration::from_millis(500));
     let mut report = Report::new();
     let mut warm = BTreeMap::new();
@@ -492,6 +531,7 @@ fn run(p: &Params) -> Result<bool> {
         memory(&c, p, &order, &pids, &mut report);
         throughput(&c, p, &order, &mut report);
         latency(&c, p, &order, &pids, &mut report);
+        routing(&c, p, round, &mut report);
         connection_rate(&c, p, &order, &mut report);
     }
 
@@ -559,6 +599,9 @@ fn run(p: &Params) -> Result<bool> {
         "problems": report.problems,
         "elapsed_s": began.elapsed().as_secs_f64(),
     });
+    let routing = routing_summary(&report);
+    println!("\nper-request routing (mesh path, same run): {routing}");
+    out["routing"] = routing;
     if p.peer.is_some() {
         out["peer_transport"] = json!(transport.get(&Way::Peer));
         out["versus_peer"] = versus_peer(&report);
@@ -1043,6 +1086,76 @@ fn latency(
             Err(e) => report.problem(&format!("{} http-load", way.ns()), &e),
         }
     }
+}
+
+/// What a VirtualService on the path costs: the latency test's load on the mesh path to the
+/// same server through a Service without rules (connections carried whole) and one with a
+/// VirtualService (each request parsed, decided and routed by the client's node proxy), in
+/// alternating order round by round.
+fn routing(c: &Cluster, p: &Params, round: u64, report: &mut Report) {
+    let mut order = [(PLAIN_SERVICE, "plain"), (ROUTED_SERVICE, "routed")];
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    for (svc, name) in order {
+        let addr = format!("{}:{SERVICE_PORT}", c.service_vip("mesh", svc));
+        let (rate, ms, conns) = (
+            p.rate.to_string(),
+            p.latency_ms.to_string(),
+            p.connections.to_string(),
+        );
+        let args = [
+            "http-load",
+            "--addr",
+            &addr,
+            "--rate",
+            &rate,
+            "--duration-ms",
+            &ms,
+            "--connections",
+            &conns,
+        ];
+        let timeout = Duration::from_millis(p.latency_ms + 20_000);
+        match probe_json(&c.pod("mesh", "client"), &args, timeout) {
+            Ok(v) => {
+                println!(
+                    "   routing {name:<6} {} requests, {} errors: p50 {} µs, p99 {} µs",
+                    v["requests"], v["errors"], v["p50_us"], v["p99_us"]
+                );
+                if v["errors"].as_u64() != Some(0) {
+                    report
+                        .problems
+                        .push(format!("routing {name}: {} errors", v["errors"]));
+                }
+                let (p50, p99) = match name {
+                    "plain" => ("plain_p50", "plain_p99"),
+                    _ => ("routed_p50", "routed_p99"),
+                };
+                for (key, field) in [(p50, "p50_us"), (p99, "p99_us")] {
+                    if let Some(x) = v[field].as_f64() {
+                        report.routing.entry(key).or_default().push(x);
+                    }
+                }
+                report.detail("routing", name.to_owned(), v);
+            }
+            Err(e) => report.problem(&format!("routing {name} http-load"), &e),
+        }
+    }
+}
+
+/// The routing step's medians and the ratios routed ÷ plain.
+fn routing_summary(report: &Report) -> Value {
+    let m = |k: &str| report.routing.get(k).and_then(|v| median(v));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    json!({
+        "plain_p50_us": m("plain_p50"), "routed_p50_us": m("routed_p50"),
+        "plain_p99_us": m("plain_p99"), "routed_p99_us": m("routed_p99"),
+        "routed_over_plain_p50": ratio(m("routed_p50"), m("plain_p50")),
+        "routed_over_plain_p99": ratio(m("routed_p99"), m("plain_p99")),
+    })
 }
 
 fn connection_rate(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {

@@ -1,7 +1,12 @@
 //! The outbound side: connections an enrolled pod makes, captured by `zt_connect4/6`. Each is
 //! routed by one [`Plan`], made once from one snapshot, and carried by it: directly from the
 //! pod's netns, through an HBONE tunnel to the destination pod's node proxy, or to this node's
-//! inbound side for a pod that runs here.
+//! inbound side for a pod that runs here. A connection to a Service port that speaks HTTP and
+//! has traffic rules is instead served request by request ([`http`]): each request is routed
+//! and carried on its own.
+mod http;
+mod upstreams;
+
 use std::{
     collections::HashMap,
     fmt,
@@ -9,7 +14,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use http::{HeaderMap, HeaderValue};
+use ::http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 use tracing::warn;
 use ztunnel_common::{OrigDstKey, HBONE_PORT};
@@ -24,6 +29,7 @@ use crate::{
     hbone::{Origin, PoolKey},
     identity::SpiffeId,
     metrics::{Carrier, ConnectionLabels, Reporter},
+    model::{AppProtocol, Service},
     relay::{relay_until, reset},
     state::Snapshot,
 };
@@ -81,6 +87,8 @@ pub struct Outbound {
     round_robin: Mutex<HashMap<(String, String, u16), usize>>,
     /// Where same-node connections are delivered.
     inbound: Arc<Inbound>,
+    /// What routed requests remember across connections: splits, load balancing, ejections.
+    upstreams: upstreams::Upstreams,
 }
 
 impl Outbound {
@@ -94,6 +102,7 @@ impl Outbound {
             orig_dst,
             round_robin: Mutex::default(),
             inbound,
+            upstreams: upstreams::Upstreams::default(),
         }
     }
 
@@ -116,6 +125,11 @@ impl Outbound {
         record.line_mut().src_workload = Some(pod.workload.clone());
         record.line_mut().dst_addr = Some(orig);
         let snapshot = self.shared.snapshot();
+        if let Some((svc, declared)) = self.routed_service(&pod, &snapshot, orig) {
+            return self
+                .routed(pod, stream, (svc, orig), declared, snapshot, record)
+                .await;
+        }
         let plan = self.plan(&pod, &snapshot, orig);
         if let Plan::Direct(route) | Plan::Tunnel(route, _) | Plan::SameNode(route, _) = &plan {
             record.line_mut().dst_service = route.service.clone();
@@ -149,6 +163,56 @@ impl Outbound {
                 .await;
             }
         }
+    }
+
+    /// The Service `orig` addresses, if its requests are routed one by one: a port that
+    /// speaks HTTP (declared so), with traffic rules for the caller.
+    fn routed_service(
+        &self,
+        pod: &PodContext,
+        snapshot: &Snapshot,
+        orig: SocketAddr,
+    ) -> Option<(Arc<Service>, AppProtocol)> {
+        let svc = snapshot.service_by_vip(orig.ip())?;
+        let declared = snapshot
+            .service_port(svc, orig.port())?
+            .protocol()
+            .filter(|p| p.is_http())?;
+        self.routes_requests(snapshot, pod, svc, orig.port())
+            .then(|| (svc.clone(), declared))
+    }
+
+    /// Serves a connection request by request ([`http::RoutedConnection`]).
+    async fn routed(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        stream: TcpStream,
+        (svc, orig): (Arc<Service>, SocketAddr),
+        declared: AppProtocol,
+        snapshot: Arc<Snapshot>,
+        mut record: ConnectionRecord,
+    ) {
+        let line = record.line_mut();
+        line.dst_service = Some(format!("{}/{}", svc.namespace, svc.name));
+        line.per_request = Some(true);
+        line.app_protocol = Some(declared);
+        line.src_identity = Some(pod.identity.to_string());
+        record.count(
+            ConnectionLabels::new(
+                Reporter::Source,
+                Carrier::Hbone,
+                (Some(&pod.workload), Some(pod.identity.to_string())),
+                (None, None),
+                true,
+            ),
+            &self.shared.open,
+        );
+        let requests = http::RoutedConnection::request_context(&self, &pod, &snapshot, &svc, orig);
+        let conn = http::RoutedConnection::new(self.clone(), pod, (svc, orig), requests);
+        let r = conn
+            .serve(stream, Some(declared), record.tally().clone())
+            .await;
+        record.finish(&r);
     }
 
     /// Where a connection of `pod` to `orig` goes, from `snapshot` alone.
@@ -316,6 +380,32 @@ impl Outbound {
         // The stream's connection counts as busy until `tunnel` drops, after the relay.
         let r = relay_until(stream, tunnel.io, std::future::pending(), record.tally()).await;
         record.finish(&r);
+    }
+}
+
+impl Outbound {
+    /// Whether `pod`'s requests to `svc` are routed one by one: a VirtualService or a
+    /// DestinationRule applies to them.
+    fn routes_requests(
+        &self,
+        snapshot: &Snapshot,
+        pod: &PodContext,
+        svc: &Service,
+        _: u16,
+    ) -> bool {
+        let labels = pod
+            .in_snapshot(snapshot)
+            .map(|p| p.labels.clone())
+            .unwrap_or_default();
+        let source = crate::traffic::virtual_service::Source {
+            namespace: &pod.namespace,
+            labels: &labels,
+        };
+        snapshot.routes_by_rules(&source, svc)
+    }
+
+    fn cluster_domain(&self) -> &str {
+        self.shared.requests.cluster_domain()
     }
 }
 
