@@ -241,6 +241,52 @@ fn bookinfo_request_routing() -> Result<()> {
         ],
     );
     ensure!(v3 >= 75.0, "v3 requests counted at the source: {v3}");
+
+    // Opaque traffic: a `tcp` route sends every connection to reviews' port 9000 to v3.
+    let _echo: Vec<Proc> = ["reviews-v1", "reviews-v2", "reviews-v3"]
+        .iter()
+        .map(|p| c.pod(NS, p).tcp_echo(9000))
+        .collect::<Result<_>>()?;
+    let mark = c.log_mark(1);
+    c.set_service(
+        service(NS, "reviews-tcp")
+            .selector(&[("app", "reviews")])
+            .named_port("tcp", 9000, 9000),
+    )?;
+    c.wait_for_log_since(1, mark, WAIT, |l| l["message"] == "configuration applied")?;
+    c.apply(
+        "reviews-tcp.yaml",
+        Some(&format!(
+            "{}---\n{}",
+            networking(
+                "DestinationRule",
+                "reviews-tcp",
+                "  host: reviews-tcp\n  subsets:\n  - name: v3\n    labels:\n      version: v3\n",
+            ),
+            networking(
+                "VirtualService",
+                "reviews-tcp",
+                "  hosts:\n  - reviews-tcp\n  tcp:\n  - route:\n    - destination:\n        host: reviews-tcp\n        subset: v3\n",
+            )
+        )),
+    )?;
+    let tcp = format!("{}:9000", c.service_vip(NS, "reviews-tcp"));
+    let v3_addr = format!("{}:9000", c.pod(NS, "reviews-v3").ip());
+    for _ in 0..3 {
+        let mark = c.log_mark(1);
+        let out = c
+            .pod(NS, "client")
+            .probe(&["connect", "--addr", &tcp, "--send", "hello"])?
+            .succeeded()?;
+        ensure!(out.json["received"] == "hello", "{}", out.stdout);
+        let line = c.wait_for_connection(1, mark, WAIT, |l| {
+            l["direction"] == "outbound" && l["dst_service"] == "bookinfo/reviews-tcp"
+        })?;
+        ensure!(
+            line["upstream"] == v3_addr.as_str(),
+            "tcp route to v3: {line}"
+        );
+    }
     Ok(())
 }
 

@@ -1005,6 +1005,27 @@ fn probe_json(pod: &PodRef<'_>, args: &[&str], timeout: Duration) -> Result<Valu
         })
 }
 
+/// `vc-probe http-load` from `client` to `addr` with the latency test's parameters.
+fn http_load(client: &PodRef<'_>, p: &Params, addr: &str) -> Result<Value> {
+    let (rate, ms, conns) = (
+        p.rate.to_string(),
+        p.latency_ms.to_string(),
+        p.connections.to_string(),
+    );
+    let args = [
+        "http-load",
+        "--addr",
+        addr,
+        "--rate",
+        &rate,
+        "--duration-ms",
+        &ms,
+        "--connections",
+        &conns,
+    ];
+    probe_json(client, &args, Duration::from_millis(p.latency_ms + 20_000))
+}
+
 /// Latency of small HTTP/1.1 GETs at a fixed rate, and what the path's proxies spent on them
 /// (utime + stime of both, read from /proc before and after).
 fn latency(
@@ -1022,25 +1043,8 @@ fn latency(
     // The direct figures of this round come first in `order`.
     for way in order {
         let addr = format!("{}:{HTTP_PORT}", c.pod(way.ns(), "server").ip());
-        let (rate, ms, conns) = (
-            p.rate.to_string(),
-            p.latency_ms.to_string(),
-            p.connections.to_string(),
-        );
-        let args = [
-            "http-load",
-            "--addr",
-            &addr,
-            "--rate",
-            &rate,
-            "--duration-ms",
-            &ms,
-            "--connections",
-            &conns,
-        ];
-        let timeout = Duration::from_millis(p.latency_ms + 20_000);
         let cpu_before = sample(&pids[way]).map(|s| s.cpu_s);
-        let result = probe_json(&c.pod(way.ns(), "client"), &args, timeout);
+        let result = http_load(&c.pod(way.ns(), "client"), p, &addr);
         let cpu_after = sample(&pids[way]).map(|s| s.cpu_s);
         match result {
             Ok(mut v) => {
@@ -1099,24 +1103,7 @@ fn routing(c: &Cluster, p: &Params, round: u64, report: &mut Report) {
     }
     for (svc, name) in order {
         let addr = format!("{}:{SERVICE_PORT}", c.service_vip("mesh", svc));
-        let (rate, ms, conns) = (
-            p.rate.to_string(),
-            p.latency_ms.to_string(),
-            p.connections.to_string(),
-        );
-        let args = [
-            "http-load",
-            "--addr",
-            &addr,
-            "--rate",
-            &rate,
-            "--duration-ms",
-            &ms,
-            "--connections",
-            &conns,
-        ];
-        let timeout = Duration::from_millis(p.latency_ms + 20_000);
-        match probe_json(&c.pod("mesh", "client"), &args, timeout) {
+        match http_load(&c.pod("mesh", "client"), p, &addr) {
             Ok(v) => {
                 println!(
                     "   routing {name:<6} {} requests, {} errors: p50 {} µs, p99 {} µs",

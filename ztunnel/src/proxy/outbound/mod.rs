@@ -32,6 +32,7 @@ use crate::{
     model::{AppProtocol, Service},
     relay::{relay_until, reset},
     state::Snapshot,
+    traffic::{SourceWorkload, TcpDecision},
 };
 
 /// Where an outbound connection goes, and what it was addressed to.
@@ -51,6 +52,10 @@ pub enum NoRoute {
     NoServicePort { service: String, port: u16 },
     /// A Service port without endpoints (of the address family dialled).
     NoEndpoints { service: String, port: u16 },
+    /// A VirtualService's `tcp` routes match nothing for this connection.
+    NoTcpRoute { virtual_service: String },
+    /// The `tcp` route's destination resolves to no Service port or subset.
+    Unroutable(String),
 }
 
 impl fmt::Display for NoRoute {
@@ -62,6 +67,13 @@ impl fmt::Display for NoRoute {
             NoRoute::NoEndpoints { service, port } => {
                 write!(f, "service {service} has no endpoints for port {port}")
             }
+            NoRoute::NoTcpRoute { virtual_service } => {
+                write!(
+                    f,
+                    "no tcp route of VirtualService {virtual_service} matches"
+                )
+            }
+            NoRoute::Unroutable(why) => write!(f, "tcp route: {why}"),
         }
     }
 }
@@ -217,7 +229,10 @@ impl Outbound {
 
     /// Where a connection of `pod` to `orig` goes, from `snapshot` alone.
     pub fn plan(&self, pod: &PodContext, snapshot: &Snapshot, orig: SocketAddr) -> Plan {
-        let route = match self.route(snapshot, orig) {
+        let route = match self
+            .tcp_route(pod, snapshot, orig)
+            .unwrap_or_else(|| self.route(snapshot, orig))
+        {
             Ok(route) => route,
             Err(why) => return Plan::Refuse(why),
         };
@@ -264,6 +279,63 @@ impl Outbound {
             service: None,
             workload,
         })
+    }
+
+    /// Where a VirtualService's `tcp` routes send a connection to a Service: a destination by
+    /// weight, then one of its cluster's endpoints round-robin. `None` when no VirtualService
+    /// with `tcp` routes applies.
+    fn tcp_route(
+        &self,
+        pod: &PodContext,
+        snapshot: &Snapshot,
+        orig: SocketAddr,
+    ) -> Option<Result<Route, NoRoute>> {
+        let svc = snapshot.service_by_vip(orig.ip())?;
+        let labels = pod
+            .in_snapshot(snapshot)
+            .map(|p| p.labels.clone())
+            .unwrap_or_default();
+        let source = SourceWorkload {
+            namespace: &pod.namespace,
+            labels: &labels,
+        };
+        let (virtual_service, route, destinations) = match snapshot.tcp_route(source, svc, orig) {
+            TcpDecision::NoVirtualService => return None,
+            TcpDecision::NoRoute { virtual_service } => {
+                let virtual_service = virtual_service.to_string();
+                return Some(Err(NoRoute::NoTcpRoute { virtual_service }));
+            }
+            TcpDecision::Routed {
+                virtual_service,
+                route,
+                destinations,
+            } => (virtual_service, route, destinations),
+        };
+        let key = format!("{}|{virtual_service}|tcp {route}", pod.workload);
+        let weights: Vec<u32> = destinations.iter().map(|d| d.weight).collect();
+        let chosen = &destinations[self.upstreams.split(&key, &weights)];
+        let cluster = match &chosen.target {
+            Ok(c) => c,
+            Err(why) => return Some(Err(NoRoute::Unroutable(why.to_string()))),
+        };
+        let service = format!("{}/{}", cluster.service.namespace, cluster.service.name);
+        let mut endpoints = snapshot.cluster_endpoints(cluster);
+        endpoints.retain(|e| e.addr.is_ipv4() == orig.is_ipv4());
+        if endpoints.is_empty() {
+            let port = cluster.port;
+            return Some(Err(NoRoute::NoEndpoints { service, port }));
+        }
+        let rr = (
+            cluster.service.namespace.clone(),
+            cluster.name(),
+            cluster.port,
+        );
+        let ep = &endpoints[self.next_endpoint(rr, endpoints.len())];
+        Some(Ok(Route {
+            upstream: ep.addr,
+            service: Some(service),
+            workload: Some(ep.pod.workload()),
+        }))
     }
 
     /// Next index (modulo `n`) for a service port's round-robin.
