@@ -93,7 +93,12 @@ pub struct CheckResult {
     pub destination: String,
 }
 
-fn find_pod<'a>(snapshot: &'a Snapshot, what: &str, name: &str) -> Result<&'a Pod, String> {
+/// The pod `name` (`namespace/name`, given as flag `what`) of the configuration.
+pub(crate) fn find_pod<'a>(
+    snapshot: &'a Snapshot,
+    what: &str,
+    name: &str,
+) -> Result<&'a Pod, String> {
     let (ns, pod) = name
         .split_once('/')
         .filter(|(ns, pod)| !ns.is_empty() && !pod.is_empty())

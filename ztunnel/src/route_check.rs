@@ -12,7 +12,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Serialize;
 
 use crate::{
-    model::{Pod, Service},
+    model::Service,
+    policy_check::find_pod,
     state::Snapshot,
     traffic::{
         values::{service_fqdn, CLUSTER_DOMAIN},
@@ -288,18 +289,6 @@ impl RouteResult {
     }
 }
 
-fn find_pod<'a>(snapshot: &'a Snapshot, name: &str) -> Result<&'a Pod, String> {
-    let (ns, pod) = name
-        .split_once('/')
-        .filter(|(ns, pod)| !ns.is_empty() && !pod.is_empty())
-        .ok_or_else(|| format!("--from must be written namespace/pod, got {name:?}"))?;
-    snapshot
-        .pods
-        .get(&(ns.to_owned(), pod.to_owned()))
-        .map(|p| p.as_ref())
-        .ok_or_else(|| format!("no pod {ns}/{pod} in the configuration"))
-}
-
 /// The Service `host` names for a client of `namespace`, as its DNS search path would find it
 /// (`name`, `name.ns`, `name.ns.svc`, the FQDN), or by cluster IP.
 fn find_service<'a>(
@@ -326,7 +315,7 @@ fn find_service<'a>(
 
 /// Answers `req` against `snapshot`; `Err` is bad input.
 pub fn check(snapshot: &Snapshot, req: &RouteRequest) -> Result<RouteResult, String> {
-    let from = find_pod(snapshot, &req.from)?;
+    let from = find_pod(snapshot, "--from", &req.from)?;
     let (host, port) = req
         .to
         .rsplit_once(':')

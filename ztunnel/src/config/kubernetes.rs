@@ -765,4 +765,50 @@ mod tests {
             [Some(AppProtocol::Tcp), Some(AppProtocol::Http2), None]
         );
     }
+
+    /// The traffic rules are watched, and an object from the API server is read as the same
+    /// YAML in a file: a good one is kept, a bad one refused with its name and reason (the
+    /// aggregator then keeps its last good version).
+    #[test]
+    fn traffic_rules_from_the_api_parse_as_files_do() {
+        let specs = watch_specs("node1", "istio-system");
+        let kinds: Vec<(&str, &str)> = specs
+            .iter()
+            .map(|s| (s.resource.api_version.as_str(), s.resource.plural.as_str()))
+            .collect();
+        assert!(kinds.contains(&("networking.istio.io/v1", "virtualservices")));
+        assert!(kinds.contains(&("networking.istio.io/v1", "destinationrules")));
+        let resource = |kind: &str| {
+            specs
+                .iter()
+                .find(|s| s.resource.kind == kind)
+                .unwrap()
+                .resource
+                .clone()
+        };
+        let vs: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "reviews", "namespace": "bookinfo", "uid": "u1",
+                         "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"hosts": ["reviews"], "http": [{
+                "match": [{"headers": {"end-user": {"exact": "jason"}}}],
+                "route": [{"destination": {"host": "reviews", "subset": "v2"}}]}]},
+        }))
+        .unwrap();
+        let parsed = parse(vs, &resource("VirtualService"));
+        let objects = parsed.result.unwrap();
+        assert_eq!(objects.virtual_services[0].id(), "bookinfo/reviews");
+        assert!(objects.virtual_services[0].created.is_some());
+
+        let dr: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "reviews", "namespace": "bookinfo"},
+            "spec": {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+                     "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBN"}}},
+        }))
+        .unwrap();
+        let err = parse(dr, &resource("DestinationRule")).result.unwrap_err();
+        assert!(
+            err.contains("DestinationRule bookinfo/reviews") && err.contains("ROUND_ROBN"),
+            "{err}"
+        );
+    }
 }

@@ -702,6 +702,82 @@ status:
     }
 
     #[test]
+    fn traffic_rules_are_read_from_three_api_versions() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: bookinfo}\nspec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: b, namespace: bookinfo}\nspec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}\n---\napiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {name: c}\nspec: {hosts: [ratings], tcp: [{route: [{destination: {host: ratings}}]}]}\nstatus: {anything: goes}\n";
+        let o = parse(text).unwrap();
+        assert_eq!(o.virtual_services.len(), 2);
+        assert_eq!(o.destination_rules.len(), 1);
+        assert_eq!(o.virtual_services[1].namespace, "default");
+        assert_eq!(o.virtual_services[1].origin.line, 11);
+        assert_eq!(o.destination_rules[0].subsets[0].name, "v1");
+        assert!(o.other.is_empty());
+    }
+
+    /// The shipped example is what the proxy accepts, without problems.
+    #[test]
+    fn the_bookinfo_traffic_example_is_accepted() {
+        let o = parse(include_str!(
+            "../../../deploy/examples/bookinfo-traffic.yaml"
+        ))
+        .unwrap();
+        assert_eq!(
+            (o.virtual_services.len(), o.destination_rules.len()),
+            (2, 2)
+        );
+    }
+
+    /// Each bad rule rejects the file with the line of the field at fault (or of the
+    /// document, for what is wrong with the object as a whole).
+    #[test]
+    fn bad_traffic_rules_are_reported_with_their_line() {
+        let head = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n";
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http:\n";
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec:\n  host: reviews\n";
+        for (doc, expect, line) in [
+            (
+                format!("{vs}  - match: [{{uri: {{regex: \"/(?!admin).*\"}}}}]\n    route: [{{destination: {{host: reviews}}}}]\n"),
+                "regex",
+                11,
+            ),
+            (
+                format!("{vs}  - match: [{{headers: {{x: {{regex: \"(a)\\\\1\"}}}}}}]\n    route: [{{destination: {{host: reviews}}}}]\n"),
+                "regex",
+                11,
+            ),
+            (
+                format!("{vs}  - route: [{{destination: {{host: reviews}}}}]\n    retires: {{attempts: 3}}\n"),
+                "unknown field `retires`",
+                12,
+            ),
+            (
+                format!("{vs}  - route: [{{destination: {{host: reviews}}}}]\n    timeout: 3 seconds\n"),
+                "duration",
+                // A bad value is placed at the route it belongs to.
+                11,
+            ),
+            (
+                format!("{dr}  trafficPolicy:\n    loadBalancer: {{simple: FASTEST}}\n"),
+                "FASTEST",
+                5,
+            ),
+            (
+                format!("{dr}  trafficPolicy:\n    conectionPool: {{}}\n"),
+                "unknown field `conectionPool`",
+                11,
+            ),
+            (
+                "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: r}\nspec: {}\n".to_owned(),
+                "not supported",
+                5,
+            ),
+        ] {
+            let e = parse(&format!("{head}{doc}")).unwrap_err();
+            assert!(e.reason.contains(expect), "{doc}: {e}");
+            assert_eq!(e.line, Some(line), "{doc}: {e}");
+        }
+    }
+
+    #[test]
     fn document_lines_skip_leading_separators_and_comments() {
         assert_eq!(document_start_lines("a: 1\n---\nb: 2\n"), [1, 3]);
         assert_eq!(document_start_lines("# c\n---\na: 1\n--- \nb: 1"), [3, 5]);

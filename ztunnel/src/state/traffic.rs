@@ -190,8 +190,10 @@ impl TrafficIndex {
     ) {
         for vs in self.virtual_services.iter().filter(|v| v.mesh) {
             let mut destinations: Vec<(String, &Destination)> = Vec::new();
+            let mut splits: Vec<(String, Vec<u32>)> = Vec::new();
             for (i, r) in vs.http.iter().enumerate() {
                 if let HttpAction::Forward(ds) = &r.action {
+                    splits.push((format!("http[{i}]"), ds.iter().map(|d| d.weight).collect()));
                     destinations.extend(
                         ds.iter()
                             .enumerate()
@@ -205,12 +207,26 @@ impl TrafficIndex {
                 );
             }
             for (i, r) in vs.tcp.iter().enumerate() {
+                splits.push((
+                    format!("tcp[{i}]"),
+                    r.route.iter().map(|d| d.weight).collect(),
+                ));
                 destinations.extend(
                     r.route
                         .iter()
                         .enumerate()
                         .map(|(k, d)| (format!("tcp[{i}].route[{k}]"), &d.destination)),
                 );
+            }
+            for (what, weights) in splits {
+                let total: u32 = weights.iter().sum();
+                if weights.len() > 1 && total != 100 {
+                    problems.push(format!(
+                        "VirtualService {} ({}) {what}: the weights add up to {total}, not 100; traffic is split by their total (as Istio does)",
+                        vs.id(),
+                        vs.origin
+                    ));
+                }
             }
             for (what, d) in destinations {
                 let known = service_key(&d.fqdn).and_then(|k| services.get(&k));

@@ -26,8 +26,10 @@
 //!      balanced by `cluster.policy.load_balancer`, limited by `cluster.policy.connection_pool`,
 //!      ejected by `cluster.policy.outlier_detection`. No endpoint: `503` (`UH`).
 //!   4. `rewrite.path` / `rewrite.authority` replace `:path` (query kept by the decision) and
-//!      `:authority`/`Host`; then `headers.request` edits, then the picked destination's
-//!      `headers.request`; the response gets `headers.response` then the destination's.
+//!      `:authority`/`Host` (a route-level `headers.request.set` of `host` is folded into
+//!      `rewrite.authority`); then `headers.request` edits, then the picked destination's
+//!      `headers.request` (its `headers.authority`, a `host` it sets, replaces the authority);
+//!      the response gets `headers.response` then the destination's.
 //!   5. `timeout` bounds the whole request including retries (`None`: no timeout);
 //!      `retries` re-sends on the [`RetryOn`] conditions, each try bounded by
 //!      `per_try_timeout`, at most `attempts` more tries (flag `URX` when exhausted).

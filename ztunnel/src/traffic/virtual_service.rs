@@ -1417,6 +1417,56 @@ http:
         }
     }
 
+    /// Header regex and presence, authority, and AND within a block (OR across blocks).
+    #[test]
+    fn header_authority_and_conjunction_table() {
+        let v = vs(r#"
+hosts: [reviews]
+http:
+- name: both
+  match: [{headers: {x-user: {regex: "[a-z]+-[0-9]{2}"}, x-debug: {}}}]
+  route: [{destination: {host: reviews}}]
+- name: either
+  match: [{headers: {x-a: {exact: "1"}}}, {headers: {x-b: {exact: "1"}}}]
+  route: [{destination: {host: reviews}}]
+- name: authority
+  match: [{authority: {prefix: "reviews"}}]
+  route: [{destination: {host: reviews}}]
+"#)
+        .unwrap();
+        let at = |r: Req, authority: &'static str| {
+            let labels = Labels::new();
+            let src = Source {
+                namespace: "bookinfo",
+                labels: &labels,
+            };
+            let view = RequestView {
+                authority,
+                ..view(&r)
+            };
+            v.http_route(&view, &src).map(|m| m.name())
+        };
+        type Row<'a> = (&'a [(&'a str, &'a str)], &'a str, Option<&'a str>);
+        let rows: &[Row] = &[
+            (&[("x-user", "ann-42"), ("x-debug", "")], "x", Some("both")),
+            (&[("x-user", "ann-42")], "x", None),
+            (&[("x-user", "ann-421"), ("x-debug", "1")], "x", None),
+            (&[("x-user", "Ann-42"), ("x-debug", "1")], "x", None),
+            (&[("x-a", "1")], "x", Some("either")),
+            (&[("x-b", "1")], "x", Some("either")),
+            (&[("x-b", "2")], "x", None),
+            (&[], "reviews.bookinfo:9080", Some("authority")),
+            (&[], "ratings", None),
+        ];
+        for (h, authority, expect) in rows {
+            assert_eq!(
+                at(req("/", h), authority).as_deref(),
+                *expect,
+                "{h:?} {authority}"
+            );
+        }
+    }
+
     #[test]
     fn repeated_headers_are_joined_and_no_catch_all_means_no_route() {
         let v = vs("hosts: [reviews]\nhttp:\n- match: [{headers: {x: {exact: 'a,b'}}}]\n  route: [{destination: {host: reviews}}]\n").unwrap();
