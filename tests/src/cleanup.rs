@@ -262,6 +262,7 @@ pub fn sweep_stale() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         sweep_stale_now();
+        crate::cluster::addresses::sweep_stale_guards();
     });
 }
 

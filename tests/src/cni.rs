@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::{
     cleanup::NETNS_DIR,
-    cluster::{Cluster, PodRef},
+    cluster::{addresses::Family, Cluster, PodRef},
     process::{confine, output_with_input, output_with_timeout},
 };
 
@@ -162,8 +162,14 @@ impl PodRef<'_> {
                 {"name": "veth-host", "mac": "ee:ee:ee:ee:ee:ee"},
                 {"name": "eth0", "mac": "02:00:00:00:00:01", "sandbox": self.netns_path().display().to_string()}
             ],
-            "ips": [{"address": format!("{}/32", self.ip()), "interface": 1}],
-            "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}],
+            "ips": self.ips().iter().map(|ip| json!({
+                "address": format!("{ip}/{}", Family::of(*ip).host_prefix_len()),
+                "interface": 1,
+            })).collect::<Vec<_>>(),
+            "routes": self.ips().iter().map(|ip| match Family::of(*ip) {
+                Family::V4 => json!({"dst": "0.0.0.0/0", "gw": Family::V4.gateway()}),
+                Family::V6 => json!({"dst": "::/0", "gw": Family::V6.gateway()}),
+            }).collect::<Vec<_>>(),
             "dns": {}
         })
     }

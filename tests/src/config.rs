@@ -95,12 +95,13 @@ pub fn pod_yaml(p: &PodObject) -> String {
     }))
 }
 
-/// A Service and its VIP.
+/// A Service and its cluster IPs.
 #[derive(Clone, Debug)]
 pub struct ServiceObject {
     pub namespace: String,
     pub name: String,
-    pub vip: String,
+    /// `spec.clusterIPs`, the primary (`spec.clusterIP`) first.
+    pub vips: Vec<String>,
     pub selector: Labels,
     pub ports: Vec<ServicePortObject>,
 }
@@ -150,8 +151,8 @@ pub fn service_yaml(s: &ServiceObject) -> String {
         "metadata": {"name": s.name, "namespace": s.namespace},
         "spec": {
             "type": "ClusterIP",
-            "clusterIP": s.vip,
-            "clusterIPs": [s.vip],
+            "clusterIP": s.vips.first(),
+            "clusterIPs": s.vips,
             "selector": s.selector,
             "ports": ports,
         },
@@ -204,7 +205,7 @@ mod tests {
         let s = service_yaml(&ServiceObject {
             namespace: "shop".into(),
             name: "web".into(),
-            vip: "10.96.0.10".into(),
+            vips: vec!["10.96.0.10".into(), "fd10:96::a".into()],
             selector: labels(&[("app", "web")]),
             ports: vec![
                 ServicePortObject::new(80, 8080),
@@ -217,6 +218,7 @@ mod tests {
         });
         let v: serde_yaml::Value = serde_yaml::from_str(&s).unwrap();
         assert_eq!(v["spec"]["clusterIP"].as_str(), Some("10.96.0.10"));
+        assert_eq!(v["spec"]["clusterIPs"][1].as_str(), Some("fd10:96::a"));
         assert_eq!(v["spec"]["ports"][0]["targetPort"].as_u64(), Some(8080));
         assert_eq!(v["spec"]["ports"][0]["name"].as_str(), Some("p80"));
         assert!(v["spec"]["ports"][0]["appProtocol"].is_null());

@@ -25,6 +25,7 @@
 //! assert_eq!(out.code, Some(0));
 //! # anyhow::Ok(())
 //! ```
+pub mod benchmark;
 pub mod cleanup;
 pub mod cluster;
 pub mod cni;
@@ -35,11 +36,13 @@ pub mod jwt;
 pub mod metrics;
 pub mod peer;
 pub mod process;
+pub mod scale;
 pub mod zds;
 
 use std::path::{Path, PathBuf};
 
 pub use cluster::{
+    addresses::{socket_addr, Family},
     pod, service, underlay_not_only_mtls, Cluster, ClusterBuilder, NodeProxy, NodeRef, PodRef,
     PodSpec, ProbeOutput, ServiceSpec,
 };

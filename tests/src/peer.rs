@@ -241,7 +241,7 @@ pub fn local_config(
             name: &s.name,
             namespace: &s.namespace,
             hostname: hostname(s),
-            vips: vec![format!("/{}", s.vip)],
+            vips: s.vips.iter().map(|v| format!("/{v}")).collect(),
             ports: ports(s),
         })
         .collect();
@@ -381,7 +381,7 @@ mod tests {
         let svc = ServiceObject {
             namespace: "shop".into(),
             name: "web".into(),
-            vip: "10.96.0.10".into(),
+            vips: vec!["10.96.0.10".into()],
             selector: labels(&[("app", "web")]),
             ports: vec![ServicePortObject::new(80, 8080)],
         };

@@ -3,7 +3,9 @@
 //!
 //! Most tests use two nodes: namespace `shop` (labelled ambient) with `client` on node 1 and
 //! `web` on node 2 (service `web` 80 → 8080), and namespace `legacy` (not labelled) with
-//! `legacy-client` on node 1.
+//! `legacy-client` on node 1. The tests of the data path (capture, Service VIPs, refusals,
+//! failing closed) run on dual-stack pods ([`dual_stack`]) and check each family in turn; the
+//! IPv6-only cluster is in `dual_stack.rs`.
 use std::{
     collections::BTreeMap,
     path::Path,
@@ -13,7 +15,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 use ztunnel_tests::{
-    cleanup, pod, process::host, service, Cluster, ClusterBuilder, ProbeOutput, Proc,
+    cleanup, pod, process::host, service, socket_addr, Cluster, ClusterBuilder, Family,
+    ProbeOutput, Proc,
 };
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
@@ -43,8 +46,23 @@ fn shop(labelled: bool) -> ClusterBuilder {
         )
 }
 
+/// [`shop`] with an IPv4 and an IPv6 address for every pod and Service.
+fn dual_stack() -> ClusterBuilder {
+    shop(true).families(&[Family::V4, Family::V6])
+}
+
 fn web_addr(c: &Cluster) -> String {
     format!("{}:8080", c.pod("shop", "web").ip())
+}
+
+/// `web`'s address of `family`, port 8080.
+fn web_addr_of(c: &Cluster, family: Family) -> String {
+    c.pod("shop", "web").addr(family, 8080)
+}
+
+/// The Service `shop/name`'s cluster IP of `family`, port 80.
+fn vip_of(c: &Cluster, name: &str, family: Family) -> String {
+    socket_addr(c.service_vip_of("shop", name, family), 80)
 }
 
 /// Fails with everything the probe said unless it exited 0.
@@ -60,10 +78,11 @@ fn ok(out: ProbeOutput) -> Result<ProbeOutput> {
     Ok(out)
 }
 
+/// The address of an `ip:port` (or `[ip]:port`) value.
 fn ip_of(addr: &Value) -> String {
     addr.as_str()
-        .and_then(|a| a.rsplit_once(':'))
-        .map(|(ip, _)| ip.to_owned())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.ip().to_string())
         .unwrap_or_default()
 }
 
@@ -144,13 +163,20 @@ fn is_problem(v: &Value) -> bool {
 
 #[test]
 fn outbound_to_pod_ip_is_captured_and_addresses_are_preserved() -> Result<()> {
-    let c = shop(true).start()?;
+    let c = dual_stack().start()?;
     c.wait_enrolled(1, 0, "shop/client", WAIT)?;
     c.wait_enrolled(2, 0, "shop/web", WAIT)?;
     let _server = c.pod("shop", "web").http_server(8080, "web")?;
+    for family in [Family::V4, Family::V6] {
+        outbound_to_pod_ip_of(&c, family)?;
+    }
+    Ok(())
+}
+
+fn outbound_to_pod_ip_of(c: &Cluster, family: Family) -> Result<()> {
     let (m1, m2) = (c.log_mark(1), c.log_mark(2));
-    let client_ip = c.pod("shop", "client").ip().to_string();
-    let web = web_addr(&c);
+    let client_ip = c.pod("shop", "client").ip_of(family).to_string();
+    let web = web_addr_of(c, family);
 
     let out = ok(c.pod("shop", "client").get(&web)?)?;
     assert_eq!(out.json["status"], 200);
@@ -170,7 +196,7 @@ fn outbound_to_pod_ip_is_captured_and_addresses_are_preserved() -> Result<()> {
     // Documented limit: the proxy delivers over loopback inside the pod from the pod's address.
     assert_eq!(
         ip_of(&body["peer"]),
-        c.pod("shop", "web").ip().to_string(),
+        c.pod("shop", "web").ip_of(family).to_string(),
         "body: {body}"
     );
 
@@ -192,8 +218,8 @@ fn outbound_to_pod_ip_is_captured_and_addresses_are_preserved() -> Result<()> {
     })?;
     assert_eq!(i["dst_workload"], "shop/web", "{i}");
     assert_eq!(i["src_workload"], "shop/client", "{i}");
-    // The tunnel comes from node 1; the client's own address travels in `Forwarded`.
-    assert_eq!(i["forwarded_for"], client_ip.as_str(), "{i}");
+    // The client's own address (of the connection's family) travels in `Forwarded`.
+    assert_eq!(i["forwarded_for"], client_ip.as_str(), "{family}: {i}");
     assert_eq!(i["outcome"], "ok", "{i}");
     assert!(i["bytes_received"].as_u64().unwrap_or(0) > 0, "{i}");
     Ok(())
@@ -201,12 +227,19 @@ fn outbound_to_pod_ip_is_captured_and_addresses_are_preserved() -> Result<()> {
 
 #[test]
 fn raw_tcp_bytes_are_relayed_and_counted_exactly() -> Result<()> {
-    let c = shop(true).start()?;
+    let c = dual_stack().start()?;
     c.wait_enrolled(1, 0, "shop/client", WAIT)?;
     c.wait_enrolled(2, 0, "shop/web", WAIT)?;
     let _echo = c.pod("shop", "web").tcp_echo(7000)?;
+    for family in [Family::V4, Family::V6] {
+        raw_tcp_bytes_over(&c, family)?;
+    }
+    Ok(())
+}
+
+fn raw_tcp_bytes_over(c: &Cluster, family: Family) -> Result<()> {
     let (m1, m2) = (c.log_mark(1), c.log_mark(2));
-    let dst = format!("{}:7000", c.pod("shop", "web").ip());
+    let dst = c.pod("shop", "web").addr(family, 7000);
     let payload = "0123456789abcdefghijklmnopqrstuvwxyz".repeat(100);
     let out = ok(c
         .pod("shop", "client")
@@ -236,14 +269,21 @@ fn raw_tcp_bytes_are_relayed_and_counted_exactly() -> Result<()> {
 
 #[test]
 fn same_node_traffic_is_captured_on_both_sides() -> Result<()> {
-    let c = shop(true)
+    let c = dual_stack()
         .pod(pod("shop", "local-web").node(1).labels(&[("app", "local")]))
         .start()?;
     c.wait_enrolled(1, 0, "shop/client", WAIT)?;
     c.wait_enrolled(1, 0, "shop/local-web", WAIT)?;
     let _server = c.pod("shop", "local-web").http_server(8080, "local-web")?;
+    for family in [Family::V4, Family::V6] {
+        same_node_over(&c, family)?;
+    }
+    Ok(())
+}
+
+fn same_node_over(c: &Cluster, family: Family) -> Result<()> {
     let m1 = c.log_mark(1);
-    let dst = format!("{}:8080", c.pod("shop", "local-web").ip());
+    let dst = c.pod("shop", "local-web").addr(family, 8080);
     let out = ok(c.pod("shop", "client").get(&dst)?)?;
     assert_eq!(out.body()["server"], "local-web");
     assert_eq!(out.json["peer"], dst.as_str());
@@ -267,7 +307,7 @@ fn same_node_traffic_is_captured_on_both_sides() -> Result<()> {
 
 #[test]
 fn service_vip_is_resolved_to_endpoints_round_robin() -> Result<()> {
-    let c = shop(true)
+    let c = dual_stack()
         .pod(pod("shop", "web-2").node(2).labels(&[("app", "web")]))
         .start()?;
     c.wait_enrolled(1, 0, "shop/client", WAIT)?;
@@ -275,15 +315,20 @@ fn service_vip_is_resolved_to_endpoints_round_robin() -> Result<()> {
     c.wait_enrolled(2, 0, "shop/web-2", WAIT)?;
     let _s1 = c.pod("shop", "web").http_server(8080, "web")?;
     let _s2 = c.pod("shop", "web-2").http_server(8080, "web-2")?;
-    let vip = format!("{}:80", c.service_vip("shop", "web"));
+    // Each cluster IP leads to the endpoints of its own family.
+    for family in [Family::V4, Family::V6] {
+        round_robin_over(&c, family)?;
+    }
+    Ok(())
+}
+
+fn round_robin_over(c: &Cluster, family: Family) -> Result<()> {
+    let vip = vip_of(c, "web", family);
     let endpoints: BTreeMap<String, String> = [
-        (
-            "web".to_owned(),
-            format!("{}:8080", c.pod("shop", "web").ip()),
-        ),
+        ("web".to_owned(), c.pod("shop", "web").addr(family, 8080)),
         (
             "web-2".to_owned(),
-            format!("{}:8080", c.pod("shop", "web-2").ip()),
+            c.pod("shop", "web-2").addr(family, 8080),
         ),
     ]
     .into();
@@ -642,21 +687,23 @@ fn stop_and_uninstall_remove_all_kernel_state() -> Result<()> {
 
 #[test]
 fn outbound_fails_closed_while_the_proxy_is_down_and_recovers() -> Result<()> {
-    let c = shop(true).start()?;
+    let c = dual_stack().start()?;
     c.wait_enrolled(1, 0, "shop/client", WAIT)?;
     let server = c.pod("shop", "web").http_server(8080, "web")?;
     let web = web_addr(&c);
-    let vip = format!("{}:80", c.service_vip("shop", "web"));
+    let web6 = web_addr_of(&c, Family::V6);
+    let (vip, vip6) = (vip_of(&c, "web", Family::V4), vip_of(&c, "web", Family::V6));
     ok(c.pod("shop", "client").get(&web)?)?;
+    ok(c.pod("shop", "client").get(&web6)?)?;
     let before = accepts(&server);
     assert!(
-        before >= 1,
+        before >= 2,
         "the accept counter works: {:?}",
         server.lines()
     );
 
     c.kill_proxy(1)?;
-    for dst in [&web, &vip] {
+    for dst in [&web, &vip, &web6, &vip6] {
         let out = c
             .pod("shop", "client")
             .probe(&["get", "--addr", dst, "--timeout-ms", "3000"])?;
@@ -681,11 +728,14 @@ fn outbound_fails_closed_while_the_proxy_is_down_and_recovers() -> Result<()> {
     );
     // A non-enrolled pod on the same node is unaffected.
     ok(c.pod("legacy", "legacy-client").get(&web)?)?;
+    ok(c.pod("legacy", "legacy-client").get(&web6)?)?;
 
     let m1 = c.log_mark(1);
     c.start_proxy(1)?;
-    let out = ok(c.pod("shop", "client").get(&web)?)?;
-    assert_eq!(out.json["peer"], web.as_str());
+    for dst in [&web, &web6] {
+        let out = ok(c.pod("shop", "client").get(dst)?)?;
+        assert_eq!(out.json["peer"], dst.as_str());
+    }
     c.wait_for_connection(1, m1, WAIT, |l| {
         l["direction"] == "outbound" && l["src_workload"] == "shop/client"
     })?;
@@ -694,29 +744,37 @@ fn outbound_fails_closed_while_the_proxy_is_down_and_recovers() -> Result<()> {
 
 #[test]
 fn inbound_fails_closed_while_the_proxy_is_down() -> Result<()> {
-    let c = shop(true).start()?;
+    let c = dual_stack().start()?;
     c.wait_enrolled(2, 0, "shop/web", WAIT)?;
     let server = c.pod("shop", "web").http_server(8080, "web")?;
     let web = web_addr(&c);
+    let web6 = web_addr_of(&c, Family::V6);
     ok(c.pod("legacy", "legacy-client").get(&web)?)?;
+    ok(c.pod("legacy", "legacy-client").get(&web6)?)?;
     let before = accepts(&server);
     assert!(
-        before >= 1,
+        before >= 2,
         "the accept counter works: {:?}",
         server.lines()
     );
     c.kill_proxy(2)?;
-    let out =
-        c.pod("legacy", "legacy-client")
-            .probe(&["get", "--addr", &web, "--timeout-ms", "2000"])?;
-    assert_eq!(
-        out.code,
-        Some(1),
-        "inbound must not reach the app without the proxy: {}",
-        out.stdout
-    );
-    // zt_sk_lookup finds no proxy listener and refuses the connection (SK_DROP: RST).
-    assert_eq!(out.json["kind"], "connection refused", "{}", out.stdout);
+    for dst in [&web, &web6] {
+        let out = c.pod("legacy", "legacy-client").probe(&[
+            "get",
+            "--addr",
+            dst,
+            "--timeout-ms",
+            "2000",
+        ])?;
+        assert_eq!(
+            out.code,
+            Some(1),
+            "inbound to {dst} must not reach the app without the proxy: {}",
+            out.stdout
+        );
+        // zt_sk_lookup finds no proxy listener and refuses the connection (SK_DROP: RST).
+        assert_eq!(out.json["kind"], "connection refused", "{}", out.stdout);
+    }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         accepts(&server),
@@ -726,6 +784,7 @@ fn inbound_fails_closed_while_the_proxy_is_down() -> Result<()> {
     );
     c.start_proxy(2)?;
     ok(c.pod("legacy", "legacy-client").get(&web)?)?;
+    ok(c.pod("legacy", "legacy-client").get(&web6)?)?;
     Ok(())
 }
 
@@ -941,7 +1000,7 @@ fn pods_are_enrolled_only_by_their_own_nodes_proxy() -> Result<()> {
 
 #[test]
 fn service_without_endpoints_is_refused_and_logged() -> Result<()> {
-    let c = shop(true)
+    let c = dual_stack()
         .service(
             service("shop", "empty")
                 .selector(&[("app", "nothing")])
@@ -949,7 +1008,14 @@ fn service_without_endpoints_is_refused_and_logged() -> Result<()> {
         )
         .start()?;
     c.wait_enrolled(1, 0, "shop/client", WAIT)?;
-    let vip = format!("{}:80", c.service_vip("shop", "empty"));
+    for family in [Family::V4, Family::V6] {
+        no_endpoints_over(&c, family)?;
+    }
+    Ok(())
+}
+
+fn no_endpoints_over(c: &Cluster, family: Family) -> Result<()> {
+    let vip = vip_of(c, "empty", family);
     let m1 = c.log_mark(1);
     let out = c.pod("shop", "client").get(&vip)?;
     assert_eq!(

@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use ztunnel_tests::{
     cni::{CniOutput, CniRun},
-    pod, Cluster, ClusterBuilder,
+    pod, Cluster, ClusterBuilder, Family,
 };
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
@@ -77,11 +77,17 @@ fn enrolled_lines(c: &Cluster, node: usize, mark: usize, workload: &str) -> Vec<
 
 #[test]
 fn a_new_pods_first_connection_is_in_the_mesh() -> Result<()> {
-    let c = start(cluster(), "10s")?;
+    // Dual-stack: the plugin reports both of a pod's addresses, and both are captured.
+    let c = start(cluster().families(&[Family::V4, Family::V6]), "10s")?;
     c.wait_enrolled(2, 0, "shop/web", WAIT)?;
     let _server = c.pod("shop", "web").http_server(8080, "web")?;
     let web = format!("{}:8080", c.pod("shop", "web").ip());
-    for name in ["new1", "new2", "new3"] {
+    for (name, family) in [
+        ("new1", Family::V4),
+        ("new2", Family::V6),
+        ("new3", Family::V4),
+    ] {
+        let web = c.pod("shop", "web").addr(family, 8080);
         let p = c.pod("shop", name);
         let workload = p.workload();
         let (m1, m2) = (c.log_mark(1), c.log_mark(2));
@@ -99,6 +105,12 @@ fn a_new_pods_first_connection_is_in_the_mesh() -> Result<()> {
         assert_eq!(
             enrolled[0]["netns"],
             p.netns_path().display().to_string().as_str()
+        );
+        let ips: Vec<String> = p.ips().iter().map(|ip| ip.to_string()).collect();
+        assert_eq!(
+            enrolled[0]["ips"],
+            format!("[{}]", ips.join(", ")).as_str(),
+            "both addresses the plugin reported"
         );
         // The application's first instruction: a connection, right away.
         let got = p.probe(&["get", "--addr", &web, "--timeout-ms", "5000"])?;
@@ -124,8 +136,8 @@ fn a_new_pods_first_connection_is_in_the_mesh() -> Result<()> {
         );
         assert_eq!(
             i["forwarded_for"],
-            p.ip().to_string().as_str(),
-            "dialled from {workload}'s own address, before the API reports it: {i}"
+            p.ip_of(family).to_string().as_str(),
+            "dialled from {workload}'s own {family} address, before the API reports it: {i}"
         );
     }
 

@@ -196,6 +196,7 @@ pub fn leftovers() -> Vec<String> {
         }
     }
     found.extend(leftover_processes());
+    found.extend(leftover_guard_routes());
     // The local Kubernetes cluster (`cargo xtask cluster`, run by the real-cluster suite): its
     // daemons, mounts, netns, links, routes, cgroups, pins and run directory.
     found.extend(crate::cluster::leftovers());
@@ -211,6 +212,30 @@ fn leftover_netns() -> Vec<String> {
         .lines()
         .filter(|l| l.starts_with(TEST_PREFIX))
         .map(|l| format!("network namespace {l}"))
+        .collect()
+}
+
+/// The IPv6 range of the virtual cluster (`tests/src/cluster/addresses.rs`): while a cluster
+/// with IPv6 runs, its test process keeps an `unreachable` route for it in the host netns.
+const VIRTUAL_CLUSTER_V6_RANGE: &str = "fd10::/16";
+
+fn leftover_guard_routes() -> Vec<String> {
+    let Ok(out) = Command::new("ip")
+        .args([
+            "-6",
+            "route",
+            "show",
+            "type",
+            "unreachable",
+            VIRTUAL_CLUSTER_V6_RANGE,
+        ])
+        .output()
+    else {
+        return vec!["cannot run `ip -6 route show` to look for guard routes".to_owned()];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| format!("host route {}", l.trim()))
         .collect()
 }
 

@@ -62,6 +62,11 @@ enum Task {
         /// Rounds of every measurement (default 1; 5 with --peer).
         #[arg(long)]
         rounds: Option<u64>,
+        /// Instead of the traffic bench: a generated cluster of 100 000 remote pods, 20 000
+        /// Services and 10 000 policies in one proxy's configuration (`-- --help` lists the
+        /// sizes): memory per remote pod, one-object change and relist times.
+        #[arg(long, conflicts_with_all = ["peer", "rounds"])]
+        scale: bool,
         /// Passed on to the bench: `cargo xtask bench -- --hold 500` (`-- --help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
@@ -202,7 +207,12 @@ fn demo() -> Result<()> {
 /// benchmark (like `demo`), passing `args` on.
 fn bench(args: &[String]) -> Result<()> {
     run(Command::new(release_dir().join("policy-bench")).current_dir(root()))?;
-    let bin = release_dir().join("bench");
+    exec_bench("bench", args)
+}
+
+/// Replaces xtask with the benchmark binary `name`, passing `args` on.
+fn exec_bench(name: &str, args: &[String]) -> Result<()> {
+    let bin = release_dir().join(name);
     let mut cmd = Command::new(&bin);
     with_binaries(&mut cmd).current_dir(root()).args(args);
     println!("+ {}", shown(&cmd));
@@ -319,9 +329,15 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| image::image()),
         Task::Bench {
+            scale: true, args, ..
+        } => setup::setup()
+            .and_then(|()| build())
+            .and_then(|()| exec_bench("scale-bench", &args)),
+        Task::Bench {
             peer,
             rounds,
             mut args,
+            ..
         } => {
             if let Some(rounds) = rounds {
                 args.splice(0..0, ["--rounds".to_owned(), rounds.to_string()]);

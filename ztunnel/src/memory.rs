@@ -55,7 +55,9 @@ pub async fn return_freed_memory() {
     }
 }
 
-fn trim() {
+/// Returns the allocator's free pages to the system now (a few milliseconds for a heap of some
+/// hundred MiB: call it off the runtime's threads).
+pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
     unsafe {

@@ -10,14 +10,17 @@
 use std::{
     collections::BTreeMap,
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, ExitCode},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
-use ztunnel_tests::{pod, service, wait_until, Cluster, PodRef, Proc};
+use ztunnel_tests::{
+    benchmark::{git_state, vm_rss_kib, write_json},
+    pod, service, wait_until, Cluster, PodRef, Proc,
+};
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 const HTTP_PORT: u16 = 8080;
@@ -606,7 +609,7 @@ fn run(p: &Params) -> Result<bool> {
         out["peer_transport"] = json!(transport.get(&Way::Peer));
         out["versus_peer"] = versus_peer(&report);
     }
-    let written = write_json(&p.out, unix_time, &out)?;
+    let written = write_json(&p.out, "bench", unix_time, &out)?;
     println!(
         "\nwrote {} (and latest.json beside it) in {:.0} s",
         written.display(),
@@ -757,13 +760,7 @@ fn sample(pids: &[u32; 2]) -> Result<Sample> {
         cpu_s: [0.0; 2],
     };
     for (i, pid) in pids.iter().enumerate() {
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("reading the status of proxy pid {pid}"))?;
-        s.rss_kib[i] = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
+        s.rss_kib[i] = vm_rss_kib(*pid)?;
         s.fds[i] = fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
         s.cpu_s[i] = cpu_seconds(*pid)?;
     }
@@ -1320,34 +1317,6 @@ fn print_table(
         },
         p.hold
     );
-}
-
-fn git_state() -> Value {
-    let root = ztunnel_tests::workspace_root();
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(&root)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    };
-    json!({
-        "head": git(&["log", "--oneline", "-1"]),
-        "changed_files": git(&["status", "--porcelain"]).map(|s| s.lines().count()),
-    })
-}
-
-fn write_json(dir: &Path, unix_time: u64, v: &Value) -> Result<PathBuf> {
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let text = serde_json::to_string_pretty(v)? + "\n";
-    let file = dir.join(format!("bench-{unix_time}.json"));
-    fs::write(&file, &text).with_context(|| format!("writing {}", file.display()))?;
-    let latest = dir.join("latest.json");
-    fs::write(&latest, &text).with_context(|| format!("writing {}", latest.display()))?;
-    Ok(file)
 }
 
 /// Raises the soft open-files limit to the hard one; every pod process and proxy inherits it

@@ -1,6 +1,6 @@
 //! Handles on a node and a pod of a running cluster, to run commands and probes inside them.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Command, Output},
     time::Duration,
@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 
 use super::{
+    addresses::{socket_addr, Family},
     command,
     topology::{PodInfo, NODE_PROCESSES_CGROUP},
     Cluster, CMD_TIMEOUT,
@@ -39,8 +40,13 @@ impl NodeRef<'_> {
     pub fn netns_path(&self) -> PathBuf {
         Path::new(NETNS_DIR).join(self.netns())
     }
+    /// The node's IPv4 underlay address (whether or not the underlay carries IPv4).
     pub fn ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 255, 0, self.i as u8)
+    }
+    /// The node's underlay address of `family`.
+    pub fn ip_of(&self, family: Family) -> IpAddr {
+        family.node_ip(self.i)
     }
     pub fn bpf_dir(&self) -> PathBuf {
         self.cluster.bpf_dir(self.i)
@@ -185,8 +191,29 @@ impl<'a> PodRef<'a> {
     pub fn node(&self) -> usize {
         self.info.node
     }
+    /// The pod's IPv4 address; panics if the pod has none (use [`PodRef::ip_of`]).
     pub fn ip(&self) -> Ipv4Addr {
-        self.info.ip
+        match self.ip_of(Family::V4) {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => unreachable!("ip_of(V4) is IPv4"),
+        }
+    }
+    /// The pod's address of `family`; panics if the cluster has no such family.
+    pub fn ip_of(&self, family: Family) -> IpAddr {
+        self.info
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(*ip) == family)
+            .unwrap_or_else(|| panic!("pod {} has no {family} address", self.workload()))
+    }
+    /// Every address of the pod, the primary first.
+    pub fn ips(&self) -> &[IpAddr] {
+        &self.info.ips
+    }
+    /// `ip:port` (`[ip]:port` for IPv6) of the pod's address of `family`.
+    pub fn addr(&self, family: Family, port: u16) -> String {
+        socket_addr(self.ip_of(family), port)
     }
     pub fn netns(&self) -> &str {
         &self.info.netns

@@ -8,8 +8,12 @@
 //!  pod netns         eth0 10.<i>.0.<j+2>/32, default via 169.254.1.1 onlink
 //!  node netns        10.<k>.0.0/24 via 10.255.0.<k> for every other node k
 //! ```
+//! With IPv6 ([`ClusterBuilder::families`]) every address above has an IPv6 twin from
+//! [`addresses`] (`fd10:ff::<i>/64`, `fd10:<i>::<j+2>/128`, default via `fe80::1`,
+//! `fd10:<k>::/64` via `fd10:ff::<k>`).
 //! cgroups: `<cgroup2>/<prefix>/node<i>/<ns>_<pod>` (pod processes), `<prefix>/proxies`,
-//! `<prefix>/tools` (commands run in a node netns). Nothing is created in the host netns.
+//! `<prefix>/tools` (commands run in a node netns). Nothing is created in the host netns but,
+//! with IPv6, the guard route `unreachable fd10::/16` ([`addresses::HostGuard`]).
 //!
 //! The harness is split by concern: [`topology`] creates the namespaces, veths and routes (and
 //! runs commands in the underlay), [`model`] is the cluster's configuration (the objects the
@@ -18,6 +22,7 @@
 //! [`prometheus`] runs a real Prometheus server scraping the node proxies.
 //! A node's proxy is ours or, for interoperability tests and `bench --peer`, Istio's own
 //! ztunnel ([`peer_proxy`]).
+pub mod addresses;
 mod handles;
 mod logs;
 mod model;
@@ -28,6 +33,7 @@ mod topology;
 
 use std::{
     fs,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Child, Command},
     sync::{
@@ -43,6 +49,7 @@ use crate::{
     cleanup::{cgroup2_root, cleanup_prefix, sweep_stale, BPFFS, TMP},
     config::{labels, Labels},
 };
+use addresses::{Family, HostGuard};
 
 pub use handles::{NodeRef, PodRef, ProbeOutput};
 use model::Model;
@@ -64,6 +71,7 @@ pub struct ClusterBuilder {
     pods: Vec<PodSpec>,
     services: Vec<ServiceSpec>,
     peer_nodes: Vec<usize>,
+    families: Vec<Family>,
 }
 
 /// Which ztunnel is a node's proxy.
@@ -93,6 +101,13 @@ impl ClusterBuilder {
         self.services.push(s);
         self
     }
+    /// The IP families of the underlay, the pods and the Services, the primary first (the
+    /// order of `status.podIPs` and `spec.clusterIPs`): `[V4]` (the default), `[V6]`, or both
+    /// for dual-stack. See [`addresses`] for the plan.
+    pub fn families(mut self, families: &[Family]) -> Self {
+        self.families = families.to_vec();
+        self
+    }
     /// Node `i` runs Istio's ztunnel instead of ours (see [`crate::peer`]).
     pub fn peer_node(mut self, i: usize) -> Self {
         self.peer_nodes.push(i);
@@ -119,6 +134,19 @@ impl ClusterBuilder {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
+        let mut families = self.families.clone();
+        families.dedup();
+        if families.is_empty() || families.len() != self.families.len() {
+            bail!("a cluster needs one or two different IP families, not {families:?}");
+        }
+        if families.contains(&Family::V6) && !self.peer_nodes.is_empty() {
+            bail!("the harness feeds Istio's ztunnel IPv4 pods only (peer nodes with IPv6)");
+        }
+        // Before any cluster address exists: nothing outside the cluster may reach it.
+        let host_guard = match families.contains(&Family::V6) {
+            true => Some(HostGuard::take()?),
+            false => None,
+        };
         if let Some(i) = self
             .peer_nodes
             .iter()
@@ -149,6 +177,8 @@ impl ClusterBuilder {
             proxies: Mutex::new((0..self.nodes).map(|_| None).collect()),
             node_proxies,
             peers: Peers::new(peer_bin),
+            families,
+            host_guard,
         };
         // From here on, dropping `c` removes whatever was created.
         c.build(self)?;
@@ -169,6 +199,9 @@ pub struct Cluster {
     node_proxies: Vec<NodeProxy>,
     /// What the peer nodes need besides their process (empty without peer nodes).
     peers: Peers,
+    families: Vec<Family>,
+    /// Dropped after everything else of the cluster is removed ([`Drop`]).
+    host_guard: Option<HostGuard>,
 }
 
 impl Cluster {
@@ -179,7 +212,13 @@ impl Cluster {
             pods: Vec::new(),
             services: Vec::new(),
             peer_nodes: Vec::new(),
+            families: vec![Family::V4],
         }
+    }
+
+    /// The cluster's IP families, the primary first.
+    pub fn families(&self) -> &[Family] {
+        &self.families
     }
 
     /// Which ztunnel node `i` runs.
@@ -261,11 +300,25 @@ impl Cluster {
         }
     }
 
+    /// The Service's primary cluster IP (the first of `spec.clusterIPs`).
     pub fn service_vip(&self, namespace: &str, name: &str) -> String {
+        self.service_vips(namespace, name)[0].clone()
+    }
+
+    /// The Service's cluster IP of `family`; panics if it has none.
+    pub fn service_vip_of(&self, namespace: &str, name: &str, family: Family) -> IpAddr {
+        self.service_vips(namespace, name)
+            .iter()
+            .filter_map(|v| v.parse::<IpAddr>().ok())
+            .find(|ip| Family::of(*ip) == family)
+            .unwrap_or_else(|| panic!("service {namespace}/{name} has no {family} cluster IP"))
+    }
+
+    fn service_vips(&self, namespace: &str, name: &str) -> Vec<String> {
         self.model()
             .services
             .get(&(namespace.to_owned(), name.to_owned()))
-            .map(|s| s.vip.clone())
+            .map(|s| s.vips.clone())
             .unwrap_or_else(|| panic!("service {namespace}/{name} was not declared"))
     }
 }
@@ -305,5 +358,7 @@ impl Drop for Cluster {
         for e in errors {
             eprintln!("ztunnel-tests: cleaning up {}: {e}", self.prefix);
         }
+        // Last: the cluster's addresses are gone.
+        self.host_guard.take();
     }
 }

@@ -81,14 +81,15 @@ impl PodSpec {
     }
 }
 
-/// A Service to create; it gets the VIP `10.96.0.<10+n>` unless [`ServiceSpec::vip`] is given.
+/// A Service to create; the `n`-th gets one cluster IP per family of the cluster
+/// (`10.96.0.<10+n>`, `fd10:96::<10+n>`) unless [`ServiceSpec::vip`] is given.
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {
     pub(super) namespace: String,
     pub(super) name: String,
     pub(super) selector: Labels,
     pub(super) ports: Vec<ServicePortObject>,
-    pub(super) vip: Option<String>,
+    pub(super) vips: Option<Vec<String>>,
 }
 
 pub fn service(namespace: &str, name: &str) -> ServiceSpec {
@@ -97,7 +98,7 @@ pub fn service(namespace: &str, name: &str) -> ServiceSpec {
         name: name.into(),
         selector: Labels::new(),
         ports: Vec::new(),
-        vip: None,
+        vips: None,
     }
 }
 
@@ -127,8 +128,9 @@ impl ServiceSpec {
         });
         self
     }
+    /// This one cluster IP instead of the plan's.
     pub fn vip(mut self, vip: &str) -> Self {
-        self.vip = Some(vip.into());
+        self.vips = Some(vec![vip.into()]);
         self
     }
 }
@@ -236,27 +238,28 @@ impl Cluster {
         Ok(())
     }
 
-    /// Adds or replaces a Service at run time; returns its VIP.
+    /// Adds or replaces a Service at run time; returns its primary VIP.
     pub fn set_service(&self, s: ServiceSpec) -> Result<String> {
-        let vip = match &s.vip {
+        let vips = match &s.vips {
             Some(v) => v.clone(),
             None => {
                 let m = self.model();
                 let key = (s.namespace.clone(), s.name.clone());
                 match m.services.get(&key) {
-                    Some(existing) => existing.vip.clone(),
-                    None => format!("10.96.0.{}", 10 + m.services.len()),
+                    Some(existing) => existing.vips.clone(),
+                    None => self.planned_vips(m.services.len()),
                 }
             }
         };
+        let primary = vips[0].clone();
         self.put_service(ServiceObject {
             namespace: s.namespace,
             name: s.name,
-            vip: vip.clone(),
+            vips,
             selector: s.selector,
             ports: s.ports,
         })?;
-        Ok(vip)
+        Ok(primary)
     }
 
     /// Writes any text as `file` in the configuration directory (atomically).

@@ -2,7 +2,7 @@
 //! sysctls, created once when the cluster starts; and commands run in the underlay.
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Output},
     time::Duration,
@@ -10,16 +10,16 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{command, Cluster, ClusterBuilder, CMD_TIMEOUT};
+use super::{addresses::Family, command, Cluster, ClusterBuilder, CMD_TIMEOUT};
 use crate::{
     cleanup::NETNS_DIR,
     config::{self, PodObject, ServiceObject},
     process::{confine, host, output_with_timeout, Proc},
 };
 
-/// MAC of every node-side pod veth (as Calico does); pods resolve their gateway to it statically.
+/// MAC of every node-side pod veth (as Calico does); pods resolve their gateway (of each
+/// family, [`Family::gateway`]) to it statically.
 const GATEWAY_MAC: &str = "ee:ee:ee:ee:ee:ee";
-const GATEWAY_IP: &str = "169.254.1.1";
 /// Below each node's cgroup: the node's own processes (as the kubelet lives below the cgroup
 /// root the proxy attaches to), next to the pods' cgroups `<ns>_<pod>`.
 pub(super) const NODE_PROCESSES_CGROUP: &str = "host";
@@ -31,12 +31,32 @@ pub(super) struct PodInfo {
     pub(super) name: String,
     pub(super) node: usize,
     pub(super) netns: String,
-    pub(super) ip: Ipv4Addr,
+    /// One per family of the cluster, in the cluster's order (the primary first).
+    pub(super) ips: Vec<IpAddr>,
     pub(super) cgroup: PathBuf,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
     host("ip", args).map(drop)
+}
+
+/// A node routes IPv6 (between its pods and the underlay) and uses new addresses at once.
+const V6_NODE_SYSCTLS: [&str; 3] = [
+    "net.ipv6.conf.all.forwarding=1",
+    "net.ipv6.conf.default.accept_dad=0",
+    "net.ipv6.conf.all.accept_dad=0",
+];
+/// A pod uses new addresses at once.
+const V6_POD_SYSCTLS: [&str; 2] = [
+    "net.ipv6.conf.default.accept_dad=0",
+    "net.ipv6.conf.all.accept_dad=0",
+];
+
+/// `sysctl -qw` in network namespace `ns` (sysctls under `net.` are per namespace).
+fn netns_sysctl(ns: &str, settings: &[&str]) -> Result<()> {
+    let mut args = vec!["netns", "exec", ns, "sysctl", "-qw"];
+    args.extend_from_slice(settings);
+    ip(&args)
 }
 
 impl Cluster {
@@ -61,6 +81,8 @@ impl Cluster {
             let d = self.cgroup.join(dir);
             fs::create_dir_all(&d).with_context(|| format!("creating cgroup {}", d.display()))?;
         }
+        let families = self.families.clone();
+        let v6 = families.contains(&Family::V6);
         let u = self.underlay_netns();
         ip(&["netns", "add", &u])?;
         ip(&["-n", &u, "link", "set", "lo", "up"])?;
@@ -70,32 +92,34 @@ impl Cluster {
             let ns = self.node_netns(i);
             let uplink = format!("n{i}");
             ip(&["netns", "add", &ns])?;
+            if v6 {
+                // Before any link exists here: addresses are usable at once (no duplicate
+                // address detection) and the node routes IPv6 between its pods and the underlay.
+                netns_sysctl(&ns, &V6_NODE_SYSCTLS)?;
+            }
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&[
                 "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &uplink, "netns",
                 &u,
             ])?;
             ip(&["-n", &u, "link", "set", &uplink, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.255.0.{i}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            for f in &families {
+                let addr = format!("{}/{}", f.node_ip(i), f.underlay_prefix_len());
+                ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+            }
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             for k in (1..=self.nodes).filter(|k| *k != i) {
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("10.{k}.0.0/24"),
-                    "via",
-                    &format!("10.255.0.{k}"),
-                ])?;
+                for f in &families {
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "route",
+                        "add",
+                        &f.node_pod_range(k),
+                        "via",
+                        &f.node_ip(k).to_string(),
+                    ])?;
+                }
             }
             fs::create_dir_all(self.node_cgroup(i).join(NODE_PROCESSES_CGROUP))?;
         }
@@ -128,13 +152,16 @@ impl Cluster {
                 name: spec.name.clone(),
                 node: i,
                 netns: format!("{}-n{i}-p{j}", self.prefix),
-                ip: Ipv4Addr::new(10, i as u8, 0, (j + 2) as u8),
+                ips: families.iter().map(|f| f.pod_ip(i, j)).collect(),
                 cgroup: self
                     .node_cgroup(i)
                     .join(format!("{}_{}", spec.namespace, spec.name)),
             };
             let (pns, nns, veth) = (&info.netns, self.node_netns(i), format!("p{j}"));
             ip(&["netns", "add", pns])?;
+            if v6 {
+                netns_sysctl(pns, &V6_POD_SYSCTLS)?;
+            }
             ip(&["-n", pns, "link", "set", "lo", "up"])?;
             ip(&[
                 "-n",
@@ -152,43 +179,39 @@ impl Cluster {
                 "netns",
                 &nns,
             ])?;
-            ip(&[
-                "-n",
-                pns,
-                "addr",
-                "add",
-                &format!("{}/32", info.ip),
-                "dev",
-                "eth0",
-            ])?;
+            for addr in &info.ips {
+                let f = Family::of(*addr);
+                let cidr = format!("{addr}/{}", f.host_prefix_len());
+                ip(&["-n", pns, "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
+            }
             ip(&["-n", pns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                pns,
-                "neigh",
-                "replace",
-                GATEWAY_IP,
-                "lladdr",
-                GATEWAY_MAC,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])?;
-            ip(&[
-                "-n", pns, "route", "add", "default", "via", GATEWAY_IP, "dev", "eth0", "onlink",
-            ])?;
+            for f in &families {
+                let gw = f.gateway();
+                ip(&[
+                    "-n",
+                    pns,
+                    "neigh",
+                    "replace",
+                    gw,
+                    "lladdr",
+                    GATEWAY_MAC,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ])?;
+                ip(&[
+                    "-n", pns, "route", "add", "default", "via", gw, "dev", "eth0", "onlink",
+                ])?;
+            }
             ip(&["-n", &nns, "link", "set", &veth, "up"])?;
-            ip(&[
-                "-n",
-                &nns,
-                "route",
-                "add",
-                &format!("{}/32", info.ip),
-                "dev",
-                &veth,
-            ])?;
-            sysctls[i].push(format!("net.ipv4.conf.{veth}.proxy_arp=1"));
+            for addr in &info.ips {
+                let cidr = format!("{addr}/{}", Family::of(*addr).host_prefix_len());
+                ip(&["-n", &nns, "route", "add", &cidr, "dev", &veth])?;
+            }
+            if families.contains(&Family::V4) {
+                sysctls[i].push(format!("net.ipv4.conf.{veth}.proxy_arp=1"));
+            }
             fs::create_dir_all(&info.cgroup)
                 .with_context(|| format!("creating cgroup {}", info.cgroup.display()))?;
             let object = PodObject {
@@ -208,7 +231,7 @@ impl Cluster {
                 ips: spec
                     .reported_ips
                     .clone()
-                    .unwrap_or_else(|| vec![info.ip.to_string()]),
+                    .unwrap_or_else(|| info.ips.iter().map(IpAddr::to_string).collect()),
                 container_ports: spec.container_ports.clone(),
                 pending: spec.pending,
             };
@@ -245,16 +268,21 @@ impl Cluster {
             let object = ServiceObject {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
-                vip: s
-                    .vip
-                    .clone()
-                    .unwrap_or_else(|| format!("10.96.0.{}", 10 + n)),
+                vips: s.vips.clone().unwrap_or_else(|| self.planned_vips(n)),
                 selector: s.selector.clone(),
                 ports: s.ports.clone(),
             };
             self.put_service(object)?;
         }
         Ok(())
+    }
+
+    /// The cluster IPs of the `n`-th Service: one per family of the cluster.
+    pub(super) fn planned_vips(&self, n: usize) -> Vec<String> {
+        self.families
+            .iter()
+            .map(|f| f.service_vip(n).to_string())
+            .collect()
     }
 
     // ---- commands in the underlay ------------------------------------------------------------

@@ -126,13 +126,17 @@ pub type AuthorizationPolicies = PolicyIndex<AuthorizationPolicy>;
 pub type RequestAuthentications = PolicyIndex<RequestAuthentication>;
 
 impl<P: Namespaced> PolicyIndex<P> {
-    pub fn new(policies: Vec<P>) -> Self {
+    /// Indexes `policies` (shared with the source that parsed them, or owned).
+    pub fn new(policies: impl IntoIterator<Item = impl Into<Arc<P>>>) -> Self {
         let mut by_namespace: BTreeMap<String, Vec<Arc<P>>> = BTreeMap::new();
         for p in policies {
-            by_namespace
-                .entry(p.namespace().to_owned())
-                .or_default()
-                .push(Arc::new(p));
+            let p = p.into();
+            match by_namespace.get_mut(p.namespace()) {
+                Some(list) => list.push(p),
+                None => {
+                    by_namespace.insert(p.namespace().to_owned(), vec![p]);
+                }
+            }
         }
         for list in by_namespace.values_mut() {
             list.sort_by(|a, b| a.order(b));

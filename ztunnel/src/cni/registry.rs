@@ -11,7 +11,7 @@
 //! reconcile would sweep their capture away (they would bypass the mesh until the API
 //! reports them). A path that no longer leads to the recorded namespace is dropped.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -218,6 +218,15 @@ impl CniPods {
         if let Some(p) = self.added.get_mut(&(namespace.to_owned(), name.to_owned())) {
             p.seen = true;
         }
+    }
+
+    /// The pods the plugin reported (added or deleted), names by namespace.
+    pub fn names(&self) -> HashMap<String, HashSet<String>> {
+        let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+        for (ns, name) in self.added.keys().chain(self.deleted.keys()) {
+            out.entry(ns.clone()).or_default().insert(name.clone());
+        }
+        out
     }
 
     /// Every registered pod's addresses, by address, for telling conflicts.

@@ -6,9 +6,10 @@
 //! parse rejects the whole new version with its file, line and reason, and the last good
 //! snapshot stays in force: a half-applied configuration is never published.
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::{mpsc, watch};
@@ -25,28 +26,67 @@ use crate::state::{MeshSettings, Objects, Snapshot};
 /// directory replaced, events overflowed, filesystems without inotify).
 const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
+/// A burst of writes (`kubectl`-style dumps, an editor's save) is taken in one reload: the
+/// reload starts once no event came for `SETTLE`, or `SETTLE_MAX` after the first one.
+const SETTLE: Duration = Duration::from_millis(10);
+const SETTLE_MAX: Duration = Duration::from_millis(100);
+
 /// Reads every configuration file of `dir` (sorted by name, so conflicts resolve the same way
 /// every time).
 pub fn load_dir(dir: &Path) -> Result<Objects, LoadErrors> {
-    let mut objects = Objects::default();
-    let mut errors = Vec::new();
-    for file in config_files(dir)? {
-        let parsed = std::fs::read_to_string(&file)
-            .map_err(|e| LoadError {
-                file: file.clone(),
-                line: None,
-                column: None,
-                reason: format!("cannot read: {e}"),
-            })
-            .and_then(|text| parse_file(&file, &text, &mut objects));
-        if let Err(e) = parsed {
-            errors.push(e);
+    ParsedFiles::default().load(&fingerprint(dir)?)
+}
+
+/// Each file's objects as last parsed, with the fingerprint they were parsed at: a reload
+/// parses again only the files that changed (one YAML file, not the whole cluster, when one
+/// object changes), and the snapshot shares the unchanged files' objects.
+#[derive(Default)]
+struct ParsedFiles {
+    files: HashMap<PathBuf, (FileStamp, Objects)>,
+    /// Files parsed by the last [`ParsedFiles::load`], for the log.
+    parsed_last: usize,
+}
+
+impl ParsedFiles {
+    /// The objects of the files in `fp`, in its order. A file parsed at the same stamp is not
+    /// read again. On error nothing is kept for the failing files, so they are read again next
+    /// time. A file that changes while it is read has a newer stamp than the one kept here,
+    /// and is read again on the next reload.
+    fn load(&mut self, fp: &Fingerprint) -> Result<Objects, LoadErrors> {
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        let mut kept = HashMap::with_capacity(fp.len());
+        self.parsed_last = 0;
+        for (file, stamp) in fp {
+            if let Some((at, parsed)) = self.files.remove(file).filter(|(at, _)| at == stamp) {
+                objects.extend_from(&parsed);
+                kept.insert(file.clone(), (at, parsed));
+                continue;
+            }
+            self.parsed_last += 1;
+            let mut parsed = Objects::default();
+            let result = std::fs::read_to_string(file)
+                .map_err(|e| LoadError {
+                    file: file.clone(),
+                    line: None,
+                    column: None,
+                    reason: format!("cannot read: {e}"),
+                })
+                .and_then(|text| parse_file(file, &text, &mut parsed));
+            match result {
+                Ok(()) => {
+                    objects.extend_from(&parsed);
+                    kept.insert(file.clone(), (*stamp, parsed));
+                }
+                Err(e) => errors.push(e),
+            }
         }
-    }
-    if errors.is_empty() {
-        Ok(objects)
-    } else {
-        Err(LoadErrors(errors))
+        self.files = kept;
+        if errors.is_empty() {
+            Ok(objects)
+        } else {
+            Err(LoadErrors(errors))
+        }
     }
 }
 
@@ -59,13 +99,21 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(whole_dir)? {
-        let path = entry.map_err(whole_dir)?.path();
+        let entry = entry.map_err(whole_dir)?;
+        let path = entry.path();
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-        if yaml && !name.starts_with('.') && path.is_file() {
+        // The entry's own type costs no `stat` (most filesystems report it with the name);
+        // a symlink is followed (a ConfigMap volume's files are symlinks).
+        let is_file = |entry: &std::fs::DirEntry| match entry.file_type() {
+            Ok(t) if t.is_symlink() => path.is_file(),
+            Ok(t) => t.is_file(),
+            Err(_) => false,
+        };
+        if yaml && !name.starts_with('.') && is_file(&entry) {
             files.push(path);
         }
     }
@@ -73,17 +121,36 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(files)
 }
 
-/// What tells us cheaply whether a directory changed: each file's name, size and mtime.
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+/// What tells us cheaply whether a file changed: its size, mtime and inode (an atomic writer's
+/// `rename` always brings a new inode, even within one mtime tick).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    mtime: Option<SystemTime>,
+    inode: u64,
+}
+
+/// Every configuration file of a directory with its stamp, sorted by name.
+type Fingerprint = Vec<(PathBuf, FileStamp)>;
 
 fn fingerprint(dir: &Path) -> Result<Fingerprint, LoadError> {
+    use std::os::unix::fs::MetadataExt as _;
     let mut fp = Vec::new();
     for file in config_files(dir)? {
-        let (len, mtime) = match std::fs::metadata(&file) {
-            Ok(m) => (m.len(), m.modified().ok()),
-            Err(_) => (0, None), // removed since listing: the next scan sees it gone
+        let stamp = match std::fs::metadata(&file) {
+            Ok(m) => FileStamp {
+                len: m.len(),
+                mtime: m.modified().ok(),
+                inode: m.ino(),
+            },
+            // Removed since listing: the next scan sees it gone.
+            Err(_) => FileStamp {
+                len: 0,
+                mtime: None,
+                inode: 0,
+            },
         };
-        fp.push((file, len, mtime));
+        fp.push((file, stamp));
     }
     Ok(fp)
 }
@@ -112,7 +179,8 @@ pub fn watch(
 ) -> Result<(watch::Receiver<Arc<Snapshot>>, WatchHandle), LoadErrors> {
     let mut last_fingerprint = fingerprint(&dir)?;
     let mut generation = 1;
-    let first = Snapshot::build(generation, load_dir(&dir)?, &settings);
+    let mut parsed = ParsedFiles::default();
+    let first = Snapshot::build(generation, parsed.load(&last_fingerprint)?, &settings);
     log_problems(&first);
     let (tx, rx) = watch::channel(Arc::new(first));
 
@@ -140,9 +208,19 @@ pub fn watch(
         loop {
             tokio::select! {
                 Some(()) = events.recv() => {
-                    // Let a burst of writes settle, then take them in one reload.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    while events.try_recv().is_ok() {}
+                    // Let a burst of writes settle (until SETTLE passes without an event, at
+                    // most SETTLE_MAX), then take them in one reload.
+                    let give_up = tokio::time::Instant::now() + SETTLE_MAX;
+                    loop {
+                        tokio::time::sleep(SETTLE).await;
+                        let mut more = false;
+                        while events.try_recv().is_ok() {
+                            more = true;
+                        }
+                        if !more || tokio::time::Instant::now() >= give_up {
+                            break;
+                        }
+                    }
                 }
                 _ = rescan.tick() => {}
             }
@@ -162,11 +240,33 @@ pub fn watch(
             if fp == last_fingerprint {
                 continue;
             }
+            // Reading a cluster-sized directory takes seconds: not on a worker of the proxy.
+            let (cache, loaded) = {
+                let settings = settings.clone();
+                let fp = fp.clone();
+                let next = generation + 1;
+                let work = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let loaded = parsed.load(&fp).map(|objects| {
+                        let read = started.elapsed();
+                        let snapshot = Snapshot::build(next, objects, &settings);
+                        (snapshot, read, started.elapsed() - read)
+                    });
+                    (parsed, loaded)
+                });
+                match work.await {
+                    Ok(done) => done,
+                    Err(e) => {
+                        error!(error = %e, "reading the configuration directory failed; the last good configuration stays in force");
+                        return;
+                    }
+                }
+            };
+            parsed = cache;
             last_fingerprint = fp;
-            match load_dir(&dir) {
-                Ok(objects) => {
+            match loaded {
+                Ok((snapshot, read, index)) => {
                     generation += 1;
-                    let snapshot = Snapshot::build(generation, objects, &settings);
                     info!(
                         generation,
                         pods = snapshot.pods.len(),
@@ -175,11 +275,14 @@ pub fn watch(
                         peer_authentications = snapshot.peer_authentications.len(),
                         authorization_policies = snapshot.authorization_policies.len(),
                         request_authentications = snapshot.request_authentications.len(),
+                        files_read = parsed.parsed_last,
+                        read_ms = read.as_secs_f64() * 1e3,
+                        index_ms = index.as_secs_f64() * 1e3,
                         "configuration loaded"
                     );
                     log_problems(&snapshot);
                     last_error = None;
-                    if tx.send(Arc::new(snapshot)).is_err() {
+                    if !super::publish(&tx, snapshot) {
                         return; // nobody listens any more
                     }
                 }
@@ -222,7 +325,7 @@ mod tests {
             .unwrap()
             .namespaces
             .into_iter()
-            .map(|n| n.name)
+            .map(|n| n.name.clone())
             .collect();
         write("c.yaml", "kind: [");
         write(
@@ -239,6 +342,52 @@ mod tests {
             "every bad file is reported"
         );
         assert!(errors.0.iter().all(|e| e.line.is_some()));
+    }
+
+    #[test]
+    fn a_reload_reads_only_the_files_that_changed_and_shares_the_rest() {
+        let dir = std::env::temp_dir().join(format!("ztunnel-cache-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        // As atomic writers do: a new inode every time, whatever the size and mtime.
+        let publish = |file: &str, text: &str| {
+            std::fs::write(dir.join(".tmp"), text).unwrap();
+            std::fs::rename(dir.join(".tmp"), dir.join(file)).unwrap();
+        };
+        let names =
+            |o: &Objects| -> Vec<String> { o.namespaces.iter().map(|n| n.name.clone()).collect() };
+        let mut parsed = ParsedFiles::default();
+        let load = |parsed: &mut ParsedFiles| parsed.load(&fingerprint(&dir).unwrap());
+        publish("a.yaml", &ns("one"));
+        publish("b.yaml", &ns("two"));
+        let first = load(&mut parsed).unwrap();
+        assert_eq!(
+            (names(&first), parsed.parsed_last),
+            (vec!["one".into(), "two".into()], 2)
+        );
+
+        publish("b.yaml", &ns("six")); // same size
+        let second = load(&mut parsed).unwrap();
+        assert_eq!(names(&second), ["one", "six"]);
+        assert_eq!(parsed.parsed_last, 1, "only b.yaml is read again");
+        assert!(
+            Arc::ptr_eq(&first.namespaces[0], &second.namespaces[0]),
+            "a.yaml's objects are the ones parsed before"
+        );
+
+        publish("b.yaml", "kind: [");
+        assert!(load(&mut parsed).is_err());
+        publish("b.yaml", &ns("two"));
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let third = load(&mut parsed).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            names(&third),
+            ["two"],
+            "a removed file takes its objects along"
+        );
+        assert_eq!((parsed.parsed_last, parsed.files.len()), (1, 1));
     }
 
     #[tokio::test]

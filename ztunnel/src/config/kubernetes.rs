@@ -272,7 +272,7 @@ impl Store {
                         Err(reason) => {
                             if let Some(kept) = old.get(&p.key) {
                                 let mut copy = Objects::default();
-                                absorb(&mut copy, kept);
+                                copy.extend_from(kept);
                                 fresh.insert(p.key.clone(), copy);
                             }
                             rejected.insert(p.key, reason);
@@ -364,7 +364,7 @@ impl Store {
     fn objects(&self) -> Objects {
         let mut all = Objects::default();
         for objects in self.objects.iter().flat_map(|w| w.values()) {
-            absorb(&mut all, objects);
+            all.extend_from(objects);
         }
         all
     }
@@ -381,23 +381,6 @@ fn same(a: &Objects, b: &Objects) -> bool {
         && a.virtual_services == b.virtual_services
         && a.destination_rules == b.destination_rules
         && a.other == b.other
-}
-
-fn absorb(into: &mut Objects, from: &Objects) {
-    into.namespaces.extend(from.namespaces.iter().cloned());
-    into.pods.extend(from.pods.iter().cloned());
-    into.services.extend(from.services.iter().cloned());
-    into.peer_authentications
-        .extend(from.peer_authentications.iter().cloned());
-    into.authorization_policies
-        .extend(from.authorization_policies.iter().cloned());
-    into.request_authentications
-        .extend(from.request_authentications.iter().cloned());
-    into.virtual_services
-        .extend(from.virtual_services.iter().cloned());
-    into.destination_rules
-        .extend(from.destination_rules.iter().cloned());
-    into.other.extend(from.other.iter().cloned());
 }
 
 /// This node's pods' network namespaces, found once and checked before every reuse.
@@ -444,7 +427,9 @@ impl NetnsCache {
             });
             match result {
                 Ok(netns) => {
-                    pod.netns_path = Some(netns.path.clone());
+                    if pod.netns_path.as_ref() != Some(&netns.path) {
+                        Arc::make_mut(pod).netns_path = Some(netns.path.clone());
+                    }
                     found.insert(pod.uid.clone(), netns);
                 }
                 Err(why) => {
@@ -518,14 +503,26 @@ async fn aggregate(
                 due = None;
                 let mut objects = store.objects();
                 let namespaces = objects.namespaces.clone();
-                let namespaces: Vec<&Namespace> = namespaces.iter().collect();
+                let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
                 netns.assign(&mut objects, &opts.node, &namespaces);
                 generation += 1;
-                let snapshot = Snapshot::build(generation, objects, &opts.settings);
+                // Indexing a cluster-sized snapshot takes a while: not on a worker of the proxy.
+                let settings = opts.settings.clone();
+                let snapshot = match tokio::task::spawn_blocking(move || {
+                    Snapshot::build(generation, objects, &settings)
+                })
+                .await
+                {
+                    Ok(snapshot) => snapshot,
+                    Err(e) => {
+                        error!(error = %e, "indexing the configuration failed; the last good configuration stays in force");
+                        return;
+                    }
+                };
                 log_snapshot(&snapshot, &mut problems);
                 match &publisher {
                     Some(tx) => {
-                        if tx.send(Arc::new(snapshot)).is_err() {
+                        if !super::publish(tx, snapshot) {
                             return; // nobody listens any more
                         }
                     }
@@ -542,11 +539,12 @@ async fn aggregate(
                 // Only a pod whose netns turned up (or changed) is worth a new snapshot.
                 let mut local = Objects::default();
                 for objects in store.objects[LOCAL_PODS].values() {
-                    absorb(&mut local, objects);
+                    local.extend_from(objects);
                 }
                 let namespaces: Vec<&Namespace> = store.objects[NAMESPACES]
                     .values()
                     .flat_map(|o| &o.namespaces)
+                    .map(|n| &**n)
                     .collect();
                 if netns.assign(&mut local, &opts.node, &namespaces) {
                     due = Some(Instant::now());
@@ -628,7 +626,7 @@ fn parse(mut obj: DynamicObject, resource: &ApiResource) -> Parsed {
             parse_value(value, &origin, &mut objects)?;
             // Only discovery says where a pod's netns is (see the module comment).
             for pod in &mut objects.pods {
-                pod.netns_path = None;
+                Arc::make_mut(pod).netns_path = None;
             }
             Ok(Box::new(objects))
         });
@@ -736,7 +734,7 @@ async fn run_watch(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::core::v1::{Pod, Service};
 
     use super::*;
     use crate::model::AppProtocol;
@@ -810,5 +808,39 @@ mod tests {
             err.contains("DestinationRule bookinfo/reviews") && err.contains("ROUND_ROBN"),
             "{err}"
         );
+    }
+
+    /// A dual-stack Pod and Service from the API keep every address, the primary first.
+    #[test]
+    fn dual_stack_pods_and_services_from_the_api_keep_both_families() {
+        let pod: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u2"},
+            "spec": {"nodeName": "node1", "serviceAccountName": "web", "containers": []},
+            "status": {"podIP": "fd10:1::2", "podIPs": [{"ip": "fd10:1::2"}, {"ip": "10.1.0.2"}]},
+        }))
+        .unwrap();
+        let objects = parse(pod, &ApiResource::erase::<Pod>(&())).result.unwrap();
+        let ips: Vec<String> = objects.pods[0]
+            .ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["fd10:1::2", "10.1.0.2"]);
+        let svc: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u3"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd10:96::a"],
+                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack",
+                     "selector": {"app": "web"}, "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        let objects = parse(svc, &ApiResource::erase::<Service>(&()))
+            .result
+            .unwrap();
+        let vips: Vec<String> = objects.services[0]
+            .vips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(vips, ["10.96.0.10", "fd10:96::a"]);
     }
 }

@@ -15,6 +15,27 @@ pub mod pod_netns;
 pub use dir::{load_dir, watch};
 pub use parse::{parse_file, parse_value, LoadError, LoadErrors};
 
+/// Publishes `snapshot` to the proxy; false if nobody listens any more. The snapshot it
+/// replaces is freed off the proxy's workers and, if that was its last reference, the memory
+/// is returned to the system: a cluster-sized snapshot leaves hundreds of MiB in the
+/// allocator's heaps, which a steady connection count would never trim.
+pub(crate) fn publish(
+    tx: &tokio::sync::watch::Sender<std::sync::Arc<crate::state::Snapshot>>,
+    snapshot: crate::state::Snapshot,
+) -> bool {
+    if tx.is_closed() {
+        return false;
+    }
+    let previous = tx.send_replace(std::sync::Arc::new(snapshot));
+    tokio::task::spawn_blocking(move || {
+        if let Some(last) = std::sync::Arc::into_inner(previous) {
+            drop(last);
+            crate::memory::trim();
+        }
+    });
+    true
+}
+
 /// Stops watching when dropped.
 pub struct WatchHandle {
     task: tokio::task::JoinHandle<()>,

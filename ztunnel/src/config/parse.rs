@@ -8,6 +8,7 @@ use std::{
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{de, Deserialize, Deserializer};
@@ -352,11 +353,11 @@ where
     }
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
     match (head.api_version.as_str(), head.kind.as_str()) {
-        ("v1", "Namespace") => objects.namespaces.push(Namespace {
+        ("v1", "Namespace") => objects.namespaces.push(Arc::new(Namespace {
             name: meta.name.clone(),
             labels: meta.labels.clone(),
             origin: origin.clone(),
-        }),
+        })),
         ("v1", "Pod") => {
             let doc = PodDoc::deserialize(body).map_err(ObjectError::Parse)?;
             let mut ips: Vec<IpAddr> = doc.status.pod_ip.into_iter().collect();
@@ -365,7 +366,7 @@ where
                     ips.push(p.ip);
                 }
             }
-            objects.pods.push(Pod {
+            objects.pods.push(Arc::new(Pod {
                 namespace,
                 name: meta.name.clone(),
                 uid: meta.uid.clone(),
@@ -391,7 +392,7 @@ where
                     })
                     .collect(),
                 origin: origin.clone(),
-            });
+            }));
         }
         ("v1", "Service") => {
             let doc = ServiceDoc::deserialize(body).map_err(ObjectError::Parse)?;
@@ -422,33 +423,33 @@ where
                     app_protocol: p.app_protocol,
                 });
             }
-            objects.services.push(Service {
+            objects.services.push(Arc::new(Service {
                 namespace,
                 name: meta.name.clone(),
                 vips,
                 selector: doc.spec.selector,
                 ports,
                 origin: origin.clone(),
-            });
+            }));
         }
         (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "PeerAuthentication") => {
             let created = meta.created().map_err(ObjectError::Invalid)?;
             let policy = istio_policy(body, |spec: peer_authentication::SpecDoc| {
                 spec.into_policy(namespace, meta.name.clone(), created, origin.clone())
             })?;
-            objects.peer_authentications.push(policy);
+            objects.peer_authentications.push(Arc::new(policy));
         }
         (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "AuthorizationPolicy") => {
             let policy = istio_policy(body, |spec: authorization_policy::SpecDoc| {
                 spec.into_policy(namespace, meta.name.clone(), origin.clone())
             })?;
-            objects.authorization_policies.push(policy);
+            objects.authorization_policies.push(Arc::new(policy));
         }
         (ISTIO_SECURITY_V1 | ISTIO_SECURITY_V1BETA1, "RequestAuthentication") => {
             let policy = istio_policy(body, |spec: request_authentication::SpecDoc| {
                 spec.into_policy(namespace, meta.name.clone(), origin.clone())
             })?;
-            objects.request_authentications.push(policy);
+            objects.request_authentications.push(Arc::new(policy));
         }
         (
             ISTIO_NETWORKING_V1 | ISTIO_NETWORKING_V1BETA1 | ISTIO_NETWORKING_V1ALPHA3,

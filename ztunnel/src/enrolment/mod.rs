@@ -160,7 +160,19 @@ impl Enroller {
         // An address the CNI just assigned to a new sandbox is that pod's, whatever an older
         // pod of the configuration still claims.
         let cni_addresses = self.cni.addresses();
+        // Most pods of a cluster run on other nodes and were never reported by the CNI plugin
+        // here: nothing to do for them, decided without allocating (this loop runs over the
+        // whole cluster on every change).
+        let cni_known = self.cni.names();
         for pod in snapshot.pods.values() {
+            let reported_here = || {
+                cni_known
+                    .get(pod.namespace.as_str())
+                    .is_some_and(|names| names.contains(pod.name.as_str()))
+            };
+            if pod.node_name.as_deref() != Some(self.node.as_str()) && !reported_here() {
+                continue;
+            }
             let id = pin_id(pod);
             let decision = match self.cni.view(pod) {
                 CniView::Added(cni) => snapshot

@@ -16,7 +16,7 @@ mod services;
 mod traffic;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{btree_map, hash_map, BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, OnceLock},
 };
@@ -47,18 +47,40 @@ impl Default for MeshSettings {
     }
 }
 
-/// Objects as read by a source, before indexing.
+/// Objects as read by a source, before indexing. Namespaces, pods and Services are shared:
+/// a source keeps what it parsed and hands the same objects to every snapshot, so a change
+/// to one object costs one parse, not one copy of the cluster.
 #[derive(Debug, Default)]
 pub struct Objects {
-    pub namespaces: Vec<Namespace>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<Service>,
-    pub peer_authentications: Vec<PeerAuthentication>,
-    pub authorization_policies: Vec<AuthorizationPolicy>,
-    pub request_authentications: Vec<RequestAuthentication>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub request_authentications: Vec<Arc<RequestAuthentication>>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     pub other: Vec<OtherObject>,
+}
+
+impl Objects {
+    /// Adds `other`'s objects after these (shared objects are not copied).
+    pub fn extend_from(&mut self, other: &Objects) {
+        self.namespaces.extend(other.namespaces.iter().cloned());
+        self.pods.extend(other.pods.iter().cloned());
+        self.services.extend(other.services.iter().cloned());
+        self.peer_authentications
+            .extend(other.peer_authentications.iter().cloned());
+        self.authorization_policies
+            .extend(other.authorization_policies.iter().cloned());
+        self.request_authentications
+            .extend(other.request_authentications.iter().cloned());
+        self.virtual_services
+            .extend(other.virtual_services.iter().cloned());
+        self.destination_rules
+            .extend(other.destination_rules.iter().cloned());
+        self.other.extend(other.other.iter().cloned());
+    }
 }
 
 type Key = (String, String);
@@ -110,19 +132,24 @@ impl Snapshot {
                 ));
                 continue;
             }
-            s.namespaces.insert(ns.name.clone(), Arc::new(ns));
+            s.namespaces.insert(ns.name.clone(), ns);
         }
+        s.pod_by_ip.reserve(objects.pods.len());
+        s.service_by_vip.reserve(objects.services.len());
         for pod in objects.pods {
             let key = (pod.namespace.clone(), pod.name.clone());
-            if let Some(first) = s.pods.get(&key) {
-                s.problems.push(format!(
-                    "pod {} is defined twice ({} and {}); the first one is used",
-                    pod.workload(),
-                    first.origin,
-                    pod.origin
-                ));
-                continue;
-            }
+            let slot = match s.pods.entry(key) {
+                btree_map::Entry::Occupied(first) => {
+                    s.problems.push(format!(
+                        "pod {} is defined twice ({} and {}); the first one is used",
+                        pod.workload(),
+                        first.get().origin,
+                        pod.origin
+                    ));
+                    continue;
+                }
+                btree_map::Entry::Vacant(slot) => slot,
+            };
             if !s.namespaces.contains_key(&pod.namespace) {
                 s.problems.push(format!(
                     "pod {} ({}) is in namespace {} which has no Namespace object; it is not enrolled",
@@ -131,11 +158,12 @@ impl Snapshot {
                     pod.namespace
                 ));
             }
-            let pod = Arc::new(pod);
             if !pod.host_network {
                 for ip in &pod.ips {
-                    match s.pod_by_ip.get(ip) {
-                        Some(owner) => s.problems.push(format!(
+                    match s.pod_by_ip.entry(*ip) {
+                        hash_map::Entry::Occupied(owner) => {
+                            let owner = owner.get();
+                            s.problems.push(format!(
                             "pods {} ({}) and {} ({}) both claim IP {ip}; it stays with {} and {} is not enrolled",
                             owner.workload(),
                             owner.origin,
@@ -143,28 +171,36 @@ impl Snapshot {
                             pod.origin,
                             owner.workload(),
                             pod.workload()
-                        )),
-                        None => {
-                            s.pod_by_ip.insert(*ip, pod.clone());
+                        ))
+                        }
+                        hash_map::Entry::Vacant(free) => {
+                            free.insert(pod.clone());
                         }
                     }
                 }
             }
-            s.pods.insert(key, pod);
+            slot.insert(pod);
         }
         for svc in objects.services {
             let key = (svc.namespace.clone(), svc.name.clone());
-            if let Some(first) = s.services.get(&key) {
-                s.problems.push(format!(
-                    "service {}/{} is defined twice ({} and {}); the first one is used",
-                    svc.namespace, svc.name, first.origin, svc.origin
-                ));
-                continue;
-            }
-            let svc = Arc::new(svc);
+            let slot = match s.services.entry(key) {
+                btree_map::Entry::Occupied(first) => {
+                    s.problems.push(format!(
+                        "service {}/{} is defined twice ({} and {}); the first one is used",
+                        svc.namespace,
+                        svc.name,
+                        first.get().origin,
+                        svc.origin
+                    ));
+                    continue;
+                }
+                btree_map::Entry::Vacant(slot) => slot,
+            };
             for vip in &svc.vips {
-                match s.service_by_vip.get(vip) {
-                    Some(owner) => s.problems.push(format!(
+                match s.service_by_vip.entry(*vip) {
+                    hash_map::Entry::Occupied(owner) => {
+                        let owner = owner.get();
+                        s.problems.push(format!(
                         "services {}/{} and {}/{} both claim cluster IP {vip}; it stays with {}/{}",
                         owner.namespace,
                         owner.name,
@@ -172,13 +208,14 @@ impl Snapshot {
                         svc.name,
                         owner.namespace,
                         owner.name
-                    )),
-                    None => {
-                        s.service_by_vip.insert(*vip, svc.clone());
+                    ))
+                    }
+                    hash_map::Entry::Vacant(free) => {
+                        free.insert(svc.clone());
                     }
                 }
             }
-            s.services.insert(key, svc);
+            slot.insert(svc);
         }
         s.traffic = TrafficIndex::build(
             objects.virtual_services,
@@ -239,6 +276,11 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `vec!` of shared objects, as a source hands them over.
+    macro_rules! arcs {
+        ($($e:expr),* $(,)?) => { vec![$(Arc::new($e)),*] };
+    }
     use crate::model::{ContainerPort, Labels, Origin, ServicePort, TargetPort};
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -302,8 +344,8 @@ mod tests {
         let s = Snapshot::build(
             1,
             Objects {
-                namespaces: vec![ns("shop", &[AMBIENT]), ns("legacy", &[])],
-                pods: vec![
+                namespaces: arcs![ns("shop", &[AMBIENT]), ns("legacy", &[])],
+                pods: arcs![
                     pod("shop", "a", "n1", "10.1.0.2", &[]),
                     pod("shop", "b", "n2", "10.2.0.2", &[]),
                     pod(
@@ -341,8 +383,8 @@ mod tests {
         let s = Snapshot::build(
             1,
             Objects {
-                namespaces: vec![ns("shop", &[AMBIENT])],
-                pods: vec![
+                namespaces: arcs![ns("shop", &[AMBIENT])],
+                pods: arcs![
                     pod("shop", "a", "n1", "10.1.0.2", &[]),
                     pod("shop", "b", "n1", "10.1.0.2", &[]),
                 ],
@@ -371,8 +413,8 @@ mod tests {
         let s = Snapshot::build(
             1,
             Objects {
-                namespaces: vec![ns("shop", &[]), ns("other", &[])],
-                pods: vec![
+                namespaces: arcs![ns("shop", &[]), ns("other", &[])],
+                pods: arcs![
                     pod("shop", "w1", "n1", "10.1.0.2", &[("app", "web")]),
                     pod(
                         "shop",
@@ -385,7 +427,7 @@ mod tests {
                     unnamed,
                     other,
                 ],
-                services: vec![
+                services: arcs![
                     svc(
                         "shop",
                         "web",
@@ -446,9 +488,9 @@ mod tests {
             Snapshot::build(
                 1,
                 Objects {
-                    namespaces: vec![ns("shop", &[])],
-                    pods: vec![pod("shop", "w", "n1", "10.1.0.2", &[("app", "web")])],
-                    services,
+                    namespaces: arcs![ns("shop", &[])],
+                    pods: arcs![pod("shop", "w", "n1", "10.1.0.2", &[("app", "web")])],
+                    services: services.into_iter().map(Arc::new).collect(),
                     ..Default::default()
                 },
                 &MeshSettings::default(),
@@ -519,7 +561,7 @@ mod tests {
         let s = Snapshot::build(
             1,
             Objects {
-                services: vec![
+                services: arcs![
                     svc(
                         "a",
                         "one",

@@ -681,12 +681,11 @@ impl RoutedConnection {
             workload: Some(endpoint.pod.workload()),
         };
         if let Some(key) = outbound.tunnel_for(&self.pod, snapshot, &route) {
-            let connect =
-                outbound
-                    .shared
-                    .mesh
-                    .pool
-                    .connect(&key, endpoint.addr, connect_headers(&self.pod));
+            let connect = outbound.shared.mesh.pool.connect(
+                &key,
+                endpoint.addr,
+                connect_headers(&self.pod, key.origin.ip),
+            );
             let stream = Box::pin(connect).await.map_err(|e| e.to_string())?;
             debug!(endpoint = %endpoint.addr, dst_identity = %key.dst, "routed requests over HBONE");
             return Ok(UpstreamIo::Tunnel(Box::new(stream)));

@@ -426,11 +426,11 @@ impl Outbound {
         record.line_mut().dst_identity = Some(key.dst.to_string());
         // Boxed: dialling and the handshakes are large futures, needed only until the stream
         // is open; inline, they would size the task for the connection's whole life.
-        let connect = self
-            .shared
-            .mesh
-            .pool
-            .connect(&key, route.upstream, connect_headers(&pod));
+        let connect = self.shared.mesh.pool.connect(
+            &key,
+            route.upstream,
+            connect_headers(&pod, key.origin.ip),
+        );
         let tunnel = match Box::pin(connect).await {
             Ok(t) => t,
             Err(e) => {
@@ -482,10 +482,12 @@ impl Outbound {
 }
 
 /// The CONNECT request's headers, as Istio's ztunnel sends them: `Forwarded: for=` the source
-/// pod's address, and its workload metadata as `baggage`.
-fn connect_headers(pod: &PodContext) -> HeaderMap {
+/// pod's address `src` (of the tunnel's family: a dual-stack pod dialling over IPv6 is its
+/// IPv6 address to the destination's `source.ip` rules), and its workload metadata as
+/// `baggage`.
+fn connect_headers(pod: &PodContext, src: Option<IpAddr>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Some(ip) = pod.ips.first() {
+    if let Some(ip) = src {
         let forwarded = match ip {
             IpAddr::V4(v4) => format!("for={v4}"),
             IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
