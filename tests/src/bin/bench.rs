@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 use ztunnel_tests::{
     benchmark::{git_state, vm_rss_kib, write_json},
-    pod, wait_until, Cluster, PodRef, Proc,
+    pod, service, wait_until, Cluster, PodRef, Proc,
 };
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
@@ -27,6 +27,32 @@ const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
 const IPERF_PORT: u16 = 5201;
 const WAIT: Duration = Duration::from_secs(15);
+/// The routing step's Services (port `http` 80 → the server's 8080): requests to the first
+/// are carried as connections, to the second each is routed by a VirtualService.
+const PLAIN_SERVICE: &str = "plain";
+const ROUTED_SERVICE: &str = "routed";
+const SERVICE_PORT: u16 = 80;
+/// Two routes, as a canary rollout has: a header match first, then the default.
+const ROUTED_VS: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: routed
+  namespace: mesh
+spec:
+  hosts:
+  - routed
+  http:
+  - match:
+    - headers:
+        x-canary:
+          exact: \"true\"
+    route:
+    - destination:
+        host: routed
+  - route:
+    - destination:
+        host: routed
+";
 
 const USAGE: &str = "\
 usage: bench [options]           (normally run as `cargo xtask bench [-- options]`)
@@ -43,7 +69,7 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
   --only STEPS        run only these steps, comma-separated: memory, throughput, latency,
-                      conn-rate (default: all)
+                      routing, conn-rate (default: all)
   --out DIR           where the JSON goes (default <workspace>/target/bench)";
 
 /// What to run; every knob has an upper bound so a run stays bounded.
@@ -165,14 +191,16 @@ enum Step {
     Memory,
     Throughput,
     Latency,
+    Routing,
     ConnRate,
 }
 
 impl Step {
-    const ALL: [Step; 4] = [
+    const ALL: [Step; 5] = [
         Step::Memory,
         Step::Throughput,
         Step::Latency,
+        Step::Routing,
         Step::ConnRate,
     ];
 
@@ -181,6 +209,7 @@ impl Step {
             Step::Memory => "memory",
             Step::Throughput => "throughput",
             Step::Latency => "latency",
+            Step::Routing => "routing",
             Step::ConnRate => "conn-rate",
         }
     }
@@ -354,11 +383,15 @@ struct Report {
     /// Per step, per path: one raw result per round.
     details: BTreeMap<String, BTreeMap<String, Vec<Value>>>,
     problems: Vec<String>,
+    /// The routing step's latencies (µs), by `plain_p50`, `routed_p50`, `plain_p99`,
+    /// `routed_p99`: one per round.
+    routing: BTreeMap<&'static str, Vec<f64>>,
 }
 
 impl Report {
     fn new() -> Self {
         Self {
+            routing: BTreeMap::new(),
             rows: ROWS
                 .iter()
                 .map(|(key, label, unit, better)| Row {
@@ -433,7 +466,15 @@ fn cluster(p: &Params) -> Result<Cluster> {
         .pod(pod("direct", "client").node(1))
         .pod(pod("direct", "server").node(2))
         .pod(pod("mesh", "client").node(1))
-        .pod(pod("mesh", "server").node(2));
+        .pod(pod("mesh", "server").node(2).labels(&[("app", "server")]));
+    // The same server behind two Services, one with a VirtualService: the routing step.
+    for svc in [PLAIN_SERVICE, ROUTED_SERVICE] {
+        b = b.service(
+            service("mesh", svc)
+                .selector(&[("app", "server")])
+                .named_port("http", SERVICE_PORT, HTTP_PORT),
+        );
+    }
     b = match p.peer {
         None => b.nodes(2),
         Some(_) => b
@@ -523,6 +564,7 @@ fn run(p: &Params) -> Result<bool> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    c.apply("routed.yaml", Some(ROUTED_VS))?;
     std::thread::sleep(Duration::from_millis(500));
     let mut report = Report::new();
     let mut warm = BTreeMap::new();
@@ -555,6 +597,7 @@ fn run(p: &Params) -> Result<bool> {
                 Step::Memory => memory(&c, p, &order, &pids, &mut report),
                 Step::Throughput => throughput(&c, p, &order, &mut report),
                 Step::Latency => latency(&c, p, &order, &pids, &mut report),
+                Step::Routing => routing(&c, p, round, &mut report),
                 Step::ConnRate => connection_rate(&c, p, &order, &mut report),
             }
         }
@@ -625,6 +668,9 @@ fn run(p: &Params) -> Result<bool> {
         "problems": report.problems,
         "elapsed_s": began.elapsed().as_secs_f64(),
     });
+    let routing = routing_summary(&report);
+    println!("\nper-request routing (mesh path, same run): {routing}");
+    out["routing"] = routing;
     if p.peer.is_some() {
         out["peer_transport"] = json!(transport.get(&Way::Peer));
         out["versus_peer"] = versus_peer(&report);
@@ -1025,6 +1071,27 @@ fn probe_json(pod: &PodRef<'_>, args: &[&str], timeout: Duration) -> Result<Valu
         })
 }
 
+/// `vc-probe http-load` from `client` to `addr` with the latency test's parameters.
+fn http_load(client: &PodRef<'_>, p: &Params, addr: &str) -> Result<Value> {
+    let (rate, ms, conns) = (
+        p.rate.to_string(),
+        p.latency_ms.to_string(),
+        p.connections.to_string(),
+    );
+    let args = [
+        "http-load",
+        "--addr",
+        addr,
+        "--rate",
+        &rate,
+        "--duration-ms",
+        &ms,
+        "--connections",
+        &conns,
+    ];
+    probe_json(client, &args, Duration::from_millis(p.latency_ms + 20_000))
+}
+
 /// Latency of small HTTP/1.1 GETs at a fixed rate, and what the path's proxies spent on them
 /// (utime + stime of both, read from /proc before and after).
 fn latency(
@@ -1042,25 +1109,8 @@ fn latency(
     // The direct figures of this round come first in `order`.
     for way in order {
         let addr = format!("{}:{HTTP_PORT}", c.pod(way.ns(), "server").ip());
-        let (rate, ms, conns) = (
-            p.rate.to_string(),
-            p.latency_ms.to_string(),
-            p.connections.to_string(),
-        );
-        let args = [
-            "http-load",
-            "--addr",
-            &addr,
-            "--rate",
-            &rate,
-            "--duration-ms",
-            &ms,
-            "--connections",
-            &conns,
-        ];
-        let timeout = Duration::from_millis(p.latency_ms + 20_000);
         let cpu_before = sample(&pids[way]).map(|s| s.cpu_s);
-        let result = probe_json(&c.pod(way.ns(), "client"), &args, timeout);
+        let result = http_load(&c.pod(way.ns(), "client"), p, &addr);
         let cpu_after = sample(&pids[way]).map(|s| s.cpu_s);
         match result {
             Ok(mut v) => {
@@ -1106,6 +1156,59 @@ fn latency(
             Err(e) => report.problem(&format!("{} http-load", way.ns()), &e),
         }
     }
+}
+
+/// What a VirtualService on the path costs: the latency test's load on the mesh path to the
+/// same server through a Service without rules (connections carried whole) and one with a
+/// VirtualService (each request parsed, decided and routed by the client's node proxy), in
+/// alternating order round by round.
+fn routing(c: &Cluster, p: &Params, round: u64, report: &mut Report) {
+    let mut order = [(PLAIN_SERVICE, "plain"), (ROUTED_SERVICE, "routed")];
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    for (svc, name) in order {
+        let addr = format!("{}:{SERVICE_PORT}", c.service_vip("mesh", svc));
+        match http_load(&c.pod("mesh", "client"), p, &addr) {
+            Ok(v) => {
+                println!(
+                    "   routing {name:<6} {} requests, {} errors: p50 {} µs, p99 {} µs",
+                    v["requests"], v["errors"], v["p50_us"], v["p99_us"]
+                );
+                if v["errors"].as_u64() != Some(0) {
+                    report
+                        .problems
+                        .push(format!("routing {name}: {} errors", v["errors"]));
+                }
+                let (p50, p99) = match name {
+                    "plain" => ("plain_p50", "plain_p99"),
+                    _ => ("routed_p50", "routed_p99"),
+                };
+                for (key, field) in [(p50, "p50_us"), (p99, "p99_us")] {
+                    if let Some(x) = v[field].as_f64() {
+                        report.routing.entry(key).or_default().push(x);
+                    }
+                }
+                report.detail("routing", name.to_owned(), v);
+            }
+            Err(e) => report.problem(&format!("routing {name} http-load"), &e),
+        }
+    }
+}
+
+/// The routing step's medians and the ratios routed ÷ plain.
+fn routing_summary(report: &Report) -> Value {
+    let m = |k: &str| report.routing.get(k).and_then(|v| median(v));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    json!({
+        "plain_p50_us": m("plain_p50"), "routed_p50_us": m("routed_p50"),
+        "plain_p99_us": m("plain_p99"), "routed_p99_us": m("routed_p99"),
+        "routed_over_plain_p50": ratio(m("routed_p50"), m("plain_p50")),
+        "routed_over_plain_p99": ratio(m("routed_p99"), m("plain_p99")),
+    })
 }
 
 fn connection_rate(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {

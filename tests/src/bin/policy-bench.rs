@@ -324,7 +324,7 @@ impl Recording {
             response: 1_234,
         };
         self.requests
-            .record(&self.service, self.outcome, started.elapsed(), sizes);
+            .record(&self.service, None, self.outcome, started.elapsed(), sizes);
     }
 }
 

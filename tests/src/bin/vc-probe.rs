@@ -40,11 +40,20 @@
 //!                                               checks every byte against the stream
 //!
 //! For the benchmark (`cargo xtask bench`, docs/benchmarks.md):
-//! vc-probe http-server-ka --port P [--name N]  HTTP/1.1 keep-alive server (closes only when the
+//! vc-probe http-server-ka --port P [--name N] [--version V] [--fail-every K]
+//!                                               HTTP/1.1 keep-alive server (closes only when the
 //!                                               client asks); no per-request output. Paths
 //!                                               like httpbin's: /status/<code> answers that
 //!                                               status, /delay/<ms> answers after that long,
-//!                                               /bytes/<n> with a body of n bytes
+//!                                               /bytes/<n> with a body of n bytes; otherwise
+//!                                               `{"server":N,"version":V}`. With K > 0 every
+//!                                               K-th request is answered 503
+//! vc-probe requests --addr IP:PORT --count N [--concurrency C] [--path P]
+//!                   [--header 'name: value']... [--timeout-ms T]
+//!                                               N GETs over C keep-alive connections; one JSON
+//!                                               line: statuses, servers and versions that
+//!                                               answered, `overloaded` (x-envoy-overloaded),
+//!                                               errors, timeouts, max_ms
 //! vc-probe http-load --addr IP:PORT --rate R --duration-ms D --connections C
 //!                                               open-loop GETs at R/s over C keep-alive
 //!                                               connections; latency from the scheduled time
@@ -208,13 +217,15 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        "http-server-ka" | "http-load" | "conn-rate" | "hold" => match bench::run(cmd, &opts) {
-            Ok(code) => ExitCode::from(code),
-            Err(e) => {
-                eprintln!("vc-probe: {e}");
-                ExitCode::from(2)
+        "http-server-ka" | "http-load" | "conn-rate" | "hold" | "requests" => {
+            match bench::run(cmd, &opts) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("vc-probe: {e}");
+                    ExitCode::from(2)
+                }
             }
-        },
+        }
         other => {
             eprintln!("vc-probe: unknown command {other}");
             ExitCode::from(2)
@@ -247,6 +258,15 @@ impl Opts {
 
     fn num(&self, key: &str) -> Option<u64> {
         self.get(key).and_then(|v| v.parse().ok())
+    }
+
+    /// Every value of a repeated option, in order.
+    fn all(&self, key: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 }
 
@@ -725,12 +745,14 @@ fn repl(timeout: Duration) {
 /// The load generators and the keep-alive server of `cargo xtask bench`.
 mod bench {
     use std::{
+        collections::BTreeMap,
         io::{self, Read as _, Write as _},
         net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+        sync::atomic::{AtomicU64, Ordering},
         time::{Duration, Instant},
     };
 
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::{emit, kind_name, Opts};
 
@@ -747,10 +769,31 @@ mod bench {
             a.parse().map_err(|e| format!("bad --addr {a}: {e}"))
         };
         match cmd {
+            "requests" => {
+                let count = need("count")?;
+                let concurrency = opts.num("concurrency").unwrap_or(1).max(1);
+                let timeout = Duration::from_millis(opts.num("timeout-ms").unwrap_or(5000));
+                let path = opts.get("path").unwrap_or("/").to_owned();
+                let headers: Vec<String> = opts.all("header");
+                emit(&requests(
+                    addr()?,
+                    count,
+                    concurrency,
+                    &path,
+                    &headers,
+                    timeout,
+                ));
+                Ok(0)
+            }
             "http-server-ka" => {
                 let port = u16::try_from(need("port")?).map_err(|_| "--port is too large")?;
-                let name = opts.get("name").unwrap_or("server").to_owned();
-                serve_keep_alive(port, name).map_err(|e| e.to_string())?;
+                let name = opts.get("name").unwrap_or("server");
+                let body = match opts.get("version") {
+                    Some(v) => json!({"server": name, "version": v}),
+                    None => json!({"server": name}),
+                };
+                let fail_every = opts.num("fail-every").unwrap_or(0);
+                serve_keep_alive(port, body.to_string(), fail_every).map_err(|e| e.to_string())?;
                 Ok(0)
             }
             "http-load" => {
@@ -829,6 +872,9 @@ mod bench {
         /// Request target or status code, the second word of the first line.
         second_word: String,
         close: bool,
+        /// The head's header lines and the body, when asked for ([`Conn::read_whole`]).
+        headers: String,
+        body: Vec<u8>,
     }
 
     impl Conn {
@@ -843,6 +889,15 @@ mod bench {
         /// Reads one message head and its body (by Content-Length); `None` on a clean EOF
         /// before any byte of it.
         fn read_message(&mut self) -> io::Result<Option<Head>> {
+            self.read(false)
+        }
+
+        /// [`Conn::read_message`], keeping the header lines and the body.
+        fn read_whole(&mut self) -> io::Result<Option<Head>> {
+            self.read(true)
+        }
+
+        fn read(&mut self, keep: bool) -> io::Result<Option<Head>> {
             let end = loop {
                 if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     break i + 4;
@@ -865,7 +920,12 @@ mod bench {
                 .unwrap_or("")
                 .to_owned();
             let (mut content_length, mut close) = (0usize, false);
+            let mut headers = String::new();
             for line in lines {
+                if keep {
+                    headers.push_str(line);
+                    headers.push('\n');
+                }
                 let Some((k, v)) = line.split_once(':') else {
                     continue;
                 };
@@ -883,8 +943,17 @@ mod bench {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
+            let body = match keep {
+                true => self.buf[end..end + content_length].to_vec(),
+                false => Vec::new(),
+            };
             self.buf.drain(..end + content_length);
-            Ok(Some(Head { second_word, close }))
+            Ok(Some(Head {
+                second_word,
+                close,
+                headers,
+                body,
+            }))
         }
 
         /// Reads more bytes into the buffer; false on EOF.
@@ -904,23 +973,138 @@ mod bench {
         .into_bytes()
     }
 
+    // ---- requests -----------------------------------------------------------------------
+
+    /// What `requests` saw: statuses, the servers and versions that answered, how many
+    /// answers were a proxy's overflow (`x-envoy-overloaded`), failures, and the slowest.
+    #[derive(Default)]
+    struct Seen {
+        statuses: BTreeMap<String, u64>,
+        servers: BTreeMap<String, u64>,
+        versions: BTreeMap<String, u64>,
+        overloaded: u64,
+        errors: u64,
+        timeouts: u64,
+        max_ms: u64,
+        last_error: Option<String>,
+    }
+
+    /// `count` GETs of `path` in all, over `concurrency` keep-alive connections (a closed one
+    /// is opened again), each bounded by `timeout`.
+    fn requests(
+        addr: SocketAddr,
+        count: u64,
+        concurrency: u64,
+        path: &str,
+        headers: &[String],
+        timeout: Duration,
+    ) -> Value {
+        let mut extra = String::new();
+        for h in headers {
+            extra.push_str(h);
+            extra.push_str("\r\n");
+        }
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vc-probe\r\n{extra}\r\n");
+        let seen = std::sync::Mutex::new(Seen::default());
+        std::thread::scope(|scope| {
+            for t in 0..concurrency {
+                let n = count / concurrency + u64::from(t < count % concurrency);
+                let (req, seen) = (&req, &seen);
+                scope.spawn(move || {
+                    let mut conn: Option<Conn> = None;
+                    for _ in 0..n {
+                        let start = Instant::now();
+                        let r = one_request(&mut conn, addr, req.as_bytes(), timeout);
+                        let ms = start.elapsed().as_millis() as u64;
+                        let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                        s.max_ms = s.max_ms.max(ms);
+                        match r {
+                            Ok(h) => {
+                                *s.statuses.entry(h.second_word.clone()).or_default() += 1;
+                                if h.headers
+                                    .to_ascii_lowercase()
+                                    .contains("x-envoy-overloaded: true")
+                                {
+                                    s.overloaded += 1;
+                                }
+                                if let Ok(b) = serde_json::from_slice::<Value>(&h.body) {
+                                    if let Some(v) = b["server"].as_str() {
+                                        *s.servers.entry(v.to_owned()).or_default() += 1;
+                                    }
+                                    if let Some(v) = b["version"].as_str() {
+                                        *s.versions.entry(v.to_owned()).or_default() += 1;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                conn = None;
+                                s.errors += 1;
+                                if matches!(
+                                    e.kind(),
+                                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                                ) {
+                                    s.timeouts += 1;
+                                }
+                                s.last_error = Some(kind_name(&e));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let s = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+        json!({
+            "sent": count, "statuses": s.statuses, "servers": s.servers, "versions": s.versions,
+            "overloaded": s.overloaded, "errors": s.errors, "timeouts": s.timeouts,
+            "max_ms": s.max_ms, "last_error": s.last_error,
+        })
+    }
+
+    fn one_request(
+        conn: &mut Option<Conn>,
+        addr: SocketAddr,
+        req: &[u8],
+        timeout: Duration,
+    ) -> io::Result<Head> {
+        if conn.is_none() {
+            let stream = TcpStream::connect_timeout(&addr, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            *conn = Some(Conn::new(stream));
+        }
+        let c = conn.as_mut().expect("just opened");
+        c.stream.write_all(req)?;
+        let head = c
+            .read_whole()?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        if head.close {
+            *conn = None;
+        }
+        Ok(head)
+    }
+
     // ---- http-server-ka ----------------------------------------------------------------
 
-    fn serve_keep_alive(port: u16, name: String) -> io::Result<()> {
+    fn serve_keep_alive(port: u16, body: String, fail_every: u64) -> io::Result<()> {
         let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
         emit(&json!({
             "event": "listening", "port": port, "keep_alive": true, "pid": std::process::id(),
         }));
-        let body: &'static str = Box::leak(format!("{{\"server\":\"{name}\"}}").into_boxed_str());
+        let body: &'static str = Box::leak(body.into_boxed_str());
         for conn in listener.incoming() {
             let Ok(stream) = conn else { continue };
-            std::thread::spawn(move || serve_connection(stream, body));
+            std::thread::spawn(move || serve_connection(stream, body, fail_every));
         }
         Ok(())
     }
 
-    /// Answers requests on one connection until the client closes it or asks to.
-    fn serve_connection(stream: TcpStream, body: &str) {
+    /// Requests answered so far, for `--fail-every`.
+    static ANSWERED: AtomicU64 = AtomicU64::new(0);
+
+    /// Answers requests on one connection until the client closes it or asks to; with
+    /// `fail_every` K > 0, every K-th request of the server is answered 503.
+    fn serve_connection(stream: TcpStream, body: &str, fail_every: u64) {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
         let mut conn = Conn::new(stream);
@@ -930,7 +1114,11 @@ mod bench {
                 Ok(None) | Err(_) => return,
             };
             let connection = if head.close { "close" } else { "keep-alive" };
-            let answer = Answer::for_target(&head.second_word);
+            let mut answer = Answer::for_target(&head.second_word);
+            let n = ANSWERED.fetch_add(1, Ordering::Relaxed) + 1;
+            if fail_every > 0 && n.is_multiple_of(fail_every) {
+                answer.status = 503;
+            }
             if let Some(delay) = answer.delay {
                 std::thread::sleep(delay);
             }

@@ -294,6 +294,9 @@ pub struct Metrics {
     /// Configuration versions (a directory source) or objects (the Kubernetes source)
     /// rejected; the last good one stayed in force. Applied ones show as the generation.
     pub config_rejected: Counter,
+    /// What source-side routing did besides passing requests on: `retry`, `overflow`,
+    /// `outlier_ejection`, `mirror`, `fault_delay`, `fault_abort`, `no_route`, `timeout`.
+    pub traffic_events: ByReason,
 }
 
 impl Metrics {
@@ -412,6 +415,11 @@ impl Metrics {
                 "ztunnel_config_rejected",
                 "Configuration versions rejected (the last good one stayed in force)",
                 m.config_rejected.clone()
+            ),
+            (
+                "ztunnel_traffic_events",
+                "What routing (VirtualService, DestinationRule) did to requests besides passing them on, by event",
+                m.traffic_events.0.clone()
             ),
         );
     }

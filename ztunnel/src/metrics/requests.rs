@@ -88,6 +88,24 @@ label_values! {
         DownstreamConnectionTermination => "DC",
         /// A CUSTOM (ext-authz) provider denied the request or could not be asked.
         UnauthorizedExternalService => "UAEX",
+        /// No endpoint could be connected to (on the source side: every attempt failed so).
+        UpstreamConnectionFailure => "UF",
+        /// A VirtualService fault delayed the request (it was then sent on).
+        DelayInjected => "DI",
+        /// A VirtualService fault answered the request instead of the destination.
+        FaultInjected => "FI",
+        /// A DestinationRule connection pool was full: answered 503 `x-envoy-overloaded`.
+        UpstreamOverflow => "UO",
+        /// The route's retries were used up and the last answer was still a failure.
+        UpstreamRetryLimitExceeded => "URX",
+        /// A VirtualService applies to the destination, and none of its routes matched.
+        NoRouteFound => "NR",
+        /// The route's timeout fired before the destination answered (504).
+        UpstreamRequestTimeout => "UT",
+        /// Every endpoint of the destination is ejected by outlier detection (503).
+        NoHealthyUpstream => "UH",
+        /// The route's destination resolves to no Service port or subset (503).
+        NoClusterFound => "NC",
     }
 }
 
@@ -262,7 +280,9 @@ struct Series {
 }
 
 /// What picks a connection's series: the Service's host and the outcome.
-type SeriesKey = (Arc<str>, RequestOutcome);
+/// The Service's host, the destination workload when a request chose its own (routed on the
+/// source side), and the outcome.
+type SeriesKey = (Arc<str>, Option<Arc<str>>, RequestOutcome);
 
 /// A connection's series are cached up to this many label sets (status × flags × service);
 /// more are still counted, only looked up each time.
@@ -298,30 +318,38 @@ impl ConnectionRequests {
         }
     }
 
-    /// Counts one finished request to `service`.
+    /// Counts one finished request to `service`; `destination` is the endpoint a routed
+    /// request went to (the connection's destination otherwise).
     pub fn record(
         &self,
         service: &DestinationService,
+        destination: Option<&Peer>,
         outcome: RequestOutcome,
         duration: Duration,
         sizes: RequestSizes,
     ) {
-        let series = self.series(service, outcome);
+        let series = self.series(service, destination, outcome);
         series.requests.inc();
         series.duration.observe(duration.as_secs_f64() * 1_000.0);
         series.request_bytes.observe(sizes.request as f64);
         series.response_bytes.observe(sizes.response as f64);
     }
 
-    fn series(&self, service: &DestinationService, outcome: RequestOutcome) -> Series {
+    fn series(
+        &self,
+        service: &DestinationService,
+        destination: Option<&Peer>,
+        outcome: RequestOutcome,
+    ) -> Series {
+        let workload = destination.map(|d| d.workload.clone());
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, s)) = cache
             .iter()
-            .find(|((host, o), _)| *o == outcome && **host == *service.host)
+            .find(|((host, w, o), _)| *o == outcome && **host == *service.host && *w == workload)
         {
             return s.clone();
         }
-        let labels = self.labels(service, outcome);
+        let labels = self.labels(service, destination, outcome);
         let m = &self.metrics;
         let series = Series {
             requests: m.requests.get_or_create_owned(&labels),
@@ -330,13 +358,18 @@ impl ConnectionRequests {
             response_bytes: m.response_bytes.0.get_or_create_owned(&labels),
         };
         if cache.len() < CACHED_SERIES {
-            cache.push(((service.host.clone(), outcome), series.clone()));
+            cache.push(((service.host.clone(), workload, outcome), series.clone()));
         }
         series
     }
 
-    fn labels(&self, service: &DestinationService, o: RequestOutcome) -> RequestLabels {
-        let (s, d) = (&self.source, &self.destination);
+    fn labels(
+        &self,
+        service: &DestinationService,
+        destination: Option<&Peer>,
+        o: RequestOutcome,
+    ) -> RequestLabels {
+        let (s, d) = (&self.source, destination.unwrap_or(&self.destination));
         RequestLabels {
             reporter: self.reporter,
             source_workload: s.workload.clone(),
@@ -447,13 +480,13 @@ mod tests {
             response: 42,
         };
         for _ in 0..3 {
-            conn.record(&svc, ok, Duration::from_millis(3), sizes);
+            conn.record(&svc, None, ok, Duration::from_millis(3), sizes);
         }
         let denied = RequestOutcome {
             response_code: 403,
             ..ok
         };
-        conn.record(&svc, denied, Duration::from_millis(1), sizes);
+        conn.record(&svc, None, denied, Duration::from_millis(1), sizes);
         let mut text = String::new();
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);

@@ -14,6 +14,7 @@
 //! serves and carries the proxy mark ([`crate::socket`]), so it leaves with the pod's own
 //! address and is never captured again.
 mod carry;
+mod http;
 pub mod inbound;
 pub mod outbound;
 mod record;

@@ -108,6 +108,11 @@ pub struct RequestTelemetry {
 }
 
 impl RequestTelemetry {
+    /// The cluster's DNS domain.
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
+    }
+
     pub fn new(metrics: Arc<Metrics>, s: RequestSettings) -> Self {
         Self {
             metrics,
@@ -231,6 +236,7 @@ impl RequestContext {
             service,
             request_principal: None,
             decision: None,
+            routed: None,
             forwarded: false,
             status: None,
             grpc_status: None,
@@ -304,6 +310,22 @@ impl AuthzOutcome {
     }
 }
 
+/// What the source side's routing chose for a request (VirtualService, DestinationRule).
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// `namespace/name` of the VirtualService, and the route's name (or index).
+    pub virtual_service: Option<String>,
+    pub route: Option<String>,
+    /// The Service the chosen destination is, when it is not the one addressed.
+    pub service: Option<DestinationService>,
+    pub subset: Option<String>,
+    /// The endpoint of the last attempt, and the pod behind it.
+    pub endpoint: Option<SocketAddr>,
+    pub destination: Option<Peer>,
+    /// Attempts past the first.
+    pub retries: u32,
+}
+
 #[derive(Debug)]
 struct Decided {
     outcome: AuthzOutcome,
@@ -328,6 +350,8 @@ pub struct RequestRecord {
     service: Option<usize>,
     request_principal: Option<String>,
     decision: Option<Decided>,
+    /// Where a route sent it, when the source side routed it.
+    routed: Option<Routed>,
     forwarded: bool,
     status: Option<StatusCode>,
     grpc_status: Option<u8>,
@@ -366,6 +390,25 @@ impl RequestRecord {
             rule: d.rule,
             audit: d.audit.is_some(),
         });
+    }
+
+    /// What routing chose (the source side), filled in as the request goes.
+    pub fn routed(&mut self) -> &mut Routed {
+        self.routed.get_or_insert_with(Routed::default)
+    }
+
+    /// What the proxy did instead of (or on top of) passing the request on: Envoy's flag.
+    pub fn flag(&mut self, flags: ResponseFlags) {
+        self.flags = flags;
+    }
+
+    pub fn flags(&self) -> ResponseFlags {
+        self.flags
+    }
+
+    /// Why the proxy answered itself (a routing failure), for the log line.
+    pub fn error(&mut self, why: impl Into<String>) {
+        self.error = Some(why.into());
     }
 
     /// A CUSTOM provider denied it, or could not be asked (`UAEX`).
@@ -411,29 +454,35 @@ impl RequestRecord {
             request: self.request_bytes.load(Ordering::Relaxed),
             response: self.response_bytes,
         };
+        let routed = self.routed.as_ref();
         let service = self.service.map(|i| &ctx.services[i]);
+        let unknown = DestinationService::unknown();
+        let labels = match (routed.and_then(|r| r.service.as_ref()), service) {
+            (Some(s), _) => s,
+            (None, Some(c)) => &c.labels,
+            (None, None) => &unknown,
+        };
         if let Some(m) = &ctx.metrics {
-            let unknown;
-            let labels = match service {
-                Some(c) => &c.labels,
-                None => {
-                    unknown = DestinationService::unknown();
-                    &unknown
-                }
-            };
             let outcome = RequestOutcome {
                 protocol: self.protocol,
                 response_code: code,
                 grpc_status: self.grpc_status,
                 flags: self.flags,
             };
-            m.record(labels, outcome, duration, sizes);
+            let destination = routed.and_then(|r| r.destination.as_ref());
+            m.record(labels, destination, outcome, duration, sizes);
         }
         if !ctx.telemetry.access_log.keeps(code, self.flags) {
             return;
         }
         let (p, d) = (&ctx.peers, self.decision.as_ref());
-        let upstream = self.forwarded.then(|| ctx.upstream.to_string());
+        let upstream_workload = routed
+            .and_then(|r| r.destination.as_ref())
+            .map(|d| format!("{}/{}", d.namespace, d.workload));
+        let upstream = match routed.and_then(|r| r.endpoint) {
+            Some(endpoint) => Some(endpoint.to_string()),
+            None => self.forwarded.then(|| ctx.upstream.to_string()),
+        };
         info!(
             direction = match ctx.direction {
                 Direction::Inbound => "inbound",
@@ -456,7 +505,12 @@ impl RequestRecord {
             src_addr = p.src_addr.as_deref(),
             dst_workload = p.dst_workload.as_deref(),
             dst_identity = p.dst_identity.as_deref(),
-            dst_service = service.map(|c| &*c.labels.host),
+            dst_service = (service.is_some() || routed.is_some()).then_some(&*labels.host),
+            virtual_service = routed.and_then(|r| r.virtual_service.as_deref()),
+            route = routed.and_then(|r| r.route.as_deref()),
+            upstream_subset = routed.and_then(|r| r.subset.as_deref()),
+            upstream_workload = upstream_workload.as_deref(),
+            retries = routed.map(|r| r.retries).filter(|n| *n > 0),
             request_principal = self.request_principal.as_deref(),
             authz_decision = d.map(|d| d.outcome.as_str()),
             authz_policy = d.and_then(|d| d.policy.as_deref()),
@@ -499,6 +553,16 @@ fn grpc_status(h: &HeaderMap) -> Option<u8> {
 pub struct CountedBody<B> {
     inner: B,
     counted: Arc<AtomicU64>,
+}
+
+impl<B> CountedBody<B> {
+    /// A body sent by the proxy on its own (a mirrored copy): counted nowhere.
+    pub fn uncounted(inner: B) -> Self {
+        Self {
+            inner,
+            counted: Arc::default(),
+        }
+    }
 }
 
 impl<B: Body + Unpin> Body for CountedBody<B> {

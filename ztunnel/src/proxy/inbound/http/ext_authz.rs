@@ -10,7 +10,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::info;
 
-use super::{request_host, set_headers, text_response, Body, Headers, Inbound};
+use super::Inbound;
+use crate::proxy::http::{request_host, set_headers, text_response, Body, Headers};
 use crate::{authz::CustomCheck, state::Snapshot};
 
 /// Copies the headers named in `names` from `from`.

@@ -17,31 +17,31 @@
 //! * here: the request loop, which decides each request and forwards the allowed ones.
 mod ext_authz;
 mod jwt;
-mod sniff;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
 };
 use tracing::warn;
 
-use self::{
-    ext_authz::ProviderAnswer,
-    sniff::{sniff, sniff_deadline, Protocol, Replay},
-};
+use self::ext_authz::ProviderAnswer;
 use super::Inbound;
 use crate::{
     authz::{Admission, CustomCheck, HttpRequest, InboundCall, Unknowns},
     metrics::{requests::Peer, Reporter, SecurityPolicy},
     model::{AppProtocol, Pod},
     proxy::{
+        http::{
+            request_host, set_headers,
+            sniff::{sniff, sniff_deadline, Protocol, Replay},
+            text_response, Body, Upstream,
+        },
         record::{ConnectionRecord, Direction, OpenConnection},
         request::{CountedBody, LinePeers, RecordedBody, RequestContext, RequestRecord},
         PodContext,
@@ -50,58 +50,8 @@ use crate::{
     state::Snapshot,
 };
 
-pub(super) type Body = BoxBody<Bytes, hyper::Error>;
-
 /// What goes to the application: the caller's request body, counted.
 type Forwarded = CountedBody<Incoming>;
-
-/// The upstream connection to the application, in the client's HTTP version.
-enum Upstream {
-    /// HTTP/1.1 carries one request at a time; the server side is sequential too.
-    H1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Forwarded>>),
-    H2(hyper::client::conn::http2::SendRequest<Forwarded>),
-}
-
-impl Upstream {
-    async fn send(&self, req: Request<Forwarded>) -> hyper::Result<Response<Incoming>> {
-        match self {
-            Upstream::H1(s) => {
-                let mut s = s.lock().await;
-                s.ready().await?;
-                s.send_request(req).await
-            }
-            Upstream::H2(s) => s.clone().send_request(req).await,
-        }
-    }
-}
-
-pub(super) fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain"),
-    );
-    r
-}
-
-/// The request's host: HTTP/2's `:authority`, or HTTP/1.1's `Host`.
-pub(super) fn request_host(req: &Request<Incoming>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
-}
 
 /// The HTTP attributes policies see.
 fn http_attributes(req: &Request<Incoming>) -> HttpRequest {
@@ -123,15 +73,6 @@ fn http_attributes(req: &Request<Incoming>) -> HttpRequest {
         host,
         headers,
         auth: None,
-    }
-}
-
-pub(super) type Headers = Vec<(header::HeaderName, header::HeaderValue)>;
-
-/// Sets (replacing) each header.
-pub(super) fn set_headers(h: &mut http::HeaderMap, headers: Headers) {
-    for (name, value) in headers {
-        h.insert(name, value);
     }
 }
 
@@ -251,39 +192,17 @@ impl Inbound {
             tally: tally.clone(),
         };
 
-        let io = TokioIo::new(upstream);
-        let sender = if protocol == Protocol::Http2 {
-            match hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await {
-                Ok((sender, conn)) => {
-                    tokio::spawn(conn);
-                    Upstream::H2(sender)
-                }
-                Err(e) => return done(Some(io::Error::other(e)), None),
-            }
-        } else {
-            match hyper::client::conn::http1::handshake(io).await {
-                Ok((sender, conn)) => {
-                    tokio::spawn(conn);
-                    Upstream::H1(tokio::sync::Mutex::new(sender))
-                }
-                Err(e) => return done(Some(io::Error::other(e)), None),
-            }
+        let sender = match Upstream::handshake(upstream, protocol == Protocol::Http2).await {
+            Ok(sender) => Arc::new(sender),
+            Err(e) => return done(Some(io::Error::other(e)), None),
         };
-        let sender = Arc::new(sender);
         let proxy = self.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let serve = crate::proxy::http::serve(downstream, move |req: Request<Incoming>| {
             let (proxy, pod, sender) = (proxy.clone(), pod.clone(), sender.clone());
             let record = requests.start(&req);
             let call = call.clone();
-            async move {
-                let response = proxy.decide_request(&pod, call, req, &sender, record).await;
-                Ok::<_, std::convert::Infallible>(response)
-            }
+            async move { proxy.decide_request(&pod, call, req, &sender, record).await }
         });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        // The tunnel or socket below already has its own windows; defaults suffice here.
-        builder.http1().keep_alive(true);
-        let serve = builder.serve_connection(TokioIo::new(downstream), service);
         tokio::select! {
             r = serve => done(r.err().map(io::Error::other), None),
             reason = revoke => done(None, Some(reason)),
@@ -298,7 +217,7 @@ impl Inbound {
         pod: &PodContext,
         mut call: InboundCall,
         mut req: Request<Incoming>,
-        sender: &Upstream,
+        sender: &Upstream<Forwarded>,
         mut record: RequestRecord,
     ) -> Response<RecordedBody<Body>> {
         let snapshot = self.shared.snapshot();

@@ -1,7 +1,12 @@
 //! The outbound side: connections an enrolled pod makes, captured by `zt_connect4/6`. Each is
 //! routed by one [`Plan`], made once from one snapshot, and carried by it: directly from the
 //! pod's netns, through an HBONE tunnel to the destination pod's node proxy, or to this node's
-//! inbound side for a pod that runs here.
+//! inbound side for a pod that runs here. A connection to a Service port that speaks HTTP and
+//! has traffic rules is instead served request by request ([`http`]): each request is routed
+//! and carried on its own.
+mod http;
+mod upstreams;
+
 use std::{
     collections::HashMap,
     fmt,
@@ -9,7 +14,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use http::{HeaderMap, HeaderValue};
+use ::http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 use tracing::warn;
 use ztunnel_common::{OrigDstKey, HBONE_PORT};
@@ -25,8 +30,10 @@ use crate::{
     hbone::{Origin, PoolKey},
     identity::SpiffeId,
     metrics::{Carrier, ConnectionLabels, Reporter},
+    model::{AppProtocol, Service},
     relay::{relay_until, reset},
     state::Snapshot,
+    traffic::{SourceWorkload, TcpDecision},
 };
 
 /// Where an outbound connection goes, and what it was addressed to.
@@ -46,6 +53,10 @@ pub enum NoRoute {
     NoServicePort { service: String, port: u16 },
     /// A Service port without endpoints (of the address family dialled).
     NoEndpoints { service: String, port: u16 },
+    /// A VirtualService's `tcp` routes match nothing for this connection.
+    NoTcpRoute { virtual_service: String },
+    /// The `tcp` route's destination resolves to no Service port or subset.
+    Unroutable(String),
 }
 
 impl fmt::Display for NoRoute {
@@ -57,6 +68,13 @@ impl fmt::Display for NoRoute {
             NoRoute::NoEndpoints { service, port } => {
                 write!(f, "service {service} has no endpoints for port {port}")
             }
+            NoRoute::NoTcpRoute { virtual_service } => {
+                write!(
+                    f,
+                    "no tcp route of VirtualService {virtual_service} matches"
+                )
+            }
+            NoRoute::Unroutable(why) => write!(f, "tcp route: {why}"),
         }
     }
 }
@@ -82,6 +100,8 @@ pub struct Outbound {
     round_robin: Mutex<HashMap<(String, String, u16), usize>>,
     /// Where same-node connections are delivered.
     inbound: Arc<Inbound>,
+    /// What routed requests remember across connections: splits, load balancing, ejections.
+    upstreams: upstreams::Upstreams,
 }
 
 impl Outbound {
@@ -95,6 +115,7 @@ impl Outbound {
             orig_dst,
             round_robin: Mutex::default(),
             inbound,
+            upstreams: upstreams::Upstreams::default(),
         }
     }
 
@@ -119,6 +140,11 @@ impl Outbound {
         record.line_mut().src_workload = Some(pod.workload.clone());
         record.line_mut().dst_addr = Some(orig);
         let snapshot = self.shared.snapshot();
+        if let Some((svc, declared)) = self.routed_service(&pod, &snapshot, orig) {
+            return self
+                .routed(pod, stream, (svc, orig), declared, snapshot, record)
+                .await;
+        }
         let plan = self.plan(&pod, &snapshot, orig);
         if let Plan::Direct(route) | Plan::Tunnel(route, _) | Plan::SameNode(route, _) = &plan {
             record.line_mut().dst_service = route.service.clone();
@@ -155,9 +181,60 @@ impl Outbound {
         }
     }
 
+    /// The Service `orig` addresses, if its requests are routed one by one: a port that
+    /// speaks HTTP (declared so), with traffic rules for the caller.
+    fn routed_service(
+        &self,
+        pod: &PodContext,
+        snapshot: &Snapshot,
+        orig: SocketAddr,
+    ) -> Option<(Arc<Service>, AppProtocol)> {
+        let svc = snapshot.service_by_vip(orig.ip())?;
+        let declared = snapshot
+            .service_port(svc, orig.port())?
+            .protocol()
+            .filter(|p| p.is_http())?;
+        self.routes_requests(snapshot, pod, svc, orig.port())
+            .then(|| (svc.clone(), declared))
+    }
+
+    /// Serves a connection request by request ([`http::RoutedConnection`]).
+    async fn routed(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        stream: TcpStream,
+        (svc, orig): (Arc<Service>, SocketAddr),
+        declared: AppProtocol,
+        snapshot: Arc<Snapshot>,
+        mut record: ConnectionRecord,
+    ) -> Option<Carry> {
+        let line = record.line_mut();
+        line.dst_service = Some(format!("{}/{}", svc.namespace, svc.name));
+        line.per_request = Some(true);
+        line.app_protocol = Some(declared);
+        line.src_identity = Some(pod.identity.to_string());
+        record.count(
+            ConnectionLabels::new(
+                Reporter::Source,
+                Carrier::Hbone,
+                (Some(&pod.workload), Some(pod.identity.to_string())),
+                (None, None),
+                true,
+            ),
+            &self.shared.open,
+        );
+        let requests = http::RoutedConnection::request_context(&self, &pod, &snapshot, &svc, orig);
+        let conn = http::RoutedConnection::new(self.clone(), pod, (svc, orig), requests);
+        let serve = conn.serve(stream, Some(declared), record.tally().clone());
+        Some(Carry::new(record, None, serve))
+    }
+
     /// Where a connection of `pod` to `orig` goes, from `snapshot` alone.
     pub fn plan(&self, pod: &PodContext, snapshot: &Snapshot, orig: SocketAddr) -> Plan {
-        let route = match self.route(snapshot, orig) {
+        let route = match self
+            .tcp_route(pod, snapshot, orig)
+            .unwrap_or_else(|| self.route(snapshot, orig))
+        {
             Ok(route) => route,
             Err(why) => return Plan::Refuse(why),
         };
@@ -204,6 +281,63 @@ impl Outbound {
             service: None,
             workload,
         })
+    }
+
+    /// Where a VirtualService's `tcp` routes send a connection to a Service: a destination by
+    /// weight, then one of its cluster's endpoints round-robin. `None` when no VirtualService
+    /// with `tcp` routes applies.
+    fn tcp_route(
+        &self,
+        pod: &PodContext,
+        snapshot: &Snapshot,
+        orig: SocketAddr,
+    ) -> Option<Result<Route, NoRoute>> {
+        let svc = snapshot.service_by_vip(orig.ip())?;
+        let labels = pod
+            .in_snapshot(snapshot)
+            .map(|p| p.labels.clone())
+            .unwrap_or_default();
+        let source = SourceWorkload {
+            namespace: &pod.namespace,
+            labels: &labels,
+        };
+        let (virtual_service, route, destinations) = match snapshot.tcp_route(source, svc, orig) {
+            TcpDecision::NoVirtualService => return None,
+            TcpDecision::NoRoute { virtual_service } => {
+                let virtual_service = virtual_service.to_string();
+                return Some(Err(NoRoute::NoTcpRoute { virtual_service }));
+            }
+            TcpDecision::Routed {
+                virtual_service,
+                route,
+                destinations,
+            } => (virtual_service, route, destinations),
+        };
+        let key = format!("{}|{virtual_service}|tcp {route}", pod.workload);
+        let weights: Vec<u32> = destinations.iter().map(|d| d.weight).collect();
+        let chosen = &destinations[self.upstreams.split(&key, &weights)];
+        let cluster = match &chosen.target {
+            Ok(c) => c,
+            Err(why) => return Some(Err(NoRoute::Unroutable(why.to_string()))),
+        };
+        let service = format!("{}/{}", cluster.service.namespace, cluster.service.name);
+        let mut endpoints = snapshot.cluster_endpoints(cluster);
+        endpoints.retain(|e| e.addr.is_ipv4() == orig.is_ipv4());
+        if endpoints.is_empty() {
+            let port = cluster.port;
+            return Some(Err(NoRoute::NoEndpoints { service, port }));
+        }
+        let rr = (
+            cluster.service.namespace.clone(),
+            cluster.name(),
+            cluster.port,
+        );
+        let ep = &endpoints[self.next_endpoint(rr, endpoints.len())];
+        Some(Ok(Route {
+            upstream: ep.addr,
+            service: Some(service),
+            workload: Some(ep.pod.workload()),
+        }))
     }
 
     /// Next index (modulo `n`) for a service port's round-robin.
@@ -326,6 +460,32 @@ impl Outbound {
         let relay = relay_until(stream, io, std::future::pending(), tally);
         let relay = Holding::new(relay, place);
         Some(Carry::new(record, None, relay))
+    }
+}
+
+impl Outbound {
+    /// Whether `pod`'s requests to `svc` are routed one by one: a VirtualService or a
+    /// DestinationRule applies to them.
+    fn routes_requests(
+        &self,
+        snapshot: &Snapshot,
+        pod: &PodContext,
+        svc: &Service,
+        _: u16,
+    ) -> bool {
+        let labels = pod
+            .in_snapshot(snapshot)
+            .map(|p| p.labels.clone())
+            .unwrap_or_default();
+        let source = crate::traffic::virtual_service::Source {
+            namespace: &pod.namespace,
+            labels: &labels,
+        };
+        snapshot.routes_by_rules(&source, svc)
+    }
+
+    fn cluster_domain(&self) -> &str {
+        self.shared.requests.cluster_domain()
     }
 }
 

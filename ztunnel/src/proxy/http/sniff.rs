@@ -22,7 +22,7 @@ pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Protocol {
+pub enum Protocol {
     Http1,
     Http2,
     Opaque,
@@ -50,7 +50,7 @@ fn classify(b: &[u8]) -> Option<Protocol> {
 /// declared HTTP port has no deadline (an HTTP client speaks first, however slowly, and a
 /// slow one must still have its requests decided); an undeclared one waits [`SNIFF_TIMEOUT`].
 /// A port declared opaque never gets here: it is decided when the connection arrives.
-pub(super) fn sniff_deadline(declared: Option<AppProtocol>) -> Option<Duration> {
+pub fn sniff_deadline(declared: Option<AppProtocol>) -> Option<Duration> {
     match declared {
         Some(p) if p.is_http() => None,
         _ => Some(SNIFF_TIMEOUT),
@@ -59,7 +59,7 @@ pub(super) fn sniff_deadline(declared: Option<AppProtocol>) -> Option<Duration> 
 
 /// Reads the client's first bytes to tell HTTP from anything else; they are returned, for
 /// replay. Opaque if the client says nothing for `deadline`.
-pub(super) async fn sniff<D: AsyncRead + Unpin>(
+pub async fn sniff<D: AsyncRead + Unpin>(
     io: &mut D,
     deadline: Option<Duration>,
 ) -> io::Result<(Protocol, Vec<u8>)> {
@@ -86,10 +86,10 @@ pub(super) async fn sniff<D: AsyncRead + Unpin>(
 }
 
 /// `inner` with `prefix` read first, counting the bytes each way (read: sent by the caller).
-pub(super) struct Replay<D> {
-    pub(super) prefix: Bytes,
-    pub(super) inner: D,
-    pub(super) tally: Arc<OpenConnection>,
+pub struct Replay<D> {
+    pub prefix: Bytes,
+    pub inner: D,
+    pub tally: Arc<OpenConnection>,
 }
 
 impl<D: AsyncRead + Unpin> AsyncRead for Replay<D> {
