@@ -624,3 +624,6 @@ fn duration(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     }
 }
+
+#[cfg(test)]
+mod decision_tables;
