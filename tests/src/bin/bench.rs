@@ -24,6 +24,9 @@ use ztunnel_tests::{
     service, wait_until, Cluster, PodRef, Proc,
 };
 
+#[path = "bench/same_node.rs"]
+mod same_node;
+
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
@@ -71,7 +74,7 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
   --only STEPS        run only these steps, comma-separated: memory, throughput, latency,
-                      routing, conn-rate (default: all)
+                      routing, conn-rate, same-node (default: all)
   --out DIR           where the JSON goes (default <workspace>/target/bench)
   --profile DIR       also sample both proxies of each mesh path with `perf record` while the
                       first round's throughput, latency and conn-rate runs: flame graphs
@@ -207,15 +210,18 @@ enum Step {
     Latency,
     Routing,
     ConnRate,
+    /// Same-node throughput with the sk_msg fast path against plain loopback proxying.
+    SameNode,
 }
 
 impl Step {
-    const ALL: [Step; 5] = [
+    const ALL: [Step; 6] = [
         Step::Memory,
         Step::Throughput,
         Step::Latency,
         Step::Routing,
         Step::ConnRate,
+        Step::SameNode,
     ];
 
     fn name(self) -> &'static str {
@@ -225,6 +231,7 @@ impl Step {
             Step::Latency => "latency",
             Step::Routing => "routing",
             Step::ConnRate => "conn-rate",
+            Step::SameNode => "same-node",
         }
     }
 }
@@ -495,8 +502,8 @@ fn heading(title: &str) {
 }
 
 /// The cluster: direct and mesh pairs on nodes 1 → 2 (ours), and with the peer a peer pair on
-/// nodes 3 → 4 (Istio's ztunnel on both).
-fn cluster(p: &Params) -> Result<Cluster> {
+/// nodes 3 → 4 (Istio's ztunnel on both); the same-node step's two nodes after those.
+fn cluster(p: &Params) -> Result<(Cluster, Option<same_node::SameNode>)> {
     if let Some(bin) = &p.peer {
         // The harness finds the peer through the environment.
         std::env::set_var("ZTUNNEL_PEER_BIN", bin);
@@ -526,7 +533,14 @@ fn cluster(p: &Params) -> Result<Cluster> {
             .pod(pod("peer", "client").node(3))
             .pod(pod("peer", "server").node(4)),
     };
-    b.start()
+    let mut same = None;
+    if p.steps.contains(&Step::SameNode) {
+        let first = if p.peer.is_some() { 5 } else { 3 };
+        let (with, step) = same_node::SameNode::add(b, first);
+        b = with;
+        same = Some(step);
+    }
+    Ok((b.start()?, same))
 }
 
 /// Runs the whole benchmark; true if every measurement succeeded.
@@ -557,9 +571,12 @@ fn run(p: &Params) -> Result<bool> {
             bin.display()
         ),
     });
-    let c = cluster(p)?;
+    let (c, mut same) = cluster(p)?;
     c.wait_enrolled(1, 0, "mesh/client", WAIT)?;
     c.wait_enrolled(2, 0, "mesh/server", WAIT)?;
+    if let Some(same) = &same {
+        same.prepare(&c)?;
+    }
     let pids: BTreeMap<Way, [u32; 2]> = ways
         .iter()
         .map(|w| Ok((*w, proxy_pids(&c, *w)?)))
@@ -643,6 +660,11 @@ fn run(p: &Params) -> Result<bool> {
                 Step::Latency => latency(&c, p, &order, &pids, &mut report),
                 Step::Routing => routing(&c, p, round, &mut report),
                 Step::ConnRate => connection_rate(&c, p, &order, &pids, &mut report),
+                Step::SameNode => {
+                    if let Some(same) = &mut same {
+                        same.measure(&c, p.iperf_seconds, round, &mut report.problems);
+                    }
+                }
             }
         }
     }
@@ -715,6 +737,10 @@ fn run(p: &Params) -> Result<bool> {
     let routing = routing_summary(&report);
     println!("\nper-request routing (mesh path, same run): {routing}");
     out["routing"] = routing;
+    if let Some(same) = &same {
+        same.print();
+        out["same_node"] = same.to_json();
+    }
     if p.peer.is_some() {
         out["peer_transport"] = json!(transport.get(&Way::Peer));
         out["versus_peer"] = versus_peer(&report);
