@@ -23,8 +23,10 @@ use crate::metrics::Metrics;
 use crate::state::{MeshSettings, Objects, Snapshot};
 
 /// Changes are noticed through inotify; this rescan catches whatever inotify misses (the
-/// directory replaced, events overflowed, filesystems without inotify).
+/// directory replaced, events overflowed, filesystems without inotify). Without inotify it is
+/// the only way changes are seen, so it runs more often then.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+const RESCAN_INTERVAL_WATCHED: Duration = Duration::from_secs(30);
 
 /// A burst of writes (`kubectl`-style dumps, an editor's save) is taken in one reload: the
 /// reload starts once no event came for `SETTLE`, or `SETTLE_MAX` after the first one.
@@ -185,8 +187,12 @@ pub fn watch(
     let (tx, rx) = watch::channel(Arc::new(first));
 
     let (event_tx, mut events) = mpsc::unbounded_channel();
-    let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = event_tx.send(());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the directory (ours, the other proxies', anyone's) is an Access event: only
+        // a change calls for a reload. Reacting to opens made every rescan wake itself again.
+        if !event.is_ok_and(|e| e.kind.is_access()) {
+            let _ = event_tx.send(());
+        }
     })
     .and_then(|mut w| {
         use notify::Watcher as _;
@@ -202,8 +208,12 @@ pub fn watch(
         }
     };
 
+    let rescan_every = match watcher {
+        Some(_) => RESCAN_INTERVAL_WATCHED,
+        None => RESCAN_INTERVAL,
+    };
     let task = tokio::spawn(async move {
-        let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+        let mut rescan = tokio::time::interval(rescan_every);
         let mut last_error: Option<LoadErrors> = None;
         loop {
             tokio::select! {
