@@ -19,7 +19,9 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 use ztunnel_tests::{
     benchmark::{git_state, vm_rss_kib, write_json},
-    pod, service, wait_until, Cluster, PodRef, Proc,
+    pod,
+    profile::{Profiler, Recording},
+    service, wait_until, Cluster, PodRef, Proc,
 };
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
@@ -70,7 +72,10 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
   --only STEPS        run only these steps, comma-separated: idle, memory, throughput,
                       latency, routing, conn-rate (default: all)
-  --out DIR           where the JSON goes (default <workspace>/target/bench)";
+  --out DIR           where the JSON goes (default <workspace>/target/bench)
+  --profile DIR       also sample both proxies of each mesh path with `perf record` while the
+                      first round's throughput, latency and conn-rate runs: flame graphs
+                      (DIR/<step>-<path>.svg), folded stacks and a summary in the JSON";
 
 /// What to run; every knob has an upper bound so a run stays bounded.
 struct Params {
@@ -87,6 +92,8 @@ struct Params {
     out: PathBuf,
     /// `--peer`: the peer binary (explicit, or found the harness's way).
     peer: Option<PathBuf>,
+    /// `--profile`: where the recordings and flame graphs go.
+    profile: Option<PathBuf>,
 }
 
 impl Params {
@@ -94,6 +101,7 @@ impl Params {
         let mut set: BTreeMap<&str, u64> = BTreeMap::new();
         let mut out = ztunnel_tests::workspace_root().join("target/bench");
         let mut peer: Option<Option<PathBuf>> = None;
+        let mut profile = None;
         let mut steps = Step::ALL.to_vec();
         let mut it = args.iter().peekable();
         while let Some(flag) = it.next() {
@@ -120,6 +128,10 @@ impl Params {
                 "--hold" => ("hold", 1, 10_000),
                 "--out" => {
                     out = PathBuf::from(value);
+                    continue;
+                }
+                "--profile" => {
+                    profile = Some(PathBuf::from(value));
                     continue;
                 }
                 "--only" => {
@@ -171,6 +183,7 @@ impl Params {
             steps,
             out,
             peer,
+            profile,
         })
     }
 
@@ -181,6 +194,7 @@ impl Params {
             "conn_ms": self.conn_ms, "concurrency": self.concurrency, "hold": self.hold,
             "steps": self.steps.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "peer": self.peer.as_ref().map(|p| p.display().to_string()),
+            "profile": self.profile.as_ref().map(|p| p.display().to_string()),
         })
     }
 }
@@ -408,12 +422,15 @@ struct Report {
     /// The routing step's latencies (µs), by `plain_p50`, `routed_p50`, `plain_p99`,
     /// `routed_p99`: one per round.
     routing: BTreeMap<&'static str, Vec<f64>>,
+    /// `--profile`: samples the mesh paths' proxies during their measurements.
+    profiler: Option<Profiler>,
 }
 
 impl Report {
     fn new() -> Self {
         Self {
             routing: BTreeMap::new(),
+            profiler: None,
             rows: ROWS
                 .iter()
                 .map(|(key, label, unit, better)| Row {
@@ -442,6 +459,30 @@ impl Report {
             .entry(what)
             .or_default()
             .push(v);
+    }
+
+    /// With `--profile`, starts sampling `way`'s proxies for `step` (the first time only; never
+    /// the direct path, which has no proxy on it). A recording that cannot start is a problem
+    /// of the run, not a reason to skip the measurement.
+    fn profile(&mut self, step: &str, way: Way, pids: &[u32; 2]) -> Option<Recording> {
+        if way == Way::Direct {
+            return None;
+        }
+        let started = self
+            .profiler
+            .as_mut()?
+            .start(&format!("{step}-{}", way.ns()), pids);
+        started.unwrap_or_else(|e| {
+            self.problem(&format!("profiling {step} on {}", way.ns()), &e);
+            None
+        })
+    }
+
+    /// Stops a recording started by [`Report::profile`].
+    fn profiled(&mut self, recording: Option<Recording>) {
+        if let Some(Err(e)) = recording.map(Recording::stop) {
+            self.problem("perf record", &e);
+        }
     }
 
     /// Records a failed measurement; the run goes on with the next one.
@@ -589,6 +630,9 @@ fn run(p: &Params) -> Result<bool> {
     c.apply("routed.yaml", Some(ROUTED_VS))?;
     std::thread::sleep(Duration::from_millis(500));
     let mut report = Report::new();
+    if let Some(dir) = &p.profile {
+        report.profiler = Some(Profiler::new(dir)?);
+    }
     let mut warm = BTreeMap::new();
     for (way, pids) in &pids {
         let s = sample(pids)?;
@@ -618,10 +662,10 @@ fn run(p: &Params) -> Result<bool> {
             match step {
                 Step::Idle => idle(&pids, &mut report),
                 Step::Memory => memory(&c, p, &order, &pids, &mut report),
-                Step::Throughput => throughput(&c, p, &order, &mut report),
+                Step::Throughput => throughput(&c, p, &order, &pids, &mut report),
                 Step::Latency => latency(&c, p, &order, &pids, &mut report),
                 Step::Routing => routing(&c, p, round, &mut report),
-                Step::ConnRate => connection_rate(&c, p, &order, &mut report),
+                Step::ConnRate => connection_rate(&c, p, &order, &pids, &mut report),
             }
         }
     }
@@ -707,6 +751,11 @@ fn run(p: &Params) -> Result<bool> {
     if p.peer.is_some() {
         out["peer_transport"] = json!(transport.get(&Way::Peer));
         out["versus_peer"] = versus_peer(&report);
+    }
+    if let Some(profiler) = &report.profiler {
+        println!("\nprofiles: folding and drawing the recordings");
+        out["profile"] = profiler.render();
+        println!("{}", serde_json::to_string_pretty(&out["profile"])?);
     }
     let written = write_json(&p.out, "bench", unix_time, &out)?;
     println!(
@@ -1037,7 +1086,13 @@ fn settle(pids: &[u32; 2], before: &Sample) -> bool {
 
 // ---- throughput -------------------------------------------------------------------------
 
-fn throughput(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
+fn throughput(
+    c: &Cluster,
+    p: &Params,
+    order: &[Way],
+    pids: &BTreeMap<Way, [u32; 2]>,
+    report: &mut Report,
+) {
     println!("   throughput: iperf3, {} s per run", p.iperf_seconds);
     let mut servers: Vec<Proc> = Vec::new();
     for way in order {
@@ -1053,7 +1108,10 @@ fn throughput(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
             "throughput_p8"
         };
         for way in order {
-            match iperf_client(c, p, *way, streams) {
+            let recording = report.profile(&format!("throughput{streams}"), *way, &pids[way]);
+            let result = iperf_client(c, p, *way, streams);
+            report.profiled(recording);
+            match result {
                 Ok(v) => {
                     let gbps = v["received_bps"].as_f64().unwrap_or(0.0) / 1e9;
                     println!(
@@ -1179,9 +1237,11 @@ fn latency(
     // The direct figures of this round come first in `order`.
     for way in order {
         let addr = format!("{}:{HTTP_PORT}", c.pod(way.ns(), "server").ip());
+        let recording = report.profile("latency", *way, &pids[way]);
         let cpu_before = sample(&pids[way]).map(|s| s.cpu_s);
         let result = http_load(&c.pod(way.ns(), "client"), p, &addr);
         let cpu_after = sample(&pids[way]).map(|s| s.cpu_s);
+        report.profiled(recording);
         match result {
             Ok(mut v) => {
                 let cpu = match (cpu_before, cpu_after) {
@@ -1281,7 +1341,13 @@ fn routing_summary(report: &Report) -> Value {
     })
 }
 
-fn connection_rate(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
+fn connection_rate(
+    c: &Cluster,
+    p: &Params,
+    order: &[Way],
+    pids: &BTreeMap<Way, [u32; 2]>,
+    report: &mut Report,
+) {
     println!(
         "   new connections: connect, GET, read to EOF, close; {} loops for {} ms",
         p.concurrency, p.conn_ms
@@ -1299,7 +1365,10 @@ fn connection_rate(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) 
             &n,
         ];
         let timeout = Duration::from_millis(p.conn_ms + 20_000);
-        match probe_json(&c.pod(way.ns(), "client"), &args, timeout) {
+        let recording = report.profile("conn-rate", *way, &pids[way]);
+        let result = probe_json(&c.pod(way.ns(), "client"), &args, timeout);
+        report.profiled(recording);
+        match result {
             Ok(v) => {
                 println!(
                     "   {:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs)",
