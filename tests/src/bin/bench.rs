@@ -73,8 +73,8 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
                       --peer; at most 30000)
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
-  --only STEPS        run only these steps, comma-separated: memory, throughput, latency,
-                      routing, conn-rate, same-node (default: all)
+  --only STEPS        run only these steps, comma-separated: idle, memory, throughput,
+                      latency, routing, conn-rate, same-node (default: all)
   --out DIR           where the JSON goes (default <workspace>/target/bench)
   --profile DIR       also sample both proxies of each mesh path with `perf record` while the
                       first round's throughput, latency and conn-rate runs: flame graphs
@@ -205,6 +205,8 @@ impl Params {
 /// One measurement of a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
+    /// Background CPU while no path carries anything.
+    Idle,
     Memory,
     Throughput,
     Latency,
@@ -215,7 +217,8 @@ enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 6] = [
+    const ALL: [Step; 7] = [
+        Step::Idle,
         Step::Memory,
         Step::Throughput,
         Step::Latency,
@@ -226,6 +229,7 @@ impl Step {
 
     fn name(self) -> &'static str {
         match self {
+            Step::Idle => "idle",
             Step::Memory => "memory",
             Step::Throughput => "throughput",
             Step::Latency => "latency",
@@ -331,7 +335,7 @@ impl Row {
 }
 
 /// The rows, in reading order: (key, label, unit, better).
-const ROWS: [(&str, &str, &str, Better); 14] = [
+const ROWS: [(&str, &str, &str, Better); 17] = [
     (
         "throughput_p1",
         "throughput, 1 stream",
@@ -365,7 +369,25 @@ const ROWS: [(&str, &str, &str, Better); 14] = [
         Better::Lower,
     ),
     ("conn_rate", "new connections/s", "1/s", Better::Higher),
+    (
+        "idle_cpu",
+        "background CPU-s per 5 s idle, both proxies",
+        "s",
+        Better::Lower,
+    ),
     ("rss_idle", "idle RSS, both proxies", "MiB", Better::Lower),
+    (
+        "rss_after",
+        "RSS after the load steps, both proxies",
+        "MiB",
+        Better::Lower,
+    ),
+    (
+        "rss_after_over_idle",
+        "RSS after the load steps ÷ idle RSS",
+        "",
+        Better::Lower,
+    ),
     (
         "rss_held",
         "RSS holding the connections, both",
@@ -655,6 +677,7 @@ fn run(p: &Params) -> Result<bool> {
         ));
         for step in &p.steps {
             match step {
+                Step::Idle => idle(&pids, &mut report),
                 Step::Memory => memory(&c, p, &order, &pids, &mut report),
                 Step::Throughput => throughput(&c, p, &order, &pids, &mut report),
                 Step::Latency => latency(&c, p, &order, &pids, &mut report),
@@ -669,10 +692,20 @@ fn run(p: &Params) -> Result<bool> {
         }
     }
 
+    // What the proxies keep once the last load is over (and a trim it set off is done).
+    std::thread::sleep(IDLE_SETTLE);
     let mut end = BTreeMap::new();
     for (way, pids) in &pids {
         match sample(pids) {
             Ok(s) => {
+                if *way != Way::Direct {
+                    let after = s.rss_kib.iter().sum::<u64>() as f64;
+                    report.add("rss_after", *way, after / 1024.0);
+                    if let Some(idle) = warm.get(way) {
+                        let idle = idle.rss_kib.iter().sum::<u64>() as f64;
+                        report.add("rss_after_over_idle", *way, after / idle);
+                    }
+                }
                 end.insert(*way, s);
             }
             Err(e) => report.problem("sampling the proxies at the end", &e),
@@ -786,6 +819,43 @@ fn versus_peer(report: &Report) -> Value {
         );
     }
     Value::Object(v)
+}
+
+/// How long the idle step watches the proxies carry nothing (reported per [`IDLE_PER`]).
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+const IDLE_PER: Duration = Duration::from_secs(5);
+/// What the last load may still be finishing (a trim, a connection's close) before the window.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+
+/// Background CPU: every mesh path's proxies over the same window with no traffic anywhere,
+/// so the paths are compared on equal terms (one clock tick, 10 ms, per proxy resolution).
+fn idle(pids: &BTreeMap<Way, [u32; 2]>, report: &mut Report) {
+    println!("   idle: {} s with no traffic", IDLE_WINDOW.as_secs());
+    std::thread::sleep(IDLE_SETTLE);
+    let cpu = |pids: &[u32; 2]| sample(pids).map(|s| s.cpu_s.iter().sum::<f64>());
+    let ways: Vec<(Way, [u32; 2])> = pids
+        .iter()
+        .filter(|(w, _)| **w != Way::Direct)
+        .map(|(w, p)| (*w, *p))
+        .collect();
+    let before: Vec<Result<f64>> = ways.iter().map(|(_, p)| cpu(p)).collect();
+    std::thread::sleep(IDLE_WINDOW);
+    for ((way, p), before) in ways.iter().zip(before) {
+        match before.and_then(|b| Ok(cpu(p)? - b)) {
+            Ok(used) => {
+                let per = used * IDLE_PER.as_secs_f64() / IDLE_WINDOW.as_secs_f64();
+                println!("   {:<6} {per:.3} CPU-s per 5 s", way.ns());
+                report.add("idle_cpu", *way, per);
+                report.detail(
+                    "idle",
+                    way.ns().to_owned(),
+                    json!({"cpu_s": used,
+                    "window_s": IDLE_WINDOW.as_secs_f64()}),
+                );
+            }
+            Err(e) => report.problem(&format!("idle CPU on {}", way.ns()), &e),
+        }
+    }
 }
 
 fn proxy_pids(c: &Cluster, way: Way) -> Result<[u32; 2]> {

@@ -23,8 +23,10 @@ use crate::metrics::Metrics;
 use crate::state::{MeshSettings, Objects, Snapshot};
 
 /// Changes are noticed through inotify; this rescan catches whatever inotify misses (the
-/// directory replaced, events overflowed, filesystems without inotify).
+/// directory replaced, events overflowed, filesystems without inotify). Without inotify it is
+/// the only way changes are seen, so it runs more often then.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+const RESCAN_INTERVAL_WATCHED: Duration = Duration::from_secs(30);
 
 /// A burst of writes (`kubectl`-style dumps, an editor's save) is taken in one reload: the
 /// reload starts once no event came for `SETTLE`, or `SETTLE_MAX` after the first one.
@@ -223,8 +225,12 @@ pub fn watch(
 
     let (watcher, mut events) = watch_events(&dir);
 
+    let rescan_every = match watcher {
+        Some(_) => RESCAN_INTERVAL_WATCHED,
+        None => RESCAN_INTERVAL,
+    };
     let task = tokio::spawn(async move {
-        let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+        let mut rescan = tokio::time::interval(rescan_every);
         let mut last_error: Option<LoadErrors> = None;
         loop {
             tokio::select! {
