@@ -683,7 +683,7 @@ mod tests {
 
     #[test]
     fn every_program_has_its_pins() {
-        let cgroup: [pins::CgroupProgram; 8] = [
+        let cgroup: [pins::CgroupProgram; 9] = [
             pins::CONNECT4,
             pins::CONNECT6,
             pins::GETPEERNAME4,
@@ -692,15 +692,19 @@ mod tests {
             pins::GETSOCKNAME6,
             pins::SOCK_OPS,
             pins::NODE_SOCK_OPS,
+            pins::FAST_PATH_SOCK_OPS,
         ];
         for c in cgroup {
             assert!(c.link.starts_with(pins::LINK_PREFIX));
         }
+        assert!(pins::FAST_PATH_PROXY_LINK.starts_with(pins::LINK_PREFIX));
         let cgroup = cgroup.map(|c| c.program);
-        for p in cgroup.iter().chain([&pins::SK_LOOKUP]) {
+        // Not on a cgroup: sk_lookup on each pod's netns, sk_msg on the fast path's sockhash.
+        let others = [&pins::SK_LOOKUP, &pins::FAST_PATH_MSG];
+        for p in cgroup.iter().chain(others) {
             assert!(programs::ALL.contains(&p.name));
             assert!(p.pin.starts_with(pins::PROGRAM_PREFIX));
         }
-        assert_eq!(cgroup.len() + 1, programs::ALL.len());
+        assert_eq!(cgroup.len() + others.len(), programs::ALL.len());
     }
 }
