@@ -1167,19 +1167,8 @@ fn iperf_server(server: &PodRef<'_>) -> Result<Proc> {
     Ok(iperf)
 }
 
-fn iperf_client(c: &Cluster, p: &Params, way: Way, streams: u32) -> Result<Value> {
-    let ip = c.pod(way.ns(), "server").ip().to_string();
-    let (port, secs, streams_s) = (
-        IPERF_PORT.to_string(),
-        p.iperf_seconds.to_string(),
-        streams.to_string(),
-    );
-    let out = c.pod(way.ns(), "client").run(
-        &[
-            "iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-P", &streams_s, "-J",
-        ],
-        Duration::from_secs(p.iperf_seconds + 25),
-    )?;
+/// An `iperf3 -J` client's report and the bits per second it received.
+fn iperf_report(out: &std::process::Output) -> Result<(Value, f64)> {
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "iperf3 printed no JSON ({}): {}",
@@ -1193,6 +1182,23 @@ fn iperf_client(c: &Cluster, p: &Params, way: Way, streams: u32) -> Result<Value
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second in iperf3's report"))?;
+    Ok((v, bps))
+}
+
+fn iperf_client(c: &Cluster, p: &Params, way: Way, streams: u32) -> Result<Value> {
+    let ip = c.pod(way.ns(), "server").ip().to_string();
+    let (port, secs, streams_s) = (
+        IPERF_PORT.to_string(),
+        p.iperf_seconds.to_string(),
+        streams.to_string(),
+    );
+    let out = c.pod(way.ns(), "client").run(
+        &[
+            "iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-P", &streams_s, "-J",
+        ],
+        Duration::from_secs(p.iperf_seconds + 25),
+    )?;
+    let (v, bps) = iperf_report(&out)?;
     Ok(json!({
         "received_bps": bps,
         "sent_bps": v["end"]["sum_sent"]["bits_per_second"],

@@ -6,7 +6,7 @@
 //! (issue 16): fast path ≥ 1.3x plain loopback proxying. See docs/benchmarks.md.
 use std::{collections::BTreeMap, time::Duration};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use ztunnel_tests::{pod, Cluster, ClusterBuilder, PodRef, Proc};
 
@@ -210,19 +210,7 @@ impl SameNode {
             Duration::from_secs(secs + 25),
         )?;
         let cpu_after = pid.map(cpu_seconds).transpose()?;
-        let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "iperf3 printed no JSON ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-        if let Some(e) = report["error"].as_str() {
-            bail!("iperf3: {e}");
-        }
-        let bps = report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second in iperf3's report"))?;
+        let (report, bps) = super::iperf_report(&out)?;
         let bytes = report["end"]["sum_received"]["bytes"]
             .as_f64()
             .unwrap_or(0.0);
