@@ -238,10 +238,8 @@ impl Layer {
         if leaf.ends_with("_[k]") {
             return Layer::Kernel;
         }
-        if ["malloc", "free", "realloc", "_int_", "cfree", "mi_", "je_"]
-            .iter()
-            .any(|m| leaf.starts_with(m) || leaf.contains("alloc::alloc"))
-        {
+        let allocator_entry = ["malloc", "free", "realloc", "_int_", "cfree", "mi_", "je_"];
+        if leaf.contains("alloc::alloc") || allocator_entry.iter().any(|m| leaf.starts_with(m)) {
             return Layer::Allocator;
         }
         // The innermost frame of a known library decides.
