@@ -16,9 +16,10 @@ use crate::{output, run};
 /// validator's venv; xz-utils to unpack Istio's ztunnel for the interoperability tests, whose
 /// in-pod redirection also uses iptables, and the local Kubernetes cluster's binaries;
 /// etcd-server, containerd, runc, the CNI plugins and busybox-static for that cluster and its
-/// test images, openssl for its certificates, gcc for its pause image; prometheus for the server
-/// the telemetry tests scrape the node proxies with, and its promtool, which checks the
-/// dashboards' PromQL; linux-perf for `bench --profile`'s recordings).
+/// test images, openssl for its certificates, gcc for its pause image (and, with make, for the
+/// proxy's jemalloc); prometheus for the server the telemetry tests scrape the node proxies
+/// with, and its promtool, which checks the dashboards' PromQL; linux-perf for `bench
+/// --profile`'s recordings).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -40,6 +41,7 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "gcc",
     "libc6-dev",
+    "make",
     "prometheus",
     "linux-perf",
 ];

@@ -269,7 +269,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 server.start(cni_tx)?;
             }
             ready.store(true, Ordering::Release);
-            info!(node = %args.node_name, generation = snapshot.generation, "proxy ready");
+            info!(node = %args.node_name, generation = snapshot.generation, allocator = crate::memory::allocator::NAME, "proxy ready");
 
             let mut terminate =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

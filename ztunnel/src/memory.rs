@@ -1,9 +1,11 @@
 //! Giving memory back to the system after a burst of connections ends. glibc's malloc keeps
 //! what freed connections leave in the middle of its heaps (it trims only a heap's top on its
-//! own), so 200 connections that came and went would keep their ~7 MiB for good. Every
+//! own), so 200 connections that came and went would keep their ~7 MiB for good; jemalloc and
+//! mimalloc return freed pages on their own, but only after a delay. Every
 //! connection (proxied, or an HBONE connection of either side) holds a [`Live`] mark; when the
-//! count has fallen well below its peak, the freed pages are returned (`malloc_trim`). A
-//! steady load never shrinks the count that much, so it never pays for a trim.
+//! count has fallen well below its peak, the freed pages are returned ([`allocator::trim`]).
+//! A steady load never shrinks the count that much, so it never pays for a trim.
+pub mod allocator;
 #[cfg(feature = "alloc-census")]
 pub mod census;
 
@@ -64,12 +66,4 @@ pub async fn return_freed_memory() {
     }
 }
 
-/// Returns the allocator's free pages to the system now (a few milliseconds for a heap of some
-/// hundred MiB: call it off the runtime's threads).
-pub fn trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
+pub use allocator::trim;

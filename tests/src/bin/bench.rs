@@ -26,6 +26,8 @@ use ztunnel_tests::{
 
 #[path = "bench/same_node.rs"]
 mod same_node;
+#[path = "bench/soak.rs"]
+mod soak;
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 const HTTP_PORT: u16 = 8080;
@@ -78,6 +80,9 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
                       changes blocking readers' semantics, docs/capture.md): an opt-in measure
   --only STEPS        run only these steps, comma-separated: idle, memory, throughput,
                       latency, routing, conn-rate, same-node (default: all)
+  --soak SECONDS      after the rounds (alone, without --only), a soak of mixed load in
+                      cycles with the proxies' RSS sampled throughout: flat or growing (60 to
+                      1800 s; docs/benchmarks.md)
   --out DIR           where the JSON goes (default <workspace>/target/bench)
   --profile DIR       also sample both proxies of each mesh path with `perf record` while the
                       first round's throughput, latency and conn-rate runs: flame graphs
@@ -100,6 +105,8 @@ struct Params {
     peer: Option<PathBuf>,
     /// `--profile`: where the recordings and flame graphs go.
     profile: Option<PathBuf>,
+    /// `--soak`: its length in seconds.
+    soak: Option<u64>,
     /// `--mesh-fast-path`: our mesh path's proxies run with the sk_msg fast path on.
     mesh_fast_path: bool,
 }
@@ -112,6 +119,7 @@ impl Params {
         let mut profile = None;
         let mut mesh_fast_path = false;
         let mut steps = Step::ALL.to_vec();
+        let mut only = false;
         let mut it = args.iter().peekable();
         while let Some(flag) = it.next() {
             if flag == "-h" || flag == "--help" {
@@ -139,6 +147,7 @@ impl Params {
                 "--conn-ms" => ("conn_ms", 100, 30_000),
                 "--concurrency" => ("concurrency", 1, 64),
                 "--hold" => ("hold", 1, 10_000),
+                "--soak" => ("soak", 60, 1800),
                 "--out" => {
                     out = PathBuf::from(value);
                     continue;
@@ -157,6 +166,7 @@ impl Params {
                                 .ok_or_else(|| anyhow!("--only: unknown step {name:?}\n{USAGE}"))
                         })
                         .collect::<Result<_>>()?;
+                    only = true;
                     continue;
                 }
                 other => bail!("unknown option {other}\n{USAGE}"),
@@ -173,6 +183,10 @@ impl Params {
         // With --peer every measurement runs at least five times per path: shorter runs keep
         // the whole invocation within a few minutes.
         let with_peer = peer.is_some();
+        let soak = set.get("soak").copied();
+        if soak.is_some() && !only {
+            steps.clear();
+        }
         let get = |key: &str, alone: u64, peer: u64| {
             set.get(key)
                 .copied()
@@ -197,6 +211,7 @@ impl Params {
             out,
             peer,
             profile,
+            soak,
             mesh_fast_path,
         })
     }
@@ -209,6 +224,7 @@ impl Params {
             "steps": self.steps.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "peer": self.peer.as_ref().map(|p| p.display().to_string()),
             "profile": self.profile.as_ref().map(|p| p.display().to_string()),
+            "soak_s": self.soak,
             "mesh_fast_path": self.mesh_fast_path,
         })
     }
@@ -748,6 +764,26 @@ fn run(p: &Params) -> Result<bool> {
         }
     }
 
+    let soaked = p.soak.map(|seconds| {
+        let v = soak::run(&c, seconds, &ways, &pids);
+        if let Ok(v) = &v {
+            if v["paths"]["mesh"]["verdict"] != "flat" {
+                report.problems.push(format!(
+                    "soak: our proxies' RSS after idle is {} over the last cycles",
+                    v["paths"]["mesh"]["verdict"]
+                ));
+            }
+            for f in v["failures"].as_array().into_iter().flatten() {
+                report
+                    .problems
+                    .push(format!("soak: {}", f.as_str().unwrap_or("?")));
+            }
+        }
+        v
+    });
+    if let Some(Err(e)) = &soaked {
+        report.problem("soak", e);
+    }
     // What the proxies keep once the last load is over (and a trim it set off is done).
     std::thread::sleep(IDLE_SETTLE);
     let mut end = BTreeMap::new();
@@ -848,6 +884,9 @@ fn run(p: &Params) -> Result<bool> {
     if let Some(same) = &same {
         same.print();
         out["same_node"] = same.to_json();
+    }
+    if let Some(Ok(v)) = soaked {
+        out["soak"] = v;
     }
     if p.peer.is_some() {
         out["peer_transport"] = json!(transport.get(&Way::Peer));

@@ -5,7 +5,7 @@
 //! held, a class with about N (or a multiple of N) live blocks is a per-connection allocation,
 //! and its size names the type. Counting costs two relaxed atomic adds per allocation.
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
+    alloc::{GlobalAlloc, Layout},
     fmt::Write as _,
     sync::atomic::{AtomicI64, Ordering},
 };
@@ -38,11 +38,16 @@ fn count(size: usize, sign: i64) {
     }
 }
 
-// SAFETY: every call is passed on to the system allocator unchanged; the counters are only
+use super::allocator::{Backing, BACKING};
+
+/// The allocator every call is passed on to (glibc's, jemalloc or mimalloc: [`super::allocator`]).
+static INNER: Backing = BACKING;
+
+// SAFETY: every call is passed on to the process's allocator unchanged; the counters are only
 // added to.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
+        let p = unsafe { INNER.alloc(layout) };
         if !p.is_null() {
             count(layout.size(), 1);
         }
@@ -50,7 +55,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
+        let p = unsafe { INNER.alloc_zeroed(layout) };
         if !p.is_null() {
             count(layout.size(), 1);
         }
@@ -58,12 +63,12 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { INNER.dealloc(ptr, layout) };
         count(layout.size(), -1);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        let p = unsafe { INNER.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             count(layout.size(), -1);
             count(new_size, 1);
