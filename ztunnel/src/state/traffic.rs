@@ -54,7 +54,7 @@ impl TrafficIndex {
     pub(super) fn build(
         mut virtual_services: Vec<Arc<VirtualService>>,
         destination_rules: Vec<Arc<DestinationRule>>,
-        services: &std::collections::BTreeMap<Key, Arc<Service>>,
+        services: &imbl::OrdMap<Key, Arc<Service>>,
         problems: &mut Vec<String>,
     ) -> Self {
         virtual_services.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
@@ -183,11 +183,23 @@ impl TrafficIndex {
         index
     }
 
+    /// The same rules for a snapshot whose Services did not change: the endpoints, which
+    /// follow the pods, are computed again on use.
+    pub(super) fn share(&self) -> Self {
+        TrafficIndex {
+            virtual_services: self.virtual_services.clone(),
+            destination_rules: self.destination_rules.clone(),
+            by_service: self.by_service.clone(),
+            rules_by_namespace: self.rules_by_namespace.clone(),
+            endpoints: RwLock::default(),
+        }
+    }
+
     /// Routes to hosts that are not Services, or to subsets no rule defines, are reported
     /// here; their requests are answered 503 (with the reason) when they come.
     fn check_destinations(
         &self,
-        services: &std::collections::BTreeMap<Key, Arc<Service>>,
+        services: &imbl::OrdMap<Key, Arc<Service>>,
         problems: &mut Vec<String>,
     ) {
         for vs in self.virtual_services.iter().filter(|v| v.mesh) {
