@@ -58,8 +58,19 @@ pub mod maps {
     /// [`super::DeliveryKey`] → 1: the proxy's own connections to an application that carry
     /// the caller's address, from bind to handshake; `zt_sk_lookup` lets them through.
     pub const INBOUND_DELIVERIES: &str = "inbound_deliveries";
+    /// [`super::SocketKey`] → socket (a SOCKHASH): both ends of every app↔proxy connection
+    /// on the fast path; `zt_fast_path_msg` runs on their sends (docs/capture.md, "Fast path").
+    pub const FAST_PATH_SOCKETS: &str = "fast_path_sockets";
+    /// [`super::SocketKey`] → 1 (an LRU): the passive end an active fast-path socket expects
+    /// (its mirror key), from the active end's handshake to the passive end's.
+    pub const FAST_PATH_PEERS: &str = "fast_path_peers";
+    /// [`super::SocketKey`] → [`super::FastPathActive`]: active ends that have not redirected
+    /// yet, or never may (their first bytes went through TCP); removed at close.
+    pub const FAST_PATH_ACTIVE: &str = "fast_path_active";
+    /// Per-CPU counters of the fast path, indexed by [`super::fast_path_stats`].
+    pub const FAST_PATH_STATS: &str = "fast_path_stats";
     /// Every map the object must define.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 12] = [
         ENROLLED_NETNS,
         ORIG_DST_BY_SOCKET,
         ORIG_DST_BY_PEER,
@@ -68,6 +79,10 @@ pub mod maps {
         NODE_CONNECTIONS,
         POD_LOCAL_ADDRS,
         INBOUND_DELIVERIES,
+        FAST_PATH_SOCKETS,
+        FAST_PATH_PEERS,
+        FAST_PATH_ACTIVE,
+        FAST_PATH_STATS,
     ];
 }
 
@@ -82,8 +97,10 @@ pub mod programs {
     pub const GETSOCKNAME6: &str = "zt_getsockname6";
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
     pub const NODE_SOCK_OPS: &str = "zt_node_sockops";
+    pub const FAST_PATH_SOCK_OPS: &str = "zt_fast_path_sockops";
+    pub const FAST_PATH_MSG: &str = "zt_fast_path_msg";
     /// Every program the object must define.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         CONNECT4,
         CONNECT6,
         SOCK_OPS,
@@ -93,6 +110,8 @@ pub mod programs {
         GETSOCKNAME6,
         SK_LOOKUP,
         NODE_SOCK_OPS,
+        FAST_PATH_SOCK_OPS,
+        FAST_PATH_MSG,
     ];
 }
 
@@ -110,6 +129,10 @@ pub const NODE_NETNS_COOKIE_GLOBAL: &str = "NODE_NETNS_COOKIE";
 /// enrolled_netns  orig_dst_by_socket  orig_dst_by_peer  pod_listeners    maps, by their names
 /// pod_addresses  node_connections  pod_local_addrs  inbound_deliveries
 /// pods/<namespace>_<pod>                            that pod's sk_lookup link
+/// prog_fast_path_sockops  prog_fast_path_msg        the same-netns fast path (when on)
+/// link_cgroup_fast_path_sockops                     its sock_ops on the pods' cgroup
+/// link_proxy_cgroup_fast_path_sockops               and on the proxy's own, if outside it
+/// fast_path_sockets  fast_path_peers  fast_path_active  fast_path_stats    its maps
 /// ```
 pub mod pins {
     use super::programs;
@@ -183,6 +206,21 @@ pub mod pins {
         "prog_node_sockops",
         "link_cgroup_node_sockops",
     );
+
+    /// The fast path's sock_ops, on the pods' cgroup (`--cgroup`).
+    pub const FAST_PATH_SOCK_OPS: CgroupProgram = cgroup(
+        programs::FAST_PATH_SOCK_OPS,
+        "prog_fast_path_sockops",
+        "link_cgroup_fast_path_sockops",
+    );
+    /// The same program's link on the proxy's own cgroup, when that is not below `--cgroup`
+    /// (the proxy's accepted and delivering sockets belong to the proxy's cgroup).
+    pub const FAST_PATH_PROXY_LINK: &str = "link_proxy_cgroup_fast_path_sockops";
+    /// Attached to the `fast_path_sockets` map (not a link: the map holds the attachment).
+    pub const FAST_PATH_MSG: Program = Program {
+        name: programs::FAST_PATH_MSG,
+        pin: "prog_fast_path_msg",
+    };
 
     /// The programs attached to the pods' cgroup, in the order they are attached.
     pub const CGROUP_PROGRAMS: [CgroupProgram; 7] = [
@@ -323,6 +361,76 @@ pub struct DeliveryKey {
     pub _pad: u16,
 }
 
+/// One end of a TCP connection, as the socket itself sees it: the key of the fast path's maps.
+/// IPv4 (and a v4-mapped IPv6 socket's connection, which travels as IPv4) uses word 0 of the
+/// addresses and `AF_INET`, so both ends of one connection build mirror-image keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    /// The socket's network namespace: the loopback 4-tuples of different pods are equal.
+    pub netns_cookie: u64,
+    /// Network byte order.
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+impl SocketKey {
+    /// The key of the other end of the same connection.
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the `fast_path_active` map.
+pub type FastPathActive = u32;
+/// The active end joined the fast path and has sent nothing yet: its first message decides.
+pub const FAST_PATH_PENDING: FastPathActive = 0;
+/// Its first message found no peer and went through TCP: every later one must too, or the
+/// peer would read redirected bytes before the TCP ones still queued (tcp_bpf reads its
+/// redirect queue first).
+pub const FAST_PATH_TCP: FastPathActive = 1;
+
+/// Indices of the `fast_path_stats` per-CPU array (each counter is the sum over CPUs).
+pub mod fast_path_stats {
+    /// Sockets added to `fast_path_sockets` (both ends of each connection that qualified).
+    pub const SOCKETS: u32 = 0;
+    /// Messages (`sendmsg` calls) moved straight to the peer socket's receive queue.
+    pub const REDIRECTED_MSGS: u32 = 1;
+    /// Their bytes.
+    pub const REDIRECTED_BYTES: u32 = 2;
+    /// Messages of fast-path sockets that went through TCP (no peer yet, or never may).
+    pub const TCP_MSGS: u32 = 3;
+    /// Sockets that qualified but could not join (a map full).
+    pub const JOIN_FAILED: u32 = 4;
+    /// Active ends whose first message found no peer yet (the passive end's handshake was
+    /// still in flight): that direction of the connection stays on TCP.
+    pub const ACTIVE_TCP: u32 = 5;
+    pub const COUNT: u32 = 6;
+    /// Counter names, by index (metrics, `ztunnel bpf status`).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "sockets",
+        "redirected_msgs",
+        "redirected_bytes",
+        "tcp_msgs",
+        "join_failed",
+        "active_tcp",
+    ];
+}
+
 // The layouts both sides compile: a field added, reordered or resized changes these, and the
 // kernel and the proxy must then be rebuilt together.
 const _: () = {
@@ -336,6 +444,7 @@ const _: () = {
     assert!(size_of::<NodeConn>() == 16);
     assert!(size_of::<PodLocalAddrs>() == 20);
     assert!(size_of::<DeliveryKey>() == 40);
+    assert!(size_of::<SocketKey>() == 48);
 };
 
 /// `ip` as the kernel hands it to BPF programs: its family and its address in network byte
@@ -493,6 +602,7 @@ mod user {
     unsafe impl aya::Pod for super::NodeConn {}
     unsafe impl aya::Pod for super::PodLocalAddrs {}
     unsafe impl aya::Pod for super::DeliveryKey {}
+    unsafe impl aya::Pod for super::SocketKey {}
 }
 
 #[cfg(test)]
@@ -573,7 +683,7 @@ mod tests {
 
     #[test]
     fn every_program_has_its_pins() {
-        let cgroup: [pins::CgroupProgram; 8] = [
+        let cgroup: [pins::CgroupProgram; 9] = [
             pins::CONNECT4,
             pins::CONNECT6,
             pins::GETPEERNAME4,
@@ -582,15 +692,19 @@ mod tests {
             pins::GETSOCKNAME6,
             pins::SOCK_OPS,
             pins::NODE_SOCK_OPS,
+            pins::FAST_PATH_SOCK_OPS,
         ];
         for c in cgroup {
             assert!(c.link.starts_with(pins::LINK_PREFIX));
         }
+        assert!(pins::FAST_PATH_PROXY_LINK.starts_with(pins::LINK_PREFIX));
         let cgroup = cgroup.map(|c| c.program);
-        for p in cgroup.iter().chain([&pins::SK_LOOKUP]) {
+        // Not on a cgroup: sk_lookup on each pod's netns, sk_msg on the fast path's sockhash.
+        let others = [&pins::SK_LOOKUP, &pins::FAST_PATH_MSG];
+        for p in cgroup.iter().chain(others) {
             assert!(programs::ALL.contains(&p.name));
             assert!(p.pin.starts_with(pins::PROGRAM_PREFIX));
         }
-        assert_eq!(cgroup.len() + 1, programs::ALL.len());
+        assert_eq!(cgroup.len() + others.len(), programs::ALL.len());
     }
 }

@@ -13,6 +13,11 @@
 //! * `zt_node_sockops` (cgroup, where the node's own processes live): records the TCP
 //!   connections that sockets of the node's network namespace (the kubelet's probes) open to
 //!   enrolled pods, by 4-tuple, from SYN to close; the proxy admits exactly those in plaintext.
+//! * `zt_fast_path_sockops` (cgroup, with `--fast-path on`) and `zt_fast_path_msg` (on the
+//!   `fast_path_sockets` SOCKHASH): both ends of each app↔proxy connection inside an enrolled
+//!   pod netns join the sockhash when established; a message one end sends goes straight into
+//!   the other end's receive queue, without the loopback TCP stack (docs/capture.md, "Fast
+//!   path"). The proxy still reads and writes every byte.
 //!
 //! The proxy's own sockets carry `PROXY_MARK` (or `DELIVERY_MARK`, those that deliver to an
 //! application from the caller's address) and are never redirected.
@@ -22,24 +27,26 @@
 #[cfg(target_arch = "bpf")]
 mod capture {
     use aya_ebpf::{
-        bindings::{sk_action, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_STATE_CB_FLAG},
+        bindings::{sk_action, BPF_F_INGRESS, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_STATE_CB_FLAG},
         helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{HashMap, LruHashMap, SockHash},
-        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+        macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+        maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+        programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
         EbpfContext,
     };
     use ztunnel_common::{
-        DeliveryKey, EnrolledNetns, ListenerKey, NodeConn, NodeConnKey, OrigDst, OrigDstKey,
-        PodAddr, PodLocalAddrs, AF_INET, AF_INET6, DELIVERY_MARK, HBONE_PORT, LISTENER_HBONE,
-        LISTENER_INBOUND_PLAINTEXT, LOOPBACK_IFINDEX, NODE_CONN_CONNECTING, NODE_CONN_ESTABLISHED,
-        OUTBOUND_PORT, PROXY_MARK,
+        fast_path_stats, DeliveryKey, EnrolledNetns, FastPathActive, ListenerKey, NodeConn,
+        NodeConnKey, OrigDst, OrigDstKey, PodAddr, PodLocalAddrs, SocketKey, AF_INET, AF_INET6,
+        DELIVERY_MARK, FAST_PATH_PENDING, FAST_PATH_TCP, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+        LISTENER_HBONE, LISTENER_INBOUND_PLAINTEXT, LOOPBACK_IFINDEX, NODE_CONN_CONNECTING,
+        NODE_CONN_ESTABLISHED, OUTBOUND_PORT, PROXY_MARK,
     };
 
     const SOCK_STREAM: u32 = 1;
     const IPPROTO_TCP: u32 = 6;
     const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
     const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+    const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
     const BPF_SOCK_OPS_STATE_CB: u32 = 10;
     const TCP_CLOSE: u32 = 7;
     /// cgroup/sock_addr verdicts.
@@ -74,6 +81,24 @@ mod capture {
     static INBOUND_DELIVERIES: HashMap<DeliveryKey, u8> =
         HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
     const BPF_F_NO_PREALLOC: u32 = 1;
+
+    /// Both ends of the app↔proxy connections on the fast path.
+    #[map(name = "fast_path_sockets")]
+    static FAST_PATH_SOCKETS: SockHash<SocketKey> = SockHash::pinned(131_072, 0);
+
+    /// The passive ends the active ones announced. An LRU: an entry whose handshake never
+    /// completes ages out, and one evicted early only keeps that connection off the fast path.
+    #[map(name = "fast_path_peers")]
+    static FAST_PATH_PEERS: LruHashMap<SocketKey, u8> = LruHashMap::pinned(65_536, 0);
+
+    /// Active ends that have not decided yet, or went through TCP. Not an LRU: a `TCP` entry
+    /// evicted would let that socket redirect behind its own queued TCP bytes.
+    #[map(name = "fast_path_active")]
+    static FAST_PATH_ACTIVE: HashMap<SocketKey, FastPathActive> =
+        HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+
+    #[map(name = "fast_path_stats")]
+    static FAST_PATH_STATS: PerCpuArray<u64> = PerCpuArray::pinned(fast_path_stats::COUNT, 0);
 
     /// The netns cookie of the node's own network namespace, set by the proxy at load time
     /// (`NODE_NETNS_COOKIE_GLOBAL`). Zero: not set, nothing is recorded.
@@ -346,6 +371,269 @@ mod capture {
             let _ = NODE_CONNECTIONS.remove(&key);
         }
         0
+    }
+
+    fn count(index: u32, n: u64) {
+        if let Some(c) = FAST_PATH_STATS.get_ptr_mut(index) {
+            // SAFETY: a per-CPU slot: nothing else writes it while this program runs here.
+            unsafe { *c += n };
+        }
+    }
+
+    /// The 16-bit network-order port of a context's `remote_port`, which some program types
+    /// give in the upper half of the word (little-endian) and others in the lower half: the
+    /// other half is zero either way.
+    fn remote_port_of(word: u32) -> u16 {
+        u16::from_be(((word >> 16) | (word & 0xffff)) as u16)
+    }
+
+    /// A socket key from a context's address fields; a v4-mapped connection of an IPv6 socket
+    /// becomes the IPv4 key its peer (an IPv4 socket) builds.
+    fn socket_key(
+        netns_cookie: u64,
+        family: u32,
+        v4: (u32, u32),
+        v6: ([u32; 4], [u32; 4]),
+        local_port: u32,
+        remote_port: u32,
+    ) -> Option<SocketKey> {
+        let (local_addr, remote_addr, family) = if family == u32::from(AF_INET) {
+            ([v4.0, 0, 0, 0], [v4.1, 0, 0, 0], AF_INET)
+        } else if family == u32::from(AF_INET6) {
+            let (l, r) = v6;
+            if r[0] == 0 && r[1] == 0 && r[2] == V4_MAPPED_WORD {
+                ([l[3], 0, 0, 0], [r[3], 0, 0, 0], AF_INET)
+            } else {
+                (l, r, AF_INET6)
+            }
+        } else {
+            return None;
+        };
+        Some(SocketKey {
+            netns_cookie,
+            local_addr,
+            remote_addr,
+            local_port: local_port as u16,
+            remote_port: remote_port_of(remote_port),
+            family,
+            _pad: 0,
+        })
+    }
+
+    fn ops_socket_key(ctx: &SockOpsContext, netns_cookie: u64) -> Option<SocketKey> {
+        let ops = ctx.ops;
+        socket_key(
+            netns_cookie,
+            ops_field!(ops, family),
+            (ops_field!(ops, local_ip4), ops_field!(ops, remote_ip4)),
+            (
+                [
+                    ops_field!(ops, local_ip6[0]),
+                    ops_field!(ops, local_ip6[1]),
+                    ops_field!(ops, local_ip6[2]),
+                    ops_field!(ops, local_ip6[3]),
+                ],
+                [
+                    ops_field!(ops, remote_ip6[0]),
+                    ops_field!(ops, remote_ip6[1]),
+                    ops_field!(ops, remote_ip6[2]),
+                    ops_field!(ops, remote_ip6[3]),
+                ],
+            ),
+            ops_field!(ops, local_port),
+            ops_field!(ops, remote_port),
+        )
+    }
+
+    fn is_proxy_port(port: u16) -> bool {
+        port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT
+    }
+
+    /// Whether this just-established active socket is one end of an app↔proxy pair: an
+    /// application's connection that `zt_connect4/6` sent to the proxy's outbound listener, or
+    /// the proxy's delivery to the application of its own pod (to the pod's own address, not a
+    /// proxy port). Never a socket of an unenrolled netns, never the proxy's HBONE or upstream
+    /// connections (they go to other addresses).
+    fn active_qualifies(ctx: &SockOpsContext, netns: u64, key: &SocketKey) -> bool {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: read-only lookups of plain values.
+        if let Some(dst) = unsafe { ORIG_DST_BY_SOCKET.get(&cookie) } {
+            return dst.netns_cookie == netns && key.remote_port == OUTBOUND_PORT;
+        }
+        if is_proxy_port(key.remote_port) {
+            return false;
+        }
+        // SAFETY: the verifier checks the context's `sk` (a full socket here, or null).
+        let sk = unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).__bindgen_anon_2.sk))
+        };
+        if sk.is_null() {
+            return false;
+        }
+        let mark = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).mark)) };
+        if mark != PROXY_MARK && mark != DELIVERY_MARK {
+            return false;
+        }
+        let Some(local) = (unsafe { POD_LOCAL_ADDRS.get(&netns) }) else {
+            return false;
+        };
+        if key.family == AF_INET {
+            local.v4 != 0 && key.remote_addr[0] == local.v4
+        } else {
+            local.v6 != [0; 4] && key.remote_addr == local.v6
+        }
+    }
+
+    /// Puts a qualifying active end into the fast path: its pending state first, then the
+    /// announcement of its peer, then the socket (undone in reverse if a step fails).
+    fn join_active(ctx: &SockOpsContext) {
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: read-only lookup of a plain value.
+        if unsafe { ENROLLED_NETNS.get(&netns) }.is_none() {
+            return;
+        }
+        let Some(mut key) = ops_socket_key(ctx, netns) else {
+            return;
+        };
+        // Bytes sent with the SYN (TCP Fast Open) travel through TCP: stay off.
+        if !active_qualifies(ctx, netns, &key) || ops_field!(ctx.ops, data_segs_out) != 0 {
+            return;
+        }
+        if FAST_PATH_ACTIVE
+            .insert(&key, &FAST_PATH_PENDING, 0)
+            .is_err()
+        {
+            return count(fast_path_stats::JOIN_FAILED, 1);
+        }
+        if FAST_PATH_PEERS.insert(&key.peer(), &1, 0).is_err() {
+            let _ = FAST_PATH_ACTIVE.remove(&key);
+            return count(fast_path_stats::JOIN_FAILED, 1);
+        }
+        // SAFETY: the verified context of this sock_ops program.
+        if FAST_PATH_SOCKETS
+            .update(&mut key, unsafe { &mut *ctx.ops }, 0)
+            .is_err()
+        {
+            let _ = FAST_PATH_PEERS.remove(&key.peer());
+            let _ = FAST_PATH_ACTIVE.remove(&key);
+            return count(fast_path_stats::JOIN_FAILED, 1);
+        }
+        // The close callback removes the state entry.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        count(fast_path_stats::SOCKETS, 1);
+    }
+
+    /// Puts a passive end into the fast path if its active end announced it. It is added before
+    /// `accept()` can return it, so every message it sends finds its peer.
+    fn join_passive(ctx: &SockOpsContext) {
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let Some(mut key) = ops_socket_key(ctx, netns) else {
+            return;
+        };
+        // SAFETY: read-only lookup of a plain value.
+        if unsafe { FAST_PATH_PEERS.get(&key) }.is_none() {
+            return;
+        }
+        let _ = FAST_PATH_PEERS.remove(&key);
+        // Bytes already received through TCP (with the SYN) would be read after redirected ones.
+        if ops_field!(ctx.ops, bytes_received) != 0 {
+            return;
+        }
+        // SAFETY: the verified context of this sock_ops program.
+        match FAST_PATH_SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, 0) {
+            Ok(()) => count(fast_path_stats::SOCKETS, 1),
+            Err(_) => count(fast_path_stats::JOIN_FAILED, 1),
+        }
+    }
+
+    /// Adds both ends of app↔proxy connections to `fast_path_sockets` when they are
+    /// established (a socket leaves the sockhash by itself when it closes).
+    #[sock_ops]
+    pub fn zt_fast_path_sockops(ctx: SockOpsContext) -> u32 {
+        match ctx.op() {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => join_active(&ctx),
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => join_passive(&ctx),
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+                let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+                if let Some(key) = ops_socket_key(&ctx, netns) {
+                    let _ = FAST_PATH_ACTIVE.remove(&key);
+                }
+            }
+            _ => {}
+        }
+        0
+    }
+
+    /// Reads an `sk_msg_md` field with one load at its fixed offset (see `ctx_field!`).
+    macro_rules! msg_field {
+        ($msg:expr, $field:ident) => {
+            // SAFETY: the verifier allows 4-byte reads of these sk_msg context fields.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$msg).$field)) }
+        };
+        ($msg:expr, $field:ident[$i:literal]) => {
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$msg).$field[$i])) }
+        };
+    }
+
+    /// Runs on every `sendmsg` of a fast-path socket: the message goes into the peer socket's
+    /// receive queue (`BPF_F_INGRESS`), or through TCP when the peer is not (or no longer) in
+    /// the sockhash. Never drops: a verdict of `SK_DROP` would fail the application's write.
+    #[sk_msg]
+    pub fn zt_fast_path_msg(ctx: SkMsgContext) -> u32 {
+        let msg = ctx.msg;
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let Some(key) = socket_key(
+            netns,
+            msg_field!(msg, family),
+            (msg_field!(msg, local_ip4), msg_field!(msg, remote_ip4)),
+            (
+                [
+                    msg_field!(msg, local_ip6[0]),
+                    msg_field!(msg, local_ip6[1]),
+                    msg_field!(msg, local_ip6[2]),
+                    msg_field!(msg, local_ip6[3]),
+                ],
+                [
+                    msg_field!(msg, remote_ip6[0]),
+                    msg_field!(msg, remote_ip6[1]),
+                    msg_field!(msg, remote_ip6[2]),
+                    msg_field!(msg, remote_ip6[3]),
+                ],
+            ),
+            msg_field!(msg, local_port),
+            msg_field!(msg, remote_port),
+        ) else {
+            return sk_action::SK_PASS;
+        };
+        let size = u64::from(msg_field!(msg, size));
+        let state = FAST_PATH_ACTIVE.get_ptr_mut(&key);
+        // SAFETY: the entry belongs to this socket, whose lock the sender holds.
+        if state.is_some_and(|s| unsafe { *s } == FAST_PATH_TCP) {
+            count(fast_path_stats::TCP_MSGS, 1);
+            return sk_action::SK_PASS;
+        }
+        let mut peer = key.peer();
+        if FAST_PATH_SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+            == i64::from(sk_action::SK_PASS)
+        {
+            if state.is_some() {
+                // Decided: redirected from the first byte on. A socket without an entry
+                // redirects whenever its peer is there.
+                let _ = FAST_PATH_ACTIVE.remove(&key);
+            }
+            count(fast_path_stats::REDIRECTED_MSGS, 1);
+            count(fast_path_stats::REDIRECTED_BYTES, size);
+        } else {
+            if let Some(s) = state {
+                // SAFETY: as above.
+                unsafe { *s = FAST_PATH_TCP };
+                count(fast_path_stats::ACTIVE_TCP, 1);
+            }
+            // Falling back after redirecting keeps the order: the peer reads its redirect
+            // queue before its TCP queue.
+            count(fast_path_stats::TCP_MSGS, 1);
+        }
+        sk_action::SK_PASS
     }
 
     /// Writes the IPv6 address of a sock_addr context, one 4-byte store per word (the verifier

@@ -36,6 +36,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod peer;
 pub mod process;
+pub mod profile;
 pub mod scale;
 pub mod zds;
 

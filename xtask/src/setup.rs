@@ -18,7 +18,7 @@ use crate::{output, run};
 /// etcd-server, containerd, runc, the CNI plugins and busybox-static for that cluster and its
 /// test images, openssl for its certificates, gcc for its pause image; prometheus for the server
 /// the telemetry tests scrape the node proxies with, and its promtool, which checks the
-/// dashboards' PromQL).
+/// dashboards' PromQL; linux-perf for `bench --profile`'s recordings).
 const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -41,6 +41,7 @@ const APT_PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "prometheus",
+    "linux-perf",
 ];
 
 /// Where the capture programs expect bpffs.

@@ -152,6 +152,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
         cgroup,
         node_netns_cookie,
         takeover_wait: args.takeover_wait,
+        fast_path: args.fast_path.on(),
     })?;
     let policy = EnrolmentPolicy {
         namespace_label: args.ambient_label,
@@ -241,6 +242,7 @@ pub fn run(args: RunArgs, (log_level, set_log_level): (String, SetLogLevel)) -> 
                 proxy: proxy.clone(),
                 bpf_dir,
                 bpf_stats_held: args.bpf_stats,
+                fast_path: Some((capture.fast_path_stats(), args.fast_path.on())),
             });
             let state = Arc::new(AdminState {
                 registry: admin::scrape::registry(&metrics, Sampled(view.clone())),

@@ -12,10 +12,17 @@ use std::{
     time::Duration,
 };
 
-static LIVE: AtomicI64 = AtomicI64::new(0);
+use tokio::sync::Notify;
 
-/// How often the count is looked at.
-const PERIOD: Duration = Duration::from_secs(1);
+static LIVE: AtomicI64 = AtomicI64::new(0);
+/// The highest count since the last trim.
+static PEAK: AtomicI64 = AtomicI64::new(0);
+/// Woken by the connection whose end takes the count [`DROP`] below its peak: an idle proxy
+/// has no timer for this.
+static FALLEN: Notify = Notify::const_new();
+
+/// How long after the fall the trim waits, so that a burst ending is taken in one trim.
+const SETTLE: Duration = Duration::from_secs(1);
 /// How far below its peak the count must fall before a trim.
 const DROP: i64 = 64;
 
@@ -25,7 +32,8 @@ pub struct Live(());
 
 impl Live {
     pub fn new() -> Self {
-        LIVE.fetch_add(1, Ordering::Relaxed);
+        let live = LIVE.fetch_add(1, Ordering::Relaxed) + 1;
+        PEAK.fetch_max(live, Ordering::Relaxed);
         Self(())
     }
 }
@@ -38,23 +46,21 @@ impl Default for Live {
 
 impl Drop for Live {
     fn drop(&mut self) {
-        LIVE.fetch_sub(1, Ordering::Relaxed);
+        let live = LIVE.fetch_sub(1, Ordering::Relaxed) - 1;
+        if PEAK.load(Ordering::Relaxed) - live == DROP {
+            FALLEN.notify_one();
+        }
     }
 }
 
 /// Runs for the life of the process: trims after every fall of [`DROP`] live connections.
 pub async fn return_freed_memory() {
-    let mut peak = LIVE.load(Ordering::Relaxed);
     loop {
-        tokio::time::sleep(PERIOD).await;
-        let live = LIVE.load(Ordering::Relaxed);
-        if peak - live >= DROP {
-            // A few milliseconds for a heap of some hundred MiB; off the runtime's threads.
-            let _ = tokio::task::spawn_blocking(trim).await;
-            peak = live;
-        } else {
-            peak = peak.max(live);
-        }
+        FALLEN.notified().await;
+        tokio::time::sleep(SETTLE).await;
+        // A few milliseconds for a heap of some hundred MiB; off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(trim).await;
+        PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 

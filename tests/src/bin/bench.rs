@@ -19,8 +19,13 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 use ztunnel_tests::{
     benchmark::{git_state, vm_rss_kib, write_json},
-    pod, service, wait_until, Cluster, PodRef, Proc,
+    pod,
+    profile::{Profiler, Recording},
+    service, wait_until, Cluster, PodRef, Proc,
 };
+
+#[path = "bench/same_node.rs"]
+mod same_node;
 
 const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 const HTTP_PORT: u16 = 8080;
@@ -68,9 +73,12 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
                       --peer; at most 30000)
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
-  --only STEPS        run only these steps, comma-separated: memory, throughput, latency,
-                      routing, conn-rate (default: all)
-  --out DIR           where the JSON goes (default <workspace>/target/bench)";
+  --only STEPS        run only these steps, comma-separated: idle, memory, throughput,
+                      latency, routing, conn-rate, same-node (default: all)
+  --out DIR           where the JSON goes (default <workspace>/target/bench)
+  --profile DIR       also sample both proxies of each mesh path with `perf record` while the
+                      first round's throughput, latency and conn-rate runs: flame graphs
+                      (DIR/<step>-<path>.svg), folded stacks and a summary in the JSON";
 
 /// What to run; every knob has an upper bound so a run stays bounded.
 struct Params {
@@ -87,6 +95,8 @@ struct Params {
     out: PathBuf,
     /// `--peer`: the peer binary (explicit, or found the harness's way).
     peer: Option<PathBuf>,
+    /// `--profile`: where the recordings and flame graphs go.
+    profile: Option<PathBuf>,
 }
 
 impl Params {
@@ -94,6 +104,7 @@ impl Params {
         let mut set: BTreeMap<&str, u64> = BTreeMap::new();
         let mut out = ztunnel_tests::workspace_root().join("target/bench");
         let mut peer: Option<Option<PathBuf>> = None;
+        let mut profile = None;
         let mut steps = Step::ALL.to_vec();
         let mut it = args.iter().peekable();
         while let Some(flag) = it.next() {
@@ -120,6 +131,10 @@ impl Params {
                 "--hold" => ("hold", 1, 10_000),
                 "--out" => {
                     out = PathBuf::from(value);
+                    continue;
+                }
+                "--profile" => {
+                    profile = Some(PathBuf::from(value));
                     continue;
                 }
                 "--only" => {
@@ -171,6 +186,7 @@ impl Params {
             steps,
             out,
             peer,
+            profile,
         })
     }
 
@@ -181,6 +197,7 @@ impl Params {
             "conn_ms": self.conn_ms, "concurrency": self.concurrency, "hold": self.hold,
             "steps": self.steps.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "peer": self.peer.as_ref().map(|p| p.display().to_string()),
+            "profile": self.profile.as_ref().map(|p| p.display().to_string()),
         })
     }
 }
@@ -188,29 +205,37 @@ impl Params {
 /// One measurement of a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
+    /// Background CPU while no path carries anything.
+    Idle,
     Memory,
     Throughput,
     Latency,
     Routing,
     ConnRate,
+    /// Same-node throughput with the sk_msg fast path against plain loopback proxying.
+    SameNode,
 }
 
 impl Step {
-    const ALL: [Step; 5] = [
+    const ALL: [Step; 7] = [
+        Step::Idle,
         Step::Memory,
         Step::Throughput,
         Step::Latency,
         Step::Routing,
         Step::ConnRate,
+        Step::SameNode,
     ];
 
     fn name(self) -> &'static str {
         match self {
+            Step::Idle => "idle",
             Step::Memory => "memory",
             Step::Throughput => "throughput",
             Step::Latency => "latency",
             Step::Routing => "routing",
             Step::ConnRate => "conn-rate",
+            Step::SameNode => "same-node",
         }
     }
 }
@@ -310,7 +335,7 @@ impl Row {
 }
 
 /// The rows, in reading order: (key, label, unit, better).
-const ROWS: [(&str, &str, &str, Better); 14] = [
+const ROWS: [(&str, &str, &str, Better); 17] = [
     (
         "throughput_p1",
         "throughput, 1 stream",
@@ -344,7 +369,25 @@ const ROWS: [(&str, &str, &str, Better); 14] = [
         Better::Lower,
     ),
     ("conn_rate", "new connections/s", "1/s", Better::Higher),
+    (
+        "idle_cpu",
+        "background CPU-s per 5 s idle, both proxies",
+        "s",
+        Better::Lower,
+    ),
     ("rss_idle", "idle RSS, both proxies", "MiB", Better::Lower),
+    (
+        "rss_after",
+        "RSS after the load steps, both proxies",
+        "MiB",
+        Better::Lower,
+    ),
+    (
+        "rss_after_over_idle",
+        "RSS after the load steps ÷ idle RSS",
+        "",
+        Better::Lower,
+    ),
     (
         "rss_held",
         "RSS holding the connections, both",
@@ -386,12 +429,15 @@ struct Report {
     /// The routing step's latencies (µs), by `plain_p50`, `routed_p50`, `plain_p99`,
     /// `routed_p99`: one per round.
     routing: BTreeMap<&'static str, Vec<f64>>,
+    /// `--profile`: samples the mesh paths' proxies during their measurements.
+    profiler: Option<Profiler>,
 }
 
 impl Report {
     fn new() -> Self {
         Self {
             routing: BTreeMap::new(),
+            profiler: None,
             rows: ROWS
                 .iter()
                 .map(|(key, label, unit, better)| Row {
@@ -420,6 +466,30 @@ impl Report {
             .entry(what)
             .or_default()
             .push(v);
+    }
+
+    /// With `--profile`, starts sampling `way`'s proxies for `step` (the first time only; never
+    /// the direct path, which has no proxy on it). A recording that cannot start is a problem
+    /// of the run, not a reason to skip the measurement.
+    fn profile(&mut self, step: &str, way: Way, pids: &[u32; 2]) -> Option<Recording> {
+        if way == Way::Direct {
+            return None;
+        }
+        let started = self
+            .profiler
+            .as_mut()?
+            .start(&format!("{step}-{}", way.ns()), pids);
+        started.unwrap_or_else(|e| {
+            self.problem(&format!("profiling {step} on {}", way.ns()), &e);
+            None
+        })
+    }
+
+    /// Stops a recording started by [`Report::profile`].
+    fn profiled(&mut self, recording: Option<Recording>) {
+        if let Some(Err(e)) = recording.map(Recording::stop) {
+            self.problem("perf record", &e);
+        }
     }
 
     /// Records a failed measurement; the run goes on with the next one.
@@ -454,8 +524,8 @@ fn heading(title: &str) {
 }
 
 /// The cluster: direct and mesh pairs on nodes 1 → 2 (ours), and with the peer a peer pair on
-/// nodes 3 → 4 (Istio's ztunnel on both).
-fn cluster(p: &Params) -> Result<Cluster> {
+/// nodes 3 → 4 (Istio's ztunnel on both); the same-node step's two nodes after those.
+fn cluster(p: &Params) -> Result<(Cluster, Option<same_node::SameNode>)> {
     if let Some(bin) = &p.peer {
         // The harness finds the peer through the environment.
         std::env::set_var("ZTUNNEL_PEER_BIN", bin);
@@ -485,7 +555,14 @@ fn cluster(p: &Params) -> Result<Cluster> {
             .pod(pod("peer", "client").node(3))
             .pod(pod("peer", "server").node(4)),
     };
-    b.start()
+    let mut same = None;
+    if p.steps.contains(&Step::SameNode) {
+        let first = if p.peer.is_some() { 5 } else { 3 };
+        let (with, step) = same_node::SameNode::add(b, first);
+        b = with;
+        same = Some(step);
+    }
+    Ok((b.start()?, same))
 }
 
 /// Runs the whole benchmark; true if every measurement succeeded.
@@ -516,9 +593,12 @@ fn run(p: &Params) -> Result<bool> {
             bin.display()
         ),
     });
-    let c = cluster(p)?;
+    let (c, mut same) = cluster(p)?;
     c.wait_enrolled(1, 0, "mesh/client", WAIT)?;
     c.wait_enrolled(2, 0, "mesh/server", WAIT)?;
+    if let Some(same) = &same {
+        same.prepare(&c)?;
+    }
     let pids: BTreeMap<Way, [u32; 2]> = ways
         .iter()
         .map(|w| Ok((*w, proxy_pids(&c, *w)?)))
@@ -567,6 +647,9 @@ fn run(p: &Params) -> Result<bool> {
     c.apply("routed.yaml", Some(ROUTED_VS))?;
     std::thread::sleep(Duration::from_millis(500));
     let mut report = Report::new();
+    if let Some(dir) = &p.profile {
+        report.profiler = Some(Profiler::new(dir)?);
+    }
     let mut warm = BTreeMap::new();
     for (way, pids) in &pids {
         let s = sample(pids)?;
@@ -594,19 +677,35 @@ fn run(p: &Params) -> Result<bool> {
         ));
         for step in &p.steps {
             match step {
+                Step::Idle => idle(&pids, &mut report),
                 Step::Memory => memory(&c, p, &order, &pids, &mut report),
-                Step::Throughput => throughput(&c, p, &order, &mut report),
+                Step::Throughput => throughput(&c, p, &order, &pids, &mut report),
                 Step::Latency => latency(&c, p, &order, &pids, &mut report),
                 Step::Routing => routing(&c, p, round, &mut report),
-                Step::ConnRate => connection_rate(&c, p, &order, &mut report),
+                Step::ConnRate => connection_rate(&c, p, &order, &pids, &mut report),
+                Step::SameNode => {
+                    if let Some(same) = &mut same {
+                        same.measure(&c, p.iperf_seconds, round, &mut report.problems);
+                    }
+                }
             }
         }
     }
 
+    // What the proxies keep once the last load is over (and a trim it set off is done).
+    std::thread::sleep(IDLE_SETTLE);
     let mut end = BTreeMap::new();
     for (way, pids) in &pids {
         match sample(pids) {
             Ok(s) => {
+                if *way != Way::Direct {
+                    let after = s.rss_kib.iter().sum::<u64>() as f64;
+                    report.add("rss_after", *way, after / 1024.0);
+                    if let Some(idle) = warm.get(way) {
+                        let idle = idle.rss_kib.iter().sum::<u64>() as f64;
+                        report.add("rss_after_over_idle", *way, after / idle);
+                    }
+                }
                 end.insert(*way, s);
             }
             Err(e) => report.problem("sampling the proxies at the end", &e),
@@ -671,9 +770,18 @@ fn run(p: &Params) -> Result<bool> {
     let routing = routing_summary(&report);
     println!("\nper-request routing (mesh path, same run): {routing}");
     out["routing"] = routing;
+    if let Some(same) = &same {
+        same.print();
+        out["same_node"] = same.to_json();
+    }
     if p.peer.is_some() {
         out["peer_transport"] = json!(transport.get(&Way::Peer));
         out["versus_peer"] = versus_peer(&report);
+    }
+    if let Some(profiler) = &report.profiler {
+        println!("\nprofiles: folding and drawing the recordings");
+        out["profile"] = profiler.render();
+        println!("{}", serde_json::to_string_pretty(&out["profile"])?);
     }
     let written = write_json(&p.out, "bench", unix_time, &out)?;
     println!(
@@ -711,6 +819,43 @@ fn versus_peer(report: &Report) -> Value {
         );
     }
     Value::Object(v)
+}
+
+/// How long the idle step watches the proxies carry nothing (reported per [`IDLE_PER`]).
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+const IDLE_PER: Duration = Duration::from_secs(5);
+/// What the last load may still be finishing (a trim, a connection's close) before the window.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+
+/// Background CPU: every mesh path's proxies over the same window with no traffic anywhere,
+/// so the paths are compared on equal terms (one clock tick, 10 ms, per proxy resolution).
+fn idle(pids: &BTreeMap<Way, [u32; 2]>, report: &mut Report) {
+    println!("   idle: {} s with no traffic", IDLE_WINDOW.as_secs());
+    std::thread::sleep(IDLE_SETTLE);
+    let cpu = |pids: &[u32; 2]| sample(pids).map(|s| s.cpu_s.iter().sum::<f64>());
+    let ways: Vec<(Way, [u32; 2])> = pids
+        .iter()
+        .filter(|(w, _)| **w != Way::Direct)
+        .map(|(w, p)| (*w, *p))
+        .collect();
+    let before: Vec<Result<f64>> = ways.iter().map(|(_, p)| cpu(p)).collect();
+    std::thread::sleep(IDLE_WINDOW);
+    for ((way, p), before) in ways.iter().zip(before) {
+        match before.and_then(|b| Ok(cpu(p)? - b)) {
+            Ok(used) => {
+                let per = used * IDLE_PER.as_secs_f64() / IDLE_WINDOW.as_secs_f64();
+                println!("   {:<6} {per:.3} CPU-s per 5 s", way.ns());
+                report.add("idle_cpu", *way, per);
+                report.detail(
+                    "idle",
+                    way.ns().to_owned(),
+                    json!({"cpu_s": used,
+                    "window_s": IDLE_WINDOW.as_secs_f64()}),
+                );
+            }
+            Err(e) => report.problem(&format!("idle CPU on {}", way.ns()), &e),
+        }
+    }
 }
 
 fn proxy_pids(c: &Cluster, way: Way) -> Result<[u32; 2]> {
@@ -967,7 +1112,13 @@ fn settle(pids: &[u32; 2], before: &Sample) -> bool {
 
 // ---- throughput -------------------------------------------------------------------------
 
-fn throughput(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
+fn throughput(
+    c: &Cluster,
+    p: &Params,
+    order: &[Way],
+    pids: &BTreeMap<Way, [u32; 2]>,
+    report: &mut Report,
+) {
     println!("   throughput: iperf3, {} s per run", p.iperf_seconds);
     let mut servers: Vec<Proc> = Vec::new();
     for way in order {
@@ -983,7 +1134,10 @@ fn throughput(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
             "throughput_p8"
         };
         for way in order {
-            match iperf_client(c, p, *way, streams) {
+            let recording = report.profile(&format!("throughput{streams}"), *way, &pids[way]);
+            let result = iperf_client(c, p, *way, streams);
+            report.profiled(recording);
+            match result {
                 Ok(v) => {
                     let gbps = v["received_bps"].as_f64().unwrap_or(0.0) / 1e9;
                     println!(
@@ -1013,19 +1167,8 @@ fn iperf_server(server: &PodRef<'_>) -> Result<Proc> {
     Ok(iperf)
 }
 
-fn iperf_client(c: &Cluster, p: &Params, way: Way, streams: u32) -> Result<Value> {
-    let ip = c.pod(way.ns(), "server").ip().to_string();
-    let (port, secs, streams_s) = (
-        IPERF_PORT.to_string(),
-        p.iperf_seconds.to_string(),
-        streams.to_string(),
-    );
-    let out = c.pod(way.ns(), "client").run(
-        &[
-            "iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-P", &streams_s, "-J",
-        ],
-        Duration::from_secs(p.iperf_seconds + 25),
-    )?;
+/// An `iperf3 -J` client's report and the bits per second it received.
+fn iperf_report(out: &std::process::Output) -> Result<(Value, f64)> {
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "iperf3 printed no JSON ({}): {}",
@@ -1039,6 +1182,23 @@ fn iperf_client(c: &Cluster, p: &Params, way: Way, streams: u32) -> Result<Value
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second in iperf3's report"))?;
+    Ok((v, bps))
+}
+
+fn iperf_client(c: &Cluster, p: &Params, way: Way, streams: u32) -> Result<Value> {
+    let ip = c.pod(way.ns(), "server").ip().to_string();
+    let (port, secs, streams_s) = (
+        IPERF_PORT.to_string(),
+        p.iperf_seconds.to_string(),
+        streams.to_string(),
+    );
+    let out = c.pod(way.ns(), "client").run(
+        &[
+            "iperf3", "-c", &ip, "-p", &port, "-t", &secs, "-P", &streams_s, "-J",
+        ],
+        Duration::from_secs(p.iperf_seconds + 25),
+    )?;
+    let (v, bps) = iperf_report(&out)?;
     Ok(json!({
         "received_bps": bps,
         "sent_bps": v["end"]["sum_sent"]["bits_per_second"],
@@ -1109,9 +1269,11 @@ fn latency(
     // The direct figures of this round come first in `order`.
     for way in order {
         let addr = format!("{}:{HTTP_PORT}", c.pod(way.ns(), "server").ip());
+        let recording = report.profile("latency", *way, &pids[way]);
         let cpu_before = sample(&pids[way]).map(|s| s.cpu_s);
         let result = http_load(&c.pod(way.ns(), "client"), p, &addr);
         let cpu_after = sample(&pids[way]).map(|s| s.cpu_s);
+        report.profiled(recording);
         match result {
             Ok(mut v) => {
                 let cpu = match (cpu_before, cpu_after) {
@@ -1211,7 +1373,13 @@ fn routing_summary(report: &Report) -> Value {
     })
 }
 
-fn connection_rate(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) {
+fn connection_rate(
+    c: &Cluster,
+    p: &Params,
+    order: &[Way],
+    pids: &BTreeMap<Way, [u32; 2]>,
+    report: &mut Report,
+) {
     println!(
         "   new connections: connect, GET, read to EOF, close; {} loops for {} ms",
         p.concurrency, p.conn_ms
@@ -1229,7 +1397,10 @@ fn connection_rate(c: &Cluster, p: &Params, order: &[Way], report: &mut Report) 
             &n,
         ];
         let timeout = Duration::from_millis(p.conn_ms + 20_000);
-        match probe_json(&c.pod(way.ns(), "client"), &args, timeout) {
+        let recording = report.profile("conn-rate", *way, &pids[way]);
+        let result = probe_json(&c.pod(way.ns(), "client"), &args, timeout);
+        report.profiled(recording);
+        match result {
             Ok(v) => {
                 println!(
                     "   {:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs)",

@@ -33,7 +33,7 @@
 //!                                               without sending: `{"banner","first_byte_ms"}`
 //! vc-probe repl [--timeout-ms N]                reads `get ADDR [PATH]` / `connect ADDR [TEXT]`
 //!                                               lines from stdin, one JSON result line each
-//! vc-probe transfer --addr IP:PORT --bytes N [--streams S] [--timeout-ms N]
+//! vc-probe transfer --addr IP:PORT --bytes N [--streams S] [--timeout-ms N] [--retry-eagain true]
 //!                                               S parallel connections to a tcp-echo server:
 //!                                               each sends N bytes of its own pseudo-random
 //!                                               stream, half-closes, reads the echo to EOF and
@@ -1548,12 +1548,15 @@ mod transfer {
             .map_err(|e| format!("bad --addr: {e}"))?;
         let bytes = opts.num("bytes").ok_or("--bytes N is required")?;
         let streams = opts.num("streams").unwrap_or(1);
+        // A blocking read that fails with EAGAIN is retried, as an event loop would (the
+        // sockhash fast path's receive can return it to blocking readers: docs/capture.md).
+        let retry = opts.get("retry-eagain") == Some("true");
         if !(1..=1024).contains(&streams) {
             return Err("--streams must be between 1 and 1024".into());
         }
         let start = Instant::now();
         let handles: Vec<_> = (0..streams)
-            .map(|i| thread::spawn(move || one(addr, 0x5eed_0000 + i, bytes, timeout)))
+            .map(|i| thread::spawn(move || one(addr, 0x5eed_0000 + i, bytes, timeout, retry)))
             .collect();
         let results: Vec<Value> = handles
             .into_iter()
@@ -1565,10 +1568,15 @@ mod transfer {
         let elapsed = start.elapsed();
         let intact = results.iter().filter(|r| r["intact"] == true).count();
         let first_error = results.iter().find(|r| r["intact"] != true).cloned();
+        let eagain: u64 = results
+            .iter()
+            .map(|r| r["eagain_retries"].as_u64().unwrap_or(0))
+            .sum();
         let moved = 2.0 * bytes as f64 * streams as f64;
         emit(&json!({
             "streams": streams, "bytes_each": bytes, "intact": intact,
             "failed": streams as usize - intact, "first_error": first_error,
+            "eagain_retries": eagain,
             "elapsed_ms": elapsed.as_millis() as u64,
             "gbit_per_s": moved * 8.0 / elapsed.as_secs_f64().max(1e-9) / 1e9,
         }));
@@ -1577,7 +1585,9 @@ mod transfer {
 
     /// One connection: a writer thread sends the stream and half-closes; this thread reads the
     /// echo to EOF and compares.
-    fn one(addr: SocketAddr, seed: u64, bytes: u64, timeout: Duration) -> Value {
+    fn one(addr: SocketAddr, seed: u64, bytes: u64, timeout: Duration, retry: bool) -> Value {
+        let started = Instant::now();
+        let mut eagain = 0u64;
         let stream = match TcpStream::connect_timeout(&addr, timeout) {
             Ok(s) => s,
             Err(e) => return error_json("connect", &e),
@@ -1630,6 +1640,13 @@ mod transfer {
                         break None;
                     }
                 }
+                Err(e)
+                    if retry
+                        && e.kind() == io::ErrorKind::WouldBlock
+                        && started.elapsed() < timeout =>
+                {
+                    eagain += 1;
+                }
                 Err(e) => break Some(e),
             }
         };
@@ -1644,7 +1661,7 @@ mod transfer {
         json!({
             "local": local, "intact": intact, "received": received, "expected": bytes,
             "first_mismatch_at": mismatch, "read_error": read_error.map(|e| e.to_string()),
-            "send_error": send_error,
+            "send_error": send_error, "eagain_retries": eagain,
         })
     }
 }

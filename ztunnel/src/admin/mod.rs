@@ -38,6 +38,8 @@ pub struct ProxyView {
     /// The proxy holds the kernel's eBPF statistics on (`--bpf-stats`); the sysctl does not
     /// show that.
     pub bpf_stats_held: bool,
+    /// The same-netns fast path's counters (docs/capture.md, "Fast path") and whether it is on.
+    pub fast_path: Option<(Arc<crate::capture::fast_path::FastPathStats>, bool)>,
 }
 
 impl std::fmt::Debug for ProxyView {

@@ -125,6 +125,33 @@ impl Collector for Sampled {
             proxy.local_workloads().len() as i64,
         )?;
 
+        if let Some((stats, on)) = &view.fast_path {
+            gauge(
+                &mut e,
+                "ztunnel_fast_path_enabled",
+                "Whether new app-proxy connections take the same-netns fast path (--fast-path)",
+                *on as i64,
+            )?;
+            // Counted by the kernel programs; a read error leaves them out of this scrape.
+            if let Ok(v) = stats.read() {
+                use ztunnel_common::fast_path_stats as s;
+                for (i, name, help) in [
+                    (s::SOCKETS, "sockets", "App and proxy sockets that joined the fast path"),
+                    (s::REDIRECTED_MSGS, "redirected_messages",
+                        "Messages moved from one socket's send to its peer's receive queue"),
+                    (s::REDIRECTED_BYTES, "redirected_bytes", "Bytes of those messages"),
+                    (s::TCP_MSGS, "tcp_messages",
+                        "Messages of fast-path sockets that went through loopback TCP"),
+                    (s::JOIN_FAILED, "join_failures",
+                        "Sockets that qualified but could not join (a map full)"),
+                    (s::ACTIVE_TCP, "active_tcp",
+                        "Connections whose opener's first message found no peer yet: that direction stays on TCP"),
+                ] {
+                    counter(&mut e, &format!("ztunnel_fast_path_{name}"), help, v[i as usize])?;
+                }
+            }
+        }
+
         // Per pinned program, as the kernel counts it (only while BPF statistics are on).
         let programs = crate::capture::inventory::programs(&view.bpf_dir);
         let runs = ConstCounter::new(0u64);

@@ -5,6 +5,7 @@
 //! says. Links stay attached while pinned, so when the proxy process is gone enrolled pods still have
 //! their connects redirected to a listener that no longer exists, and their inbound traffic
 //! finds no proxy socket and is dropped: capture fails closed.
+pub mod fast_path;
 pub mod inventory;
 pub mod return_path;
 
@@ -56,6 +57,8 @@ pub struct CaptureOptions {
     /// How long to wait for another proxy to release the pin directory (a restart: the old
     /// process hands over at SIGTERM). `None`: refuse at once.
     pub takeover_wait: Option<std::time::Duration>,
+    /// The same-netns fast path (sockhash + sk_msg between an app's socket and the proxy's).
+    pub fast_path: bool,
 }
 
 /// The loaded and attached capture programs of this node proxy.
@@ -69,6 +72,7 @@ pub struct Capture {
     orig_dst: Arc<OrigDstTable>,
     node_connections: Arc<NodeConnections>,
     deliveries: Arc<InboundDeliveries>,
+    fast_path: Arc<fast_path::FastPathStats>,
     _cgroup_links: Vec<PinnedLink>,
     /// Exclusive `flock` on the pin directory: one proxy per directory.
     _lock: File,
@@ -246,6 +250,13 @@ impl Capture {
             repin_program(|path| p.pin(path), &bpf_dir.join(pins::SK_LOOKUP.pin))?;
         }
 
+        let fast_path = Arc::new(fast_path::install(
+            &mut ebpf,
+            bpf_dir,
+            opts.fast_path,
+            (cgroup, &opts.cgroup),
+        )?);
+
         let enrolled = BpfHashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, maps::POD_LISTENERS)?)?;
         let pod_addresses = BpfHashMap::try_from(take_map(&mut ebpf, maps::POD_ADDRESSES)?)?;
@@ -278,6 +289,7 @@ impl Capture {
             orig_dst,
             node_connections,
             deliveries,
+            fast_path,
             _cgroup_links: cgroup_links,
             _lock: lock,
         })
@@ -286,6 +298,11 @@ impl Capture {
     /// The node's own connections to enrolled pods, shared with the inbound proxy.
     pub fn node_connections(&self) -> Arc<NodeConnections> {
         self.node_connections.clone()
+    }
+
+    /// The fast path's counters (zero while it is off).
+    pub fn fast_path_stats(&self) -> Arc<fast_path::FastPathStats> {
+        self.fast_path.clone()
     }
 
     /// The proxy's deliveries in progress, which `zt_sk_lookup` lets through.

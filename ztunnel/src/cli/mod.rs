@@ -429,6 +429,15 @@ pub struct RunArgs {
     /// `sysctl kernel.bpf_stats_enabled=1` does; costs a few ns per program run).
     #[arg(long)]
     pub bpf_stats: bool,
+    /// The same-netns fast path: bytes between an application's socket and the proxy's in
+    /// its pod go from one socket's send straight to the other's receive queue (sockhash +
+    /// sk_msg) instead of through the loopback TCP stack; the proxy still reads every byte
+    /// (docs/capture.md, "Fast path"). Off by default: on this kernel a blocking `recv()` of
+    /// an application socket on the fast path can fail with EAGAIN (tcp_bpf returns it after
+    /// any wakeup without data), so turn it on only where every application reads with an
+    /// event loop.
+    #[arg(long, env = "ZTUNNEL_FAST_PATH", value_enum, default_value_t = Switch::Off)]
+    pub fast_path: Switch,
     /// Istio's request metrics (istio_requests_total, istio_request_duration_milliseconds,
     /// istio_request_bytes, istio_response_bytes) for the HTTP requests the proxy parses.
     #[arg(long, value_enum, default_value_t = Switch::On)]

@@ -23,8 +23,10 @@ use crate::metrics::Metrics;
 use crate::state::{Delta, MeshSettings, Objects, Snapshot};
 
 /// Changes are noticed through inotify; this rescan catches whatever inotify misses (the
-/// directory replaced, events overflowed, filesystems without inotify).
+/// directory replaced, events overflowed, filesystems without inotify). Without inotify it is
+/// the only way changes are seen, so it runs more often then.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+const RESCAN_INTERVAL_WATCHED: Duration = Duration::from_secs(30);
 
 /// A burst of writes (`kubectl`-style dumps, an editor's save) is taken in one reload: the
 /// reload starts once no event came for `SETTLE`, or `SETTLE_MAX` after the first one.
@@ -192,6 +194,43 @@ fn log_rejection(errors: &LoadErrors, metrics: &Metrics) {
     }
 }
 
+/// Whether an inotify event can mean a configuration file changed. Opening, reading and
+/// closing a file unwritten cannot; and the scan itself opens the directory, so counting those
+/// would make every scan wake the next one, forever.
+fn may_change_files(event: &notify::Event) -> bool {
+    !matches!(event.kind, notify::EventKind::Access(_))
+}
+
+/// An inotify watch on `dir` that sends `()` for every event that may have changed a file;
+/// no watcher (and a warning) where inotify is not available: the rescan still runs.
+fn watch_events(
+    dir: &Path,
+) -> (
+    Option<notify::RecommendedWatcher>,
+    mpsc::UnboundedReceiver<()>,
+) {
+    let (event_tx, events) = mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.as_ref().is_ok_and(|e| !may_change_files(e)) {
+            return;
+        }
+        let _ = event_tx.send(());
+    })
+    .and_then(|mut w| {
+        use notify::Watcher as _;
+        w.watch(dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    match watcher {
+        Ok(w) => (Some(w), events),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e,
+                "cannot watch the configuration directory; changes are picked up by rescanning");
+            (None, events)
+        }
+    }
+}
+
 /// Loads `dir` and keeps following it. Fails only if the first load fails: without a first
 /// good configuration there is nothing safe to run with. Every rejected version counts in
 /// `metrics.config_rejected`. Must be called inside a tokio runtime.
@@ -211,26 +250,14 @@ pub fn watch(
     log_problems(&first);
     let (tx, rx) = watch::channel(Arc::new(first));
 
-    let (event_tx, mut events) = mpsc::unbounded_channel();
-    let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = event_tx.send(());
-    })
-    .and_then(|mut w| {
-        use notify::Watcher as _;
-        w.watch(&dir, notify::RecursiveMode::NonRecursive)
-            .map(|()| w)
-    });
-    let watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(dir = %dir.display(), error = %e,
-                "cannot watch the configuration directory; changes are picked up by rescanning");
-            None
-        }
-    };
+    let (watcher, mut events) = watch_events(&dir);
 
+    let rescan_every = match watcher {
+        Some(_) => RESCAN_INTERVAL_WATCHED,
+        None => RESCAN_INTERVAL,
+    };
     let task = tokio::spawn(async move {
-        let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+        let mut rescan = tokio::time::interval(rescan_every);
         let mut last_error: Option<LoadErrors> = None;
         loop {
             tokio::select! {
@@ -439,6 +466,37 @@ mod tests {
             third.delta.is_none(),
             "after a rejected load the next snapshot is built whole"
         );
+    }
+
+    #[tokio::test]
+    async fn reading_the_directory_does_not_wake_its_watch() {
+        let dir = std::env::temp_dir().join(format!("ztunnel-wake-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        let (watcher, mut events) = watch_events(&dir);
+        assert!(watcher.is_some(), "inotify is available here");
+        // What every scan does: list the directory and stat its files, then read a changed one.
+        let fp = fingerprint(&dir).unwrap();
+        ParsedFiles::default().load(&fp).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let woken = events.try_recv().is_ok();
+
+        std::fs::write(
+            dir.join("b.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n",
+        )
+        .unwrap();
+        let changed = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            !woken,
+            "a scan must not wake the next one (it would rescan forever)"
+        );
+        assert!(matches!(changed, Ok(Some(()))), "a written file wakes it");
     }
 
     #[tokio::test]
