@@ -10,6 +10,8 @@
 //! * [`enrolment`]: who is in the mesh, and which pods this node captures;
 //! * [`policy`]: the policies in force for a workload, which admission decides over;
 //! * [`traffic`]: VirtualServices and DestinationRules, which the outbound side routes with.
+#[cfg(test)]
+mod apply_tests;
 mod enrolment;
 mod policy;
 mod services;
@@ -531,9 +533,22 @@ impl Snapshot {
         delta: &Delta,
         settings: &MeshSettings,
     ) -> Self {
+        self.apply_delta(generation, objects, delta, settings)
+            .unwrap_or_else(|objects| Snapshot::build(generation, *objects, settings))
+    }
+
+    /// [`Snapshot::apply`] without the fall-back: `Err` gives `objects` back when only a
+    /// full build can apply `delta`.
+    fn apply_delta(
+        &self,
+        generation: u64,
+        objects: Objects,
+        delta: &Delta,
+        settings: &MeshSettings,
+    ) -> Result<Self, Box<Objects>> {
         if !self.problem_parts.objects.is_empty() || settings.root_namespace != self.root_namespace
         {
-            return Snapshot::build(generation, objects, settings);
+            return Err(Box::new(objects));
         }
         let maps = ObjectMaps {
             namespaces: self.namespaces.clone(),
@@ -543,7 +558,7 @@ impl Snapshot {
             service_by_vip: self.service_by_vip.clone(),
         };
         let Some(maps) = maps.apply(delta) else {
-            return Snapshot::build(generation, objects, settings);
+            return Err(Box::new(objects));
         };
         let mut s = Snapshot {
             generation,
@@ -556,7 +571,7 @@ impl Snapshot {
             ..Default::default()
         };
         s.index_rules(objects.rest(), Touched::of(delta), Some(self));
-        s
+        Ok(s)
     }
 
     /// Indexes the policies, traffic rules and other objects, and gathers the problems: what

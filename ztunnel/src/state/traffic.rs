@@ -104,7 +104,10 @@ impl TrafficIndex {
                 (key, list.into_iter().map(|(_, vs)| vs).collect())
             })
             .collect();
-        for (key, list) in &by_service {
+        // In Service order: the problems of equal configurations read the same.
+        let mut shadowing: Vec<_> = by_service.iter().filter(|(_, l)| l.len() > 1).collect();
+        shadowing.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (key, list) in shadowing {
             if let [first, rest @ ..] = list.as_slice() {
                 for other in rest {
                     problems.push(format!(
