@@ -15,10 +15,11 @@ use ztunnel_common::{DELIVERY_MARK, PROXY_MARK};
 /// Listen backlog of the per-pod listeners.
 const BACKLOG: i32 = 1024;
 
+/// Non-blocking from `socket(2)` on (`SOCK_NONBLOCK`): no `fcntl` pair per connection.
 fn tcp(addr: SocketAddr) -> io::Result<socket2::Socket> {
     socket2::Socket::new(
         socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
+        socket2::Type::STREAM.nonblocking(),
         Some(socket2::Protocol::TCP),
     )
 }
@@ -27,7 +28,6 @@ fn tcp(addr: SocketAddr) -> io::Result<socket2::Socket> {
 pub fn marked(dst: SocketAddr) -> io::Result<socket2::Socket> {
     let socket = tcp(dst)?;
     socket.set_mark(PROXY_MARK)?;
-    socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
     Ok(socket)
 }
@@ -43,7 +43,6 @@ pub fn transparent(caller: IpAddr, dst: SocketAddr) -> io::Result<socket2::Socke
         SocketAddr::V4(_) => socket.set_ip_transparent(true)?,
         SocketAddr::V6(_) => set_int_option(&socket, libc::SOL_IPV6, libc::IPV6_TRANSPARENT)?,
     }
-    socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
     socket.bind(&SocketAddr::new(caller, 0).into())?;
     Ok(socket)
@@ -100,7 +99,6 @@ pub fn listen(addr: SocketAddr) -> io::Result<socket2::Socket> {
         s.set_only_v6(true)?;
     }
     s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
     Ok(s)
@@ -111,6 +109,16 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
 
     use super::*;
+
+    /// Every socket the proxy makes is non-blocking from its creation (tokio needs it so; no
+    /// `fcntl` after `socket(2)`).
+    #[test]
+    fn sockets_are_created_non_blocking() {
+        let dst = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+        assert!(marked(dst).unwrap().nonblocking().unwrap());
+        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        assert!(listen(any).unwrap().nonblocking().unwrap());
+    }
 
     /// The tunnel's socket leaves from the address it was bound to, on either family, with the
     /// port chosen at connect time.

@@ -73,6 +73,9 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
                       --peer; at most 30000)
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
+  --mesh-fast-path    run our mesh path's two proxies with `--fast-path on` (the sk_msg fast
+                      path between each application and its proxy; off by default because it
+                      changes blocking readers' semantics, docs/capture.md): an opt-in measure
   --only STEPS        run only these steps, comma-separated: idle, memory, throughput,
                       latency, routing, conn-rate, same-node (default: all)
   --out DIR           where the JSON goes (default <workspace>/target/bench)
@@ -97,6 +100,8 @@ struct Params {
     peer: Option<PathBuf>,
     /// `--profile`: where the recordings and flame graphs go.
     profile: Option<PathBuf>,
+    /// `--mesh-fast-path`: our mesh path's proxies run with the sk_msg fast path on.
+    mesh_fast_path: bool,
 }
 
 impl Params {
@@ -105,6 +110,7 @@ impl Params {
         let mut out = ztunnel_tests::workspace_root().join("target/bench");
         let mut peer: Option<Option<PathBuf>> = None;
         let mut profile = None;
+        let mut mesh_fast_path = false;
         let mut steps = Step::ALL.to_vec();
         let mut it = args.iter().peekable();
         while let Some(flag) = it.next() {
@@ -115,6 +121,10 @@ impl Params {
             if flag == "--peer" {
                 let path = it.next_if(|a| !a.starts_with("--")).map(PathBuf::from);
                 peer = Some(path);
+                continue;
+            }
+            if flag == "--mesh-fast-path" {
+                mesh_fast_path = true;
                 continue;
             }
             let value = it
@@ -187,6 +197,7 @@ impl Params {
             out,
             peer,
             profile,
+            mesh_fast_path,
         })
     }
 
@@ -198,6 +209,7 @@ impl Params {
             "steps": self.steps.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "peer": self.peer.as_ref().map(|p| p.display().to_string()),
             "profile": self.profile.as_ref().map(|p| p.display().to_string()),
+            "mesh_fast_path": self.mesh_fast_path,
         })
     }
 }
@@ -519,6 +531,47 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--mesh-fast-path`: restarts the mesh path's two proxies (nodes 1 and 2) with the fast
+/// path on and checks that both say so.
+fn mesh_fast_path_on(c: &Cluster) -> Result<()> {
+    for (node, pod) in [(1, "mesh/client"), (2, "mesh/server")] {
+        c.stop_proxy(node)?;
+        let mark = c.log_mark(node);
+        c.start_proxy_with(node, &["--fast-path", "on"])?;
+        c.wait_enrolled(node, mark, pod, WAIT)?;
+        let on = same_node::fast_path_metric(c, node, "ztunnel_fast_path_enabled")?;
+        ensure!(
+            on == 1.0,
+            "the fast path should be on on node{node} (gauge {on})"
+        );
+    }
+    println!("   mesh: both proxies run with --fast-path on (opt-in; docs/capture.md)");
+    Ok(())
+}
+
+/// With `--mesh-fast-path`: how many bytes and messages the mesh path's proxies redirected,
+/// so the JSON shows the fast path carried the traffic.
+fn mesh_fast_path_counters(c: &Cluster) -> Result<Value> {
+    let mut nodes = serde_json::Map::new();
+    for node in [1, 2] {
+        let mut counters = serde_json::Map::new();
+        for name in [
+            "ztunnel_fast_path_sockets_total",
+            "ztunnel_fast_path_redirected_messages_total",
+            "ztunnel_fast_path_redirected_bytes_total",
+            "ztunnel_fast_path_tcp_messages_total",
+            "ztunnel_fast_path_active_tcp_total",
+        ] {
+            counters.insert(
+                name.to_owned(),
+                json!(same_node::fast_path_metric(c, node, name)?),
+            );
+        }
+        nodes.insert(format!("node{node}"), Value::Object(counters));
+    }
+    Ok(Value::Object(nodes))
+}
+
 fn heading(title: &str) {
     println!("\n\x1b[1m{title}\x1b[0m");
 }
@@ -598,6 +651,9 @@ fn run(p: &Params) -> Result<bool> {
     c.wait_enrolled(2, 0, "mesh/server", WAIT)?;
     if let Some(same) = &same {
         same.prepare(&c)?;
+    }
+    if p.mesh_fast_path {
+        mesh_fast_path_on(&c)?;
     }
     let pids: BTreeMap<Way, [u32; 2]> = ways
         .iter()
@@ -726,6 +782,24 @@ fn run(p: &Params) -> Result<bool> {
             "the proxies logged {emfile} \"too many open files\" (EMFILE) errors during the run"
         ));
     }
+    let fast_path = if p.mesh_fast_path {
+        match mesh_fast_path_counters(&c) {
+            Ok(v) => {
+                if v["node1"]["ztunnel_fast_path_redirected_bytes_total"].as_f64() == Some(0.0) {
+                    report
+                        .problems
+                        .push("--mesh-fast-path: node1 redirected no bytes".to_owned());
+                }
+                v
+            }
+            Err(e) => {
+                report.problem("reading the mesh path's fast-path counters", &e);
+                Value::Null
+            }
+        }
+    } else {
+        Value::Null
+    };
     drop(servers);
     drop(c);
 
@@ -748,6 +822,7 @@ fn run(p: &Params) -> Result<bool> {
         "host": {"cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
                  "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned())},
         "mesh_transport": transport.get(&Way::Mesh),
+        "mesh_fast_path": fast_path,
         "params": p.to_json(),
         "rows": report.rows.iter().map(|r| {
             let mut row = json!({

@@ -313,6 +313,6 @@ fn problem(problems: &mut Vec<String>, what: &str, e: &anyhow::Error) {
 }
 
 /// A metric of node `i`'s proxy, summed over its series (0 if absent).
-fn fast_path_metric(c: &Cluster, i: usize, name: &str) -> Result<f64> {
+pub(super) fn fast_path_metric(c: &Cluster, i: usize, name: &str) -> Result<f64> {
     Ok(c.node(i).scrape()?.sum(name, &[]))
 }
