@@ -156,6 +156,11 @@ impl<P: Namespaced> PolicyIndex<P> {
         self.by_namespace.values().flatten()
     }
 
+    /// The namespaces that have policies of this kind, in order.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.by_namespace.keys().map(String::as_str)
+    }
+
     /// The policies of `ns`, in order.
     fn in_namespace(&self, ns: &str) -> &[Arc<P>] {
         self.by_namespace.get(ns).map(Vec::as_slice).unwrap_or(&[])

@@ -273,6 +273,11 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
+    /// The policies, in evaluation order.
+    pub fn policies(&self) -> &[Arc<AuthorizationPolicy>] {
+        &self.policies
+    }
+
     /// Whether any ALLOW policy applies (then a call no ALLOW rule matches is denied).
     pub fn has_allow(&self) -> bool {
         self.has_allow

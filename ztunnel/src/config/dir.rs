@@ -20,7 +20,7 @@ use super::{
     WatchHandle,
 };
 use crate::metrics::Metrics;
-use crate::state::{MeshSettings, Objects, Snapshot};
+use crate::state::{Delta, MeshSettings, Objects, Snapshot};
 
 /// Changes are noticed through inotify; this rescan catches whatever inotify misses (the
 /// directory replaced, events overflowed, filesystems without inotify). Without inotify it is
@@ -36,7 +36,7 @@ const SETTLE_MAX: Duration = Duration::from_millis(100);
 /// Reads every configuration file of `dir` (sorted by name, so conflicts resolve the same way
 /// every time).
 pub fn load_dir(dir: &Path) -> Result<Objects, LoadErrors> {
-    ParsedFiles::default().load(&fingerprint(dir)?)
+    Ok(ParsedFiles::default().load(&fingerprint(dir)?)?.objects)
 }
 
 /// Each file's objects as last parsed, with the fingerprint they were parsed at: a reload
@@ -47,6 +47,16 @@ struct ParsedFiles {
     files: HashMap<PathBuf, (FileStamp, Objects)>,
     /// Files parsed by the last [`ParsedFiles::load`], for the log.
     parsed_last: usize,
+    /// Whether `files` holds what the last published snapshot was built from, so that a
+    /// [`Delta`] from them applies to it: not before the first load, nor after a rejected one
+    /// (its good files were kept, its snapshot never published).
+    in_sync: bool,
+}
+
+/// A directory's objects, and what changed since the previous load when it is known.
+struct Loaded {
+    objects: Objects,
+    delta: Option<Delta>,
 }
 
 impl ParsedFiles {
@@ -54,17 +64,21 @@ impl ParsedFiles {
     /// read again. On error nothing is kept for the failing files, so they are read again next
     /// time. A file that changes while it is read has a newer stamp than the one kept here,
     /// and is read again on the next reload.
-    fn load(&mut self, fp: &Fingerprint) -> Result<Objects, LoadErrors> {
+    fn load(&mut self, fp: &Fingerprint) -> Result<Loaded, LoadErrors> {
         let mut objects = Objects::default();
+        let mut delta = Delta::default();
         let mut errors = Vec::new();
         let mut kept = HashMap::with_capacity(fp.len());
         self.parsed_last = 0;
         for (file, stamp) in fp {
-            if let Some((at, parsed)) = self.files.remove(file).filter(|(at, _)| at == stamp) {
-                objects.extend_from(&parsed);
-                kept.insert(file.clone(), (at, parsed));
-                continue;
-            }
+            let before = match self.files.remove(file) {
+                Some((at, parsed)) if at == *stamp => {
+                    objects.extend_from(&parsed);
+                    kept.insert(file.clone(), (at, parsed));
+                    continue;
+                }
+                before => before,
+            };
             self.parsed_last += 1;
             let mut parsed = Objects::default();
             let result = std::fs::read_to_string(file)
@@ -77,18 +91,27 @@ impl ParsedFiles {
                 .and_then(|text| parse_file(file, &text, &mut parsed));
             match result {
                 Ok(()) => {
+                    match &before {
+                        Some((_, old)) => delta.record(old, &mut parsed),
+                        None => delta.added.extend_from(&parsed),
+                    }
                     objects.extend_from(&parsed);
                     kept.insert(file.clone(), (*stamp, parsed));
                 }
                 Err(e) => errors.push(e),
             }
         }
-        self.files = kept;
-        if errors.is_empty() {
-            Ok(objects)
-        } else {
-            Err(LoadErrors(errors))
+        // The files gone since the last load.
+        for (_, old) in self.files.values() {
+            delta.removed.extend_from(old);
         }
+        self.files = kept;
+        if !errors.is_empty() {
+            self.in_sync = false;
+            return Err(LoadErrors(errors));
+        }
+        let delta = std::mem::replace(&mut self.in_sync, true).then_some(delta);
+        Ok(Loaded { objects, delta })
     }
 }
 
@@ -219,7 +242,11 @@ pub fn watch(
     let mut last_fingerprint = fingerprint(&dir)?;
     let mut generation = 1;
     let mut parsed = ParsedFiles::default();
-    let first = Snapshot::build(generation, parsed.load(&last_fingerprint)?, &settings);
+    let first = Snapshot::build(
+        generation,
+        parsed.load(&last_fingerprint)?.objects,
+        &settings,
+    );
     log_problems(&first);
     let (tx, rx) = watch::channel(Arc::new(first));
 
@@ -272,11 +299,15 @@ pub fn watch(
                 let settings = settings.clone();
                 let fp = fp.clone();
                 let next = generation + 1;
+                let before = tx.borrow().clone();
                 let work = tokio::task::spawn_blocking(move || {
                     let started = Instant::now();
-                    let loaded = parsed.load(&fp).map(|objects| {
+                    let loaded = parsed.load(&fp).map(|Loaded { objects, delta }| {
                         let read = started.elapsed();
-                        let snapshot = Snapshot::build(next, objects, &settings);
+                        let snapshot = match &delta {
+                            Some(delta) => before.apply(next, objects, delta, &settings),
+                            None => Snapshot::build(next, objects, &settings),
+                        };
                         (snapshot, read, started.elapsed() - read)
                     });
                     (parsed, loaded)
@@ -390,18 +421,34 @@ mod tests {
         publish("b.yaml", &ns("two"));
         let first = load(&mut parsed).unwrap();
         assert_eq!(
-            (names(&first), parsed.parsed_last),
+            (names(&first.objects), parsed.parsed_last),
             (vec!["one".into(), "two".into()], 2)
         );
+        assert!(first.delta.is_none(), "nothing to apply a delta to yet");
 
         publish("b.yaml", &ns("six")); // same size
         let second = load(&mut parsed).unwrap();
-        assert_eq!(names(&second), ["one", "six"]);
+        assert_eq!(names(&second.objects), ["one", "six"]);
         assert_eq!(parsed.parsed_last, 1, "only b.yaml is read again");
         assert!(
-            Arc::ptr_eq(&first.namespaces[0], &second.namespaces[0]),
+            Arc::ptr_eq(&first.objects.namespaces[0], &second.objects.namespaces[0]),
             "a.yaml's objects are the ones parsed before"
         );
+        let delta = second.delta.expect("a delta to the first load");
+        assert_eq!(
+            (names(&delta.removed), names(&delta.added)),
+            (vec!["two".into()], vec!["six".into()])
+        );
+
+        // Rewritten unchanged: read again, but nothing changed and the objects stay shared.
+        publish("b.yaml", &ns("six"));
+        let same = load(&mut parsed).unwrap();
+        assert_eq!(parsed.parsed_last, 1);
+        assert!(same.delta.expect("in sync").is_empty());
+        assert!(Arc::ptr_eq(
+            &second.objects.namespaces[1],
+            &same.objects.namespaces[1]
+        ));
 
         publish("b.yaml", "kind: [");
         assert!(load(&mut parsed).is_err());
@@ -410,11 +457,15 @@ mod tests {
         let third = load(&mut parsed).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(
-            names(&third),
+            names(&third.objects),
             ["two"],
             "a removed file takes its objects along"
         );
         assert_eq!((parsed.parsed_last, parsed.files.len()), (1, 1));
+        assert!(
+            third.delta.is_none(),
+            "after a rejected load the next snapshot is built whole"
+        );
     }
 
     #[tokio::test]

@@ -10,16 +10,20 @@
 //! * [`enrolment`]: who is in the mesh, and which pods this node captures;
 //! * [`policy`]: the policies in force for a workload, which admission decides over;
 //! * [`traffic`]: VirtualServices and DestinationRules, which the outbound side routes with.
+#[cfg(test)]
+mod apply_tests;
 mod enrolment;
 mod policy;
 mod services;
 mod traffic;
 
 use std::{
-    collections::{btree_map, hash_map, BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, RwLock},
 };
+
+use imbl::OrdMap;
 
 pub use enrolment::{Enrolment, EnrolmentPolicy};
 pub use services::Endpoint;
@@ -81,6 +85,212 @@ impl Objects {
             .extend(other.destination_rules.iter().cloned());
         self.other.extend(other.other.iter().cloned());
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.pods.is_empty()
+            && self.services.is_empty()
+            && self.peer_authentications.is_empty()
+            && self.authorization_policies.is_empty()
+            && self.request_authentications.is_empty()
+            && self.virtual_services.is_empty()
+            && self.destination_rules.is_empty()
+            && self.other.is_empty()
+    }
+
+    /// Everything but namespaces, pods and Services.
+    fn rest(self) -> Rest {
+        Rest {
+            peer_authentications: self.peer_authentications,
+            authorization_policies: self.authorization_policies,
+            request_authentications: self.request_authentications,
+            virtual_services: self.virtual_services,
+            destination_rules: self.destination_rules,
+            other: self.other,
+        }
+    }
+}
+
+/// The objects indexed after namespaces, pods and Services.
+struct Rest {
+    peer_authentications: Vec<Arc<PeerAuthentication>>,
+    authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    request_authentications: Vec<Arc<RequestAuthentication>>,
+    virtual_services: Vec<Arc<VirtualService>>,
+    destination_rules: Vec<Arc<DestinationRule>>,
+    other: Vec<OtherObject>,
+}
+
+/// Objects a source saw change since the snapshot it last published: those gone or replaced
+/// (`removed`, as the source had them) and those new or replacing them (`added`). An object
+/// whose value did not change is in neither, so the snapshot keeps sharing it.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub removed: Objects,
+    pub added: Objects,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.added.is_empty()
+    }
+
+    /// Records how one part of a source (a file) went from `old` to `new`. An object of `new`
+    /// equal to one of `old` is replaced by that one, so snapshots keep sharing it; policies
+    /// and traffic rules, which are indexed per kind, count as changed unless the part's whole
+    /// list of that kind is equal.
+    pub fn record(&mut self, old: &Objects, new: &mut Objects) {
+        let (removed, added) = (&mut self.removed, &mut self.added);
+        diff_by_key(
+            &old.namespaces,
+            &mut new.namespaces,
+            |n| (n.name.clone(), String::new()),
+            &mut removed.namespaces,
+            &mut added.namespaces,
+        );
+        diff_by_key(
+            &old.pods,
+            &mut new.pods,
+            |p| (p.namespace.clone(), p.name.clone()),
+            &mut removed.pods,
+            &mut added.pods,
+        );
+        diff_by_key(
+            &old.services,
+            &mut new.services,
+            |s| (s.namespace.clone(), s.name.clone()),
+            &mut removed.services,
+            &mut added.services,
+        );
+        diff_lists(
+            &old.peer_authentications,
+            &mut new.peer_authentications,
+            &mut removed.peer_authentications,
+            &mut added.peer_authentications,
+        );
+        diff_lists(
+            &old.authorization_policies,
+            &mut new.authorization_policies,
+            &mut removed.authorization_policies,
+            &mut added.authorization_policies,
+        );
+        diff_lists(
+            &old.request_authentications,
+            &mut new.request_authentications,
+            &mut removed.request_authentications,
+            &mut added.request_authentications,
+        );
+        diff_lists(
+            &old.virtual_services,
+            &mut new.virtual_services,
+            &mut removed.virtual_services,
+            &mut added.virtual_services,
+        );
+        diff_lists(
+            &old.destination_rules,
+            &mut new.destination_rules,
+            &mut removed.destination_rules,
+            &mut added.destination_rules,
+        );
+    }
+}
+
+fn diff_by_key<T: PartialEq>(
+    old: &[Arc<T>],
+    new: &mut [Arc<T>],
+    key: impl Fn(&T) -> Key,
+    removed: &mut Vec<Arc<T>>,
+    added: &mut Vec<Arc<T>>,
+) {
+    let mut before: HashMap<Key, &Arc<T>> = old.iter().map(|o| (key(o), o)).collect();
+    for n in new.iter_mut() {
+        match before.remove(&key(n)) {
+            Some(o) if **o == **n => *n = o.clone(),
+            Some(o) => {
+                removed.push(o.clone());
+                added.push(n.clone());
+            }
+            None => added.push(n.clone()),
+        }
+    }
+    removed.extend(before.into_values().cloned());
+}
+
+fn diff_lists<T: PartialEq>(
+    old: &[Arc<T>],
+    new: &mut [Arc<T>],
+    removed: &mut Vec<Arc<T>>,
+    added: &mut Vec<Arc<T>>,
+) {
+    if old.len() == new.len() && old.iter().zip(new.iter()).all(|(o, n)| **o == **n) {
+        new.clone_from_slice(old);
+    } else {
+        removed.extend_from_slice(old);
+        added.extend_from_slice(new);
+    }
+}
+
+/// Which kinds a delta touches.
+#[derive(Clone, Copy, Debug)]
+struct Touched {
+    pods: bool,
+    services: bool,
+    peer_authentications: bool,
+    authorization_policies: bool,
+    request_authentications: bool,
+    traffic: bool,
+}
+
+impl Touched {
+    const ALL: Touched = Touched {
+        pods: true,
+        services: true,
+        peer_authentications: true,
+        authorization_policies: true,
+        request_authentications: true,
+        traffic: true,
+    };
+
+    fn of(d: &Delta) -> Self {
+        let any = |f: fn(&Objects) -> bool| f(&d.removed) || f(&d.added);
+        Touched {
+            pods: any(|o| !o.pods.is_empty()),
+            services: any(|o| !o.services.is_empty()),
+            peer_authentications: any(|o| !o.peer_authentications.is_empty()),
+            authorization_policies: any(|o| !o.authorization_policies.is_empty()),
+            request_authentications: any(|o| !o.request_authentications.is_empty()),
+            traffic: any(|o| !o.virtual_services.is_empty() || !o.destination_rules.is_empty()),
+        }
+    }
+}
+
+/// A snapshot's problems by what they come from, so a delta recomputes only the parts it
+/// touches. [`Snapshot::problems`] is their concatenation, in this order.
+#[derive(Clone, Debug, Default)]
+struct Problems {
+    /// Names and addresses claimed twice, pods without their Namespace.
+    objects: Vec<String>,
+    traffic: Vec<String>,
+    peer_authentications: Vec<String>,
+    authorization_policies: Vec<String>,
+    /// The mesh configuration and the CUSTOM providers it must define.
+    mesh: Vec<String>,
+}
+
+impl Problems {
+    fn joined(&self) -> Vec<String> {
+        [
+            &self.objects,
+            &self.traffic,
+            &self.peer_authentications,
+            &self.authorization_policies,
+            &self.mesh,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
 }
 
 type Key = (String, String);
@@ -89,12 +299,15 @@ type Key = (String, String);
 pub struct Snapshot {
     /// Increases by one with every snapshot a source publishes.
     pub generation: u64,
-    pub namespaces: BTreeMap<String, Arc<Namespace>>,
-    pub pods: BTreeMap<Key, Arc<Pod>>,
-    pub services: BTreeMap<Key, Arc<Service>>,
-    pub peer_authentications: PeerAuthentications,
-    pub authorization_policies: AuthorizationPolicies,
-    pub request_authentications: RequestAuthentications,
+    /// Namespaces, pods and Services in persistent maps: a snapshot made by
+    /// [`Snapshot::apply`] shares every node the delta did not touch with the one before.
+    pub namespaces: OrdMap<String, Arc<Namespace>>,
+    pub pods: OrdMap<Key, Arc<Pod>>,
+    pub services: OrdMap<Key, Arc<Service>>,
+    /// The policy indexes, shared with the snapshot before when their kind did not change.
+    pub peer_authentications: Arc<PeerAuthentications>,
+    pub authorization_policies: Arc<AuthorizationPolicies>,
+    pub request_authentications: Arc<RequestAuthentications>,
     /// VirtualServices and DestinationRules, indexed against the Services.
     pub traffic: TrafficIndex,
     pub other: Vec<OtherObject>,
@@ -104,29 +317,132 @@ pub struct Snapshot {
     pub mesh_config: crate::authz::ext_authz::MeshConfig,
     /// Inconsistencies found while indexing; the snapshot is usable, the operator is told.
     pub problems: Vec<String>,
-    pod_by_ip: HashMap<IpAddr, Arc<Pod>>,
-    service_by_vip: HashMap<IpAddr, Arc<Service>>,
+    problem_parts: Problems,
+    pod_by_ip: imbl::HashMap<IpAddr, Arc<Pod>>,
+    service_by_vip: imbl::HashMap<IpAddr, Arc<Service>>,
     /// Each pod's AuthorizationPolicies, compiled on first use (few pods of a snapshot are
-    /// ever a destination on this node). Keyed by the address of the snapshot's own `Pod`.
-    authorization_by_pod: HashMap<usize, OnceLock<Arc<PolicySet>>>,
+    /// ever a destination on this node). Keyed by the address of the snapshot's own `Pod`:
+    /// only those are kept, and they live as long as the snapshot, so no other pod can be
+    /// at that address.
+    authorization_by_pod: RwLock<HashMap<usize, Arc<PolicySet>>>,
+}
+
+/// The maps a delta changes, taken from the snapshot before (sharing all their nodes).
+struct ObjectMaps {
+    namespaces: OrdMap<String, Arc<Namespace>>,
+    pods: OrdMap<Key, Arc<Pod>>,
+    services: OrdMap<Key, Arc<Service>>,
+    pod_by_ip: imbl::HashMap<IpAddr, Arc<Pod>>,
+    service_by_vip: imbl::HashMap<IpAddr, Arc<Service>>,
+}
+
+/// Whether `old` is the object a source says it removed (the same one, or an equal copy).
+fn is<T: PartialEq>(old: &Arc<T>, removed: &Arc<T>) -> bool {
+    Arc::ptr_eq(old, removed) || **old == **removed
+}
+
+impl ObjectMaps {
+    /// Applies `delta`; `None` when it makes a conflict (a name or address claimed twice, a pod
+    /// without its Namespace) or names an object the maps do not hold: who wins a conflict is
+    /// decided by reading order, which only a full build sees.
+    fn apply(mut self, delta: &Delta) -> Option<Self> {
+        let (removed, added) = (&delta.removed, &delta.added);
+        for ns in &removed.namespaces {
+            if !self
+                .namespaces
+                .remove(&ns.name)
+                .is_some_and(|old| is(&old, ns))
+            {
+                return None;
+            }
+        }
+        for pod in &removed.pods {
+            let old = self
+                .pods
+                .remove(&(pod.namespace.clone(), pod.name.clone()))
+                .filter(|old| is(old, pod))?;
+            if !old.host_network {
+                for ip in &old.ips {
+                    self.pod_by_ip.remove(ip).filter(|o| Arc::ptr_eq(o, &old))?;
+                }
+            }
+        }
+        for svc in &removed.services {
+            let old = self
+                .services
+                .remove(&(svc.namespace.clone(), svc.name.clone()))
+                .filter(|old| is(old, svc))?;
+            for vip in &old.vips {
+                self.service_by_vip
+                    .remove(vip)
+                    .filter(|o| Arc::ptr_eq(o, &old))?;
+            }
+        }
+        for ns in &added.namespaces {
+            if self
+                .namespaces
+                .insert(ns.name.clone(), ns.clone())
+                .is_some()
+            {
+                return None;
+            }
+        }
+        for pod in &added.pods {
+            if !self.namespaces.contains_key(&pod.namespace) {
+                return None;
+            }
+            let key = (pod.namespace.clone(), pod.name.clone());
+            if self.pods.insert(key, pod.clone()).is_some() {
+                return None;
+            }
+            if !pod.host_network {
+                for ip in &pod.ips {
+                    if self.pod_by_ip.insert(*ip, pod.clone()).is_some() {
+                        return None;
+                    }
+                }
+            }
+        }
+        for svc in &added.services {
+            let key = (svc.namespace.clone(), svc.name.clone());
+            if self.services.insert(key, svc.clone()).is_some() {
+                return None;
+            }
+            for vip in &svc.vips {
+                if self.service_by_vip.insert(*vip, svc.clone()).is_some() {
+                    return None;
+                }
+            }
+        }
+        // A Namespace removed for good must take its pods along.
+        for ns in &removed.namespaces {
+            if !self.namespaces.contains_key(&ns.name)
+                && self
+                    .pods
+                    .range((ns.name.clone(), String::new())..)
+                    .next()
+                    .is_some_and(|((pod_ns, _), _)| *pod_ns == ns.name)
+            {
+                return None;
+            }
+        }
+        Some(self)
+    }
 }
 
 impl Snapshot {
     /// Indexes `objects`. Duplicates and conflicts are resolved deterministically (the object
     /// read first keeps the name or address) and each is recorded in `problems`.
-    pub fn build(generation: u64, objects: Objects, settings: &MeshSettings) -> Self {
+    pub fn build(generation: u64, mut objects: Objects, settings: &MeshSettings) -> Self {
         let mut s = Snapshot {
             generation,
-            other: objects.other,
-            peer_authentications: PeerAuthentications::new(objects.peer_authentications),
-            authorization_policies: AuthorizationPolicies::new(objects.authorization_policies),
-            request_authentications: RequestAuthentications::new(objects.request_authentications),
             root_namespace: settings.root_namespace.clone(),
             ..Default::default()
         };
-        for ns in objects.namespaces {
+        let problems = &mut s.problem_parts.objects;
+        for ns in std::mem::take(&mut objects.namespaces) {
             if let Some(first) = s.namespaces.get(&ns.name) {
-                s.problems.push(format!(
+                problems.push(format!(
                     "namespace {} is defined twice ({} and {}); the first one is used",
                     ns.name, first.origin, ns.origin
                 ));
@@ -134,24 +450,19 @@ impl Snapshot {
             }
             s.namespaces.insert(ns.name.clone(), ns);
         }
-        s.pod_by_ip.reserve(objects.pods.len());
-        s.service_by_vip.reserve(objects.services.len());
-        for pod in objects.pods {
+        for pod in std::mem::take(&mut objects.pods) {
             let key = (pod.namespace.clone(), pod.name.clone());
-            let slot = match s.pods.entry(key) {
-                btree_map::Entry::Occupied(first) => {
-                    s.problems.push(format!(
-                        "pod {} is defined twice ({} and {}); the first one is used",
-                        pod.workload(),
-                        first.get().origin,
-                        pod.origin
-                    ));
-                    continue;
-                }
-                btree_map::Entry::Vacant(slot) => slot,
-            };
+            if let Some(first) = s.pods.get(&key) {
+                problems.push(format!(
+                    "pod {} is defined twice ({} and {}); the first one is used",
+                    pod.workload(),
+                    first.origin,
+                    pod.origin
+                ));
+                continue;
+            }
             if !s.namespaces.contains_key(&pod.namespace) {
-                s.problems.push(format!(
+                problems.push(format!(
                     "pod {} ({}) is in namespace {} which has no Namespace object; it is not enrolled",
                     pod.workload(),
                     pod.origin,
@@ -160,10 +471,8 @@ impl Snapshot {
             }
             if !pod.host_network {
                 for ip in &pod.ips {
-                    match s.pod_by_ip.entry(*ip) {
-                        hash_map::Entry::Occupied(owner) => {
-                            let owner = owner.get();
-                            s.problems.push(format!(
+                    match s.pod_by_ip.get(ip) {
+                        Some(owner) => problems.push(format!(
                             "pods {} ({}) and {} ({}) both claim IP {ip}; it stays with {} and {} is not enrolled",
                             owner.workload(),
                             owner.origin,
@@ -171,36 +480,27 @@ impl Snapshot {
                             pod.origin,
                             owner.workload(),
                             pod.workload()
-                        ))
-                        }
-                        hash_map::Entry::Vacant(free) => {
-                            free.insert(pod.clone());
+                        )),
+                        None => {
+                            s.pod_by_ip.insert(*ip, pod.clone());
                         }
                     }
                 }
             }
-            slot.insert(pod);
+            s.pods.insert(key, pod);
         }
-        for svc in objects.services {
+        for svc in std::mem::take(&mut objects.services) {
             let key = (svc.namespace.clone(), svc.name.clone());
-            let slot = match s.services.entry(key) {
-                btree_map::Entry::Occupied(first) => {
-                    s.problems.push(format!(
-                        "service {}/{} is defined twice ({} and {}); the first one is used",
-                        svc.namespace,
-                        svc.name,
-                        first.get().origin,
-                        svc.origin
-                    ));
-                    continue;
-                }
-                btree_map::Entry::Vacant(slot) => slot,
-            };
+            if let Some(first) = s.services.get(&key) {
+                problems.push(format!(
+                    "service {}/{} is defined twice ({} and {}); the first one is used",
+                    svc.namespace, svc.name, first.origin, svc.origin
+                ));
+                continue;
+            }
             for vip in &svc.vips {
-                match s.service_by_vip.entry(*vip) {
-                    hash_map::Entry::Occupied(owner) => {
-                        let owner = owner.get();
-                        s.problems.push(format!(
+                match s.service_by_vip.get(vip) {
+                    Some(owner) => problems.push(format!(
                         "services {}/{} and {}/{} both claim cluster IP {vip}; it stays with {}/{}",
                         owner.namespace,
                         owner.name,
@@ -208,59 +508,158 @@ impl Snapshot {
                         svc.name,
                         owner.namespace,
                         owner.name
-                    ))
-                    }
-                    hash_map::Entry::Vacant(free) => {
-                        free.insert(svc.clone());
+                    )),
+                    None => {
+                        s.service_by_vip.insert(*vip, svc.clone());
                     }
                 }
             }
-            slot.insert(svc);
+            s.services.insert(key, svc);
         }
-        s.traffic = TrafficIndex::build(
-            objects.virtual_services,
-            objects.destination_rules,
-            &s.services,
-            &mut s.problems,
-        );
-        let problems = s
-            .peer_authentications
-            .problems(&s.root_namespace, s.pods.values());
-        s.problems.extend(problems);
-        s.problems.extend(s.authorization_policies.problems());
-        s.authorization_by_pod = s
-            .pods
-            .values()
-            .map(|p| (Arc::as_ptr(p) as usize, OnceLock::new()))
-            .collect();
-        s.read_mesh_config();
-        let problems = s.custom_provider_problems();
-        s.problems.extend(problems);
+        s.index_rules(objects.rest(), Touched::ALL, None);
         s
+    }
+
+    /// The snapshot after `delta`, sharing with `self` everything the delta does not touch:
+    /// what it costs follows the size of the change, not of the cluster. `objects` are all
+    /// the source's objects, the delta applied, as [`Snapshot::build`] would take them: the
+    /// result is equal to that build's. A delta that makes or removes a conflict, and any
+    /// delta to a snapshot that has one, is applied by that full build, since who wins a
+    /// conflict depends on reading order.
+    pub fn apply(
+        &self,
+        generation: u64,
+        objects: Objects,
+        delta: &Delta,
+        settings: &MeshSettings,
+    ) -> Self {
+        self.apply_delta(generation, objects, delta, settings)
+            .unwrap_or_else(|objects| Snapshot::build(generation, *objects, settings))
+    }
+
+    /// [`Snapshot::apply`] without the fall-back: `Err` gives `objects` back when only a
+    /// full build can apply `delta`.
+    fn apply_delta(
+        &self,
+        generation: u64,
+        objects: Objects,
+        delta: &Delta,
+        settings: &MeshSettings,
+    ) -> Result<Self, Box<Objects>> {
+        if !self.problem_parts.objects.is_empty() || settings.root_namespace != self.root_namespace
+        {
+            return Err(Box::new(objects));
+        }
+        let maps = ObjectMaps {
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.clone(),
+            services: self.services.clone(),
+            pod_by_ip: self.pod_by_ip.clone(),
+            service_by_vip: self.service_by_vip.clone(),
+        };
+        let Some(maps) = maps.apply(delta) else {
+            return Err(Box::new(objects));
+        };
+        let mut s = Snapshot {
+            generation,
+            namespaces: maps.namespaces,
+            pods: maps.pods,
+            services: maps.services,
+            pod_by_ip: maps.pod_by_ip,
+            service_by_vip: maps.service_by_vip,
+            root_namespace: self.root_namespace.clone(),
+            ..Default::default()
+        };
+        s.index_rules(objects.rest(), Touched::of(delta), Some(self));
+        Ok(s)
+    }
+
+    /// Indexes the policies, traffic rules and other objects, and gathers the problems: what
+    /// `touched` names anew, the rest shared with `before`.
+    fn index_rules(&mut self, rest: Rest, touched: Touched, before: Option<&Snapshot>) {
+        let mut problems = std::mem::take(&mut self.problem_parts);
+        let before = |kind: bool| before.filter(|_| !kind);
+        match before(touched.peer_authentications) {
+            Some(b) => self.peer_authentications = b.peer_authentications.clone(),
+            None => {
+                self.peer_authentications =
+                    Arc::new(PeerAuthentications::new(rest.peer_authentications))
+            }
+        }
+        match before(touched.authorization_policies) {
+            Some(b) => {
+                self.authorization_policies = b.authorization_policies.clone();
+                problems.authorization_policies = b.problem_parts.authorization_policies.clone();
+            }
+            None => {
+                self.authorization_policies =
+                    Arc::new(AuthorizationPolicies::new(rest.authorization_policies));
+                problems.authorization_policies = self.authorization_policies.problems();
+            }
+        }
+        match before(touched.request_authentications) {
+            Some(b) => self.request_authentications = b.request_authentications.clone(),
+            None => {
+                self.request_authentications =
+                    Arc::new(RequestAuthentications::new(rest.request_authentications))
+            }
+        }
+        match before(touched.traffic || touched.services) {
+            Some(b) => {
+                self.traffic = b.traffic.share();
+                problems.traffic = b.problem_parts.traffic.clone();
+            }
+            None => {
+                self.traffic = TrafficIndex::build(
+                    rest.virtual_services,
+                    rest.destination_rules,
+                    &self.services,
+                    &mut problems.traffic,
+                )
+            }
+        }
+        match before(touched.peer_authentications || touched.pods) {
+            Some(b) => problems.peer_authentications = b.problem_parts.peer_authentications.clone(),
+            None => {
+                // Only the pods of namespaces with PeerAuthentications can be selected by two.
+                let pods = self.peer_authentications.namespaces().flat_map(|ns| {
+                    self.pods
+                        .range((ns.to_owned(), String::new())..)
+                        .take_while(move |((pod_ns, _), _)| pod_ns == ns)
+                        .map(|(_, pod)| pod)
+                });
+                problems.peer_authentications = self
+                    .peer_authentications
+                    .problems(&self.root_namespace, pods);
+            }
+        }
+        self.other = rest.other;
+        problems.mesh.extend(self.read_mesh_config());
+        problems.mesh.extend(self.custom_provider_problems());
+        self.problems = problems.joined();
+        self.problem_parts = problems;
     }
 
     /// Reads Istio's mesh configuration from the `istio` ConfigMap of the root namespace. A bad
     /// one is reported and not used: CUSTOM policies then deny (their providers are unknown).
-    fn read_mesh_config(&mut self) {
-        let Some(cm) = self.other.iter().find(|o| {
+    fn read_mesh_config(&mut self) -> Option<String> {
+        let cm = self.other.iter().find(|o| {
             o.api_version == "v1"
                 && o.kind == "ConfigMap"
                 && o.name == "istio"
                 && o.namespace.as_deref() == Some(self.root_namespace.as_str())
-        }) else {
-            return;
-        };
-        let Some(mesh) = cm
+        })?;
+        let mesh = cm
             .body
             .get("data")
             .and_then(|d| d.get("mesh"))
-            .and_then(|m| m.as_str())
-        else {
-            return;
-        };
+            .and_then(|m| m.as_str())?;
         match crate::authz::ext_authz::MeshConfig::parse(mesh) {
-            Ok(m) => self.mesh_config = m,
-            Err(e) => self.problems.push(format!(
+            Ok(m) => {
+                self.mesh_config = m;
+                None
+            }
+            Err(e) => Some(format!(
                 "ConfigMap {}/istio ({}): the mesh configuration is not used: {e}",
                 self.root_namespace, cm.origin
             )),

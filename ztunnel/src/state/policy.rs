@@ -22,10 +22,26 @@ impl Snapshot {
                     .cloned(),
             ))
         };
-        match self.authorization_by_pod.get(&(pod as *const Pod as usize)) {
-            Some(cell) => cell.get_or_init(compile).clone(),
-            None => compile(),
+        let at = pod as *const Pod as usize;
+        let cached = {
+            let cache = self.authorization_by_pod.read();
+            cache.unwrap_or_else(|e| e.into_inner()).get(&at).cloned()
+        };
+        if let Some(set) = cached {
+            return set;
         }
+        let set = compile();
+        let own = self
+            .pods
+            .get(&(pod.namespace.clone(), pod.name.clone()))
+            .is_some_and(|own| std::ptr::eq(own.as_ref(), pod));
+        if own {
+            self.authorization_by_pod
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(at, set.clone());
+        }
+        set
     }
 
     /// The RequestAuthentications that apply to `pod`.

@@ -54,7 +54,7 @@ impl TrafficIndex {
     pub(super) fn build(
         mut virtual_services: Vec<Arc<VirtualService>>,
         destination_rules: Vec<Arc<DestinationRule>>,
-        services: &std::collections::BTreeMap<Key, Arc<Service>>,
+        services: &imbl::OrdMap<Key, Arc<Service>>,
         problems: &mut Vec<String>,
     ) -> Self {
         virtual_services.sort_by(|a, b| a.precedence_key().cmp(&b.precedence_key()));
@@ -104,7 +104,10 @@ impl TrafficIndex {
                 (key, list.into_iter().map(|(_, vs)| vs).collect())
             })
             .collect();
-        for (key, list) in &by_service {
+        // In Service order: the problems of equal configurations read the same.
+        let mut shadowing: Vec<_> = by_service.iter().filter(|(_, l)| l.len() > 1).collect();
+        shadowing.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (key, list) in shadowing {
             if let [first, rest @ ..] = list.as_slice() {
                 for other in rest {
                     problems.push(format!(
@@ -183,11 +186,23 @@ impl TrafficIndex {
         index
     }
 
+    /// The same rules for a snapshot whose Services did not change: the endpoints, which
+    /// follow the pods, are computed again on use.
+    pub(super) fn share(&self) -> Self {
+        TrafficIndex {
+            virtual_services: self.virtual_services.clone(),
+            destination_rules: self.destination_rules.clone(),
+            by_service: self.by_service.clone(),
+            rules_by_namespace: self.rules_by_namespace.clone(),
+            endpoints: RwLock::default(),
+        }
+    }
+
     /// Routes to hosts that are not Services, or to subsets no rule defines, are reported
     /// here; their requests are answered 503 (with the reason) when they come.
     fn check_destinations(
         &self,
-        services: &std::collections::BTreeMap<Key, Arc<Service>>,
+        services: &imbl::OrdMap<Key, Arc<Service>>,
         problems: &mut Vec<String>,
     ) {
         for vs in self.virtual_services.iter().filter(|v| v.mesh) {
