@@ -122,6 +122,10 @@ pub(super) fn install(
     )?;
     let (cgroup, cgroup_path) = pods_cgroup;
     link_sock_ops(ops, cgroup, cgroup_path, &sock_ops_link)?;
+    warn!(
+        "the fast path has no flow control yet: a reader slower than its writer lets the \
+         kernel's queue grow without bound (docs/capture.md); use it for measurements only"
+    );
     match own_cgroup_outside(cgroup_path) {
         Ok(Some(own)) => {
             let file = File::open(&own).with_context(|| format!("opening {}", own.display()))?;

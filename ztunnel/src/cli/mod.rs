@@ -435,7 +435,8 @@ pub struct RunArgs {
     /// (docs/capture.md, "Fast path"). Off by default: on this kernel a blocking `recv()` of
     /// an application socket on the fast path can fail with EAGAIN (tcp_bpf returns it after
     /// any wakeup without data), so turn it on only where every application reads with an
-    /// event loop.
+    /// event loop. It also has no flow control yet: a reader slower than its writer lets the
+    /// kernel queue grow without bound, so it is for measurements only.
     #[arg(long, env = "ZTUNNEL_FAST_PATH", value_enum, default_value_t = Switch::Off)]
     pub fast_path: Switch,
     /// Istio's request metrics (istio_requests_total, istio_request_duration_milliseconds,
