@@ -1,5 +1,6 @@
-//! The process's allocator: glibc's malloc by default, jemalloc or mimalloc with the cargo
-//! feature of that name (docs/benchmarks.md has the measurements that chose between them).
+//! The process's allocator: jemalloc (the `jemalloc` feature, on by default), mimalloc (the
+//! `mimalloc` feature, with `--no-default-features`) or glibc's malloc (no feature);
+//! docs/benchmarks.md has the measurements that chose between them.
 //! [`Backing`] is what every allocation reaches in the end: the daemon's `main.rs` installs it
 //! (a library does not choose its users' allocator), or the `alloc-census` feature wraps it in
 //! its counting allocator.
