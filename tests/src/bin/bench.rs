@@ -569,21 +569,20 @@ fn mesh_fast_path_on(c: &Cluster) -> Result<()> {
 /// so the JSON shows the fast path carried the traffic.
 fn mesh_fast_path_counters(c: &Cluster) -> Result<Value> {
     let mut nodes = serde_json::Map::new();
+    const NAMES: [&str; 5] = [
+        "ztunnel_fast_path_sockets_total",
+        "ztunnel_fast_path_redirected_messages_total",
+        "ztunnel_fast_path_redirected_bytes_total",
+        "ztunnel_fast_path_tcp_messages_total",
+        "ztunnel_fast_path_active_tcp_total",
+    ];
     for node in [1, 2] {
-        let mut counters = serde_json::Map::new();
-        for name in [
-            "ztunnel_fast_path_sockets_total",
-            "ztunnel_fast_path_redirected_messages_total",
-            "ztunnel_fast_path_redirected_bytes_total",
-            "ztunnel_fast_path_tcp_messages_total",
-            "ztunnel_fast_path_active_tcp_total",
-        ] {
-            counters.insert(
-                name.to_owned(),
-                json!(same_node::fast_path_metric(c, node, name)?),
-            );
-        }
-        nodes.insert(format!("node{node}"), Value::Object(counters));
+        let values = same_node::fast_path_metrics(c, node, NAMES)?;
+        let counters = NAMES
+            .iter()
+            .zip(values)
+            .map(|(n, v)| ((*n).to_owned(), json!(v)));
+        nodes.insert(format!("node{node}"), Value::Object(counters.collect()));
     }
     Ok(Value::Object(nodes))
 }

@@ -188,12 +188,16 @@ impl SameNode {
                     .ok_or_else(|| anyhow!("the proxy of node{i} is not running"))
             })
             .transpose()?;
-        let counters = |i| -> Result<[f64; 3]> {
-            Ok([
-                fast_path_metric(c, i, "ztunnel_fast_path_redirected_bytes_total")?,
-                fast_path_metric(c, i, "ztunnel_fast_path_tcp_messages_total")?,
-                fast_path_metric(c, i, "ztunnel_fast_path_active_tcp_total")?,
-            ])
+        let counters = |i| {
+            fast_path_metrics(
+                c,
+                i,
+                [
+                    "ztunnel_fast_path_redirected_bytes_total",
+                    "ztunnel_fast_path_tcp_messages_total",
+                    "ztunnel_fast_path_active_tcp_total",
+                ],
+            )
         };
         let before_counters = counters(self.on_node)?;
         let cpu_before = pid.map(cpu_seconds).transpose()?;
@@ -314,5 +318,15 @@ fn problem(problems: &mut Vec<String>, what: &str, e: &anyhow::Error) {
 
 /// A metric of node `i`'s proxy, summed over its series (0 if absent).
 pub(super) fn fast_path_metric(c: &Cluster, i: usize, name: &str) -> Result<f64> {
-    Ok(c.node(i).scrape()?.sum(name, &[]))
+    Ok(fast_path_metrics(c, i, [name])?[0])
+}
+
+/// Several metrics of node `i`'s proxy from one scrape, each summed over its series.
+pub(super) fn fast_path_metrics<const N: usize>(
+    c: &Cluster,
+    i: usize,
+    names: [&str; N],
+) -> Result<[f64; N]> {
+    let scrape = c.node(i).scrape()?;
+    Ok(names.map(|name| scrape.sum(name, &[])))
 }
