@@ -51,12 +51,16 @@ fn main() -> ExitCode {
         Command::Ca { command } => cli::ca(command),
         Command::Cni { command } => cli::cni_command(command),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %format!("{e:#}"), "ztunnel failed");
+            logging::flush();
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The log's last lines are written before the process ends.
+    logging::flush();
+    code
 }
