@@ -334,17 +334,11 @@ fn connect_is_served_only_for_the_pod_that_received_it() -> Result<()> {
         ],
     )?;
     assert_eq!(statuses, [200, 403, 403, 403]);
-    let refused = || -> Vec<Value> {
-        c.connections_since(2, m2)
-            .into_iter()
-            .filter(|l| l["outcome"] == "refused")
-            .collect()
-    };
-    // The log is written in batches (up to 20 ms after the line): wait for the third line.
-    let _ = ztunnel_tests::wait_until(WAIT, "three refused lines", || {
-        (refused().len() >= 3).then_some(())
-    });
-    let refused = refused();
+    let refused: Vec<Value> = c
+        .connections_since(2, m2)
+        .into_iter()
+        .filter(|l| l["outcome"] == "refused")
+        .collect();
     assert_eq!(refused.len(), 3, "{refused:?}");
     assert!(refused
         .iter()

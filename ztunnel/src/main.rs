@@ -51,16 +51,12 @@ fn main() -> ExitCode {
         Command::Ca { command } => cli::ca(command),
         Command::Cni { command } => cli::cni_command(command),
     };
-    let code = match result {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %format!("{e:#}"), "ztunnel failed");
-            logging::flush();
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    };
-    // The log's last lines are written before the process ends.
-    logging::flush();
-    code
+    }
 }

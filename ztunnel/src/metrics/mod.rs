@@ -421,11 +421,6 @@ impl Metrics {
                 "What routing (VirtualService, DestinationRule) did to requests besides passing them on, by event",
                 m.traffic_events.0.clone()
             ),
-            (
-                "ztunnel_log_lines_dropped",
-                "Log lines dropped because stderr could not keep up (the log's buffer was full)",
-                crate::logging::dropped_lines()
-            ),
         );
     }
 
