@@ -370,7 +370,7 @@ impl Row {
 }
 
 /// The rows, in reading order: (key, label, unit, better).
-const ROWS: [(&str, &str, &str, Better); 17] = [
+const ROWS: [(&str, &str, &str, Better); 20] = [
     (
         "throughput_p1",
         "throughput, 1 stream",
@@ -404,6 +404,24 @@ const ROWS: [(&str, &str, &str, Better); 17] = [
         Better::Lower,
     ),
     ("conn_rate", "new connections/s", "1/s", Better::Higher),
+    (
+        "cpu_per_conn",
+        "CPU-ms per new connection, both proxies",
+        "ms",
+        Better::Lower,
+    ),
+    (
+        "cpu_per_gib_p1",
+        "CPU-s per GiB, 1 stream, both proxies",
+        "s",
+        Better::Lower,
+    ),
+    (
+        "cpu_per_gib_p8",
+        "CPU-s per GiB, 8 streams, both proxies",
+        "s",
+        Better::Lower,
+    ),
     (
         "idle_cpu",
         "background CPU-s per 5 s idle, both proxies",
@@ -1117,6 +1135,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(14)? + ticks(15)?) / hz)
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// utime + stime of both proxies of a path, in seconds (`None` if one is gone).
+fn proxies_cpu(pids: &[u32; 2]) -> Option<f64> {
+    Some(cpu_seconds(pids[0]).ok()? + cpu_seconds(pids[1]).ok()?)
+}
+
 fn sample(pids: &[u32; 2]) -> Result<Sample> {
     let mut s = Sample {
         rss_kib: [0; 2],
@@ -1342,17 +1367,26 @@ fn throughput(
         };
         for way in order {
             let recording = report.profile(&format!("throughput{streams}"), *way, &pids[way]);
+            let cpu_before = proxies_cpu(&pids[way]);
             let result = iperf_client(c, p, *way, streams);
+            let cpu = cpu_before.and_then(|b| Some(proxies_cpu(&pids[way])? - b));
             report.profiled(recording);
             match result {
-                Ok(v) => {
+                Ok(mut v) => {
                     let gbps = v["received_bps"].as_f64().unwrap_or(0.0) / 1e9;
+                    let gib = gbps * 1e9 * v["seconds"].as_f64().unwrap_or(0.0) / 8.0 / GIB;
+                    let per_gib = cpu.filter(|_| gib > 0.0).map(|s| s / gib);
+                    v["proxies_cpu_s"] = json!(cpu);
                     println!(
-                        "   {:<6}  -P {streams}: {gbps:.2} Gbit/s received, {} retransmits",
+                        "   {:<6}  -P {streams}: {gbps:.2} Gbit/s received, {} retransmits; proxies' CPU {}",
                         way.ns(),
-                        v["retransmits"]
+                        v["retransmits"],
+                        per_gib.map_or("—".to_owned(), |x| format!("{x:.3} s per GiB")),
                     );
                     report.add(key, *way, gbps);
+                    if let Some(x) = per_gib {
+                        report.add(&format!("cpu_per_gib_p{streams}"), *way, x);
+                    }
                     report.detail("throughput", format!("{}_p{streams}", way.ns()), v);
                 }
                 Err(e) => report.problem(&format!("{} iperf3 -P {streams}", way.ns()), &e),
@@ -1605,19 +1639,31 @@ fn connection_rate(
         ];
         let timeout = Duration::from_millis(p.conn_ms + 20_000);
         let recording = report.profile("conn-rate", *way, &pids[way]);
+        let cpu_before = proxies_cpu(&pids[way]);
         let result = probe_json(&c.pod(way.ns(), "client"), &args, timeout);
         report.profiled(recording);
+        // Let the proxies log and release the closed connections before the next run; what
+        // that costs them is the connections' too.
+        std::thread::sleep(Duration::from_millis(500));
+        let cpu = cpu_before.and_then(|b| Some(proxies_cpu(&pids[way])? - b));
         match result {
-            Ok(v) => {
+            Ok(mut v) => {
+                let conns = v["connections"].as_f64().unwrap_or(0.0);
+                let per_conn = cpu.filter(|_| conns > 0.0).map(|s| s / conns * 1000.0);
+                v["proxies_cpu_s"] = json!(cpu);
                 println!(
-                    "   {:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs)",
+                    "   {:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs); proxies' CPU {}",
                     way.ns(),
                     v["connections"],
                     v["errors"],
                     v["per_second"].as_f64().unwrap_or(0.0),
                     v["p50_us"],
-                    v["p99_us"]
+                    v["p99_us"],
+                    per_conn.map_or("—".to_owned(), |x| format!("{x:.3} ms per connection")),
                 );
+                if let Some(x) = per_conn {
+                    report.add("cpu_per_conn", *way, x);
+                }
                 if v["errors"].as_u64() != Some(0) {
                     report.problems.push(format!(
                         "{} connection rate: {} errors (first: {})",
@@ -1633,8 +1679,6 @@ fn connection_rate(
             }
             Err(e) => report.problem(&format!("{} conn-rate", way.ns()), &e),
         }
-        // Let the proxies log and release the closed connections before the next run.
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
