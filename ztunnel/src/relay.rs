@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::{
     io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf},
     net::{
@@ -28,18 +29,21 @@ const BUFFER_STEPS: [(u64, usize); 3] = [
 ];
 const FIRST_BUFFER: usize = 1024;
 
-/// A read that waits for the socket to be readable. Through tokio's `poll_read`, not
-/// `try_read`: a read shorter than the buffer tells tokio the socket is drained, so the next
-/// read waits for epoll instead of costing a `recvfrom` that can only say EAGAIN (one syscall
-/// in three on a request/response connection).
+/// A read into `buf`'s spare capacity that waits for the socket to be readable. Through
+/// tokio's `poll_read`, not `try_read`: a read shorter than the buffer tells tokio the socket
+/// is drained, so the next read waits for epoll instead of costing a `recvfrom` that can only
+/// say EAGAIN (one syscall in three on a request/response connection).
 fn read_into(
     socket: &mut OwnedReadHalf,
     cx: &mut Context<'_>,
-    buf: &mut [u8],
+    buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
-    let mut buf = ReadBuf::new(buf);
-    ready!(Pin::new(socket).poll_read(cx, &mut buf))?;
-    Poll::Ready(Ok(buf.filled().len()))
+    let mut spare = ReadBuf::uninit(buf.spare_capacity_mut());
+    ready!(Pin::new(socket).poll_read(cx, &mut spare))?;
+    let n = spare.filled().len();
+    // SAFETY: the read initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
 }
 
 fn buffer_for(carried: u64) -> usize {
@@ -53,12 +57,15 @@ fn buffer_for(carried: u64) -> usize {
 /// connection costs no buffer, even after it carried a few bytes), then one that grows with
 /// the bytes carried ([`buffer_for`]). The first, small buffer is given back each time the
 /// socket runs dry; the larger ones of bulk transfers are kept.
+///
+/// What it read can be handed over without a copy ([`Source::take`]): an HTTP/2 stream sends
+/// the very bytes the socket read, and the buffer is reused once h2 has written them.
 pub struct SocketReader {
     read: OwnedReadHalf,
-    buf: Box<[u8]>,
-    /// `buf[start..end]` is read and not consumed yet.
-    start: usize,
-    end: usize,
+    /// Read and not consumed yet; the spare capacity is where the next read lands.
+    buf: BytesMut,
+    /// The size of the buffer the reads use now (0 while none is held).
+    size: usize,
     carried: u64,
 }
 
@@ -66,9 +73,8 @@ impl SocketReader {
     pub fn new(read: OwnedReadHalf) -> Self {
         Self {
             read,
-            buf: Box::default(),
-            start: 0,
-            end: 0,
+            buf: BytesMut::new(),
+            size: 0,
             carried: 0,
         }
     }
@@ -79,47 +85,58 @@ impl SocketReader {
 
     /// The buffer's size now (0 until the first data).
     pub fn capacity(&self) -> usize {
-        self.buf.len()
+        self.size
     }
 }
 
 impl AsyncBufRead for SocketReader {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
-        if this.start == this.end {
+        if this.buf.is_empty() {
             let size = buffer_for(this.carried);
             if size == FIRST_BUFFER {
                 // Small reads land on the stack first: a connection that waits (idle, or
                 // between the requests of a chatty one) holds no buffer while it waits.
                 let mut first = [0u8; FIRST_BUFFER];
-                let n = match read_into(&mut this.read, cx, &mut first) {
+                let mut read = ReadBuf::new(&mut first);
+                match Pin::new(&mut this.read).poll_read(cx, &mut read) {
                     Poll::Pending => {
-                        this.buf = Box::default();
+                        (this.buf, this.size) = (BytesMut::new(), 0);
                         return Poll::Pending;
                     }
                     Poll::Ready(r) => r?,
-                };
-                if n > 0 && this.buf.is_empty() {
-                    this.buf = vec![0; size].into_boxed_slice();
                 }
-                this.buf[..n].copy_from_slice(&first[..n]);
-                (this.start, this.end) = (0, n);
+                let n = read.filled().len();
+                if n > 0 {
+                    if this.buf.capacity() < n {
+                        (this.buf, this.size) = (BytesMut::with_capacity(size), size);
+                    }
+                    this.buf.extend_from_slice(read.filled());
+                }
                 this.carried += n as u64;
-                return Poll::Ready(Ok(&this.buf[..n]));
+                return Poll::Ready(Ok(&this.buf));
             }
-            if this.buf.len() < size {
-                this.buf = vec![0; size].into_boxed_slice();
+            // Half the buffer left is enough for the next read; otherwise a fresh one (or the
+            // same allocation back, if h2 has written and dropped what was taken from it).
+            if this.buf.capacity() < size / 2 {
+                this.buf.reserve(size);
+                this.size = size;
             }
             let n = ready!(read_into(&mut this.read, cx, &mut this.buf))?;
-            (this.start, this.end) = (0, n);
             this.carried += n as u64;
         }
-        Poll::Ready(Ok(&this.buf[this.start..this.end]))
+        Poll::Ready(Ok(&this.buf))
     }
 
     fn consume(self: Pin<&mut Self>, n: usize) {
         let this = self.get_mut();
-        this.start = (this.start + n).min(this.end);
+        this.buf.advance(n.min(this.buf.len()));
+    }
+}
+
+impl Source for SocketReader {
+    fn take(&mut self, n: usize) -> Bytes {
+        self.buf.split_to(n.min(self.buf.len())).freeze()
     }
 }
 
@@ -203,8 +220,8 @@ impl Tally for Progress {
 /// CONNECT stream by the frames it receives), so the engine writes straight from them. Writes
 /// need no flush.
 pub trait Duplex: Send + 'static {
-    type Read: AsyncBufRead + Unpin + Send;
-    type Write: AsyncWrite + Unpin + Send;
+    type Read: Source;
+    type Write: Sink;
 
     fn split(self) -> (Self::Read, Self::Write);
 
@@ -212,6 +229,33 @@ pub trait Duplex: Send + 'static {
     /// TCP RST, an HTTP/2 RST_STREAM).
     fn reset(read: Self::Read, write: Self::Write);
 }
+
+/// A buffered read half whose bytes can also be handed over as owned [`Bytes`], for a
+/// [`Sink`] that keeps what it is given (an HTTP/2 stream queues its DATA frames).
+pub trait Source: AsyncBufRead + Unpin + Send {
+    /// Takes the first `n` bytes of what `poll_fill_buf` returned, consuming them.
+    fn take(&mut self, n: usize) -> Bytes;
+}
+
+/// A write half the engine writes into from a [`Source`].
+pub trait Sink: AsyncWrite + Unpin + Send {
+    /// Writes some of what `from` holds (its `poll_fill_buf` returned bytes) and consumes
+    /// what was written. By default through `poll_write`, which copies out of `from`'s buffer
+    /// (a socket's `write` copies into the kernel anyway); a sink that keeps the bytes takes
+    /// them instead ([`Source::take`]).
+    fn poll_write_from(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut impl Source,
+    ) -> Poll<io::Result<usize>> {
+        let buf = ready!(Pin::new(&mut *from).poll_fill_buf(cx))?;
+        let n = ready!(Pin::new(&mut *self).poll_write(cx, buf))?;
+        Pin::new(from).consume(n);
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl Sink for OwnedWriteHalf {}
 
 impl Duplex for TcpStream {
     type Read = SocketReader;
@@ -306,8 +350,8 @@ impl Half {
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
-        from: &mut (impl AsyncBufRead + Unpin),
-        to: &mut (impl AsyncWrite + Unpin),
+        from: &mut impl Source,
+        to: &mut impl Sink,
         tally: impl Fn(u64),
     ) -> Poll<io::Result<()>> {
         loop {
@@ -319,11 +363,10 @@ impl Half {
                         self.state = HalfState::Closing;
                         continue;
                     }
-                    let n = ready!(Pin::new(&mut *to).poll_write(cx, buf))?;
+                    let n = ready!(to.poll_write_from(cx, from))?;
                     if n == 0 {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
-                    Pin::new(&mut *from).consume(n);
                     self.total += n as u64;
                     tally(n as u64);
                 }

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 use ztunnel_tests::{
-    benchmark::{git_state, vm_rss_kib, write_json},
+    benchmark::{git_state, rss_by_mapping, vm_rss_kib, write_json},
     pod,
     profile::{Profiler, Recording},
     service, wait_until, Cluster, PodRef, Proc,
@@ -75,6 +75,9 @@ usage: bench [options]           (normally run as `cargo xtask bench [-- options
                       --peer; at most 30000)
   --concurrency N     parallel loops of that test (default 8, at most 64)
   --hold N            idle connections held for the memory test (default 1000, at most 10000)
+  --settle SECONDS    after each path's hold ends, go on sampling its proxies' RSS and
+                      descriptors every second for SECONDS (at most 600): what a burst leaves
+                      and when the HBONE pool's idle expiry frees it (default 0: not watched)
   --mesh-fast-path    run our mesh path's two proxies with `--fast-path on` (the sk_msg fast
                       path between each application and its proxy; off by default because it
                       changes blocking readers' semantics, docs/capture.md): an opt-in measure
@@ -98,6 +101,8 @@ struct Params {
     conn_ms: u64,
     concurrency: u64,
     hold: u64,
+    /// `--settle`: seconds of sampling after each hold (0: none).
+    settle: u64,
     /// The steps to run (`--only`), every one by default.
     steps: Vec<Step>,
     out: PathBuf,
@@ -147,6 +152,7 @@ impl Params {
                 "--conn-ms" => ("conn_ms", 100, 30_000),
                 "--concurrency" => ("concurrency", 1, 64),
                 "--hold" => ("hold", 1, 10_000),
+                "--settle" => ("settle", 0, 600),
                 "--soak" => ("soak", 60, 1800),
                 "--out" => {
                     out = PathBuf::from(value);
@@ -207,6 +213,7 @@ impl Params {
             conn_ms: get("conn_ms", 3000, 2000),
             concurrency: get("concurrency", 8, 8),
             hold: get("hold", 1000, 1000),
+            settle: get("settle", 0, 0),
             steps,
             out,
             peer,
@@ -220,7 +227,7 @@ impl Params {
         json!({
             "rounds": self.rounds, "iperf_seconds": self.iperf_seconds, "rate": self.rate,
             "latency_ms": self.latency_ms, "connections": self.connections,
-            "conn_ms": self.conn_ms, "concurrency": self.concurrency, "hold": self.hold,
+            "conn_ms": self.conn_ms, "concurrency": self.concurrency, "hold": self.hold, "settle_s": self.settle,
             "steps": self.steps.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "peer": self.peer.as_ref().map(|p| p.display().to_string()),
             "profile": self.profile.as_ref().map(|p| p.display().to_string()),
@@ -363,7 +370,7 @@ impl Row {
 }
 
 /// The rows, in reading order: (key, label, unit, better).
-const ROWS: [(&str, &str, &str, Better); 17] = [
+const ROWS: [(&str, &str, &str, Better); 20] = [
     (
         "throughput_p1",
         "throughput, 1 stream",
@@ -397,6 +404,24 @@ const ROWS: [(&str, &str, &str, Better); 17] = [
         Better::Lower,
     ),
     ("conn_rate", "new connections/s", "1/s", Better::Higher),
+    (
+        "cpu_per_conn",
+        "CPU-ms per new connection, both proxies",
+        "ms",
+        Better::Lower,
+    ),
+    (
+        "cpu_per_gib_p1",
+        "CPU-s per GiB, 1 stream, both proxies",
+        "s",
+        Better::Lower,
+    ),
+    (
+        "cpu_per_gib_p8",
+        "CPU-s per GiB, 8 streams, both proxies",
+        "s",
+        Better::Lower,
+    ),
     (
         "idle_cpu",
         "background CPU-s per 5 s idle, both proxies",
@@ -733,6 +758,7 @@ fn run(p: &Params) -> Result<bool> {
         }
         warm.insert(*way, s);
     }
+    record_rss_by_mapping(&pids, "warm_idle", &mut report);
 
     for round in 0..p.rounds {
         // Alternate which mesh path goes first, so a drift over the run favours neither.
@@ -802,6 +828,7 @@ fn run(p: &Params) -> Result<bool> {
             Err(e) => report.problem("sampling the proxies at the end", &e),
         }
     }
+    record_rss_by_mapping(&pids, "after_all", &mut report);
     for i in 1..=c.node_count() {
         if !c.proxy_running(i) {
             report
@@ -971,6 +998,37 @@ fn idle(pids: &BTreeMap<Way, [u32; 2]>, report: &mut Report) {
     }
 }
 
+/// Where each proxy's RSS is at `when` (`details.rss_by_mapping`, docs/benchmarks.md), printed
+/// for the idle proxies.
+fn record_rss_by_mapping(pids: &BTreeMap<Way, [u32; 2]>, when: &str, report: &mut Report) {
+    for (way, pids) in pids.iter().filter(|(w, _)| **w != Way::Direct) {
+        let by_node: Result<Vec<Value>> = pids.iter().map(|pid| rss_by_mapping(*pid)).collect();
+        match by_node {
+            Ok(v) => {
+                if when == "warm_idle" {
+                    let kib = |k: &str| -> String {
+                        let sum: u64 = v.iter().filter_map(|n| n[k].as_u64()).sum();
+                        format!("{k} {:.1}", sum as f64 / 1024.0)
+                    };
+                    println!(
+                        "   {:<6}  idle RSS of both proxies, MiB: {}",
+                        way.ns(),
+                        ["text", "rodata", "data", "heap", "anon", "libs", "rss"]
+                            .map(kib)
+                            .join(", ")
+                    );
+                }
+                report.detail(
+                    "rss_by_mapping",
+                    way.ns().to_owned(),
+                    json!({"when": when, "client_node": v[0], "server_node": v[1]}),
+                );
+            }
+            Err(e) => report.problem(&format!("{}: reading smaps ({when})", way.ns()), &e),
+        }
+    }
+}
+
 fn proxy_pids(c: &Cluster, way: Way) -> Result<[u32; 2]> {
     let pid = |i: usize| {
         c.proxy_pid(i)
@@ -1077,6 +1135,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(14)? + ticks(15)?) / hz)
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// utime + stime of both proxies of a path, in seconds (`None` if one is gone).
+fn proxies_cpu(pids: &[u32; 2]) -> Option<f64> {
+    Some(cpu_seconds(pids[0]).ok()? + cpu_seconds(pids[1]).ok()?)
+}
+
 fn sample(pids: &[u32; 2]) -> Result<Sample> {
     let mut s = Sample {
         rss_kib: [0; 2],
@@ -1169,6 +1234,13 @@ fn hold_once(c: &Cluster, p: &Params, pids: &[u32; 2], way: Way) -> Result<Value
     client.kill();
     drop(client);
     let settled = settle(pids, &before);
+    // The direct path's control has no pool to watch.
+    let after_close = match p.settle {
+        s if s > 0 && way != Way::Direct => {
+            watch_after_hold(pids, &before, Duration::from_secs(s), way)
+        }
+        _ => Value::Null,
+    };
     let emfile = emfile() - emfile_before;
     let n = opened["opened"].as_u64().unwrap_or(0);
     let per_conn = |i: usize| -> Value {
@@ -1192,6 +1264,7 @@ fn hold_once(c: &Cluster, p: &Params, pids: &[u32; 2], way: Way) -> Result<Value
         "rss_kib_per_conn": [per_conn(0), per_conn(1)],
         "fds_per_conn": [fds_per_conn(0), fds_per_conn(1)],
         "settled_after_close": settled,
+        "after_close": after_close,
         "emfile_logged": emfile,
     });
     println!(
@@ -1208,6 +1281,52 @@ fn hold_once(c: &Cluster, p: &Params, pids: &[u32; 2], way: Way) -> Result<Value
         held.fds[1],
     );
     Ok(v)
+}
+
+/// `--settle`: samples the path's proxies every second for `length` after a hold ended (and its
+/// descriptors settled). The burst leaves the client's pooled HBONE connections (100 streams
+/// each) open until the pool's idle expiry; the series shows what they keep and when it goes.
+fn watch_after_hold(pids: &[u32; 2], before: &Sample, length: Duration, way: Way) -> Value {
+    let began = Instant::now();
+    let mut series = Vec::new();
+    let mut fds_back_s = None;
+    let mut printed = 0;
+    while began.elapsed() < length {
+        let Ok(s) = sample(pids) else { break };
+        let t = began.elapsed().as_secs_f64();
+        series.push(json!([
+            (t * 10.0).round() / 10.0,
+            s.rss_kib[0],
+            s.rss_kib[1],
+            s.fds[0],
+            s.fds[1]
+        ]));
+        if fds_back_s.is_none() && (0..2).all(|i| s.fds[i] <= before.fds[i] + 2) {
+            fds_back_s = Some(t);
+        }
+        if t as u64 >= printed {
+            println!(
+                "   {:<6}  +{t:>4.0} s after the hold: RSS {} / {} KiB (idle before {} / {}), fds {} / {} (before {} / {})",
+                way.ns(),
+                s.rss_kib[0],
+                s.rss_kib[1],
+                before.rss_kib[0],
+                before.rss_kib[1],
+                s.fds[0],
+                s.fds[1],
+                before.fds[0],
+                before.fds[1],
+            );
+            printed += 15;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let last = series.last().cloned().unwrap_or(Value::Null);
+    json!({
+        "series_t_s_rss_kib_fds": series,
+        "fds_back_within_2_at_s": fds_back_s,
+        "last": last,
+    })
 }
 
 /// Waits (at most 15 s) until the proxies have let go of the closed connections' descriptors.
@@ -1248,17 +1367,26 @@ fn throughput(
         };
         for way in order {
             let recording = report.profile(&format!("throughput{streams}"), *way, &pids[way]);
+            let cpu_before = proxies_cpu(&pids[way]);
             let result = iperf_client(c, p, *way, streams);
+            let cpu = cpu_before.and_then(|b| Some(proxies_cpu(&pids[way])? - b));
             report.profiled(recording);
             match result {
-                Ok(v) => {
+                Ok(mut v) => {
                     let gbps = v["received_bps"].as_f64().unwrap_or(0.0) / 1e9;
+                    let gib = gbps * 1e9 * v["seconds"].as_f64().unwrap_or(0.0) / 8.0 / GIB;
+                    let per_gib = cpu.filter(|_| gib > 0.0).map(|s| s / gib);
+                    v["proxies_cpu_s"] = json!(cpu);
                     println!(
-                        "   {:<6}  -P {streams}: {gbps:.2} Gbit/s received, {} retransmits",
+                        "   {:<6}  -P {streams}: {gbps:.2} Gbit/s received, {} retransmits; proxies' CPU {}",
                         way.ns(),
-                        v["retransmits"]
+                        v["retransmits"],
+                        per_gib.map_or("—".to_owned(), |x| format!("{x:.3} s per GiB")),
                     );
                     report.add(key, *way, gbps);
+                    if let Some(x) = per_gib {
+                        report.add(&format!("cpu_per_gib_p{streams}"), *way, x);
+                    }
                     report.detail("throughput", format!("{}_p{streams}", way.ns()), v);
                 }
                 Err(e) => report.problem(&format!("{} iperf3 -P {streams}", way.ns()), &e),
@@ -1511,19 +1639,31 @@ fn connection_rate(
         ];
         let timeout = Duration::from_millis(p.conn_ms + 20_000);
         let recording = report.profile("conn-rate", *way, &pids[way]);
+        let cpu_before = proxies_cpu(&pids[way]);
         let result = probe_json(&c.pod(way.ns(), "client"), &args, timeout);
         report.profiled(recording);
+        // Let the proxies log and release the closed connections before the next run; what
+        // that costs them is the connections' too.
+        std::thread::sleep(Duration::from_millis(500));
+        let cpu = cpu_before.and_then(|b| Some(proxies_cpu(&pids[way])? - b));
         match result {
-            Ok(v) => {
+            Ok(mut v) => {
+                let conns = v["connections"].as_f64().unwrap_or(0.0);
+                let per_conn = cpu.filter(|_| conns > 0.0).map(|s| s / conns * 1000.0);
+                v["proxies_cpu_s"] = json!(cpu);
                 println!(
-                    "   {:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs)",
+                    "   {:<6}  {} connections, {} errors: {:.0}/s (each: p50 {} µs, p99 {} µs); proxies' CPU {}",
                     way.ns(),
                     v["connections"],
                     v["errors"],
                     v["per_second"].as_f64().unwrap_or(0.0),
                     v["p50_us"],
-                    v["p99_us"]
+                    v["p99_us"],
+                    per_conn.map_or("—".to_owned(), |x| format!("{x:.3} ms per connection")),
                 );
+                if let Some(x) = per_conn {
+                    report.add("cpu_per_conn", *way, x);
+                }
                 if v["errors"].as_u64() != Some(0) {
                     report.problems.push(format!(
                         "{} connection rate: {} errors (first: {})",
@@ -1539,8 +1679,6 @@ fn connection_rate(
             }
             Err(e) => report.problem(&format!("{} conn-rate", way.ns()), &e),
         }
-        // Let the proxies log and release the closed connections before the next run.
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

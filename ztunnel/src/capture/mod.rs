@@ -679,4 +679,22 @@ mod tests {
             );
         }
     }
+
+    /// build.rs strips the DWARF from the embedded object and keeps the BTF the loader needs.
+    #[test]
+    fn the_embedded_ebpf_object_has_btf_and_no_dwarf() {
+        use object::{Object as _, ObjectSection as _};
+        let file = object::File::parse(EBPF_OBJECT).expect("the eBPF object is an ELF file");
+        let names: Vec<&str> = file.sections().filter_map(|s| s.name().ok()).collect();
+        for kept in [".BTF", ".BTF.ext", ".rel.BTF.ext", "maps", "sockops"] {
+            assert!(names.contains(&kept), "{kept} missing; sections: {names:?}");
+        }
+        let dwarf: Vec<&&str> = names.iter().filter(|n| n.contains(".debug_")).collect();
+        assert!(dwarf.is_empty(), "DWARF left in the object: {dwarf:?}");
+        assert!(
+            EBPF_OBJECT.len() < 96 * 1024,
+            "the object is {} bytes",
+            EBPF_OBJECT.len()
+        );
+    }
 }

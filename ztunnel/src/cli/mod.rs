@@ -474,7 +474,8 @@ pub struct HboneArgs {
     /// the connection is reset.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub hbone_pool_wait: Duration,
-    /// Client: a pooled HBONE connection without streams for this long is closed.
+    /// Client: a pooled HBONE connection without streams for this long is closed; a key's
+    /// other idle connections (opened for a burst) go after a sixth of it.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub hbone_pool_idle_timeout: Duration,
     /// Both sides: an HTTP/2 PING on every HBONE connection this often.

@@ -33,7 +33,8 @@ pub struct PoolLimits {
     /// How long a CONNECT waits for a free stream when its key is at that cap, before it
     /// fails.
     pub wait: Duration,
-    /// A connection that carried no stream for this long is closed. Istio's ztunnel: 5 min.
+    /// A connection that carried no stream for this long is closed (the key's others sooner:
+    /// `pool::SURPLUS_IDLE`). Istio's ztunnel: 5 min.
     pub idle_timeout: Duration,
     pub keepalive: Keepalive,
 }

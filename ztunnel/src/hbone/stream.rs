@@ -3,14 +3,14 @@
 use std::{
     io,
     pin::Pin,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
 };
 
 use bytes::{Buf as _, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::relay::Duplex;
+use crate::relay::{Duplex, Sink, Source};
 
 /// A CONNECT stream, both directions. END_STREAM reads as EOF and a shutdown sends it
 /// (half-close); a reset sends RST_STREAM CANCEL.
@@ -80,6 +80,14 @@ impl AsyncBufRead for StreamReader {
     }
 }
 
+impl Source for StreamReader {
+    fn take(&mut self, n: usize) -> Bytes {
+        let chunk = self.pending.split_to(n.min(self.pending.len()));
+        let _ = self.recv.flow_control().release_capacity(chunk.len());
+        chunk
+    }
+}
+
 impl AsyncRead for StreamReader {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -98,19 +106,12 @@ impl AsyncRead for StreamReader {
     }
 }
 
-impl AsyncWrite for StreamWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        this.send.reserve_capacity(data.len());
+impl StreamWriter {
+    /// Waits until the peer's window lets `want` (> 0) bytes or fewer go; how many may.
+    fn poll_granted(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
         loop {
-            match this.send.poll_capacity(cx) {
+            match self.send.poll_capacity(cx) {
                 // Registered for a wake-up when capacity arrives.
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
@@ -122,15 +123,44 @@ impl AsyncWrite for StreamWriter {
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
                 // Capacity was taken back before we got it: ask again.
                 Poll::Ready(Some(Ok(0))) => continue,
-                Poll::Ready(Some(Ok(granted))) => {
-                    let n = granted.min(data.len());
-                    this.send
-                        .send_data(Bytes::copy_from_slice(&data[..n]), false)
-                        .map_err(h2_io)?;
-                    return Poll::Ready(Ok(n));
-                }
+                Poll::Ready(Some(Ok(granted))) => return Poll::Ready(Ok(granted.min(want))),
             }
         }
+    }
+}
+
+/// The relay's way in: the bytes read from the socket become the DATA frame, uncopied.
+impl Sink for StreamWriter {
+    fn poll_write_from(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut impl Source,
+    ) -> Poll<io::Result<usize>> {
+        let want = ready!(Pin::new(&mut *from).poll_fill_buf(cx))?.len();
+        if want == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_granted(cx, want))?;
+        self.send.send_data(from.take(n), false).map_err(h2_io)?;
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncWrite for StreamWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(this.poll_granted(cx, data.len()))?;
+        this.send
+            .send_data(Bytes::copy_from_slice(&data[..n]), false)
+            .map_err(h2_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
