@@ -22,10 +22,18 @@
 //! apply a version with a bad file). Unlike the local source, one bad object never holds back
 //! the others.
 //!
-//! Bursts (a relist, a rollout) are coalesced: a snapshot is published at most once per
-//! `debounce`. The first snapshot is published only once every watch has listed, so the proxy
-//! never acts on half a cluster; a kind the API server does not serve (Istio's CRDs not
-//! installed) counts as listed and empty, and is retried.
+//! The first snapshot is published only once every watch has listed, so the proxy never acts
+//! on half a cluster; a kind the API server does not serve (Istio's CRDs not installed) counts
+//! as listed and empty, and is retried. It is built whole; every later one is the snapshot
+//! before with a [`Delta`] applied ([`Snapshot::apply_delta`]): the objects each event changed,
+//! each taken once with the version the last snapshot has, so a change costs what it touches,
+//! not a rebuild of the cluster. A delta only a full build can apply (a name or address
+//! claimed twice) falls back to one, as in the directory source.
+//!
+//! When: a change after a quiet spell is published at once. Changes within `burst_window` of
+//! the last snapshot's start (a rollout, a relist) wait for the window's end and go out
+//! together, and changes arriving while a snapshot is being made wait for it: at most one
+//! snapshot per window, none held back longer than that.
 //!
 //! Network namespaces of this node's pods are found from their UIDs ([`super::pod_netns`]);
 //! the `ztunnel.dev/netns` annotation is ignored here.
@@ -58,7 +66,7 @@ use super::{
 use crate::{
     metrics::Metrics,
     model::{Namespace, Origin},
-    state::{EnrolmentPolicy, MeshSettings, Objects, Snapshot},
+    state::{Delta, EnrolmentPolicy, MeshSettings, Objects, Snapshot},
 };
 
 /// What the Kubernetes source needs.
@@ -67,8 +75,11 @@ pub struct KubernetesOptions {
     /// This node's name: its pods are watched apart and get their netns found.
     pub node: String,
     pub settings: MeshSettings,
-    /// Changes closer together than this are published as one snapshot.
-    pub debounce: Duration,
+    /// A change after a quiet spell is published at once; changes arriving within this time
+    /// of the last snapshot's start (a burst: a rollout, a relist) wait for its end and go
+    /// out as one snapshot. Changes that arrive while a snapshot is being made are gathered
+    /// for the next one.
+    pub burst_window: Duration,
     /// Wait after a failed list or watch: doubles from `retry_min` up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -85,7 +96,7 @@ impl KubernetesOptions {
         Self {
             node,
             settings,
-            debounce: Duration::from_millis(100),
+            burst_window: Duration::from_millis(100),
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
             netns,
@@ -235,14 +246,43 @@ pub async fn watch(
     ))
 }
 
-/// Everything the watches have delivered.
+/// Everything the watches have delivered, and what changed since the last snapshot.
 struct Store {
     specs: Vec<WatchSpec>,
     synced: Vec<bool>,
+    /// Each watch's objects, exactly as the last snapshot holds them once published (this
+    /// node's pods with the netns path discovery found): a [`Delta`] taken from here applies to
+    /// that snapshot.
     objects: Vec<BTreeMap<Key, Objects>>,
+    /// The objects changed since the last snapshot, each with its version in that snapshot
+    /// (`None`: it had none). Kept per key, so an object changed twice between two snapshots
+    /// is one removal and one addition.
+    changed: Vec<BTreeMap<Key, Option<Objects>>>,
     /// The reason each currently rejected object was rejected (to log each reason once).
     rejected: Vec<BTreeMap<Key, String>>,
     metrics: Arc<Metrics>,
+}
+
+/// A copy sharing every object.
+fn share(objects: &Objects) -> Objects {
+    let mut copy = Objects::default();
+    copy.extend_from(objects);
+    copy
+}
+
+/// Keeps the netns path discovery gave `old`'s pods on `new`'s (a fresh parse has none): a
+/// pod update that changes nothing else is then no change. The path is checked again before
+/// the next snapshot.
+fn keep_netns(old: &Objects, new: &mut Objects) {
+    for pod in &mut new.pods {
+        let found = old
+            .pods
+            .iter()
+            .find(|o| o.uid == pod.uid && o.netns_path.is_some());
+        if let Some(o) = found {
+            Arc::make_mut(pod).netns_path = o.netns_path.clone();
+        }
+    }
 }
 
 impl Store {
@@ -253,8 +293,15 @@ impl Store {
             specs,
             synced: vec![false; n],
             objects: (0..n).map(|_| BTreeMap::new()).collect(),
+            changed: (0..n).map(|_| BTreeMap::new()).collect(),
             rejected: vec![BTreeMap::new(); n],
         }
+    }
+
+    /// Records that `key` of watch `w` changed, `before` being its version until now (only
+    /// the first change since the last snapshot counts: that is the version the snapshot has).
+    fn changed(&mut self, w: usize, key: Key, before: Option<Objects>) {
+        self.changed[w].entry(key).or_insert(before);
     }
 
     /// Applies `update`; whether anything may have changed.
@@ -263,17 +310,18 @@ impl Store {
             Update::Listed(w, parsed) => {
                 let mut fresh = BTreeMap::new();
                 let mut rejected = BTreeMap::new();
-                let old = std::mem::take(&mut self.objects[w]);
+                let mut old = std::mem::take(&mut self.objects[w]);
                 for p in parsed {
                     match p.result {
-                        Ok(objects) => {
+                        Ok(mut objects) => {
+                            if let Some(before) = old.get(&p.key) {
+                                keep_netns(before, &mut objects);
+                            }
                             fresh.insert(p.key, *objects);
                         }
                         Err(reason) => {
                             if let Some(kept) = old.get(&p.key) {
-                                let mut copy = Objects::default();
-                                copy.extend_from(kept);
-                                fresh.insert(p.key.clone(), copy);
+                                fresh.insert(p.key.clone(), share(kept));
                             }
                             rejected.insert(p.key, reason);
                         }
@@ -285,26 +333,44 @@ impl Store {
                     }
                 }
                 // A relist that finds what the watch already had changes nothing.
-                let unchanged = self.synced[w]
-                    && fresh.len() == old.len()
-                    && fresh
-                        .iter()
-                        .all(|(k, o)| old.get(k).is_some_and(|prev| same(prev, o)));
+                let mut any = !self.synced[w];
+                for (key, now) in &fresh {
+                    match old.remove(key) {
+                        Some(before) if same(&before, now) => {}
+                        before => {
+                            self.changed(w, key.clone(), before);
+                            any = true;
+                        }
+                    }
+                }
+                for (key, gone) in old {
+                    self.changed(w, key, Some(gone));
+                    any = true;
+                }
                 self.objects[w] = fresh;
                 self.rejected[w] = rejected;
                 if !self.synced[w] {
                     debug!(watch = %self.specs[w].label, objects = self.objects[w].len(), "listed");
                 }
                 self.synced[w] = true;
-                !unchanged
+                any
             }
             Update::Applied(w, p) => match p.result {
-                Ok(objects) => {
+                Ok(mut objects) => {
                     self.rejected[w].remove(&p.key);
+                    if let Some(before) = self.objects[w].get(&p.key) {
+                        keep_netns(before, &mut objects);
+                    }
                     // Most updates (pod status, annotations of no interest) change nothing
                     // the snapshot holds: no new snapshot for them.
                     let old = self.objects[w].insert(p.key.clone(), *objects);
-                    old.is_none_or(|old| !same(&old, &self.objects[w][&p.key]))
+                    let changed = old
+                        .as_ref()
+                        .is_none_or(|old| !same(old, &self.objects[w][&p.key]));
+                    if changed {
+                        self.changed(w, p.key, old);
+                    }
+                    changed
                 }
                 Err(reason) => {
                     if self.rejected[w].get(&p.key) == Some(&reason) {
@@ -318,7 +384,13 @@ impl Store {
             },
             Update::Deleted(w, key) => {
                 self.rejected[w].remove(&key);
-                self.objects[w].remove(&key).is_some()
+                match self.objects[w].remove(&key) {
+                    Some(old) => {
+                        self.changed(w, key, Some(old));
+                        true
+                    }
+                    None => false,
+                }
             }
             Update::NotServed(w) => {
                 // Retried with backoff: only the first refusal (or one after the kind was
@@ -329,7 +401,9 @@ impl Store {
                         api_version = %self.specs[w].resource.api_version,
                         "the API server does not serve this kind (CRD not installed?); none are in force, still watching");
                 }
-                self.objects[w].clear();
+                for (key, old) in std::mem::take(&mut self.objects[w]) {
+                    self.changed(w, key, Some(old));
+                }
                 self.rejected[w].clear();
                 self.synced[w] = true;
                 changed
@@ -371,6 +445,52 @@ impl Store {
         }
         all
     }
+
+    /// What changed since the last snapshot, as a [`Delta`] to it; forgets the changes.
+    fn take_delta(&mut self) -> Delta {
+        let mut delta = Delta::default();
+        for (changed, objects) in self.changed.iter_mut().zip(&mut self.objects) {
+            for (key, before) in std::mem::take(changed) {
+                match (before, objects.get_mut(&key)) {
+                    (Some(before), Some(now)) => delta.record(&before, now),
+                    (None, Some(now)) => delta.added.extend_from(now),
+                    (Some(before), None) => delta.removed.extend_from(&before),
+                    (None, None) => {}
+                }
+            }
+        }
+        delta
+    }
+
+    /// Gives this node's pods the netns path discovery finds for them now (none for a pod not
+    /// captured here or not found); whether any pod's path changed.
+    fn assign_netns(&mut self, netns: &mut NetnsCache, node: &str) -> bool {
+        let namespaces: Vec<Arc<Namespace>> = self.objects[NAMESPACES]
+            .values()
+            .flat_map(|o| o.namespaces.iter().cloned())
+            .collect();
+        let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
+        let mut lookup = netns.lookup();
+        let mut any = false;
+        for (key, objects) in &mut self.objects[LOCAL_PODS] {
+            let mut before = None;
+            for i in 0..objects.pods.len() {
+                let path = lookup.path(&objects.pods[i], node, &namespaces);
+                if objects.pods[i].netns_path != path {
+                    before.get_or_insert_with(|| share(objects));
+                    Arc::make_mut(&mut objects.pods[i]).netns_path = path;
+                }
+            }
+            if let Some(before) = before {
+                self.changed[LOCAL_PODS]
+                    .entry(key.clone())
+                    .or_insert(Some(before));
+                any = true;
+            }
+        }
+        lookup.finish();
+        any
+    }
 }
 
 /// Whether two parses hold the same objects.
@@ -395,6 +515,15 @@ struct NetnsCache {
     missing: BTreeMap<String, NotFound>,
 }
 
+/// One pass over this node's pods: what it finds replaces what the cache knew.
+struct NetnsLookup<'a> {
+    cache: &'a mut NetnsCache,
+    /// The kubelet's pod cgroups, indexed once per pass and only if a pod needs looking up.
+    index: Option<HashMap<String, PathBuf>>,
+    found: HashMap<String, PodNetns>,
+    missing: BTreeMap<String, NotFound>,
+}
+
 impl NetnsCache {
     /// Whether `pod` could be captured here: on this node, not host-network, in a namespace
     /// labelled for capture and not opted out. Only those are looked up.
@@ -409,50 +538,87 @@ impl NetnsCache {
                 .any(|ns| ns.name == pod.namespace && ns.labels.get(ns_key) == Some(ns_value))
     }
 
-    /// Sets `netns_path` of this node's pods in `objects` (namespaces in `namespaces`);
-    /// returns whether any pod's path differs from what the previous call found.
-    fn assign(&mut self, objects: &mut Objects, node: &str, namespaces: &[&Namespace]) -> bool {
-        let mut index = None;
-        let mut found = HashMap::new();
-        let mut missing = BTreeMap::new();
-        for pod in objects.pods.iter_mut() {
-            if !self.wanted(pod, node, namespaces) {
-                continue;
+    fn lookup(&mut self) -> NetnsLookup<'_> {
+        NetnsLookup {
+            cache: self,
+            index: None,
+            found: HashMap::new(),
+            missing: BTreeMap::new(),
+        }
+    }
+}
+
+impl NetnsLookup<'_> {
+    /// The netns path `pod` should carry now: none if it is not captured here or its
+    /// namespace is not found (yet).
+    fn path(
+        &mut self,
+        pod: &crate::model::Pod,
+        node: &str,
+        namespaces: &[&Namespace],
+    ) -> Option<PathBuf> {
+        if !self.cache.wanted(pod, node, namespaces) {
+            return None;
+        }
+        let cache = &mut *self.cache;
+        let cached = cache
+            .found
+            .get(&pod.uid)
+            .filter(|c| c.still_valid())
+            .cloned();
+        let result = cached.ok_or(()).or_else(|()| {
+            let index = self.index.get_or_insert_with(|| cache.finder.pod_cgroups());
+            cache.finder.find(index, &pod.uid)
+        });
+        match result {
+            Ok(netns) => {
+                let path = netns.path.clone();
+                self.found.insert(pod.uid.clone(), netns);
+                Some(path)
             }
-            let cached = self
-                .found
-                .get(&pod.uid)
-                .filter(|c| c.still_valid())
-                .cloned();
-            let result = cached.ok_or(()).or_else(|()| {
-                let index = index.get_or_insert_with(|| self.finder.pod_cgroups());
-                self.finder.find(index, &pod.uid)
-            });
-            match result {
-                Ok(netns) => {
-                    if pod.netns_path.as_ref() != Some(&netns.path) {
-                        Arc::make_mut(pod).netns_path = Some(netns.path.clone());
-                    }
-                    found.insert(pod.uid.clone(), netns);
+            Err(why) => {
+                if cache.missing.get(&pod.uid) != Some(&why) {
+                    info!(pod = %pod.workload(), uid = %pod.uid, reason = %why,
+                        cgroup_root = %cache.finder.cgroup_root().display(),
+                        "pod network namespace not found yet; looking again");
                 }
-                Err(why) => {
-                    if self.missing.get(&pod.uid) != Some(&why) {
-                        info!(pod = %pod.workload(), uid = %pod.uid, reason = %why,
-                            cgroup_root = %self.finder.cgroup_root().display(),
-                            "pod network namespace not found yet; looking again");
-                    }
-                    missing.insert(pod.uid.clone(), why);
-                }
+                self.missing.insert(pod.uid.clone(), why);
+                None
             }
         }
-        let changed = found.len() != self.found.len()
-            || found
-                .iter()
-                .any(|(uid, n)| self.found.get(uid).map(|o| &o.path) != Some(&n.path));
-        self.found = found;
-        self.missing = missing;
-        changed
     }
+
+    fn finish(self) {
+        self.cache.found = self.found;
+        self.cache.missing = self.missing;
+    }
+}
+
+/// How a snapshot was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Made {
+    /// The changes applied to the snapshot before ([`Snapshot::apply_delta`]).
+    Delta,
+    /// Built whole: the first one, or a change only a full build can apply (a conflict).
+    Full,
+}
+
+/// The snapshot after `before` with `delta` (`objects` being everything, the delta applied).
+fn next_snapshot(
+    before: Option<&Snapshot>,
+    generation: u64,
+    objects: Objects,
+    delta: &Delta,
+    settings: &MeshSettings,
+) -> (Snapshot, Made) {
+    let objects = match before {
+        Some(before) => match before.apply_delta(generation, objects, delta, settings) {
+            Ok(snapshot) => return (snapshot, Made::Delta),
+            Err(objects) => *objects,
+        },
+        None => objects,
+    };
+    (Snapshot::build(generation, objects, settings), Made::Full)
 }
 
 async fn aggregate(
@@ -485,44 +651,55 @@ async fn aggregate(
     let mut first = Some(first);
     let mut generation = 0;
     let mut problems = BTreeSet::new();
-    // When the next snapshot is due (a change is pending).
-    let mut due: Option<Instant> = None;
+    // Something changed since the last snapshot.
+    let mut pending = false;
+    // When the last snapshot was started: the next one waits for the end of its burst window.
+    let mut last_started: Option<Instant> = None;
     let mut netns_retry = tokio::time::interval(opts.netns_retry);
     let mut waiting_log = tokio::time::interval(Duration::from_secs(10));
     waiting_log.tick().await;
     loop {
+        // Nothing before every watch has listed; then at once when idle, else at the end of
+        // the window the last snapshot opened.
+        let due = (pending && store.all_synced()).then(|| {
+            let now = Instant::now();
+            last_started.map_or(now, |t| now.max(t + opts.burst_window))
+        });
         tokio::select! {
             update = updates.recv() => {
                 let Some(update) = update else { return }; // every watch task ended: aborted
-                let was_synced = store.all_synced();
-                if store.apply(update) {
-                    let now = Instant::now();
-                    // The first complete view goes out at once; later changes are coalesced.
-                    let at = if !was_synced && store.all_synced() { now } else { now + opts.debounce };
-                    due = Some(due.map_or(at, |d| d.min(at)));
-                }
+                pending |= store.apply(update);
             }
-            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() && store.all_synced() => {
-                due = None;
-                let mut objects = store.objects();
-                let namespaces = objects.namespaces.clone();
-                let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
-                netns.assign(&mut objects, &opts.node, &namespaces);
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                // What is already queued goes into this snapshot too.
+                while let Ok(update) = updates.try_recv() {
+                    store.apply(update);
+                }
+                pending = false;
+                last_started = Some(Instant::now());
+                store.assign_netns(&mut netns, &opts.node);
+                let delta = store.take_delta();
+                let objects = store.objects();
+                let before = publisher.as_ref().map(|tx| tx.borrow().clone());
                 generation += 1;
                 // Indexing a cluster-sized snapshot takes a while: not on a worker of the proxy.
                 let settings = opts.settings.clone();
-                let snapshot = match tokio::task::spawn_blocking(move || {
-                    Snapshot::build(generation, objects, &settings)
+                let made = tokio::task::spawn_blocking(move || {
+                    let started = std::time::Instant::now();
+                    let (snapshot, made) =
+                        next_snapshot(before.as_deref(), generation, objects, &delta, &settings);
+                    drop(before);
+                    (snapshot, made, started.elapsed())
                 })
-                .await
-                {
-                    Ok(snapshot) => snapshot,
+                .await;
+                let (snapshot, made, took) = match made {
+                    Ok(made) => made,
                     Err(e) => {
                         error!(error = %e, "indexing the configuration failed; the last good configuration stays in force");
                         return;
                     }
                 };
-                log_snapshot(&snapshot, &mut problems);
+                log_snapshot(&snapshot, made, took, &mut problems);
                 match &publisher {
                     Some(tx) => {
                         if !super::publish(tx, snapshot) {
@@ -538,20 +715,9 @@ async fn aggregate(
                     }
                 }
             }
-            _ = netns_retry.tick(), if publisher.is_some() && due.is_none() && !netns.missing.is_empty() => {
+            _ = netns_retry.tick(), if publisher.is_some() && !pending && !netns.missing.is_empty() => {
                 // Only a pod whose netns turned up (or changed) is worth a new snapshot.
-                let mut local = Objects::default();
-                for objects in store.objects[LOCAL_PODS].values() {
-                    local.extend_from(objects);
-                }
-                let namespaces: Vec<&Namespace> = store.objects[NAMESPACES]
-                    .values()
-                    .flat_map(|o| &o.namespaces)
-                    .map(|n| &**n)
-                    .collect();
-                if netns.assign(&mut local, &opts.node, &namespaces) {
-                    due = Some(Instant::now());
-                }
+                pending = store.assign_netns(&mut netns, &opts.node);
             }
             _ = waiting_log.tick(), if publisher.is_none() => {
                 warn!(waiting_for = ?store.unsynced(), "Kubernetes source: still waiting for the first complete list");
@@ -560,36 +726,37 @@ async fn aggregate(
     }
 }
 
-fn log_snapshot(snapshot: &Snapshot, seen: &mut BTreeSet<String>) {
-    let summary = |first: bool| {
-        let fields = (
-            snapshot.generation,
-            snapshot.pods.len(),
-            snapshot.services.len(),
-            snapshot.namespaces.len(),
+fn log_snapshot(snapshot: &Snapshot, made: Made, took: Duration, seen: &mut BTreeSet<String>) {
+    let index_ms = took.as_secs_f64() * 1e3;
+    let counts = (
+        snapshot.generation,
+        snapshot.pods.len(),
+        snapshot.services.len(),
+        snapshot.namespaces.len(),
+    );
+    if snapshot.generation == 1 {
+        info!(
+            generation = counts.0,
+            pods = counts.1,
+            services = counts.2,
+            namespaces = counts.3,
+            peer_authentications = snapshot.peer_authentications.len(),
+            authorization_policies = snapshot.authorization_policies.len(),
+            request_authentications = snapshot.request_authentications.len(),
+            index_ms,
+            "configuration loaded from Kubernetes"
         );
-        if first {
-            info!(
-                generation = fields.0,
-                pods = fields.1,
-                services = fields.2,
-                namespaces = fields.3,
-                peer_authentications = snapshot.peer_authentications.len(),
-                authorization_policies = snapshot.authorization_policies.len(),
-                request_authentications = snapshot.request_authentications.len(),
-                "configuration loaded from Kubernetes"
-            );
-        } else {
-            debug!(
-                generation = fields.0,
-                pods = fields.1,
-                services = fields.2,
-                namespaces = fields.3,
-                "configuration updated from Kubernetes"
-            );
-        }
-    };
-    summary(snapshot.generation == 1);
+    } else {
+        debug!(
+            generation = counts.0,
+            pods = counts.1,
+            services = counts.2,
+            namespaces = counts.3,
+            made = ?made,
+            index_ms,
+            "configuration updated from Kubernetes"
+        );
+    }
     // A cluster changes all the time: report each problem when it appears, not every snapshot.
     let now: BTreeSet<String> = snapshot.problems.iter().cloned().collect();
     for problem in now.difference(seen) {
@@ -845,5 +1012,234 @@ mod tests {
             .map(|ip| ip.to_string())
             .collect();
         assert_eq!(vips, ["10.96.0.10", "fd10:96::a"]);
+    }
+
+    /// An in-process event stream: random watch events (objects added, edited, broken,
+    /// deleted; relists; a kind not served) go through the aggregator's store, and every
+    /// snapshot it makes from them (a delta applied to the one before, or the full-build
+    /// fall-back) must answer every lookup as a full build of what the events say is in force:
+    /// each object's last good version, for as long as it exists.
+    #[test]
+    fn snapshots_from_watch_events_answer_as_full_builds() {
+        let mut ways = BTreeMap::<&str, usize>::new();
+        for seed in 0..24 {
+            event_stream(seed, 120, &mut ways);
+        }
+        eprintln!("{ways:?}");
+        // Both ways, and the paths that matter, must be exercised for this to mean anything.
+        assert!(
+            ways["delta"] > 500 && ways["full"] > 100 && ways["no change"] > 100,
+            "{ways:?}: the generator no longer exercises both ways"
+        );
+    }
+
+    const NODE: &str = "n1";
+
+    /// A random object of watch `w` (by [`watch_specs`]' order), good or not.
+    fn random_object(rng: &mut fastrand::Rng, w: usize) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let nsi = rng.usize(..4);
+        let ns = ["istio-system", "a", "b", "c"][nsi];
+        let bad = rng.u8(..10) == 0;
+        let app = ["web", "db"][rng.usize(..2)];
+        Some(match w {
+            0 | 1 => {
+                let n = rng.u8(..12);
+                // Now and then two pods claim one address (a conflict).
+                let ip = if rng.u8(..15) == 0 {
+                    format!("10.1.0.{}", rng.u8(1..4))
+                } else {
+                    format!("10.2.{nsi}.{}", w * 12 + usize::from(n) + 1)
+                };
+                let node = if w == 0 {
+                    NODE.to_owned()
+                } else {
+                    format!("n{}", rng.u8(2..4))
+                };
+                json!({"metadata": {"name": format!("{}{n}", ["p", "r"][w]), "namespace": ns, "uid": format!("uid-{w}-{ns}-{n}"),
+                                    "labels": {"app": app, "v": rng.u8(..2).to_string()}},
+                       "spec": {"nodeName": node, "serviceAccountName": app, "containers": []},
+                       "status": {"phase": "Running", "podIP": if bad { "10.1.0.x".to_owned() } else { ip }}})
+            }
+            2 => {
+                let labels = if rng.bool() {
+                    json!({"istio.io/dataplane-mode": "ambient"})
+                } else {
+                    json!({})
+                };
+                json!({"metadata": {"name": ns, "labels": labels}})
+            }
+            3 => {
+                let n = rng.u8(..6);
+                let vip = if rng.u8(..15) == 0 {
+                    format!("10.96.0.{}", rng.u8(1..3))
+                } else {
+                    format!("10.96.{}.{}", nsi + 1, n + 1)
+                };
+                json!({"metadata": {"name": format!("s{n}"), "namespace": ns},
+                       "spec": {"clusterIP": if bad { "x".to_owned() } else { vip.clone() },
+                                "clusterIPs": [if bad { "x".to_owned() } else { vip }],
+                                "selector": {"app": app}, "ports": [{"port": 80 + u16::from(rng.u8(..2))}]}})
+            }
+            4 => {
+                let mesh = if bad {
+                    "not: [valid"
+                } else {
+                    "extensionProviders: []\n"
+                };
+                json!({"metadata": {"name": "istio", "namespace": "istio-system"}, "data": {"mesh": mesh}})
+            }
+            5 => json!({"metadata": {"name": format!("pa{}", rng.u8(..3)), "namespace": ns},
+                        "spec": {"mtls": {"mode": if bad { "SOMETIMES" } else { ["STRICT", "PERMISSIVE"][rng.usize(..2)] }}}}),
+            7 => json!({"metadata": {"name": format!("ap{}", rng.u8(..4)), "namespace": ns},
+                        "spec": {"selector": {"matchLabels": {"app": app}},
+                                 "action": if bad { "MAYBE" } else { ["ALLOW", "DENY"][rng.usize(..2)] },
+                                 "rules": [{"from": [{"source": {"principals": [format!("cluster.local/ns/{ns}/sa/*")]}}]}]}}),
+            _ => return None,
+        })
+    }
+
+    fn event_stream(seed: u64, steps: usize, ways: &mut BTreeMap<&'static str, usize>) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let settings = MeshSettings::default();
+        let specs = watch_specs(NODE, &settings.root_namespace);
+        let watched: Vec<usize> = (0..specs.len())
+            .filter(|w| random_object(&mut fastrand::Rng::new(), *w).is_some())
+            .collect();
+        let mut store = Store::new(specs.clone(), Arc::new(Metrics::default()));
+        let tmp = std::env::temp_dir().join(format!("ztunnel-no-cgroups-{}", std::process::id()));
+        let host =
+            crate::config::pod_netns::NsId::of(std::path::Path::new("/proc/self/ns/net")).unwrap();
+        let mut netns = NetnsCache {
+            finder: PodNetnsFinder::new(tmp, host),
+            policy: EnrolmentPolicy::default(),
+            found: HashMap::new(),
+            missing: BTreeMap::new(),
+        };
+        // What is in force, by the events: each object's last good version.
+        let mut truth: Vec<BTreeMap<Key, serde_json::Value>> = vec![BTreeMap::new(); specs.len()];
+        let object = |w: usize, value: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(value).unwrap_or_else(|e| panic!("watch {w}: {e}"))
+        };
+        let good = |w: usize, value: &serde_json::Value| {
+            parse(object(w, value.clone()), &specs[w].resource)
+                .result
+                .is_ok()
+        };
+        // Every watch lists first (some kinds not served).
+        for w in 0..specs.len() {
+            if !watched.contains(&w) || rng.u8(..8) == 0 {
+                store.apply(Update::NotServed(w));
+                continue;
+            }
+            let mut listed = Vec::new();
+            // Every Namespace at first (pods without theirs are a problem only a full build
+            // handles), then a few objects.
+            let count = if w == NAMESPACES { 12 } else { rng.usize(..6) };
+            for _ in 0..count {
+                let v = random_object(&mut rng, w).unwrap();
+                let p = parse(object(w, v.clone()), &specs[w].resource);
+                // A key listed twice: the later version is the one listed.
+                match p.result.is_ok() {
+                    true => truth[w].insert(p.key.clone(), v),
+                    false => truth[w].remove(&p.key),
+                };
+                listed.retain(|l: &Parsed| l.key != p.key);
+                listed.push(p);
+            }
+            store.apply(Update::Listed(w, listed));
+        }
+        let mut before: Option<Snapshot> = None;
+        for step in 0..steps {
+            for _ in 0..rng.usize(1..4) {
+                let w = watched[rng.usize(..watched.len())];
+                match rng.u8(..20) {
+                    0..=12 => {
+                        let v = random_object(&mut rng, w).unwrap();
+                        let p = parse(object(w, v.clone()), &specs[w].resource);
+                        if good(w, &v) {
+                            truth[w].insert(p.key.clone(), v);
+                        }
+                        store.apply(Update::Applied(w, p));
+                    }
+                    13..=16 => {
+                        let keys: Vec<Key> = store.objects[w].keys().cloned().collect();
+                        let rare = w == NAMESPACES && rng.u8(..4) > 0;
+                        if let Some(key) =
+                            keys.get(rng.usize(..keys.len().max(1))).filter(|_| !rare)
+                        {
+                            truth[w].remove(key);
+                            store.apply(Update::Deleted(w, key.clone()));
+                        }
+                    }
+                    17 | 18 => {
+                        // A relist (after 410): some objects gone, some changed, some new.
+                        let mut listed: Vec<Parsed> = Vec::new();
+                        let mut now = BTreeMap::new();
+                        for (key, v) in &truth[w] {
+                            if rng.u8(..4) > 0 {
+                                now.insert(key.clone(), v.clone());
+                            }
+                        }
+                        for _ in 0..rng.usize(..3) {
+                            let v = random_object(&mut rng, w).unwrap();
+                            let key = key_of(&object(w, v.clone()));
+                            if good(w, &v) {
+                                now.insert(key, v);
+                            } else if truth[w].contains_key(&key) {
+                                // Bad in the list: the last good version stays.
+                                now.insert(key.clone(), truth[w][&key].clone());
+                                listed.push(parse(object(w, v), &specs[w].resource));
+                            }
+                        }
+                        for v in now.values() {
+                            let p = parse(object(w, v.clone()), &specs[w].resource);
+                            if !listed.iter().any(|l| l.key == p.key) {
+                                listed.push(p);
+                            }
+                        }
+                        truth[w] = now;
+                        store.apply(Update::Listed(w, listed));
+                    }
+                    _ => {
+                        truth[w].clear();
+                        store.apply(Update::NotServed(w));
+                    }
+                }
+            }
+            // One snapshot, as the aggregator makes it.
+            let generation = step as u64 + 1;
+            store.assign_netns(&mut netns, NODE);
+            let delta = store.take_delta();
+            if before.is_some() && delta.is_empty() {
+                *ways.entry("no change").or_default() += 1;
+            }
+            let (applied, made) = next_snapshot(
+                before.as_ref(),
+                generation,
+                store.objects(),
+                &delta,
+                &settings,
+            );
+            if before.is_some() {
+                *ways
+                    .entry(if made == Made::Delta { "delta" } else { "full" })
+                    .or_default() += 1;
+            }
+            let mut expected = Objects::default();
+            for (w, objects) in truth.iter().enumerate() {
+                for v in objects.values() {
+                    let parsed = parse(object(w, v.clone()), &specs[w].resource);
+                    expected.extend_from(&parsed.result.unwrap());
+                }
+            }
+            let built = Snapshot::build(generation, expected, &settings);
+            crate::state::apply_tests::assert_same(
+                &applied,
+                &built,
+                &format!("seed {seed} step {step}"),
+            );
+            before = Some(applied);
+        }
     }
 }

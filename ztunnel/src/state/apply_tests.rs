@@ -446,7 +446,7 @@ impl Files {
 
 /// Everything the data path (enrolment, admission, routing, the route check) asks a snapshot,
 /// asked of both.
-fn assert_same(applied: &Snapshot, built: &Snapshot, step: &str) {
+pub(crate) fn assert_same(applied: &Snapshot, built: &Snapshot, step: &str) {
     assert_eq!(applied.generation, built.generation, "{step}");
     assert_eq!(applied.namespaces, built.namespaces, "{step}: namespaces");
     assert_eq!(applied.pods, built.pods, "{step}: pods");

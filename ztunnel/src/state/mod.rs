@@ -11,7 +11,7 @@
 //! * [`policy`]: the policies in force for a workload, which admission decides over;
 //! * [`traffic`]: VirtualServices and DestinationRules, which the outbound side routes with.
 #[cfg(test)]
-mod apply_tests;
+pub(crate) mod apply_tests;
 mod enrolment;
 mod policy;
 mod services;
@@ -539,7 +539,7 @@ impl Snapshot {
 
     /// [`Snapshot::apply`] without the fall-back: `Err` gives `objects` back when only a
     /// full build can apply `delta`.
-    fn apply_delta(
+    pub(crate) fn apply_delta(
         &self,
         generation: u64,
         objects: Objects,

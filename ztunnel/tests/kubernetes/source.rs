@@ -52,7 +52,7 @@ async fn start(server: &ApiServer, cgroups: &Path) -> Source {
         MeshSettings::default(),
         PodNetnsFinder::new(cgroups.to_owned(), host),
     );
-    opts.debounce = Duration::from_millis(50);
+    opts.burst_window = Duration::from_millis(50);
     opts.retry_min = Duration::from_millis(20);
     opts.retry_max = Duration::from_millis(200);
     opts.netns_retry = Duration::from_millis(50);
