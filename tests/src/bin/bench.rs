@@ -1511,16 +1511,12 @@ fn latency(
     for way in order {
         let addr = format!("{}:{HTTP_PORT}", c.pod(way.ns(), "server").ip());
         let recording = report.profile("latency", *way, &pids[way]);
-        let cpu_before = sample(&pids[way]).map(|s| s.cpu_s);
+        let cpu_before = proxies_cpu(&pids[way]);
         let result = http_load(&c.pod(way.ns(), "client"), p, &addr);
-        let cpu_after = sample(&pids[way]).map(|s| s.cpu_s);
+        let cpu = cpu_before.and_then(|b| Some(proxies_cpu(&pids[way])? - b));
         report.profiled(recording);
         match result {
             Ok(mut v) => {
-                let cpu = match (cpu_before, cpu_after) {
-                    (Ok(b), Ok(a)) => Some((a[0] - b[0]) + (a[1] - b[1])),
-                    _ => None,
-                };
                 let requests = v["requests"].as_u64().unwrap_or(0);
                 let per_1k = cpu
                     .filter(|_| requests > 0)
