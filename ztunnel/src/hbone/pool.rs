@@ -819,6 +819,49 @@ mod tests {
         );
     }
 
+    /// Exploratory (run alone: the census counts the whole process): what one pooled
+    /// connection keeps, both ends, fresh and after a burst of 100 concurrent streams.
+    #[cfg(feature = "alloc-census")]
+    #[tokio::test(flavor = "current_thread")]
+    async fn census_of_an_idle_pooled_connection() {
+        use crate::memory::census;
+        let settle = || tokio::time::sleep(Duration::from_millis(300));
+        let (server, echo) = (tunnel_server().await, echo_server().await);
+        let pool = pool(PoolLimits::default());
+        let k = key("c", server);
+        settle().await;
+        let before = census::live_bytes();
+        echo_through(&pool, &k, echo, b"hello").await;
+        settle().await;
+        let fresh = census::live_bytes();
+        eprintln!(
+            "fresh idle connection: {} bytes\n{}",
+            fresh - before,
+            census::report(25)
+        );
+        let bytes: usize =
+            std::env::var("CENSUS_STREAM_BYTES").map_or(100_000, |v| v.parse().unwrap());
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let pool = pool.clone();
+            let k = k.clone();
+            tasks.push(tokio::spawn(async move {
+                echo_through(&pool, &k, echo, &vec![7u8; bytes]).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(pool.size(), 1);
+        settle().await;
+        let after = census::live_bytes();
+        eprintln!(
+            "after 100 streams: {} bytes more\n{}",
+            after - fresh,
+            census::report(25)
+        );
+    }
+
     /// Holds a tunnel open (the echo server answers nothing until data comes).
     async fn hold(pool: &Pool, key: &PoolKey, echo: SocketAddr) -> Result<Stream, HboneError> {
         pool.connect(key, echo, HeaderMap::new()).await
