@@ -25,6 +25,7 @@
 //! assert_eq!(out.code, Some(0));
 //! # anyhow::Ok(())
 //! ```
+pub mod api_server;
 pub mod benchmark;
 pub mod cleanup;
 pub mod cluster;

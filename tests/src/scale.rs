@@ -93,6 +93,72 @@ pub fn namespace_file(size: &Size, n: u32, generation: u32) -> String {
     out
 }
 
+/// Where the generator's addresses are, for the API server and the guard routes: pods in
+/// [`POD_RANGE`], Services' VIPs in [`SERVICE_RANGE`] (which also holds the API server's own
+/// `kubernetes` Service at its first address, 10.96.0.1, apart from the VIPs at 10.100.0.1+).
+pub const POD_RANGE: &str = "10.128.0.0/10";
+pub const SERVICE_RANGE: &str = "10.96.0.0/12";
+
+/// The objects of namespace `n` as writes to an API server, in three steps: its Namespace;
+/// its Services and AuthorizationPolicies; its Pods, each created and then given its status
+/// (`status.podIP` can only be set through the status subresource). Each inner `Vec` is one
+/// chain, sent in order.
+pub fn namespace_writes(size: &Size, n: u32) -> [Vec<Vec<crate::api_server::Write>>; 3] {
+    use crate::api_server::Write;
+    use serde::Deserialize as _;
+    let text = namespace_file(size, n, 0);
+    let ns = namespace_name(n);
+    let mut steps: [Vec<Vec<Write>>; 3] = Default::default();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).expect("the generator writes YAML");
+        let mut v: serde_json::Value = serde_json::to_value(v).expect("YAML as JSON");
+        let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match kind.as_str() {
+            "Namespace" => steps[0].push(vec![Write::post("/api/v1/namespaces".into(), v)]),
+            "Service" => steps[1].push(vec![Write::post(
+                format!("/api/v1/namespaces/{ns}/services"),
+                v,
+            )]),
+            "AuthorizationPolicy" => steps[1].push(vec![Write::post(
+                format!("/apis/security.istio.io/v1/namespaces/{ns}/authorizationpolicies"),
+                v,
+            )]),
+            "Pod" => {
+                let obj = v.as_object_mut().expect("an object");
+                let status = obj.remove("status").unwrap_or_default();
+                if let Some(meta) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                    meta.remove("uid"); // the API server assigns it
+                }
+                steps[2].push(vec![
+                    Write::post(format!("/api/v1/namespaces/{ns}/pods"), v),
+                    Write::merge_patch(
+                        format!("/api/v1/namespaces/{ns}/pods/{name}/status"),
+                        serde_json::json!({ "status": status }),
+                    ),
+                ]);
+            }
+            other => panic!("the generator wrote a {other}"),
+        }
+    }
+    steps
+}
+
+/// The one-object change `k` as a write: the first pod of namespace `k % namespaces` gets
+/// label `rev: r<k>`, as [`namespace_file`] with generation `k` changes it.
+pub fn change_write(size: &Size, k: u32) -> crate::api_server::Write {
+    let n = k % size.namespaces();
+    let ns = namespace_name(n);
+    // Pod 0 of a namespace is of app 0.
+    crate::api_server::Write::merge_patch(
+        format!("/api/v1/namespaces/{ns}/pods/app0-0"),
+        serde_json::json!({"metadata": {"labels": {"rev": format!("r{k}")}}}),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +198,52 @@ mod tests {
         assert_eq!(kinds["AuthorizationPolicy"], 97);
         assert_eq!(kinds["Namespace"], 11);
         assert_ne!(namespace_file(&size, 3, 1), namespace_file(&size, 3, 2));
+    }
+
+    /// The writes to an API server carry every object of the file, pods with their status
+    /// sent apart, and the change names a pod the file has.
+    #[test]
+    fn the_api_writes_carry_every_object_and_the_change_names_a_generated_pod() {
+        let size = Size {
+            pods: 1_001,
+            services: 203,
+            policies: 97,
+            pods_per_namespace: 100,
+        };
+        let [ns, others, pods] = namespace_writes(&size, 3);
+        assert_eq!(ns.len(), 1);
+        assert_eq!(
+            others.len(),
+            (size.share(203, 3) + size.share(97, 3)) as usize
+        );
+        assert_eq!(pods.len(), size.share(1_001, 3) as usize);
+        let pod = &pods[0];
+        assert_eq!(pod[0].path, "/api/v1/namespaces/scale-00003/pods");
+        assert!(pod[0].body.get("status").is_none());
+        assert!(pod[0].body["spec"]["nodeName"]
+            .as_str()
+            .unwrap()
+            .starts_with("remote-"));
+        assert_eq!(
+            pod[1].path,
+            format!(
+                "/api/v1/namespaces/scale-00003/pods/{}/status",
+                pod[0].body["metadata"]["name"].as_str().unwrap()
+            )
+        );
+        assert!(pod[1].body["status"]["podIP"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.1"));
+        let change = change_write(&size, 3);
+        assert_eq!(
+            change.path,
+            format!(
+                "/api/v1/namespaces/scale-00003/pods/{}",
+                pod[0].body["metadata"]["name"].as_str().unwrap()
+            )
+        );
+        assert_eq!(change.body["metadata"]["labels"]["rev"], "r3");
     }
 
     use serde::Deserialize as _;

@@ -97,6 +97,13 @@ enum ClusterAction {
         /// Use the release binaries as they are (the real-cluster suite, run after the build).
         #[arg(long)]
         no_build: bool,
+        /// Only etcd and kube-apiserver, no node (`scale-bench --source kubernetes`): the
+        /// ServiceAccount admission plugin off, Services allocated from this range.
+        #[arg(long, value_name = "SERVICE_CIDR")]
+        api_only: Option<String>,
+        /// With --api-only: more ranges that get an `unreachable` route (repeatable).
+        #[arg(long, value_name = "CIDR", requires = "api_only")]
+        guard: Vec<String>,
     },
     /// Remove every process, mount, netns, cgroup, link, route, file and sysctl change of it.
     Down,
@@ -317,10 +324,25 @@ fn main() -> ExitCode {
             setup::setup().and_then(|()| fuzz::fuzz(seconds, &targets))
         }
         Task::Cluster { action } => match action {
-            ClusterAction::Up { no_build: true } => cluster::up(),
-            ClusterAction::Up { no_build: false } => setup::setup()
-                .and_then(|()| build())
-                .and_then(|()| cluster::up()),
+            ClusterAction::Up {
+                no_build,
+                api_only,
+                guard,
+            } => {
+                let scope = match api_only {
+                    Some(service_cidr) => cluster::Scope::ApiOnly {
+                        service_cidr,
+                        guards: guard,
+                    },
+                    None => cluster::Scope::Full,
+                };
+                let built = if no_build {
+                    Ok(())
+                } else {
+                    setup::setup().and_then(|()| build())
+                };
+                built.and_then(|()| cluster::up(&scope))
+            }
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => cluster::status(),
             ClusterAction::Services { kubectl } => cluster::run_services(&kubectl),

@@ -8,6 +8,15 @@
 //! policies are charged to the pods too), the time a one-object change takes to be applied, and
 //! the time a full re-read ("relist": every file changed at once) takes. Times run from the
 //! `rename` that publishes a file to the proxy's own "configuration applied" log timestamp.
+//!
+//! `--source kubernetes` loads the same cluster into a real kube-apiserver (etcd and the API
+//! server alone, [`ztunnel_tests::api_server`]) and runs the proxy with `--kubernetes`
+//! against it, reaching the API from its node's network namespace through a loopback relay.
+//! The small configuration is the empty API server; the proxy is stopped while the cluster is
+//! loaded and started on the loaded one. A change is a `PATCH` of one pod's label, timed from
+//! the request to "configuration applied"; the relist is a proxy restart, timed from the
+//! spawn to "proxy ready" (its first full snapshot applied): the source lists again only
+//! after `410 Gone` or a restart, and a restart is the one a bench can cause on purpose.
 //! See docs/benchmarks.md.
 use std::{
     fs,
@@ -19,9 +28,13 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
 use ztunnel_tests::{
+    api_server::{write_all, ApiServer, NetnsRelay, API_ADDR},
     benchmark::{git_state, vm_rss_kib, write_json},
+    cleanup::NETNS_DIR,
     pod,
-    scale::{file_name, namespace_file, Size},
+    scale::{
+        change_write, file_name, namespace_file, namespace_writes, Size, POD_RANGE, SERVICE_RANGE,
+    },
     Cluster,
 };
 
@@ -31,7 +44,38 @@ usage: scale-bench [options]
   --services N   Services (default 20000, at most --pods)
   --policies N   AuthorizationPolicies (default 10000, at most --pods)
   --changes N    one-object changes timed (default 5, 1..=20)
+  --source S     directory (default) or kubernetes (a real kube-apiserver)
   --out DIR      where the JSON goes (default target/bench)";
+
+/// Where the proxy under test reads the generated cluster from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Directory,
+    Kubernetes,
+}
+
+impl std::str::FromStr for Source {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "directory" => Ok(Source::Directory),
+            "kubernetes" => Ok(Source::Kubernetes),
+            other => bail!("--source {other}: directory or kubernetes"),
+        }
+    }
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Directory => "directory",
+            Source::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// Writes in flight while loading the API server.
+const LOAD_CONCURRENCY: usize = 48;
 
 /// The goals of the performance issue, per remote pod and per change.
 const GOAL_KIB_PER_POD: f64 = 3.0;
@@ -43,6 +87,7 @@ const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 struct Params {
     size: Size,
     changes: u32,
+    source: Source,
     out: PathBuf,
 }
 
@@ -55,6 +100,7 @@ impl Params {
             pods_per_namespace: 100,
         };
         let mut changes = 5;
+        let mut source = Source::Directory;
         let mut out = ztunnel_tests::workspace_root().join("target/bench");
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -67,6 +113,10 @@ impl Params {
                 .ok_or_else(|| anyhow!("{flag} needs a value\n{USAGE}"))?;
             if flag == "--out" {
                 out = PathBuf::from(value);
+                continue;
+            }
+            if flag == "--source" {
+                source = value.parse()?;
                 continue;
             }
             let n: u32 = value
@@ -89,7 +139,12 @@ impl Params {
             size.services <= size.pods && size.policies <= size.pods,
             "--services and --policies may not exceed --pods"
         );
-        Ok(Self { size, changes, out })
+        Ok(Self {
+            size,
+            changes,
+            source,
+            out,
+        })
     }
 }
 
@@ -187,15 +242,39 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// What a run measured, whatever the source.
+struct Figures {
+    rss_idle: u64,
+    rss_loaded: u64,
+    rss_after: u64,
+    first_load_ms: f64,
+    change_ms: Vec<f64>,
+    steps: Vec<Value>,
+    relist_ms: f64,
+    relist_steps: Value,
+    /// What only this source has (the Kubernetes source: the load's own figures).
+    extra: Value,
+}
+
 fn run(p: &Params) -> Result<bool> {
     let size = p.size;
     println!(
-        "scale: {} remote pods in {} namespaces, {} Services, {} AuthorizationPolicies",
+        "scale: {} remote pods in {} namespaces, {} Services, {} AuthorizationPolicies ({} source)",
         size.pods,
         size.namespaces(),
         size.services,
-        size.policies
+        size.policies,
+        p.source.name()
     );
+    let f = match p.source {
+        Source::Directory => run_directory(p)?,
+        Source::Kubernetes => run_kubernetes(p)?,
+    };
+    report(p, &f)
+}
+
+fn run_directory(p: &Params) -> Result<Figures> {
+    let size = p.size;
     let c = Cluster::builder()
         .nodes(1)
         .namespace("mesh", &[AMBIENT])
@@ -221,7 +300,6 @@ fn run(p: &Params) -> Result<bool> {
     let applied = applied_after(&c, mark, generation - 1, Duration::from_secs(60))?;
     let first_load_ms = millis_between(published, logged_at(&applied)?);
     let rss_loaded = settled_rss(pid)?;
-    let kib_per_pod = (rss_loaded as f64 - rss_idle as f64) / f64::from(size.pods);
 
     // One object changed, several times: each a new generation.
     let mut last = applied["generation"].as_u64().unwrap_or_default();
@@ -253,11 +331,35 @@ fn run(p: &Params) -> Result<bool> {
     let relist_ms = millis_between(touched, logged_at(&line)?);
     let relist_steps = breakdown(&c, mark, &line)?;
     let rss_after = settled_rss(pid)?;
+    Ok(Figures {
+        rss_idle,
+        rss_loaded,
+        rss_after,
+        first_load_ms,
+        change_ms,
+        steps,
+        relist_ms,
+        relist_steps,
+        extra: Value::Null,
+    })
+}
 
+fn report(p: &Params, f: &Figures) -> Result<bool> {
+    let size = p.size;
+    let Figures {
+        rss_idle,
+        rss_loaded,
+        rss_after,
+        first_load_ms,
+        relist_ms,
+        ..
+    } = *f;
+    let (change_ms, steps, relist_steps) = (&f.change_ms, &f.steps, &f.relist_steps);
+    let kib_per_pod = (rss_loaded as f64 - rss_idle as f64) / f64::from(size.pods);
     let change_median = median(&mut change_ms.clone());
     let change_max = change_ms.iter().copied().fold(f64::NAN, f64::max);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
-    println!("\nconfiguration at scale (directory source)");
+    println!("\nconfiguration at scale ({} source)", p.source.name());
     println!("  proxy RSS, small configuration      {:>9} KiB", rss_idle);
     println!(
         "  proxy RSS, generated cluster        {:>9} KiB",
@@ -277,8 +379,12 @@ fn run(p: &Params) -> Result<bool> {
         println!("    change {}: {step}", k + 1);
     }
     println!("    relist: {relist_steps}");
+    let relist_what = match p.source {
+        Source::Directory => "relist (every file changed)        ",
+        Source::Kubernetes => "relist (proxy restart → applied)   ",
+    };
     println!(
-        "  relist (every file changed)         {relist_ms:>9.0} ms   goal ≤ {GOAL_RELIST_MS} ms: {}",
+        "  {relist_what} {relist_ms:>9.0} ms   goal ≤ {GOAL_RELIST_MS} ms: {}",
         verdict(relist_ms <= GOAL_RELIST_MS)
     );
     let unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -286,7 +392,7 @@ fn run(p: &Params) -> Result<bool> {
         "kind": "scale",
         "unix_time": unix,
         "git": git_state(),
-        "source": "directory",
+        "source": p.source.name(),
         "size": {
             "pods": size.pods, "services": size.services, "policies": size.policies,
             "namespaces": size.namespaces(),
@@ -297,7 +403,7 @@ fn run(p: &Params) -> Result<bool> {
         "change_ms": change_ms,
         "change_ms_median": change_median,
         "relist_ms": relist_ms,
-        "details": {"changes": steps, "relist": relist_steps},
+        "details": {"changes": steps, "relist": relist_steps, "source": f.extra},
         "goals": {
             "kib_per_remote_pod": GOAL_KIB_PER_POD,
             "change_ms": GOAL_CHANGE_MS,
@@ -307,4 +413,201 @@ fn run(p: &Params) -> Result<bool> {
     let file = write_json(&p.out, "scale", unix, &report)?;
     println!("\nwritten: {}", file.display());
     Ok(true)
+}
+
+/// Spawns the proxy with the Kubernetes source and waits for "proxy ready" (its first full
+/// snapshot applied); the time from the spawn, and where it went: the lists and their parse
+/// until "configuration loaded from Kubernetes" less its `index_ms`, the index, and handing
+/// it to the data path.
+fn start_on_api(c: &Cluster, kubeconfig: &Path, min_pods: u64) -> Result<(f64, Value)> {
+    let mark = c.log_mark(1);
+    let spawned = SystemTime::now();
+    c.spawn_proxy_kubernetes(1, kubeconfig)?;
+    let ready = c
+        .wait_for_log_since(1, mark, Duration::from_secs(600), |l| {
+            l["message"] == "proxy ready"
+        })
+        .with_context(|| format!("the proxy's log:\n{}", c.log_tail(1, 30)))?;
+    let loaded = c
+        .logs_since(1, mark)
+        .into_iter()
+        .find(|l| l["message"] == "configuration loaded from Kubernetes")
+        .ok_or_else(|| anyhow!("no \"configuration loaded from Kubernetes\""))?;
+    ensure!(
+        loaded["pods"].as_u64() >= Some(min_pods),
+        "the first snapshot has {} pods, fewer than the {min_pods} loaded",
+        loaded["pods"]
+    );
+    let index_ms = loaded["index_ms"].as_f64().unwrap_or(f64::NAN);
+    let loaded_at = logged_at(&loaded)?;
+    let pid = c.proxy_pid(1).ok_or_else(|| anyhow!("no proxy"))?;
+    let steps = json!({
+        "proxy_cpu_s": proxy_cpu_s(pid)?,
+        "peak_rss_kib": status_kib(pid, "VmHWM")?,
+        "list_ms": millis_between(spawned, loaded_at) - index_ms,
+        "index_ms": index_ms,
+        "apply_ms": millis_between(loaded_at, logged_at(&ready)?),
+        "pods": loaded["pods"],
+        "services": loaded["services"],
+        "authorization_policies": loaded["authorization_policies"],
+    });
+    Ok((millis_between(spawned, logged_at(&ready)?), steps))
+}
+
+/// The process's CPU time so far (user + system), in seconds.
+fn proxy_cpu_s(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmHWM`: the peak RSS).
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
+}
+
+/// Where a change's time went: from the request to the snapshot's start (the API server's
+/// write and watch event, the source's burst handling), the snapshot (`index_ms`, from
+/// "configuration updated from Kubernetes"), and handing it to the data path.
+fn breakdown_kubernetes(
+    c: &Cluster,
+    mark: usize,
+    sent: SystemTime,
+    applied: &Value,
+) -> Result<Value> {
+    let generation = applied["generation"].as_u64();
+    let updated = c
+        .logs_since(1, mark)
+        .into_iter()
+        .find(|l| {
+            l["message"] == "configuration updated from Kubernetes"
+                && l["generation"].as_u64() == generation
+        })
+        .ok_or_else(|| anyhow!("no \"configuration updated from Kubernetes\" for {applied}"))?;
+    let index_ms = updated["index_ms"].as_f64().unwrap_or(f64::NAN);
+    let updated_at = logged_at(&updated)?;
+    Ok(json!({
+        "event_ms": millis_between(sent, updated_at) - index_ms,
+        "index_ms": index_ms,
+        "made": updated["made"],
+        "apply_ms": millis_between(updated_at, logged_at(applied)?),
+    }))
+}
+
+fn run_kubernetes(p: &Params) -> Result<Figures> {
+    let size = p.size;
+    // Routes for the generator's ranges before the API server (or anything) starts.
+    let api = ApiServer::up(SERVICE_RANGE, &[POD_RANGE])?;
+    let crds = ztunnel_tests::workspace_root().join("deploy/crds.yaml");
+    api.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])?;
+    api.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "--all",
+    ])?;
+    let c = Cluster::builder().nodes(1).start_without_proxies()?;
+    let relay = NetnsRelay::start(
+        &Path::new(NETNS_DIR).join(c.node_netns(1)),
+        API_ADDR.parse()?,
+    )?;
+    let kubeconfig = c.tmp_dir().join("kubeconfig");
+    api.kubeconfig_for(&format!("https://127.0.0.1:{}", relay.port()), &kubeconfig)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(api.client())?;
+
+    // The small configuration: the API server's own objects.
+    start_on_api(&c, &kubeconfig, 0)?;
+    let rss_idle = settled_rss(c.proxy_pid(1).ok_or_else(|| anyhow!("no proxy"))?)?;
+    c.stop_proxy(1)?;
+
+    // The cluster, loaded with the proxy stopped: namespaces, then Services and policies, then
+    // pods (each created, then given its status).
+    let load_started = std::time::Instant::now();
+    let mut steps: [Vec<Vec<_>>; 3] = Default::default();
+    for n in 0..size.namespaces() {
+        for (all, these) in steps.iter_mut().zip(namespace_writes(&size, n)) {
+            all.extend(these);
+        }
+    }
+    let writes: usize = steps.iter().flatten().map(Vec::len).sum();
+    let mut step_s = Vec::new();
+    for (what, chains) in ["namespaces", "services and policies", "pods"]
+        .iter()
+        .zip(steps)
+    {
+        let t = std::time::Instant::now();
+        let n = chains.len();
+        rt.block_on(write_all(&client, chains, LOAD_CONCURRENCY))
+            .with_context(|| format!("loading the {what}"))?;
+        println!("  loaded {n} {what} in {:.1} s", t.elapsed().as_secs_f64());
+        step_s.push(t.elapsed().as_secs_f64());
+    }
+    let load_s = load_started.elapsed().as_secs_f64();
+    println!(
+        "  the API server took {writes} writes in {load_s:.1} s ({:.0}/s, {LOAD_CONCURRENCY} in flight)",
+        writes as f64 / load_s
+    );
+
+    let (first_load_ms, first_steps) = start_on_api(&c, &kubeconfig, u64::from(size.pods))?;
+    println!("  first start on the loaded cluster: {first_load_ms:.0} ms {first_steps}");
+    let pid = c.proxy_pid(1).ok_or_else(|| anyhow!("no proxy"))?;
+    let rss_loaded = settled_rss(pid)?;
+    let ready = c
+        .logs(1)
+        .into_iter()
+        .rev()
+        .find(|l| l["message"] == "proxy ready")
+        .ok_or_else(|| anyhow!("no \"proxy ready\""))?;
+    let mut last = ready["generation"].as_u64().unwrap_or_default();
+
+    let mut change_ms = Vec::new();
+    let mut change_steps = Vec::new();
+    for k in 1..=p.changes {
+        let write = change_write(&size, k);
+        let mark = c.log_mark(1);
+        let sent = SystemTime::now();
+        rt.block_on(write.send(&client))?;
+        let line = applied_after(&c, mark, last, Duration::from_secs(60))?;
+        last = line["generation"].as_u64().unwrap_or_default();
+        change_ms.push(millis_between(sent, logged_at(&line)?));
+        change_steps.push(breakdown_kubernetes(&c, mark, sent, &line)?);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let rss_after = settled_rss(pid)?;
+
+    // The relist: a restart, to the first full snapshot applied.
+    c.stop_proxy(1)?;
+    let (relist_ms, relist_steps) = start_on_api(&c, &kubeconfig, u64::from(size.pods))?;
+    Ok(Figures {
+        rss_idle,
+        rss_loaded,
+        rss_after,
+        first_load_ms,
+        change_ms,
+        steps: change_steps,
+        relist_ms,
+        relist_steps,
+        extra: json!({
+            "load_s": load_s,
+            "load_step_s": {"namespaces": step_s[0], "services_and_policies": step_s[1], "pods": step_s[2]},
+            "writes": writes,
+            "load_concurrency": LOAD_CONCURRENCY,
+            "first_start": first_steps,
+            "relist_is": "proxy restart: spawn to \"proxy ready\" (first full snapshot applied)",
+        }),
+    })
 }

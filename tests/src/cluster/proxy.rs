@@ -102,6 +102,30 @@ impl Cluster {
         self.spawn_logged(i, &mut cmd, "ztunnel")
     }
 
+    /// Spawns node `i`'s proxy with the Kubernetes source (`--kubernetes --kubeconfig FILE`)
+    /// in place of the configuration directory, without waiting for "proxy ready": a
+    /// cluster-sized first list takes longer than [`PROXY_START_TIMEOUT`].
+    pub fn spawn_proxy_kubernetes(&self, i: usize, kubeconfig: &Path) -> Result<()> {
+        if self.proxy_running(i) {
+            bail!("the proxy of node {i} is already running");
+        }
+        let mut args = self.proxy_args(i);
+        let at = args
+            .iter()
+            .position(|a| a == "--config-dir")
+            .expect("the harness's proxies read a configuration directory");
+        args.splice(
+            at..at + 2,
+            [
+                "--kubernetes".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+            ],
+        );
+        let (mut cmd, _conf) = self.ztunnel_command(i, &args)?;
+        self.spawn_logged(i, &mut cmd, "ztunnel")
+    }
+
     /// Spawns `cmd` as node `i`'s proxy, its output appended to the node's log.
     pub(super) fn spawn_logged(&self, i: usize, cmd: &mut Command, what: &str) -> Result<()> {
         let log = fs::OpenOptions::new()

@@ -59,7 +59,28 @@ fn step<T>(what: &str, started: Instant, f: impl FnOnce() -> Result<T>) -> Resul
     Ok(v)
 }
 
-pub fn up() -> Result<()> {
+/// What `up` brings up.
+#[derive(Clone, Debug, Default)]
+pub enum Scope {
+    /// Both nodes, the whole control plane and the chart.
+    #[default]
+    Full,
+    /// etcd and kube-apiserver alone (`scale-bench --source kubernetes`): no node, kubelet,
+    /// controller-manager or scheduler, the ServiceAccount admission plugin off (objects may
+    /// name service accounts that do not exist), Services allocated from `service_cidr`, and
+    /// `unreachable` routes for `guards` as well as the cluster's own ranges.
+    ApiOnly {
+        service_cidr: String,
+        guards: Vec<String>,
+    },
+}
+
+/// The extra guard routes of an API-only cluster, for `down` (one range a line).
+fn extra_guards_file() -> PathBuf {
+    layout::state_dir().join("extra-guards")
+}
+
+pub fn up(scope: &Scope) -> Result<()> {
     if let Some(why) = existing_cluster() {
         bail!(
             "a local cluster already exists ({why}): `cargo xtask cluster status` shows it, \
@@ -68,9 +89,16 @@ pub fn up() -> Result<()> {
     }
     let started = Instant::now();
     let bins = binaries::locate()?;
+    if let Scope::ApiOnly {
+        service_cidr,
+        guards,
+    } = scope
+    {
+        return up_api_only(&bins, service_cidr, guards, started);
+    }
     let tools = deploy_tools::install()?;
     // Routes first: nothing may dial a cluster address and follow the default route out.
-    guard_routes()?;
+    guard_routes(&[])?;
     let result = (|| {
         let images = step("images built", started, image::build_all)?;
         step(
@@ -78,10 +106,12 @@ pub fn up() -> Result<()> {
             started,
             write_files,
         )?;
-        let bin_dir = layout::state_dir().join("k8s-bin-dir");
-        std::fs::write(bin_dir, bins.dir().as_os_str().as_encoded_bytes())?;
+        record_bin_dir(&bins)?;
         step("network and cgroups set up", started, network_and_cgroups)?;
-        step("control plane started", started, || control_plane(&bins))?;
+        step("control plane started", started, || {
+            api_server(&bins, layout::SERVICE_CIDR, &[])?;
+            control_plane(&bins)
+        })?;
         step("containerd started, images imported", started, || {
             containerd(&images)
         })?;
@@ -109,8 +139,61 @@ pub fn up() -> Result<()> {
     Ok(())
 }
 
-fn guard_routes() -> Result<()> {
-    for range in layout::GUARDED_RANGES {
+fn up_api_only(
+    bins: &binaries::Binaries,
+    service_cidr: &str,
+    guards: &[String],
+    started: Instant,
+) -> Result<()> {
+    let result = (|| {
+        // The state directory first: `down` must find the extra routes even if adding one fails.
+        std::fs::create_dir_all(layout::state_dir())?;
+        let mut all: Vec<String> = guards.to_vec();
+        all.push(service_cidr.to_owned());
+        std::fs::write(extra_guards_file(), all.join("\n"))?;
+        guard_routes(&all)?;
+        step(
+            "certificates and configuration written",
+            started,
+            write_files,
+        )?;
+        record_bin_dir(bins)?;
+        step("etcd and kube-apiserver started", started, || {
+            api_server(
+                bins,
+                service_cidr,
+                &["--disable-admission-plugins=ServiceAccount".into()],
+            )
+        })
+    })();
+    if let Err(e) = result {
+        eprintln!("cluster: bring-up failed; tearing down what was started");
+        if let Err(d) = down() {
+            eprintln!("cluster: tear-down: {d:#}");
+        }
+        return Err(e);
+    }
+    println!(
+        "cluster: API server alone up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!("export KUBECONFIG={}", layout::kubeconfig().display());
+    Ok(())
+}
+
+/// Where the Kubernetes binaries are, for `status` and the test suites' kubectl.
+fn record_bin_dir(bins: &binaries::Binaries) -> Result<()> {
+    let file = layout::state_dir().join("k8s-bin-dir");
+    Ok(std::fs::write(
+        file,
+        bins.dir().as_os_str().as_encoded_bytes(),
+    )?)
+}
+
+/// `unreachable` routes for the cluster's ranges and `extra`.
+fn guard_routes(extra: &[String]) -> Result<()> {
+    let extra = extra.iter().map(String::as_str);
+    for range in layout::GUARDED_RANGES.into_iter().chain(extra) {
         ip_quiet(&["route", "del", "unreachable", range]);
         ip(&["route", "add", "unreachable", range])?;
     }
@@ -347,7 +430,8 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> Result<boo
     }
 }
 
-fn control_plane(bins: &binaries::Binaries) -> Result<()> {
+/// etcd and kube-apiserver, until the API server is ready; `extra` are more flags for it.
+fn api_server(bins: &binaries::Binaries, service_cidr: &str, extra: &[String]) -> Result<()> {
     let run_dir = layout::run_dir();
     let pki = layout::pki_dir();
     let p = |f: &str| pki.join(f).display().to_string();
@@ -381,7 +465,7 @@ fn control_plane(bins: &binaries::Binaries) -> Result<()> {
             format!("--secure-port={}", layout::API_PORT),
             "--advertise-address=127.0.0.1".into(),
             "--endpoint-reconciler-type=none".into(),
-            format!("--service-cluster-ip-range={}", layout::SERVICE_CIDR),
+            format!("--service-cluster-ip-range={service_cidr}"),
             format!("--cert-dir={}", run_dir.join("apiserver").display()),
             format!("--tls-cert-file={}", p("apiserver.crt")),
             format!("--tls-private-key-file={}", p("apiserver.key")),
@@ -400,8 +484,25 @@ fn control_plane(bins: &binaries::Binaries) -> Result<()> {
             "--enable-admission-plugins=NodeRestriction".into(),
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<_>>(),
     )?;
+    wait_for("the API server", Duration::from_secs(60), || {
+        Ok(kubectl(bins)
+            .args(["get", "--raw", "/readyz"])
+            .output()?
+            .status
+            .success())
+    })
+}
+
+/// The rest of the control plane, once the API server answers.
+fn control_plane(bins: &binaries::Binaries) -> Result<()> {
+    let run_dir = layout::run_dir();
+    let pki = layout::pki_dir();
+    let p = |f: &str| pki.join(f).display().to_string();
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
     host::spawn_daemon(
         "services",
@@ -414,13 +515,6 @@ fn control_plane(bins: &binaries::Binaries) -> Result<()> {
             bins.path("kubectl").display().to_string(),
         ],
     )?;
-    wait_for("the API server", Duration::from_secs(60), || {
-        Ok(kubectl(bins)
-            .args(["get", "--raw", "/readyz"])
-            .output()?
-            .status
-            .success())
-    })?;
     let kc = |who: &str| {
         run_dir
             .join(format!("{who}.kubeconfig"))
@@ -724,6 +818,17 @@ pub fn down() -> Result<()> {
     for range in layout::GUARDED_RANGES {
         ip_quiet(&["route", "del", "unreachable", range]);
     }
+    if let Ok(extra) = std::fs::read_to_string(extra_guards_file()) {
+        for range in extra.lines() {
+            ip_quiet(&["route", "del", "unreachable", range]);
+            let gone = if route_exists(range) {
+                Err(anyhow::anyhow!("the guard route {range} is still there"))
+            } else {
+                Ok(())
+            };
+            note("removing the extra guard routes", gone);
+        }
+    }
     for h in host::cgroup_hierarchies() {
         note(
             "removing cgroups",
@@ -874,6 +979,12 @@ pub fn leftovers() -> Vec<String> {
         }
     }
     found
+}
+
+/// Whether the main table has a route for exactly `range`.
+fn route_exists(range: &str) -> bool {
+    output(Command::new("ip").args(["route", "show", "exact", range]))
+        .is_ok_and(|o| !o.trim().is_empty())
 }
 
 /// A route of the cluster's ranges, in any table.
