@@ -2,13 +2,11 @@
 //! kubernetes`: brought up by the local cluster's own code (`xtask cluster up --api-only`,
 //! xtask/src/cluster) and torn down by it (`xtask cluster down`: kill by PID, SIGKILL after a
 //! grace, routes and files removed) when the [`ApiServer`] is dropped, also on failure.
-//! [`NetnsRelay`] reaches it from a node's network namespace; [`Writer`] loads objects into it
+//! [`NetnsRelay`] reaches it from a node's network namespace; [`write_all`] loads objects into it
 //! with bounded concurrency.
 use std::{
-    fs::File,
     io::{self, ErrorKind},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -21,6 +19,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
+use ztunnel::netns::Netns;
 
 /// The local cluster's run directory and API port (xtask/src/cluster/layout.rs).
 const RUN_DIR: &str = "/tmp/ztk";
@@ -213,20 +212,17 @@ pub struct NetnsRelay {
 
 impl NetnsRelay {
     pub fn start(netns: &Path, target: SocketAddr) -> Result<Self> {
-        let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        let netns = Netns::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         thread::spawn(move || {
-            let listener = (|| {
-                let home = File::open("/proc/thread-self/ns/net")?;
-                setns(&netns)?;
-                let bound = TcpListener::bind("127.0.0.1:0");
-                setns(&home)?;
-                let listener = bound?;
+            // Bound in the node's netns; the thread itself stays in this one.
+            let listener = Netns::current().and_then(|home| {
+                let listener = netns.run(&home, || TcpListener::bind("127.0.0.1:0"))??;
                 listener.set_nonblocking(true)?;
-                io::Result::Ok(listener)
-            })();
+                Ok(listener)
+            });
             let listener = match listener {
                 Ok(l) => {
                     let _ = tx.send(l.local_addr().map(|a| a.port()));
@@ -264,14 +260,6 @@ impl Drop for NetnsRelay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-fn setns(ns: &File) -> io::Result<()> {
-    // SAFETY: setns(2) on a namespace file we hold open; it changes only this thread.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn relay(conn: TcpStream, target: SocketAddr) -> io::Result<()> {
